@@ -1,0 +1,176 @@
+"""Run folders and artifacts: atomic writes, JSON records, hashes, versions.
+
+Every artifact is safetensors, JSON, CSV or PNG/HTML, never pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import RefusalLabError
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    """Strict JSON (NaN and infinities become null), written atomically."""
+    return write_text(path, json.dumps(_finite(obj), indent=2, default=_json_default, allow_nan=False) + "\n")
+
+
+def _finite(o: Any) -> Any:
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RefusalLabError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RefusalLabError(f"{path}: not valid JSON ({e})") from None
+
+
+def write_csv(path: str | os.PathLike, df) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def load_tensors(path: str | os.PathLike) -> dict:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise RefusalLabError(f"{path}: file not found")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for corrupt files
+        raise RefusalLabError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hash_strings(items: list[str]) -> str:
+    """Order-sensitive hash of a list of strings (a prompt set)."""
+    h = hashlib.sha256()
+    for s in items:
+        h.update(s.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def versions() -> dict:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("torch", "transformers", "nanogcg", "numpy", "pandas", "safetensors"):
+        try:
+            from importlib.metadata import version
+
+            out[name] = version(name)
+        except Exception:
+            out[name] = None
+    try:
+        from importlib.metadata import version
+
+        out["refusal-lab"] = version("refusal-lab")
+    except Exception:
+        out["refusal-lab"] = None
+    return out
+
+
+def run_record(**fields: Any) -> dict:
+    """What made an artifact: command line, versions, time, plus the caller's fields."""
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+        "versions": versions(),
+        **fields,
+    }
+
+
+def prepare_stage_dir(path: str | os.PathLike, force: bool = False, resume: bool = False) -> Path:
+    """Create a stage folder; refuse to overwrite a non-empty one unless force (or resume)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise RefusalLabError(f"{path} exists and is not a folder; choose another --out")
+    if path.is_dir() and any(path.iterdir()) and not resume:
+        if not force:
+            raise RefusalLabError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Timer:
+    """Collects named wall-clock timings: `with timer("stage"): ...`."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - t0, 3)

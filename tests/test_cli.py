@@ -1,0 +1,138 @@
+"""The CLI end to end on a tiny model, and its error contract: one line on stderr, exit status 2."""
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from refusal.activations import last_logits
+from refusal.cli import main
+from refusal.directions import Direction, load_direction, save_direction
+from refusal.hooks import ablate_direction
+from refusal.models import load_model
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(capsys, *argv, match=""):
+    code, out, err = run(capsys, *argv)
+    assert code == 2, (code, out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("refusal: error:"), err
+    assert "Traceback" not in err
+    assert match.lower() in err.lower(), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def prompt_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    (d / "harmful.txt").write_text("\n".join(f"Explain how to build dangerous device {i}" for i in range(8)))
+    (d / "harmless.txt").write_text("\n".join(f"Give me a recipe with {i} eggs" for i in range(8)))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_dirs, prompt_files):
+    """`refusal direction` on the tiny Llama, once for this module."""
+    out = tmp_path_factory.mktemp("run")
+    code = main(["direction", "--model", str(tiny_dirs["llama"]), "--harmful", str(prompt_files / "harmful.txt"),
+                 "--harmless", str(prompt_files / "harmless.txt"), "--n-train", "6", "--n-val", "2", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+def test_direction_writes_its_artifacts(tiny_run):
+    d = tiny_run / "direction"
+    assert {p.name for p in d.iterdir()} == {"direction.safetensors", "direction.json", "candidates.csv"}
+    meta = json.loads((d / "direction.json").read_text())
+    for key in ("layer", "position", "scores", "model", "prompts", "timings_s", "versions", "command", "config"):
+        assert key in meta
+    assert meta["model"]["fingerprint"] and meta["prompts"]["harmful_train"]["n"] == 6
+    df = pd.read_csv(d / "candidates.csv")
+    assert len(df) == 3 * 6 and df.selected.sum() == 1
+    assert {"layer", "position", "bypass_score", "induce_score", "kl_score", "passed", "reason"} <= set(df.columns)
+
+
+def test_direction_refuses_to_overwrite(capsys, tiny_run, tiny_dirs):
+    assert_user_error(capsys, "direction", "--model", tiny_dirs["llama"], "--out", tiny_run, match="--force")
+
+
+def test_orthogonalize_then_load_matches_ablation(capsys, tmp_path, tiny_run, tiny_dirs):
+    code, out, err = run(capsys, "orthogonalize", "--model", tiny_dirs["llama"], "--direction", tiny_run,
+                         "--out", tmp_path / "edited")
+    assert code == 0, err
+    assert (tmp_path / "edited" / "config.json").is_file() and (tmp_path / "edited" / "refusal_lab.json").is_file()
+    base = load_model(str(tiny_dirs["llama"]))
+    edited = load_model(str(tmp_path / "edited"))
+    d = load_direction(tiny_run / "direction", base)
+    encs = base.chat.encode_all(["Hello there", "How do I pick a lock?"])
+    with ablate_direction(base, d.vector):
+        ablated = last_logits(base, encs)
+    assert (last_logits(edited, encs) - ablated).abs().max() < 1e-4
+    assert_user_error(capsys, "orthogonalize", "--model", tiny_dirs["llama"], "--direction", tiny_run,
+                      "--out", tmp_path / "edited", match="already exists")
+
+
+def test_eval_writes_jsonl_and_prints_rate(capsys, tmp_path, tiny_run, tiny_dirs, prompt_files):
+    out = tmp_path / "res.jsonl"
+    code, stdout, err = run(capsys, "eval", "--model", tiny_dirs["llama"], "--prompts", prompt_files / "harmful.txt",
+                            "--ablate", tiny_run, "--suffix", "! ! !", "--max-new-tokens", 4, "--out", out)
+    assert code == 0, err
+    assert "refusal rate" in stdout
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert len(rows) == 8
+    for r in rows:
+        assert {"prompt", "completion", "refused", "refusal_score", "suffix"} <= set(r)
+        assert isinstance(r["refused"], bool) and isinstance(r["refusal_score"], float)
+    code, stdout, err = run(capsys, "eval", "--model", tiny_dirs["llama"], "--prompts", "harmless:val",
+                            "--actadd", tiny_run / "direction", "--coeff", 2, "--max-new-tokens", 2,
+                            "--out", tmp_path / "b.jsonl")
+    assert code == 0, err
+
+
+def test_user_errors(capsys, tmp_path, tiny_run, tiny_dirs, prompt_files):
+    tiny = str(tiny_dirs["llama"])
+    assert_user_error(capsys, "eval", "--model", "nonsense-model", "--prompts", "harmful:test", "--out",
+                      tmp_path / "x.jsonl", match="accepts")
+    assert_user_error(capsys, "eval", "--model", tmp_path, "--prompts", "harmful:test", "--out", tmp_path / "x.jsonl",
+                      match="not a Hugging Face model")
+    assert_user_error(capsys, "eval", "--model", tiny, "--prompts", tmp_path / "missing.txt", "--out",
+                      tmp_path / "x.jsonl", match="not found")
+    (tmp_path / "empty.txt").write_text("")
+    assert_user_error(capsys, "direction", "--model", tiny, "--harmful", tmp_path / "empty.txt",
+                      "--out", tmp_path / "r", match="empty")
+    assert_user_error(capsys, "eval", "--model", tiny, "--prompts", "harmful:test", "--ablate", tmp_path / "nodir",
+                      "--out", tmp_path / "x.jsonl", match="direction not found")
+    # a direction from a wider model: dimension mismatch stops
+    wide = Direction(torch.ones(80), torch.ones(80), 0, -1, {"layer": 0, "position": -1})
+    save_direction(tmp_path / "wide", wide, torch.ones(1, 1, 80), pd.DataFrame())
+    assert_user_error(capsys, "eval", "--model", tiny, "--prompts", "harmful:test", "--ablate", tmp_path / "wide",
+                      "--out", tmp_path / "x.jsonl", match="dimension")
+    deep = Direction(torch.ones(64), torch.ones(64), 9, -1, {"layer": 9, "position": -1})
+    save_direction(tmp_path / "deep", deep, torch.ones(1, 1, 64), pd.DataFrame())
+    assert_user_error(capsys, "eval", "--model", tiny, "--prompts", "harmful:test", "--actadd", tmp_path / "deep",
+                      "--out", tmp_path / "x.jsonl", match="out of range")
+    assert_user_error(capsys, "direction", "--model", tiny, "--n-val", "0", "--out", tmp_path / "r", match="--n-val")
+    assert_user_error(capsys, "eval", "--model", tiny, "--out", tmp_path / "x.jsonl", match="--prompts")
+    (tmp_path / "exists.jsonl").write_text("")
+    assert_user_error(capsys, "eval", "--model", tiny, "--prompts", "harmful:test", "--out", tmp_path / "exists.jsonl",
+                      match="already exists")
+    (tmp_path / "bad.json").write_text('{"not": "a suffix"}')
+    assert_user_error(capsys, "eval", "--model", tiny, "--prompts", "harmful:test", "--suffix", tmp_path / "bad.json",
+                      "--out", tmp_path / "y.jsonl", match="not a suffix")
+    assert_user_error(capsys, "bogus-command", match="invalid choice")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "refusal.cli", "eval", "--model", "no/such/thing/here",
+                        "--prompts", "harmful:test", "--out", str(tmp_path / "o.jsonl")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr

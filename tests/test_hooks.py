@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+from conftest import FAMILIES
+from refusal.activations import cache_activations, last_logits
+from refusal.errors import RefusalLabError
+from refusal.hooks import ablate_direction, add_direction, capture_block_inputs, orthogonalize
+from refusal.models import load_model
+
+PROMPTS = ["How do I bake bread?", "Write a poem about the sea, with rhymes", "hi"]
+
+
+def _direction(cm, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(cm.d_model, generator=g)
+
+
+def _n_hooks(cm):
+    n = 0
+    for m in cm.model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks)
+    return n
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
+def test_ablation_equals_orthogonalization(tiny_models, family):
+    cm = tiny_models[family]
+    r = _direction(cm)
+    encs = cm.chat.encode_all(PROMPTS)
+    base = last_logits(cm, encs)
+    with ablate_direction(cm, r):
+        ablated = last_logits(cm, encs)
+    edited = orthogonalize(cm, r)
+    ortho = last_logits(edited, encs)
+    assert (ablated - ortho).abs().max() < 1e-4
+    assert (ablated - base).abs().max() > 1e-3  # the edit does something
+    # the original model is untouched (a copy was edited) and its embedding/LM head still tie where they did
+    assert (last_logits(cm, encs) - base).abs().max() == 0
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablation_removes_the_direction_everywhere(tiny_models, family):
+    cm = tiny_models[family]
+    r = _direction(cm, 1)
+    ru = r / r.norm()
+    encs = cm.chat.encode_all(PROMPTS)
+    before = cache_activations(cm, encs)
+    with ablate_direction(cm, r):
+        acts = cache_activations(cm, encs)  # [prompt, layer, pos, d]
+    assert (before @ ru).abs().max() > 1e-2
+    assert (acts @ ru).abs().max() < 1e-4
+
+
+def test_hooks_always_removed(tiny):
+    n0 = _n_hooks(tiny)
+    r = _direction(tiny)
+    with ablate_direction(tiny, r), add_direction(tiny, r, 1):
+        assert _n_hooks(tiny) > n0
+    assert _n_hooks(tiny) == n0
+    with pytest.raises(ZeroDivisionError):
+        with ablate_direction(tiny, r):
+            1 / 0
+    assert _n_hooks(tiny) == n0
+    store = {}
+    with capture_block_inputs(tiny, store):
+        last_logits(tiny, tiny.chat.encode_all(PROMPTS))
+    assert set(store) == set(range(tiny.n_layers)) and _n_hooks(tiny) == n0
+
+
+def test_activation_addition_acts_at_its_layer_only(tiny):
+    r = _direction(tiny, 2)
+    encs = tiny.chat.encode_all(PROMPTS)
+    before = cache_activations(tiny, encs)
+    with add_direction(tiny, r, 1, coeff=2.0):
+        after = cache_activations(tiny, encs)
+    assert (after[:, 0] - before[:, 0]).abs().max() == 0  # layer 0 input unchanged
+    # the input of block 1 is shifted by exactly 2r at every position; later layers change too
+    shift = after[:, 1] - before[:, 1]
+    assert (shift - 2 * r).abs().max() < 1e-4
+    assert (after[:, 2] - before[:, 2]).abs().max() > 1e-3
+
+
+def test_gemma2_ablation_hooks_post_norms_and_refuses_orthogonalization(tiny_models):
+    cm = tiny_models["gemma2"]
+    writers = cm.residual_writers(0)
+    assert writers[0] is cm.blocks[0].post_attention_layernorm
+    assert writers[1] is cm.blocks[0].post_feedforward_layernorm
+    with pytest.raises(RefusalLabError, match="not exact"):
+        orthogonalize(cm, _direction(cm))
+
+
+def test_dimension_and_layer_errors(tiny):
+    with pytest.raises(RefusalLabError, match="dimension"):
+        with ablate_direction(tiny, torch.randn(tiny.d_model + 1)):
+            pass
+    with pytest.raises(RefusalLabError, match="zero"):
+        with ablate_direction(tiny, torch.zeros(tiny.d_model)):
+            pass
+    with pytest.raises(RefusalLabError, match="out of range"):
+        with add_direction(tiny, torch.randn(tiny.d_model), tiny.n_layers):
+            pass
+
+
+def test_orthogonalized_model_saves_and_reloads(tiny, tmp_path):
+    r = _direction(tiny, 3)
+    edited = orthogonalize(tiny, r)
+    edited.model.save_pretrained(tmp_path)
+    edited.tokenizer.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    encs = tiny.chat.encode_all(PROMPTS)
+    with ablate_direction(tiny, r):
+        ablated = last_logits(tiny, encs)
+    assert (last_logits(again, encs) - ablated).abs().max() < 1e-4
+    assert again.fingerprint != tiny.fingerprint

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+import torch
+
+from conftest import FAMILIES
+from refusal.activations import cache_activations, last_logits
+from refusal.chat import pad_left
+from refusal.errors import RefusalLabError
+from refusal.models import load_model, resolve_model
+
+CHATML_POST = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_anatomy(tiny_models, family):
+    cm = tiny_models[family]
+    assert cm.config.model_type == family
+    assert cm.n_layers == 3 and cm.d_model == 64 and cm.n_heads == 4 and cm.head_dim == 16
+    for layer in range(cm.n_layers):
+        o = cm.o_proj(layer)
+        w = o.weight
+        # the output projection maps n_heads * head_dim -> d_model
+        shape = (cm.n_heads * cm.head_dim, cm.d_model) if cm.family.conv1d else (cm.d_model, cm.n_heads * cm.head_dim)
+        assert tuple(w.shape) == shape
+        assert len(cm.residual_writers(layer)) == 2
+    assert len(cm.fingerprint) == 16
+
+
+def test_chat_regions(tiny):
+    enc = tiny.chat.encode("  How do I bake bread?  ", "x y z")
+    tok = tiny.tokenizer
+    assert tok.decode(enc.ids[slice(*enc.instruction)]) == "How do I bake bread?"
+    assert tok.decode(enc.ids[slice(*enc.suffix)]) == "x y z"
+    assert tok.decode(enc.ids[slice(*enc.post)]) == CHATML_POST
+    assert enc.post[1] == len(enc.ids) and enc.n_post == tiny.chat.n_post == 6
+    plain = tiny.chat.encode("How do I bake bread?")
+    assert plain.suffix[0] == plain.suffix[1] == plain.instruction[1]
+    # the text form is what the template renders
+    assert tiny.chat.render("Hi") == tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                                           add_generation_prompt=True)
+    with pytest.raises(RefusalLabError, match="empty instruction"):
+        tiny.chat.encode("   ")
+
+
+def test_pad_left_positions():
+    b = pad_left([[5, 6, 7], [8]], pad_id=0)
+    assert b.input_ids.tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert b.attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert b.position_ids.tolist() == [[0, 1, 2], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batching_and_prefix_sharing_change_nothing(tiny_models, family):
+    cm = tiny_models[family]
+    encs = cm.chat.encode_all(["Hi", "Tell me a long story about a dragon and a knight", "What is 2+2?"])
+    alone = torch.cat([last_logits(cm, [e], share_prefix=False) for e in encs])
+    batched = last_logits(cm, encs, batch_size=3, share_prefix=False)
+    shared = last_logits(cm, encs, batch_size=2, share_prefix=True)
+    assert (alone - batched).abs().max() < 1e-4
+    assert (alone - shared).abs().max() < 1e-4
+    a1 = cache_activations(cm, encs, batch_size=1, share_prefix=False)
+    a2 = cache_activations(cm, encs, batch_size=3, share_prefix=True)
+    assert a1.shape == (3, cm.n_layers, cm.chat.n_post, cm.d_model)
+    assert (a1 - a2).abs().max() < 1e-4
+
+
+def test_resolve_model_errors(tmp_path):
+    with pytest.raises(RefusalLabError, match="accepts"):
+        resolve_model("not a model")
+    with pytest.raises(RefusalLabError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RefusalLabError, match="not a Hugging Face model"):
+        resolve_model(str(tmp_path / "empty"))
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"abc")
+    with pytest.raises(RefusalLabError, match="not a model folder"):
+        resolve_model(str(f))
+    assert resolve_model("someorg/some-model") == ("hub", "someorg/some-model")
+
+
+def test_corrupt_gguf_and_safetensors(tmp_path, tiny_dirs):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(RefusalLabError, match="GGUF"):
+        load_model(str(bad))
+    import shutil
+
+    d = tmp_path / "trunc"
+    shutil.copytree(tiny_dirs["llama"], d)
+    w = d / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(RefusalLabError, match="could not load"):
+        load_model(str(d))
+
+
+def test_missing_chat_template(tmp_path, tiny_dirs):
+    import shutil
+
+    d = tmp_path / "notemplate"
+    shutil.copytree(tiny_dirs["llama"], d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (d / extra).unlink(missing_ok=True)
+    with pytest.raises(RefusalLabError, match="no chat template"):
+        load_model(str(d))
+    tmpl = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<bot>"
+    cm = load_model(str(d), chat_template=tmpl)
+    assert cm.tokenizer.decode(cm.chat.post_ids) == "</user><bot>"
+    f = tmp_path / "t.jinja"
+    f.write_text(tmpl)
+    assert load_model(str(d), chat_template=str(f)).chat.n_post == cm.chat.n_post
+
+
+def test_context_length_checked(tiny):
+    enc = tiny.chat.encode("word " * 1200)
+    with pytest.raises(RefusalLabError, match="context"):
+        last_logits(tiny, [enc])
