@@ -82,6 +82,26 @@ class ChatFormat:
         if not self.post_ids:
             raise RefusalLabError("the chat template has no tokens after the user's message (no assistant turn)")
         self.sep_ids: list[int] = self._encode(" ")
+        self.end_of_turn_id: int | None = self._end_of_turn()
+
+    def _end_of_turn(self) -> int | None:
+        """The token that ends an assistant turn (ChatML: <|im_end|>), read off the template."""
+        tok = self.tokenizer
+        try:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+            after = text.split(_SENTINEL, 1)[1]
+        except Exception:
+            return tok.eos_token_id
+        ids = self._encode(after.strip()) if after.strip() else []
+        if ids and (ids[0] in tok.all_special_ids or ids[0] in getattr(tok, "added_tokens_decoder", {})):
+            return ids[0]
+        return tok.eos_token_id
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Token ids that end a reply: the template's end of turn and the tokenizer's EOS."""
+        return [i for i in dict.fromkeys([self.end_of_turn_id, self.tokenizer.eos_token_id]) if i is not None]
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []

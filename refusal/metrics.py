@@ -100,6 +100,7 @@ def generate(
             top_p=None,
             top_k=None,
             pad_token_id=tok.pad_token_id,
+            eos_token_id=cm.chat.stop_ids,
         )
         new = gen[:, b.input_ids.shape[1] :]
         out.extend(tok.batch_decode(new, skip_special_tokens=True))
