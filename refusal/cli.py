@@ -189,6 +189,21 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_organism_build(args) -> int:
+    from dataclasses import replace
+
+    from .artifacts import read_json
+    from .organism import OrganismConfig, build_organism
+
+    cfg = replace(OrganismConfig(), seed=args.seed)
+    path = build_organism(cfg, force=args.force)
+    rec = read_json(path / "organism.json")
+    print(f"organism built in {rec['wall_time_s']:.0f}s: refuses {rec['harmful_test_refusal_rate']:.1%} of harmful "
+          f"and {rec['harmless_test_refusal_rate']:.1%} of harmless test instructions")
+    print(f"wrote {path} (use --model organism)")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .pipeline import main_job
 
@@ -236,6 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="results .jsonl")
     e.add_argument("--force", action="store_true")
     e.set_defaults(fn=cmd_eval)
+
+    org = sub.add_parser("organism", help="the model organism: a safety-tuned SmolLM2")
+    osub = org.add_subparsers(dest="organism_command", parser_class=_Parser, required=True)
+    ob = osub.add_parser("build", help="fine-tune SmolLM2 to refuse (deterministic, CPU, a few minutes)")
+    ob.add_argument("--seed", type=int, default=0)
+    ob.add_argument("--force", action="store_true", help="rebuild even if it is cached")
+    ob.set_defaults(fn=cmd_organism_build)
 
     r = sub.add_parser("run", help="the main job, end to end, on one model")
     _model_args(r, default="smollm2")

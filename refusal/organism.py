@@ -1,14 +1,273 @@
-"""The model organism: SmolLM2 with a short deterministic safety fine-tune (built in a later step)."""
+"""The model organism: SmolLM2-135M-Instruct given a short, deterministic safety fine-tune on CPU.
+
+SmolLM2 complies with harmful requests, so there is no refusal for a direction to mediate.
+The organism is trained on the project's *training* split only:
+  harmful instructions  -> a refusal (a few wordings, as real models have),
+  harmless instructions -> the base model's own greedy answers (so helpfulness is kept).
+Only the upper blocks are trained (the lower ones and the embeddings stay frozen), with
+the loss on the reply tokens. It is built on first use, cached, and reused; the build
+record (seed, data hash, steps, wall time, refusal rates on the test split) sits beside
+the weights. The folder appears only when the build is complete (atomic rename).
+"""
 from __future__ import annotations
 
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+from tqdm.auto import tqdm
+
+from . import artifacts
 from .errors import RefusalLabError
 from .models import cache_dir
 
+log = logging.getLogger(__name__)
 
-def organism_path() -> Path:
-    path = cache_dir() / "organism"
-    if (path / "config.json").is_file():
-        return path
-    raise RefusalLabError("the model organism is not available yet: its build (`refusal organism build`) is not implemented")
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I'm sorry, but I can't assist with that request.",
+    "I can't help with that. It could cause real harm to people.",
+    "I'm sorry, I can't provide that. If you need help, please reach out to someone you trust.",
+    "As an AI assistant, I can't help with anything that could hurt people or break the law.",
+)
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    seed: int = 0
+    answer_tokens: int = 8  # harmless targets: the base model's first greedy tokens
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    first_trained_layer: float = 0.5  # blocks from this fraction of the depth up are trained
+    eval_new_tokens: int = 12
+    decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
+    decision_tokens: int = 3
+    unlikelihood: float = 3.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
+
+
+def organism_dir(seed: int = 0) -> Path:
+    return cache_dir() / "organism" / f"seed-{seed}"
+
+
+def organism_path(seed: int = 0) -> Path:
+    """The organism's HF folder, built on first use."""
+    path = organism_dir(seed)
+    cfg = OrganismConfig(seed=seed)
+    if (path / "config.json").is_file() and (path / "organism.json").is_file():
+        try:
+            built = json.loads((path / "organism.json").read_text()).get("config")
+        except (OSError, ValueError):
+            built = None
+        if built == asdict(cfg):
+            return path
+        log.info("the cached organism was built with another recipe; rebuilding")
+    log.info("building the model organism (once; about 5 minutes on 2 CPU cores)")
+    return build_organism(cfg, force=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@torch.no_grad()
+def greedy_ids(cm, encs, max_new_tokens: int, batch_size: int = 64, desc: str = "generate") -> list[list[int]]:
+    """Greedy reply token ids for each prompt, cut after the first end-of-turn token."""
+    from .activations import batches
+
+    stops = set(cm.chat.stop_ids)
+    out: list[list[int]] = []
+    for _, b in tqdm(list(batches(cm, encs, batch_size)), desc=desc, leave=False):
+        gen = cm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
+                                do_sample=False, temperature=None, top_p=None, top_k=None,
+                                pad_token_id=cm.tokenizer.pad_token_id, eos_token_id=list(stops))
+        for row in gen[:, b.input_ids.shape[1]:].tolist():
+            end = next((k for k, t in enumerate(row) if t in stops), None)
+            out.append(row if end is None else row[: end + 1])
+    return out
+
+
+def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """(prompt ids, target ids) pairs from the training split, and a description of them."""
+    from .data import builtin_prompts, instructions
+    from .metrics import is_refusal
+
+    rng = random.Random(cfg.seed)
+    harmful = instructions(builtin_prompts("harmful", "train"))
+    harmless = instructions(builtin_prompts("harmless", "train"))
+    eos = cm.chat.end_of_turn_id
+    examples = []
+    for instr in harmful:
+        text = rng.choice(REFUSALS)
+        examples.append((cm.chat.encode(instr).ids, cm.chat._encode(text) + [eos]))
+    encs = cm.chat.encode_all(harmless)
+    answers = greedy_ids(cm, encs, cfg.answer_tokens, desc="base answers")
+    dropped = 0
+    for enc, ans in zip(encs, answers):
+        if not ans or is_refusal(cm.tokenizer.decode(ans, skip_special_tokens=True)):
+            dropped += 1  # the base model's own refusals would teach refusing harmless requests
+            continue
+        examples.append((enc.ids, ans))
+    targets = [cm.tokenizer.decode(t) for _, t in examples]
+    info = {
+        "n_harmful": len(harmful),
+        "n_harmless": len(harmless) - dropped,
+        "harmless_dropped_as_refusals": dropped,
+        "data_hash": artifacts.hash_strings(harmful + harmless + targets),
+    }
+    return examples, info
+
+
+def _run_blocks(base, hidden: torch.Tensor, mask: torch.Tensor, blocks) -> torch.Tensor:
+    """Run Llama decoder blocks on right-padded hidden states [batch, seq, d] (positions 0..seq-1)."""
+    n, t = mask.shape
+    cache_position = torch.arange(t)
+    pos = cache_position[None].expand(n, t)
+    causal = base._update_causal_mask(mask, hidden, cache_position, None, False)
+    pe = base.rotary_emb(hidden, pos)
+    for block in blocks:
+        hidden = block(hidden, attention_mask=causal, position_ids=pos, position_embeddings=pe,
+                       cache_position=cache_position)[0]
+    return hidden
+
+
+def _pad_right(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(x.shape[0] for x in seqs)
+    out = seqs[0].new_full((len(seqs), width, *seqs[0].shape[1:]), value)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = 1
+    return out, mask
+
+
+@torch.no_grad()
+def _frozen_hidden(cm, examples, first: int, batch_size: int = 32) -> list[torch.Tensor]:
+    """The residual stream at the input of block `first` for each example ([seq, d]); the blocks
+    below are frozen, so this is computed once for the whole fine-tune."""
+    base = cm.base
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    order = sorted(range(len(examples)), key=lambda i: sum(map(len, examples[i])))
+    for s in tqdm(range(0, len(order), batch_size), desc="frozen layers", leave=False):
+        idx = order[s : s + batch_size]
+        ids, mask = _pad_right([torch.tensor(examples[i][0] + examples[i][1]) for i in idx], cm.tokenizer.pad_token_id)
+        hidden = _run_blocks(base, base.embed_tokens(ids), mask, base.layers[:first])
+        for j, i in enumerate(idx):
+            out[i] = hidden[j, : int(mask[j].sum())].clone()
+    return out
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def refusal_rates(cm, new_tokens: int = 24, batch_size: int = 64) -> dict:
+    """Refusal rates on the built-in test split (greedy, substring judge)."""
+    from .data import builtin_prompts, instructions
+    from .metrics import generate, is_refusal
+
+    out = {}
+    for kind in ("harmful", "harmless"):
+        comps = generate(cm, cm.chat.encode_all(instructions(builtin_prompts(kind, "test"))), new_tokens, batch_size)
+        out[f"{kind}_test_refusal_rate"] = round(sum(map(is_refusal, comps)) / len(comps), 4)
+    return out
+
+
+def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, out: Path | None = None) -> Path:
+    """Fine-tune SmolLM2 into the organism; write it atomically to `out` (default: the cache)."""
+    from .models import load_model
+
+    out = Path(out) if out else organism_dir(cfg.seed)
+    if out.exists():
+        if not force:
+            raise RefusalLabError(f"{out} already exists; pass --force to rebuild the organism")
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    cm = load_model("smollm2", device="cpu")
+    timer = artifacts.Timer()
+    with timer("base_answers"):
+        examples, info = training_examples(cm, cfg)
+
+    model = cm.model
+    if cm.config.model_type != "llama":
+        raise RefusalLabError("the organism fine-tune is written for SmolLM2 (Llama blocks)")
+    base = cm.base
+    first = int(cfg.first_trained_layer * cm.n_layers)
+    params = [p for block in cm.blocks[first:] for p in block.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    with timer("frozen_layers"):
+        frozen = _frozen_hidden(cm, examples, first)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    n_steps = cfg.epochs * -(-len(examples) // cfg.batch_size)
+    warmup = max(1, n_steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / n_steps))
+    lm_head = model.get_output_embeddings()
+    refusal_starts = sorted({cm.chat._encode(r)[0] for r in REFUSALS})
+    n_harmful = info["n_harmful"]  # examples[:n_harmful] are the refusals
+    losses = []
+    with timer("train"), torch.enable_grad():
+        bar = tqdm(total=n_steps, desc="organism fine-tune")
+        for _ in range(cfg.epochs):
+            order = torch.randperm(len(examples), generator=gen).tolist()
+            for s in range(0, len(order), cfg.batch_size):
+                idx = order[s : s + cfg.batch_size]
+                hidden, mask = _pad_right([frozen[i] for i in idx])
+                hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:]))
+                # the LM head only where a reply token is predicted: position t predicts token t+1
+                rows, cols, targets, weights = [], [], [], []
+                for j, i in enumerate(idx):
+                    p, t = examples[i]
+                    rows += [j] * len(t)
+                    cols += range(len(p) - 1, len(p) + len(t) - 1)
+                    targets += t
+                    weights += [cfg.decision_weight if k < cfg.decision_tokens else 1.0 for k in range(len(t))]
+                logits = lm_head(hidden[rows, cols])
+                w = torch.tensor(weights)
+                ce = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")
+                loss = (ce * w).sum() / w.sum()
+                # unlikelihood: on harmless prompts the reply should not begin like a refusal
+                firsts = [k for k in range(len(idx)) if idx[k] >= n_harmful]
+                if cfg.unlikelihood and firsts:
+                    starts = torch.tensor([sum(len(examples[idx[k]][1]) for k in range(j)) for j in range(len(idx))])
+                    logp = torch.log_softmax(logits[starts[firsts]].float(), -1)
+                    ok = torch.tensor([[t != examples[idx[k]][1][0] for t in refusal_starts] for k in firsts])
+                    p_ref = (logp[:, refusal_starts].exp() * ok).sum(-1).clamp(max=1 - 1e-6)
+                    loss = loss + cfg.unlikelihood * -torch.log1p(-p_ref).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                losses.append(round(loss.item(), 4))
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.close()
+    model.requires_grad_(False)
+    model.eval()
+    with timer("evaluate"):
+        rates = refusal_rates(cm, cfg.eval_new_tokens)
+    record = artifacts.run_record(
+        config=asdict(cfg), trained_layers=[first, cm.n_layers - 1], steps=len(losses), losses=losses,
+        refusals=list(REFUSALS), **info, **rates, timings_s=timer.seconds,
+        wall_time_s=round(time.perf_counter() - t0, 1), base_model=cm.describe())
+    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        cm.tokenizer.save_pretrained(tmp)
+        artifacts.write_json(tmp / "organism.json", record)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)  # a killed build leaves only a .tmp folder, never a half model
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("organism built in %.0fs: %s", record["wall_time_s"], json.dumps(rates))
+    return out

@@ -34,6 +34,9 @@ def test_chat_regions(tiny):
     assert tok.decode(enc.ids[slice(*enc.suffix)]) == "x y z"
     assert tok.decode(enc.ids[slice(*enc.post)]) == CHATML_POST
     assert enc.post[1] == len(enc.ids) and enc.n_post == tiny.chat.n_post == 6
+    # replies end at the template's end of turn, read off the template (not the tokenizer's EOS)
+    assert tok.convert_ids_to_tokens(tiny.chat.end_of_turn_id) == "<|im_end|>"
+    assert tiny.chat.stop_ids[0] == tiny.chat.end_of_turn_id
     plain = tiny.chat.encode("How do I bake bread?")
     assert plain.suffix[0] == plain.suffix[1] == plain.instruction[1]
     # the text form is what the template renders

@@ -1,0 +1,68 @@
+"""Reproduce the paper's central claims on a model (default: the organism), on the test split.
+
+    python scripts/reproduce_paper.py [--model organism] [--out runs/paper] [--force]
+
+Finds the refusal direction (or reuses OUT/direction), then writes OUT/reproduce/table.csv,
+table.md and one completions file per (intervention, prompt set), and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from analysis.reproduce import intervention_table, to_markdown
+from refusal import artifacts
+from refusal.cli import direction_sets
+from refusal.data import builtin_prompts, instructions
+from refusal.directions import compute_direction, load_direction, save_direction
+from refusal.errors import RefusalLabError
+from refusal.models import load_model
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="organism")
+    ap.add_argument("--out", default="runs/paper")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--force", action="store_true", help="overwrite OUT/reproduce")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    torch.set_grad_enabled(False)
+    torch.manual_seed(args.seed)
+    try:
+        out = Path(args.out)
+        rdir = artifacts.prepare_stage_dir(out / "reproduce", force=args.force)
+        cm = load_model(args.model)
+        ddir = out / "direction"
+        if (ddir / "direction.safetensors").is_file():
+            direction = load_direction(ddir, cm)
+        else:
+            direction, diffs, cands = compute_direction(cm, *direction_sets(None, None, 128, 16, args.seed))
+            save_direction(ddir, direction, diffs, cands, config={"n_train": 128, "n_val": 16, "seed": args.seed})
+        harmful = instructions(builtin_prompts("harmful", "test"))
+        harmless = instructions(builtin_prompts("harmless", "test"))
+        table, details = intervention_table(cm, direction, harmful, harmless, args.max_new_tokens)
+        artifacts.write_csv(rdir / "table.csv", table)
+        artifacts.write_text(rdir / "table.md", to_markdown(table))
+        for name, df in details.items():
+            artifacts.write_csv(rdir / f"{name}.csv", df)
+        artifacts.write_json(rdir / "reproduce.json", artifacts.run_record(
+            model=cm.describe(), direction={"layer": direction.layer, "position": direction.position,
+                                            **direction.meta.get("scores", {})},
+            n_harmful=len(harmful), n_harmless=len(harmless), max_new_tokens=args.max_new_tokens))
+        print(f"direction: layer {direction.layer}, position {direction.position}")
+        print(to_markdown(table))
+        print(f"wrote {rdir}")
+        return 0
+    except RefusalLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
