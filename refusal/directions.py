@@ -62,6 +62,15 @@ def mean_diffs(harmful_acts: torch.Tensor, harmless_acts: torch.Tensor) -> torch
     return harmful_acts.float().mean(0) - harmless_acts.float().mean(0)
 
 
+def _ablation_scores(cm, r, harmful_val, harmless_val, base_harmless, ref_ids, batch_size) -> tuple[float, float]:
+    """(bypass, kl) of candidate r: one ablated pass over harmful and harmless validation prompts."""
+    with ablate_direction(cm, r):
+        logits = last_logits(cm, list(harmful_val) + list(harmless_val), batch_size)
+    nh = len(harmful_val)
+    bypass = refusal_score_from_logits(logits[:nh], ref_ids).mean().item()
+    return bypass, kl_divergence(base_harmless, logits[nh:]).mean().item()
+
+
 def score_candidates(
     cm: ChatModel,
     diffs: torch.Tensor,
@@ -79,8 +88,6 @@ def score_candidates(
     """
     n_layers, n_pos, _ = diffs.shape
     ref_ids = refusal_token_ids(cm.tokenizer)
-    nh = len(harmful_val)
-    both = list(harmful_val) + list(harmless_val)
     base_harmless = last_logits(cm, harmless_val, batch_size)
     rows = []
     todo = [(l, p) for l in range(n_layers) for p in range(n_pos)]
@@ -97,10 +104,8 @@ def score_candidates(
             row["induce_score"] = refusal_score_from_logits(last_logits(cm, harmless_val, batch_size), ref_ids).mean().item()
         if row["induce_score"] <= 0 and not score_all:
             continue
-        with ablate_direction(cm, r):
-            logits = last_logits(cm, both, batch_size)
-        row["bypass_score"] = refusal_score_from_logits(logits[:nh], ref_ids).mean().item()
-        row["kl_score"] = kl_divergence(base_harmless, logits[nh:]).mean().item()
+        row["bypass_score"], row["kl_score"] = _ablation_scores(
+            cm, r, harmful_val, harmless_val, base_harmless, ref_ids, batch_size)
     return pd.DataFrame(rows)
 
 
@@ -170,12 +175,8 @@ def compute_direction(
         r = diffs[layer, pos + diffs.shape[1]]
         if df.loc[best, ["bypass_score", "kl_score"]].isna().any():  # relaxed choice: complete its record
             hv, bv = enc(harmful_val), enc(harmless_val)
-            ref_ids = refusal_token_ids(cm.tokenizer)
-            base = last_logits(cm, bv, batch_size)
-            with ablate_direction(cm, r):
-                logits = last_logits(cm, hv + bv, batch_size)
-            df.loc[best, "bypass_score"] = refusal_score_from_logits(logits[: len(hv)], ref_ids).mean().item()
-            df.loc[best, "kl_score"] = kl_divergence(base, logits[len(hv):]).mean().item()
+            df.loc[best, ["bypass_score", "kl_score"]] = _ablation_scores(
+                cm, r, hv, bv, last_logits(cm, bv, batch_size), refusal_token_ids(cm.tokenizer), batch_size)
     row = df.loc[best]
     meta = {
         "layer": layer,

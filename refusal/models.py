@@ -15,7 +15,7 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -70,15 +70,8 @@ FAMILIES: dict[str, Family] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": Family(
-        layers="model.layers",
-        attn="self_attn",
-        mlp="mlp",
-        o_proj="self_attn.o_proj",
-        mlp_out="mlp.down_proj",
-        embeds=("model.embed_tokens",),
-        post_norms=("post_attention_layernorm", "post_feedforward_layernorm"),
-    ),
+    # Gemma2 normalises each sublayer's output before the residual add: hook after those norms
+    "gemma2": replace(_LLAMA_LIKE, post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
     "gpt2": Family(
         layers="transformer.h",
         attn="attn",
