@@ -63,36 +63,9 @@ def _seed(seed: int) -> None:
 # ----------------------------------------------------------------------------- commands
 
 
-def split_user_prompts(prompts: list, n_train: int, n_val: int, seed: int, what: str) -> tuple[list, list]:
-    """A user's file: seeded shuffle, val first, then train (disjoint)."""
-    if len(prompts) < 4:
-        raise RefusalLabError(f"the {what} prompt set has {len(prompts)} instructions; need at least 4 (train + val)")
-    items = list(prompts)
-    random.Random(seed).shuffle(items)
-    n_val = min(n_val, len(items) // 4 or 1)
-    return items[n_val : n_val + n_train], items[:n_val]
-
-
-def direction_sets(harmful: str | None, harmless: str | None, n_train: int, n_val: int, seed: int):
-    from .data import builtin_prompts, load_prompts
-
-    out = []
-    for kind, spec in (("harmful", harmful), ("harmless", harmless)):
-        if spec is None:
-            rng = random.Random(seed)
-            train = builtin_prompts(kind, "train")
-            val = builtin_prompts(kind, "val")
-            train = rng.sample(train, min(n_train, len(train)))
-            val = rng.sample(val, min(n_val, len(val)))
-        else:
-            train, val = split_user_prompts(load_prompts(spec), n_train, n_val, seed, kind)
-        out.append((train, val))
-    (ht, hv), (bt, bv) = out
-    return ht, bt, hv, bv
-
-
 def cmd_direction(args) -> int:
     from . import artifacts
+    from .data import direction_sets
     from .directions import compute_direction, save_direction
 
     out = Path(args.out) / "direction"

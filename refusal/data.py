@@ -8,6 +8,7 @@ JailbreakBench and Alpaca files load as they are; a `target` column is kept for 
 from __future__ import annotations
 
 import csv
+import random
 import io
 import json
 from dataclasses import dataclass
@@ -177,3 +178,34 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     if not items:
         raise RefusalLabError(f"{path}: no instructions found (the prompt set is empty)")
     return items
+
+
+# ----------------------------------------------------------------------------- direction sets
+
+
+def split_user_prompts(prompts: list, n_train: int, n_val: int, seed: int, what: str) -> tuple[list, list]:
+    """A user's file: seeded shuffle, val first, then train (disjoint)."""
+    if len(prompts) < 4:
+        raise RefusalLabError(f"the {what} prompt set has {len(prompts)} instructions; need at least 4 (train + val)")
+    items = list(prompts)
+    random.Random(seed).shuffle(items)
+    n_val = min(n_val, len(items) // 4 or 1)
+    return items[n_val : n_val + n_train], items[:n_val]
+
+
+def direction_sets(harmful: str | None, harmless: str | None, n_train: int, n_val: int, seed: int):
+    """(harmful train, harmless train, harmful val, harmless val): built-in splits sampled with the seed,
+    or users' files split by split_user_prompts."""
+    out = []
+    for kind, spec in (("harmful", harmful), ("harmless", harmless)):
+        if spec is None:
+            rng = random.Random(seed)
+            train = builtin_prompts(kind, "train")
+            val = builtin_prompts(kind, "val")
+            train = rng.sample(train, min(n_train, len(train)))
+            val = rng.sample(val, min(n_val, len(val)))
+        else:
+            train, val = split_user_prompts(load_prompts(spec), n_train, n_val, seed, kind)
+        out.append((train, val))
+    (ht, hv), (bt, bv) = out
+    return ht, bt, hv, bv

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 def main_job(args) -> int:
     """Direction on the built-in sets, then refusal evaluated with and without interventions."""
-    from .cli import _load, _seed, direction_sets
+    from .cli import _load, _seed
+    from .data import direction_sets
     from .directions import compute_direction, load_direction, save_direction
     from .hooks import ablate_direction, add_direction
     from .metrics import evaluate

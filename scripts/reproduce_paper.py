@@ -16,8 +16,7 @@ import torch
 
 from analysis.reproduce import intervention_table, to_markdown
 from refusal import artifacts
-from refusal.cli import direction_sets
-from refusal.data import builtin_prompts, instructions
+from refusal.data import builtin_prompts, direction_sets, instructions
 from refusal.directions import compute_direction, load_direction, save_direction
 from refusal.errors import RefusalLabError
 from refusal.models import load_model
