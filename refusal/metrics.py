@@ -80,16 +80,12 @@ def kl_divergence(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.
 
 
 @torch.no_grad()
-def generate(
-    cm: ChatModel,
-    encs: Sequence[Encoded],
-    max_new_tokens: int = 64,
-    batch_size: int = 16,
-    progress: bool = True,
-) -> list[str]:
-    """Batched greedy completions (under whatever hooks are active)."""
-    out: list[str] = []
-    tok = cm.tokenizer
+def greedy_ids(
+    cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True
+) -> list[list[int]]:
+    """Batched greedy reply token ids (under whatever hooks are active), cut after the first stop token."""
+    stops = cm.chat.stop_ids
+    out: list[list[int]] = []
     for _, b in tqdm(list(batches(cm, encs, batch_size)), desc="generate", leave=False, disable=not progress):
         gen = cm.model.generate(
             input_ids=b.input_ids,
@@ -99,12 +95,21 @@ def generate(
             temperature=None,
             top_p=None,
             top_k=None,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=cm.chat.stop_ids,
+            pad_token_id=cm.tokenizer.pad_token_id,
+            eos_token_id=stops,
         )
-        new = gen[:, b.input_ids.shape[1] :]
-        out.extend(tok.batch_decode(new, skip_special_tokens=True))
-    return [s.strip() for s in out]
+        for row in gen[:, b.input_ids.shape[1] :].tolist():
+            end = next((k for k, t in enumerate(row) if t in stops), None)
+            out.append(row if end is None else row[: end + 1])
+    return out
+
+
+def generate(
+    cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True
+) -> list[str]:
+    """Batched greedy completions as text (under whatever hooks are active)."""
+    ids = greedy_ids(cm, encs, max_new_tokens, batch_size, progress)
+    return [s.strip() for s in cm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 def evaluate(

@@ -76,27 +76,10 @@ def organism_path(seed: int = 0) -> Path:
 # ----------------------------------------------------------------------------- data
 
 
-@torch.no_grad()
-def greedy_ids(cm, encs, max_new_tokens: int, batch_size: int = 64, desc: str = "generate") -> list[list[int]]:
-    """Greedy reply token ids for each prompt, cut after the first end-of-turn token."""
-    from .activations import batches
-
-    stops = set(cm.chat.stop_ids)
-    out: list[list[int]] = []
-    for _, b in tqdm(list(batches(cm, encs, batch_size)), desc=desc, leave=False):
-        gen = cm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=max_new_tokens,
-                                do_sample=False, temperature=None, top_p=None, top_k=None,
-                                pad_token_id=cm.tokenizer.pad_token_id, eos_token_id=list(stops))
-        for row in gen[:, b.input_ids.shape[1]:].tolist():
-            end = next((k for k, t in enumerate(row) if t in stops), None)
-            out.append(row if end is None else row[: end + 1])
-    return out
-
-
 def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], list[int]]], dict]:
     """(prompt ids, target ids) pairs from the training split, and a description of them."""
     from .data import builtin_prompts, instructions
-    from .metrics import is_refusal
+    from .metrics import greedy_ids, is_refusal
 
     rng = random.Random(cfg.seed)
     harmful = instructions(builtin_prompts("harmful", "train"))
@@ -107,7 +90,7 @@ def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], li
         text = rng.choice(REFUSALS)
         examples.append((cm.chat.encode(instr).ids, cm.chat._encode(text) + [eos]))
     encs = cm.chat.encode_all(harmless)
-    answers = greedy_ids(cm, encs, cfg.answer_tokens, desc="base answers")
+    answers = greedy_ids(cm, encs, cfg.answer_tokens, batch_size=64)
     dropped = 0
     for enc, ans in zip(encs, answers):
         if not ans or is_refusal(cm.tokenizer.decode(ans, skip_special_tokens=True)):
