@@ -42,11 +42,11 @@ REFUSALS = (
 class OrganismConfig:
     seed: int = 0
     answer_tokens: int = 8  # harmless targets: the base model's first greedy tokens
-    epochs: int = 3
+    epochs: int = 2
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.0
-    first_trained_layer: float = 0.5  # blocks from this fraction of the depth up are trained
+    first_trained_layer: float = 0.3  # blocks from this fraction of the depth up are trained
     eval_new_tokens: int = 12
     decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
     decision_tokens: int = 3
