@@ -177,6 +177,63 @@ def cmd_organism_build(args) -> int:
     return 0
 
 
+def cmd_attack(args) -> int:
+    from attacks.gcg import GCGConfig
+    from attacks.run import run_attack
+
+    from .data import resolve_prompts
+    from .directions import load_direction
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise RefusalLabError("give exactly one of --prompt TEXT or --prompts FILE")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise RefusalLabError("--prompt is empty")
+        instructions, targets = [args.prompt.strip()], [args.target] if args.target else None
+    else:
+        if args.target:
+            raise RefusalLabError("--target goes with --prompt; a prompt file gives targets in a 'target' column")
+        prompts = resolve_prompts(args.prompts)
+        if args.max_prompts:
+            prompts = prompts[: args.max_prompts]
+        instructions = [p.instruction for p in prompts]
+        targets = [p.target for p in prompts] if all(p.target for p in prompts) else None
+    cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, n_replace=args.n_replace,
+                    suffix_len=args.suffix_len, objective=args.objective, direction_weight=args.direction_weight,
+                    seed=args.seed, early_stop=not args.no_early_stop, success_rate=args.success_rate,
+                    patience=args.patience, progressive=not args.all_prompts, allow_non_ascii=args.allow_non_ascii)
+    cfg.validate()
+    if args.objective != "target" and args.engine == "nanogcg":
+        raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
+    if args.objective != "target" and not args.direction:
+        raise RefusalLabError(f"--objective {args.objective} needs --direction DIR (a folder made by `refusal direction`)")
+    if args.resume and args.force:
+        raise RefusalLabError("--resume and --force contradict each other; choose one")
+    out = Path(args.out)
+    attack_dir = out / "attack"
+    if attack_dir.is_dir() and any(attack_dir.iterdir()) and not (args.resume or args.force):
+        raise RefusalLabError(f"{attack_dir} already exists; pass --resume to continue it, --force to overwrite it, "
+                              "or choose another --out")
+    cm = _load(args)
+    direction = load_direction(args.direction, cm) if args.direction else None
+    _seed(args.seed)
+    try:
+        rec = run_attack(cm, instructions, targets, cfg, out, engine=args.engine, direction=direction,
+                         direction_path=args.direction, resume=args.resume, force=args.force,
+                         checkpoint_name=args.checkpoint)
+    except KeyboardInterrupt:
+        print(f"refusal: interrupted; the last completed step is saved: continue with the same command and --resume",
+              file=sys.stderr)
+        return 130
+    print(f"suffix: {rec['suffix']!r}")
+    print(f"best loss {rec['best_loss']:.4f} at step {rec['best_step']} of {rec['steps_run']} "
+          f"({rec['elapsed_s']:.0f}s, {rec['s_per_step']:.2f}s/step)")
+    print(f"attack success on the {len(instructions)} attacked prompt(s): {rec['success_rate']:.1%}; "
+          f"random suffix of the same length: {rec['random_success_rate']:.1%}")
+    print(f"wrote {attack_dir / 'suffix.json'}")
+    return 0
+
+
 def cmd_run(args) -> int:
     from .pipeline import main_job
 
@@ -231,6 +288,35 @@ def build_parser() -> argparse.ArgumentParser:
     ob.add_argument("--seed", type=int, default=0)
     ob.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     ob.set_defaults(fn=cmd_organism_build)
+
+    a = sub.add_parser("attack", help="optimize an adversarial suffix (GCG) for one prompt or a prompt set")
+    _model_args(a)
+    a.add_argument("--prompt", help="one instruction to attack")
+    a.add_argument("--target", help="target reply opening for --prompt (default: 'Sure, here is ...')")
+    a.add_argument("--prompts", help="prompt file or built-in set (e.g. harmful:train): one universal suffix")
+    a.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None, help="use the first N prompts")
+    a.add_argument("--engine", choices=("native", "nanogcg"), default="native")
+    a.add_argument("--objective", choices=("target", "direction", "mixed"), default="target")
+    a.add_argument("--direction", help="direction folder (needed by --objective direction|mixed)")
+    a.add_argument("--direction-weight", type=float, default=1.0, help="weight of the direction term in mixed")
+    a.add_argument("--steps", type=_positive("--steps"), default=150)
+    a.add_argument("--search-width", type=_positive("--search-width"), default=128)
+    a.add_argument("--topk", type=_positive("--topk"), default=64)
+    a.add_argument("--n-replace", type=_positive("--n-replace"), default=1)
+    a.add_argument("--suffix-len", type=_positive("--suffix-len"), default=20)
+    a.add_argument("--success-rate", type=float, default=1.0,
+                   help="universal: add the next prompt / stop when this share of active prompts succeed")
+    a.add_argument("--patience", type=int, default=0,
+                   help="universal: add the next prompt after this many steps without one (0: only on success)")
+    a.add_argument("--all-prompts", action="store_true", help="universal: optimize on all prompts from the start")
+    a.add_argument("--no-early-stop", action="store_true", help="run all steps even after success")
+    a.add_argument("--allow-non-ascii", action="store_true")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
+    a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
+    a.add_argument("--out", required=True, help="run folder; writes OUT/attack/")
+    a.add_argument("--force", action="store_true", help="overwrite an existing attack")
+    a.set_defaults(fn=cmd_attack)
 
     r = sub.add_parser("run", help="the main job, end to end, on one model")
     _model_args(r, default="smollm2")

@@ -131,12 +131,19 @@ def select_candidate(df: pd.DataFrame, n_layers: int, kl_threshold: float = KL_T
     how = "paper filters (induce > 0, kl <= %g, layer < 0.8 * n_layers), lowest bypass" % kl_threshold
     pool = df[df.passed]
     if pool.empty:
-        allowed = df[(df.layer < PRUNE_LAYER_FRACTION * n_layers) & df.induce_score.notna()]
-        if allowed.empty:
-            raise RefusalLabError("no candidate direction could be scored (all filtered out)")
-        best = int(allowed.induce_score.idxmax())
-        how = ("RELAXED: no candidate passed the filters (induce > 0, kl <= %g); the model may not refuse. "
-               "Chose the highest induce score among layers < 0.8 * n_layers" % kl_threshold)
+        # relax the KL filter first (keep induce > 0 and the layer cut): lowest bypass among those
+        kl_relaxed = df[(df.reason == f"kl > {kl_threshold}") & df.bypass_score.notna()]
+        if not kl_relaxed.empty:
+            best = int(kl_relaxed.bypass_score.idxmin())
+            how = ("RELAXED: no candidate passed the KL filter (kl <= %g); chose the lowest bypass score among "
+                   "candidates with induce > 0 and layer < 0.8 * n_layers, whatever their KL" % kl_threshold)
+        else:
+            allowed = df[(df.layer < PRUNE_LAYER_FRACTION * n_layers) & df.induce_score.notna()]
+            if allowed.empty:
+                raise RefusalLabError("no candidate direction could be scored (all filtered out)")
+            best = int(allowed.induce_score.idxmax())
+            how = ("RELAXED: no candidate has induce > 0; the model may not refuse. "
+                   "Chose the highest induce score among layers < 0.8 * n_layers")
         log.warning("no candidate direction passed the paper's filters; %s", how)
         df["selected"] = df.index == best
         return df, best, how

@@ -51,6 +51,15 @@ def test_selection_relaxed_when_nothing_passes():
     assert best == 1 and how.startswith("RELAXED")
 
 
+def test_selection_relaxes_kl_before_induce():
+    df = _table([(1, -1, -1.0, 2.0, 0.5, 1.0),   # induce > 0, kl too high
+                 (2, -1, -4.0, 0.3, 3.0, 1.0),   # induce > 0, kl too high, lowest bypass: chosen
+                 (3, -1, math.nan, -0.2, math.nan, 1.0),
+                 (9, -1, -9.0, 5.0, 0.01, 1.0)])  # layer too deep
+    out, best, how = select_candidate(df, 10)
+    assert best == 1 and how.startswith("RELAXED") and "KL" in how
+
+
 def test_plan_batches_covers_everything_once():
     lengths = [5, 40, 6, 7, 41, 39, 5, 100]
     batches = plan_batches(lengths, max_batch=3)

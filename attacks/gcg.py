@@ -1,0 +1,502 @@
+"""The native GCG engine (Zou et al. 2023, "Universal and Transferable Adversarial Attacks on Aligned
+Language Models"), written for refusal-lab.
+
+One step: the gradient of the loss with respect to the one-hot suffix tokens gives, for every suffix
+position, the top-k most promising replacement tokens; `search_width` candidates each replace
+`n_replace` random positions with random picks from those; every candidate's exact loss is computed
+in batched forward passes, and the best one becomes the new suffix.
+
+Objectives (all minimised):
+  target     cross-entropy of the target reply ("Sure, here is ...") after the prompt, as GCG;
+  direction  the scalar projection of the last prompt position's residual stream onto the refusal
+             direction, averaged over the direction's layer and every layer after it, in units of the
+             harmful-minus-harmless mean difference at the direction's layer (harmful prompts sit
+             near +1 above harmless ones). Needs no target and no logits;
+  mixed      target + direction_weight * direction.
+
+Universal suffixes: one suffix for many prompts, the loss averaged over the active prompts; prompts
+are added one at a time as in the GCG paper, when the active ones all succeed (or after `patience`
+steps without progress).
+
+Speed (see `refusal bench`): the key/value cache of each prompt's text before the suffix is computed
+once; candidates that change the suffix first at position p reuse the cache of the current suffix up
+to p and run only the tokens from p on; duplicate candidates are dropped; the LM head runs only at
+the target positions; candidates that do not survive a decode/encode round trip are filtered in one
+batched tokenizer call. The state after every step is a small JSON checkpoint (suffix, histories and
+the random generator's state), so a killed run resumes to exactly the same result.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from refusal.errors import RefusalLabError
+from refusal.models import ChatModel
+
+log = logging.getLogger(__name__)
+
+OBJECTIVES = ("target", "direction", "mixed")
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class GCGConfig:
+    steps: int = 150
+    search_width: int = 128
+    topk: int = 64
+    n_replace: int = 1
+    suffix_len: int = 20
+    suffix_init: str | None = None  # text; default "x x x ... x" (suffix_len tokens)
+    objective: str = "target"
+    direction_weight: float = 1.0  # weight of the direction term in the mixed objective
+    seed: int = 0
+    allow_non_ascii: bool = False
+    filter_ids: bool = True  # drop candidates that do not re-tokenize to themselves
+    early_stop: bool = True
+    success_rate: float = 1.0  # universal: add a prompt / stop when this share of active prompts succeed
+    progressive: bool = True  # universal: start with one prompt and add them one at a time
+    patience: int = 0  # universal: add the next prompt after this many steps without one (0: never)
+    judge_tokens: int = 32  # reply tokens generated to judge success (universal, direction objective)
+    batch_size: int | None = None  # candidates per forward pass (None: as many as memory allows)
+    reuse_suffix_cache: bool = True  # candidates reuse the cache of the unchanged start of the suffix
+    dedupe: bool = True
+
+    def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise RefusalLabError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        for name in ("steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens"):
+            if int(getattr(self, name)) < 1:
+                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.n_replace > self.suffix_len:
+            raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
+        if not 0 < self.success_rate <= 1:
+            raise RefusalLabError(f"success rate must be in (0, 1], got {self.success_rate}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RefusalLabError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.patience < 0:
+            raise RefusalLabError(f"patience must be >= 0, got {self.patience}")
+
+
+@dataclass
+class AttackResult:
+    suffix: str
+    token_ids: list[int]
+    best_loss: float
+    best_step: int
+    losses: list[float]  # per step: the chosen candidate's loss on the active prompts
+    success: list[float]  # per step: share of active prompts that succeed with the chosen suffix
+    n_active: list[int]
+    suffixes: list[str]
+    steps_run: int
+    stopped_early: bool
+    elapsed_s: float
+    success_flags: list[bool] = field(default_factory=list)  # of the best suffix, per prompt (active ones)
+
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def disallowed_token_ids(cm: ChatModel, allow_non_ascii: bool = False) -> torch.Tensor:
+    """Token ids a suffix may not use: special and added tokens, ids beyond the tokenizer, and (by
+    default) tokens that are not printable ASCII. Cached on the model."""
+    key = f"_refusal_lab_disallowed_{allow_non_ascii}"
+    if hasattr(cm, key):
+        return getattr(cm, key)
+    tok = cm.tokenizer
+    n_embed = cm.model.get_input_embeddings().weight.shape[0]
+    bad = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    bad |= set(range(len(tok), n_embed))
+    if not allow_non_ascii:
+        texts = tok.batch_decode([[i] for i in range(min(len(tok), n_embed))])
+        bad |= {i for i, t in enumerate(texts) if not (t.isascii() and t.isprintable() and t)}
+    ids = torch.tensor(sorted(i for i in bad if i < n_embed), dtype=torch.long)
+    setattr(cm, key, ids)
+    return ids
+
+
+def retokenizes(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """[n, L] candidate ids -> [n] bool: decoding then encoding gives the same ids (one batched call)."""
+    rows = ids.tolist()
+    enc = tokenizer(tokenizer.batch_decode(rows), add_special_tokens=False).input_ids
+    return torch.tensor([e == r for e, r in zip(enc, rows)], dtype=torch.bool)
+
+
+def initial_suffix_ids(cm: ChatModel, length: int, init: str | None = None) -> list[int]:
+    """Token ids of the starting suffix: `init` tokenized, or "x x x ... x" of `length` tokens."""
+    tok = cm.tokenizer
+    if init is not None:
+        ids = tok(init, add_special_tokens=False).input_ids
+        if not ids:
+            raise RefusalLabError("the initial suffix is empty")
+        return list(ids)
+    ids = tok("x" + " x" * (length - 1), add_special_tokens=False).input_ids
+    if len(ids) != length:
+        ids = tok("x", add_special_tokens=False).input_ids[:1] * length
+    return list(ids)
+
+
+def random_suffix_ids(cm: ChatModel, length: int, seed: int = 0, allow_non_ascii: bool = False,
+                      tries: int = 1000) -> list[int]:
+    """A random suffix of `length` tokens drawn uniformly from the tokens the attack may use, one that
+    survives a decode/encode round trip (the baseline an adversarial suffix is compared with)."""
+    bad = disallowed_token_ids(cm, allow_non_ascii)
+    n_embed = cm.model.get_input_embeddings().weight.shape[0]
+    ok = torch.ones(n_embed, dtype=torch.bool)
+    ok[bad] = False
+    allowed = ok.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed)
+    ids = None
+    for _ in range(tries):
+        ids = allowed[torch.randint(len(allowed), (1, length), generator=g)]
+        if retokenizes(cm.tokenizer, ids)[0]:
+            break
+    return ids[0].tolist()
+
+
+def sample_candidates(ids: torch.Tensor, grad: torch.Tensor, search_width: int, topk: int, n_replace: int,
+                      not_allowed: torch.Tensor | None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """GCG candidates [search_width, L]: each replaces n_replace random positions of ids [L] with random
+    picks from the top-k tokens of the negative gradient [L, vocab] at that position (as nanogcg's
+    sample_ids_from_grad, with an explicit random generator so that runs can be resumed exactly)."""
+    grad = grad.clone()
+    if not_allowed is not None and len(not_allowed):
+        grad[:, not_allowed.to(grad.device)] = float("inf")
+    top = (-grad).topk(topk, dim=1).indices.cpu()  # [L, topk]
+    L = ids.shape[0]
+    pos = torch.argsort(torch.rand((search_width, L), generator=generator), dim=1)[:, :n_replace]  # [w, n_replace]
+    pick = torch.randint(0, topk, (search_width, n_replace, 1), generator=generator)
+    vals = torch.gather(top[pos], 2, pick).squeeze(2)  # [w, n_replace]
+    return ids.cpu().repeat(search_width, 1).scatter_(1, pos, vals)
+
+
+# ----------------------------------------------------------------------------- key/value caches
+
+
+def _legacy(past):
+    from transformers.cache_utils import Cache
+
+    return past.to_legacy_cache() if isinstance(past, Cache) else past
+
+
+def _as_past(cm: ChatModel, legacy, length: int, n: int):
+    """The first `length` cached positions, expanded (no copy) to n rows, as the model expects."""
+    cut = tuple(tuple(t[:, :, :length].expand(n, -1, -1, -1) for t in layer) for layer in legacy)
+    if getattr(cm.model, "_supports_cache_class", False):
+        from transformers.cache_utils import DynamicCache
+
+        return DynamicCache.from_legacy_cache(cut)
+    return cut
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class _Slot:
+    """One prompt: the fixed token pieces around the suffix, the target, and the cache of the text
+    before the suffix."""
+
+    def __init__(self, engine: "GCG", instruction: str, target: str | None):
+        cm = engine.cm
+        L = engine.suffix_len
+        enc = cm.chat.encode(instruction, [0] * L)
+        self.instruction = instruction
+        self.target = target
+        self.before = enc.ids[: enc.suffix[0]]
+        self.post = enc.ids[enc.post[0]:]
+        self.target_ids = cm.tokenizer(target, add_special_tokens=False).input_ids if target else []
+        if engine.needs_target and not self.target_ids:
+            raise RefusalLabError(f"the target for {instruction[:40]!r} is empty; give a target or use --objective direction")
+        total = len(enc.ids) + len(self.target_ids)
+        if total > cm.max_context:
+            raise RefusalLabError(f"prompt, suffix and target are {total} tokens, more than the model's context {cm.max_context}")
+        dev = cm.device
+        self.post_t = torch.tensor(self.post, device=dev)
+        self.target_t = torch.tensor(self.target_ids, device=dev, dtype=torch.long)
+        self.cache = None
+        if engine.use_cache:
+            with torch.no_grad():
+                out = cm.base(input_ids=torch.tensor([self.before], device=dev), use_cache=True,
+                              **engine._fresh_cache_kw())
+            self.cache = _legacy(out.past_key_values)
+
+
+class GCG:
+    """The GCG loop over one or more prompts (one suffix for all of them)."""
+
+    def __init__(self, cm: ChatModel, instructions: Sequence[str], targets: Sequence[str | None] | None,
+                 config: GCGConfig, direction=None):
+        config.validate()
+        if not instructions:
+            raise RefusalLabError("no prompts to attack")
+        self.cm, self.config = cm, config
+        self.needs_target = config.objective in ("target", "mixed")
+        self.needs_direction = config.objective in ("direction", "mixed")
+        if self.needs_direction and direction is None:
+            raise RefusalLabError(f"the {config.objective} objective needs a refusal direction (--direction DIR)")
+        targets = list(targets) if targets is not None else [None] * len(instructions)
+        if len(targets) != len(instructions):
+            raise RefusalLabError(f"{len(instructions)} prompts but {len(targets)} targets")
+        if self.needs_target and any(not t for t in targets):
+            raise RefusalLabError(f"the {config.objective} objective needs a target for every prompt")
+        self.init_ids = initial_suffix_ids(cm, config.suffix_len, config.suffix_init)
+        self.suffix_len = len(self.init_ids)
+        self.use_cache = cm.config.model_type not in ("gemma2",)  # hybrid sliding-window cache: recompute
+        self.embed = cm.model.get_input_embeddings()
+        self.not_allowed = disallowed_token_ids(cm, config.allow_non_ascii)
+        if direction is not None:
+            from refusal.directions import check_direction
+
+            check_direction(direction, cm)
+            self.r = direction.vector.to(cm.device, torch.float32)
+            self.r = self.r / self.r.norm()
+            self.dir_layers = list(range(direction.layer, cm.n_layers))
+            scale = float(direction.mean_diff.float().norm())
+            self.dir_scale = scale if scale > 0 else 1.0
+        self.slots = [_Slot(self, i, t) for i, t in zip(instructions, targets)]
+        self.single = len(self.slots) == 1
+        # success of one prompt with a target: its greedy reply begins with the target (teacher-forced);
+        # otherwise (universal, or no target): the judged reply is not a refusal and not degenerate
+        self.judge = not (self.single and self.needs_target)
+
+    def _fresh_cache_kw(self) -> dict:
+        if getattr(self.cm.model, "_supports_cache_class", False):
+            from transformers.cache_utils import DynamicCache
+
+            return {"past_key_values": DynamicCache()}
+        return {}
+
+    # ---- one forward over suffix pieces of one prompt
+
+    def _forward(self, slot: _Slot, start: int, embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                 past_legacy=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [n] and target match [n] of rows whose suffix from position `start` on is given (as ids
+        [n, L-start] or embeddings [n, L-start, d]); the cache holds everything before."""
+        cm = self.cm
+        n = (embeds if embeds is not None else ids).shape[0]
+        n_tgt = len(slot.target_ids) if self.needs_target else 0
+        tail_ids = torch.cat([slot.post_t, slot.target_t[:n_tgt]])
+        if embeds is not None:
+            x = torch.cat([embeds, self.embed(tail_ids)[None].expand(n, -1, -1)], 1)
+            kw = {"inputs_embeds": x}
+        else:
+            x = torch.cat([ids.to(cm.device), tail_ids[None].expand(n, -1)], 1)
+            kw = {"input_ids": x}
+        T = x.shape[1]
+        if self.use_cache:
+            offset = len(slot.before) + start
+            kw["past_key_values"] = _as_past(cm, past_legacy if past_legacy is not None else slot.cache, offset, n)
+            kw["use_cache"] = True
+        else:  # no cache: run the whole prompt
+            assert start == 0
+            head = torch.tensor(slot.before, device=cm.device)
+            if embeds is not None:
+                kw["inputs_embeds"] = torch.cat([self.embed(head)[None].expand(n, -1, -1), kw["inputs_embeds"]], 1)
+            else:
+                kw["input_ids"] = torch.cat([head[None].expand(n, -1), kw["input_ids"]], 1)
+            offset, T = 0, T + len(slot.before)
+        kw["position_ids"] = torch.arange(offset, offset + T, device=cm.device)[None].expand(n, -1)
+        last = T - n_tgt - 1  # the last prompt position (predicts the first reply token)
+        store: dict[int, torch.Tensor] = {}
+        handles = []
+        if self.needs_direction:
+            def make(layer):
+                def hook(m, a, k):
+                    h = a[0] if a else k["hidden_states"]
+                    store[layer] = h[:, last]
+                return hook
+            handles = [cm.blocks[l].register_forward_pre_hook(make(l), with_kwargs=True) for l in self.dir_layers]
+        try:
+            hidden = cm.base(**kw)[0]
+        finally:
+            for h in handles:
+                h.remove()
+        loss = torch.zeros(n, device=cm.device, dtype=torch.float32)
+        match = torch.ones(n, dtype=torch.bool, device=cm.device)
+        if self.needs_target:
+            logits = cm.logits_from_hidden(hidden[:, last:T - 1]).float()  # [n, n_tgt, vocab]
+            tgt = slot.target_t[None].expand(n, -1)
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").mean(1)
+            loss = loss + ce
+            match = (logits.argmax(-1) == tgt).all(1)
+        if self.needs_direction:
+            proj = torch.stack([store[l].float() @ self.r for l in self.dir_layers], 1).mean(1) / self.dir_scale
+            w = self.config.direction_weight if self.config.objective == "mixed" else 1.0
+            loss = loss + w * proj
+        return loss, match
+
+    def token_gradient(self, ids: torch.Tensor, slots: Sequence[_Slot]) -> torch.Tensor:
+        """Sum over `slots` of the gradient of each prompt's loss w.r.t. the one-hot suffix [L, vocab],
+        each normalised to unit norm (as the GCG reference code does for several prompts)."""
+        W = self.embed.weight
+        total = None
+        for slot in slots:
+            with torch.enable_grad():
+                onehot = torch.nn.functional.one_hot(ids.to(W.device), W.shape[0]).to(W.dtype).requires_grad_()
+                loss, _ = self._forward(slot, 0, embeds=(onehot @ W)[None])
+                (g,) = torch.autograd.grad(loss.sum(), [onehot])
+            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-20)
+            total = g if total is None else total + g
+        return total
+
+    @torch.no_grad()
+    def candidate_losses(self, current: torch.Tensor, cands: torch.Tensor, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss [n] and target match [n] of every candidate suffix [n, L] on one prompt."""
+        cm = self.cm
+        n, L = cands.shape
+        bs = self.config.batch_size or n
+        loss = torch.empty(n, device=cm.device)
+        match = torch.empty(n, dtype=torch.bool, device=cm.device)
+        if not (self.use_cache and self.config.reuse_suffix_cache):
+            for i in range(0, n, bs):
+                loss[i:i + bs], match[i:i + bs] = self._forward(slot, 0, ids=cands[i:i + bs])
+            return loss, match
+        # the cache of the current suffix; a candidate whose first change is at p reuses its first p tokens
+        kw = {"past_key_values": _as_past(cm, slot.cache, len(slot.before), 1), "use_cache": True}
+        pos = torch.arange(len(slot.before), len(slot.before) + L, device=cm.device)[None]
+        past = _legacy(cm.base(input_ids=current[None].to(cm.device), position_ids=pos, **kw).past_key_values)
+        diff = cands != current[None]
+        first = torch.where(diff.any(1), diff.float().argmax(1), torch.full((n,), L - 1)).tolist()
+        groups: dict[int, list[int]] = {}
+        for i, p in enumerate(first):
+            groups.setdefault(p, []).append(i)
+        for p in sorted(groups):
+            idx = torch.tensor(groups[p])
+            for j in range(0, len(idx), bs):
+                sel = idx[j:j + bs]
+                loss[sel], match[sel] = self._forward(slot, p, ids=cands[sel, p:], past_legacy=past)
+        return loss, match
+
+    # ---- success
+
+    def judge_success(self, ids: Sequence[int], slots: Sequence[_Slot]) -> list[bool]:
+        from refusal.metrics import attack_success, generate
+
+        encs = [self.cm.chat.encode(s.instruction, list(ids)) for s in slots]
+        replies = generate(self.cm, encs, self.config.judge_tokens, batch_size=16, progress=False)
+        return [attack_success(r) for r in replies]
+
+    # ---- the loop
+
+    def run(self, checkpoint: str | Path | None = None, resume: bool = False,
+            on_step: Callable[[dict], None] | None = None, progress: bool = True) -> AttackResult:
+        from refusal import artifacts
+
+        cfg = self.config
+        tok = self.cm.tokenizer
+        state = None
+        if resume and checkpoint is not None and Path(checkpoint).is_file():
+            state = self._load_checkpoint(checkpoint)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        sig = self.signature()
+        if state is not None and state.get("signature") != sig:
+            raise RefusalLabError(f"{checkpoint}: the checkpoint was made with other prompts, targets or settings; "
+                                  "start a new run (another --out, or --force) instead of --resume")
+        if state is None:
+            state = dict(version=CHECKPOINT_VERSION, signature=sig, step=0, ids=list(self.init_ids),
+                         n_active=1 if (cfg.progressive and not self.single) else len(self.slots),
+                         last_add=0, losses=[], success=[], n_active_hist=[], suffixes=[],
+                         best=None, elapsed=0.0, done=False)
+        else:
+            gen.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
+        ids = torch.tensor(state["ids"], dtype=torch.long)
+        bar = tqdm(total=cfg.steps, initial=state["step"], desc="gcg", disable=not progress, leave=False)
+        t0 = time.perf_counter() - state["elapsed"]
+        try:
+            while state["step"] < cfg.steps and not state["done"]:
+                active = self.slots[: state["n_active"]]
+                grad = self.token_gradient(ids, active)
+                with torch.no_grad():
+                    cands = sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
+                                              self.not_allowed, gen)
+                    if cfg.dedupe:
+                        cands = torch.unique(cands, dim=0)
+                    if cfg.filter_ids:
+                        keep = retokenizes(tok, cands)
+                        if keep.any():
+                            cands = cands[keep]
+                        else:
+                            log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
+                    total = torch.zeros(len(cands), device=self.cm.device)
+                    matches = []
+                    for slot in active:
+                        l, m = self.candidate_losses(ids, cands, slot)
+                        total += l
+                        matches.append(m)
+                    total /= len(active)
+                    best_i = int(total.argmin())
+                    ids = cands[best_i].clone()
+                    loss = float(total[best_i])
+                if self.judge:
+                    flags = self.judge_success(ids.tolist(), active)
+                else:
+                    flags = [bool(m[best_i]) for m in matches]
+                rate = sum(flags) / len(flags)
+                step = state["step"]
+                state["losses"].append(loss)
+                state["success"].append(rate)
+                state["n_active_hist"].append(len(active))
+                text = tok.decode(ids.tolist())
+                state["suffixes"].append(text)
+                key = [len(active), rate, -loss]
+                if state["best"] is None or key > state["best"]["key"]:
+                    state["best"] = dict(key=key, ids=ids.tolist(), loss=loss, step=step, flags=flags)
+                state["ids"] = ids.tolist()
+                state["step"] = step + 1
+                all_active = len(active) == len(self.slots)
+                if rate >= cfg.success_rate and all_active and cfg.early_stop:
+                    state["done"] = True
+                elif not all_active and (rate >= cfg.success_rate or (cfg.patience and step + 1 - state["last_add"] >= cfg.patience)):
+                    state["n_active"] += 1
+                    state["last_add"] = step + 1
+                state["elapsed"] = time.perf_counter() - t0
+                state["rng"] = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+                if checkpoint is not None:
+                    artifacts.write_json(checkpoint, state)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", ok=f"{sum(flags)}/{len(flags)}", suffix=text[:40])
+                if on_step is not None:
+                    on_step(dict(step=step, loss=loss, success=rate, n_active=len(active), suffix=text,
+                                 elapsed_s=state["elapsed"]))
+        finally:
+            bar.close()
+        best = state["best"]
+        return AttackResult(
+            suffix=tok.decode(best["ids"]), token_ids=best["ids"], best_loss=best["loss"], best_step=best["step"],
+            losses=state["losses"], success=state["success"], n_active=state["n_active_hist"],
+            suffixes=state["suffixes"], steps_run=state["step"], stopped_early=bool(state["done"]),
+            elapsed_s=state["elapsed"], success_flags=best["flags"])
+
+    def signature(self) -> str:
+        """A hash of everything that decides the run's course except the number of steps."""
+        from refusal.artifacts import hash_strings
+
+        cfg = {k: v for k, v in config_dict(self.config).items() if k != "steps"}
+        items = [repr(sorted(cfg.items())), repr(self.init_ids), self.cm.fingerprint]
+        items += [f"{s.instruction}\x00{s.target}" for s in self.slots]
+        return hash_strings(items)
+
+    def _load_checkpoint(self, path) -> dict:
+        from refusal import artifacts
+
+        try:
+            state = artifacts.read_json(path)
+        except RefusalLabError:
+            raise
+        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "rng" not in state:
+            raise RefusalLabError(f"{path}: not a refusal-lab attack checkpoint; remove it or start without --resume")
+        if len(state["ids"]) != self.suffix_len:
+            raise RefusalLabError(f"{path}: the checkpoint's suffix has {len(state['ids'])} tokens, this run {self.suffix_len}")
+        return state
+
+
+def config_dict(config: GCGConfig) -> dict:
+    return dataclasses.asdict(config)

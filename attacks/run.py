@@ -1,0 +1,125 @@
+"""One attack stage: optimize a suffix (native engine or nanogcg), draw the random baseline, judge the
+result, and write runs/NAME/attack/: suffix.json, steps.csv, checkpoint.json, attack.json."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from refusal import artifacts
+from refusal.errors import RefusalLabError
+from refusal.models import ChatModel
+
+from .gcg import GCG, AttackResult, GCGConfig, config_dict, random_suffix_ids
+from .targets import default_target
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("native", "nanogcg")
+
+
+def checkpoint_path(attack_dir: Path, name: str | None = None) -> Path:
+    name = name or "checkpoint.json"
+    if "checkpoint" not in name:
+        raise RefusalLabError(f"checkpoint file name {name!r} must contain 'checkpoint'")
+    return Path(attack_dir) / name
+
+
+def steps_frame(result: AttackResult) -> pd.DataFrame:
+    best = pd.Series(result.losses).cummin() if result.losses else pd.Series(dtype=float)
+    return pd.DataFrame({
+        "step": range(len(result.losses)),
+        "loss": result.losses,
+        "best_loss": best,
+        "n_active": result.n_active,
+        "success_rate": result.success,
+        "suffix": result.suffixes,
+    })
+
+
+def run_attack(
+    cm: ChatModel,
+    instructions: Sequence[str],
+    targets: Sequence[str | None] | None,
+    config: GCGConfig,
+    out: str | Path,
+    engine: str = "native",
+    direction=None,
+    direction_path: str | None = None,
+    resume: bool = False,
+    force: bool = False,
+    checkpoint_name: str | None = None,
+    eval_tokens: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Run an attack into `out`/attack and return the suffix record (also written as suffix.json).
+
+    targets: one per instruction, None for the default "Sure, here is ..." targets (not needed by the
+    direction objective). resume continues from the checkpoint in the folder; force overwrites it."""
+    config.validate()
+    if engine not in ENGINES:
+        raise RefusalLabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    instructions = [str(i).strip() for i in instructions]
+    if not instructions or any(not i for i in instructions):
+        raise RefusalLabError("no prompts to attack (or an empty one)")
+    if targets is None:
+        targets = [default_target(i) if config.objective != "direction" else None for i in instructions]
+    attack_dir = Path(out) / "attack"
+    ckpt = checkpoint_path(attack_dir, checkpoint_name)
+    if (attack_dir / "suffix.json").is_file() and resume and not force:
+        log.info("%s: the attack is already complete", attack_dir)
+        return artifacts.read_json(attack_dir / "suffix.json")
+    artifacts.prepare_stage_dir(attack_dir, force=force, resume=resume)
+    if engine == "nanogcg":
+        if len(instructions) != 1:
+            raise RefusalLabError("the nanogcg engine attacks one prompt; use --engine native for a prompt set")
+        if resume:
+            raise RefusalLabError("nanogcg runs cannot be resumed; use --engine native for resumable runs")
+        from .reference import run_nanogcg
+
+        result = run_nanogcg(cm, instructions[0], targets[0], config)
+    else:
+        gcg = GCG(cm, instructions, targets, config, direction)
+        result = gcg.run(checkpoint=ckpt, resume=resume, progress=progress)
+
+    from .evaluate import suffix_success
+
+    rand_ids = random_suffix_ids(cm, len(result.token_ids), seed=config.seed + 1, allow_non_ascii=config.allow_non_ascii)
+    judged = suffix_success(cm, instructions, result.token_ids, eval_tokens, progress=False)
+    judged_rand = suffix_success(cm, instructions, rand_ids, eval_tokens, progress=False)
+    record = dict(
+        suffix=result.suffix,
+        token_ids=result.token_ids,
+        best_loss=result.best_loss,
+        best_step=result.best_step,
+        losses=result.losses,
+        success=result.success,
+        success_flags=[bool(x) for x in judged.success],
+        success_rate=float(judged.success.mean()),
+        completions=list(judged.completion),
+        steps_run=result.steps_run,
+        stopped_early=result.stopped_early,
+        elapsed_s=round(result.elapsed_s, 3),
+        s_per_step=round(result.elapsed_s / max(1, result.steps_run), 4),
+        engine=engine,
+        objective=config.objective,
+        config=config_dict(config),
+        seed=config.seed,
+        prompts=instructions,
+        targets=list(targets),
+        direction=direction_path,
+        model=cm.describe(),
+        random_suffix=cm.tokenizer.decode(rand_ids),
+        random_token_ids=rand_ids,
+        random_success_rate=float(judged_rand.success.mean()),
+    )
+    artifacts.write_csv(attack_dir / "steps.csv", steps_frame(result))
+    artifacts.write_json(attack_dir / "attack.json", artifacts.run_record(
+        command=sys.argv, model=cm.describe(), engine=engine, config=config_dict(config),
+        prompts_hash=artifacts.hash_strings(instructions), n_prompts=len(instructions),
+        direction=direction_path, elapsed_s=round(result.elapsed_s, 3)))
+    artifacts.write_json(attack_dir / "suffix.json", record)
+    return record
