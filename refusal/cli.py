@@ -234,6 +234,41 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import json
+
+    from attacks.bench import bench_activations, bench_attacks
+
+    from . import artifacts
+    from .data import builtin_prompts, instructions
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    cm = _load(args)
+    prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // args.prompts)][: args.prompts]
+    _seed(args.seed)
+    res = bench_attacks(cm, prompts, steps=args.steps, seed=args.seed, progress=lambda m: print(m, flush=True))
+    acts = bench_activations(cm, instructions(builtin_prompts("harmful", "val")) + instructions(builtin_prompts("harmless", "val")))
+    res.update(acts)
+    res["model"] = cm.describe()
+    res["device"] = str(cm.device) if cm.device.type != "cuda" else torch_device_name()
+    res["threads"] = __import__("torch").get_num_threads()
+    artifacts.write_json(out, artifacts.run_record(**res))
+    keys = ["nanogcg_s_per_step", "native_s_per_step", "speedup", "nanogcg_best_loss", "native_best_loss",
+            "nanogcg_time_to_success_s", "native_time_to_success_s", "nanogcg_peak_mib", "native_peak_mib",
+            "bare_forward_s", "cache_activations_s", "activation_overhead"]
+    print(json.dumps({k: (round(res[k], 4) if isinstance(res[k], float) else res[k]) for k in keys}, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def cmd_run(args) -> int:
     from .pipeline import main_job
 
@@ -317,6 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", required=True, help="run folder; writes OUT/attack/")
     a.add_argument("--force", action="store_true", help="overwrite an existing attack")
     a.set_defaults(fn=cmd_attack)
+
+    b = sub.add_parser("bench", help="nanoGCG vs the native engine, and activation caching vs a bare forward")
+    _model_args(b, default="organism")
+    b.add_argument("--steps", type=_positive("--steps"), default=10)
+    b.add_argument("--prompts", type=_positive("--prompts"), default=5, help="number of harmful test prompts")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--out", default="bench.json")
+    b.add_argument("--force", action="store_true")
+    b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job, end to end, on one model")
     _model_args(r, default="smollm2")

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
+from analysis.pca import first_separating_layer, layer_pca, plot_layer_pca
 from analysis.reproduce import intervention_table, to_markdown
+from refusal.activations import cache_activations
 from refusal import artifacts
 from refusal.data import builtin_prompts, direction_sets, instructions
 from refusal.directions import compute_direction, load_direction, save_direction
@@ -50,12 +52,26 @@ def main(argv=None) -> int:
         artifacts.write_text(rdir / "table.md", to_markdown(table))
         for name, df in details.items():
             artifacts.write_csv(rdir / f"{name}.csv", df)
+        # PCA of harmful vs harmless test activations at the direction's position, every layer
+        acts = {k: cache_activations(cm, cm.chat.encode_all(v), positions=[direction.position])[:, :, 0]
+                for k, v in (("harmful", harmful), ("harmless", harmless))}
+        saved = artifacts.load_tensors(ddir / "direction.safetensors").get("mean_diffs")
+        diffs = saved[:, direction.position + saved.shape[1]] if saved is not None else None
+        pca = layer_pca(acts["harmful"], acts["harmless"], diffs)
+        artifacts.write_csv(rdir / "pca.csv", pca)
+        sep_from = first_separating_layer(pca)
+        plot_layer_pca(pca, rdir / "pca.png", f"{cm.name}: PCA of harmful vs harmless (test split, position {direction.position})")
         artifacts.write_json(rdir / "reproduce.json", artifacts.run_record(
             model=cm.describe(), direction={"layer": direction.layer, "position": direction.position,
                                             **direction.meta.get("scores", {})},
-            n_harmful=len(harmful), n_harmless=len(harmless), max_new_tokens=args.max_new_tokens))
+            n_harmful=len(harmful), n_harmless=len(harmless), max_new_tokens=args.max_new_tokens,
+            pca_first_separating_layer=sep_from))
         print(f"direction: layer {direction.layer}, position {direction.position}")
         print(to_markdown(table))
+        at = pca.set_index("layer").loc[direction.layer]
+        print(f"PCA: PC1 separates harmful from harmless (>= 95% accuracy) from layer {sep_from}; at layer "
+              f"{direction.layer} PC1 explains {at.ev1:.1%} of the variance, separates {at.pc1_separation:.1%}, "
+              f"|cos| with the difference in means {at.cos_pc1_diff_in_means:.2f}")
         print(f"wrote {rdir}")
         return 0
     except RefusalLabError as e:

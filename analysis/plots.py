@@ -1,0 +1,110 @@
+"""Seaborn plots of the analysis tables. Each function takes DataFrames and writes one PNG (atomically)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import pandas as pd
+import torch
+
+from refusal.artifacts import atomic_path
+
+PALETTE = {"harmful": "#c0392b", "random_suffix": "#e67e22", "adversarial_suffix": "#8e44ad", "harmless": "#2980b9"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    return plt, sns
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def _order(conds) -> list[str]:
+    return [c for c in PALETTE if c in set(conds)]
+
+
+def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Path) -> Path:
+    """Mean cosine with the direction at every layer, a band (one standard deviation) per condition."""
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    sns.lineplot(data=df, x="layer", y="cosine", hue="condition", hue_order=_order(df.condition),
+                 palette=PALETTE, errorbar="sd", ax=ax)
+    ax.axvline(direction_layer, color="grey", ls="--", lw=1)
+    ax.text(direction_layer, ax.get_ylim()[1], f" direction's layer {direction_layer}", va="top", fontsize=8, color="grey")
+    ax.set_title("Cosine of the last position's residual stream with the refusal direction")
+    ax.set_ylabel("cosine similarity")
+    return _save(fig, path)
+
+
+def _head_label(df: pd.DataFrame) -> pd.Series:
+    return "L" + df.layer.astype(str) + "H" + df["head"].astype(str)
+
+
+def plot_head_contributions(heads: pd.DataFrame, top_k: int, path: str | Path) -> Path:
+    """The top-k refusal heads' mean direct contribution to the direction, per condition."""
+    plt, sns = _plt()
+    top = heads[heads["rank"] <= top_k].sort_values("rank").copy()
+    top["head_label"] = _head_label(top)
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * top_k), 4))
+    sns.barplot(data=top, x="head_label", y="contribution", hue="condition", hue_order=_order(top.condition),
+                palette=PALETTE, ax=ax)
+    ax.set_xlabel("head (ranked by contribution on harmful prompts)")
+    ax.set_ylabel("direct contribution to r")
+    ax.set_title(f"Top {top_k} refusal heads")
+    return _save(fig, path)
+
+
+def plot_attention_shares(att: pd.DataFrame, path: str | Path) -> Path:
+    """Mean attention share from the last position to the instruction, the suffix and the rest, per top
+    head and condition."""
+    plt, sns = _plt()
+    long = att.melt(id_vars=["prompt_id", "condition", "layer", "head"], value_vars=["instruction", "suffix", "other"],
+                    var_name="region", value_name="share")
+    long["head_label"] = _head_label(long)
+    n_heads = long.head_label.nunique()
+    g = sns.catplot(data=long, x="head_label", y="share", hue="condition", hue_order=_order(long.condition),
+                    col="region", kind="bar", palette=PALETTE, errorbar=None, height=3.6,
+                    aspect=max(1.0, n_heads / 7))
+    g.set_axis_labels("head", "attention share")
+    g.set_titles("{col_name}")
+    for ax in g.axes.flat:
+        ax.tick_params(axis="x", rotation=60, labelsize=8)
+    g.figure.suptitle("Where the top refusal heads look from the last position", y=1.04)
+    return _save(g.figure, path)
+
+
+def plot_pca_conditions(acts: Mapping[str, torch.Tensor], layer: int, path: str | Path) -> Path:
+    """The four conditions' last-position activations at one layer, on the first two principal
+    components of harmful + harmless."""
+    from .pca import pca
+
+    plt, sns = _plt()
+    base = torch.cat([acts[c][:, layer] for c in ("harmful", "harmless") if c in acts]).double()
+    comps, ev, _ = pca(base, 2)
+    mean = base.mean(0)
+    rows = []
+    for cond, a in acts.items():
+        s = (a[:, layer].double() - mean) @ comps.T
+        rows += [(cond, float(x), float(y)) for x, y in s.tolist()]
+    df = pd.DataFrame(rows, columns=["condition", "PC1", "PC2"])
+    fig, ax = plt.subplots(figsize=(6, 5))
+    sns.scatterplot(data=df, x="PC1", y="PC2", hue="condition", hue_order=_order(df.condition), palette=PALETTE,
+                    alpha=0.75, s=28, ax=ax)
+    ax.set_xlabel(f"PC1 ({float(ev[0]):.0%} of variance)")
+    ax.set_ylabel(f"PC2 ({float(ev[1]):.0%} of variance)")
+    ax.set_title(f"Last-position activations at layer {layer}")
+    return _save(fig, path)

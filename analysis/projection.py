@@ -1,0 +1,66 @@
+"""Projection metrics: how strongly the last prompt position's residual stream points along the refusal
+direction, at every layer, per prompt and condition (harmful, random_suffix, adversarial_suffix,
+harmless)."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from refusal.activations import cache_activations
+from refusal.chat import Encoded
+from refusal.models import ChatModel
+
+CONDITIONS = ("harmful", "random_suffix", "adversarial_suffix", "harmless")
+
+
+def condition_encodings(cm: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
+                        adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None) -> dict[str, list[Encoded]]:
+    """The four conditions as encodings: harmful prompts bare, with the random suffix, with the
+    adversarial suffix; harmless prompts bare. Conditions whose suffix is None are left out."""
+    out = {"harmful": cm.chat.encode_all(harmful)}
+    if random is not None:
+        out["random_suffix"] = cm.chat.encode_all(harmful, random)
+    if adversarial is not None:
+        out["adversarial_suffix"] = cm.chat.encode_all(harmful, adversarial)
+    out["harmless"] = cm.chat.encode_all(harmless)
+    return out
+
+
+@torch.no_grad()
+def last_position_activations(cm: ChatModel, encs: Sequence[Encoded], batch_size: int = 32) -> torch.Tensor:
+    """acts[prompt, layer, d]: the residual stream at every block's input at the last prompt position."""
+    return cache_activations(cm, encs, positions=[-1], batch_size=batch_size, desc=None)[:, :, 0]
+
+
+def projection_table(acts: Mapping[str, torch.Tensor], direction: torch.Tensor) -> pd.DataFrame:
+    """acts: {condition: acts[prompt, layer, d]} -> DataFrame(prompt_id, condition, layer, cosine,
+    projection): the cosine similarity with the direction and the scalar projection x . r/|r|."""
+    r = direction.float() / direction.float().norm()
+    frames = []
+    for cond, a in acts.items():
+        a = a.float()
+        proj = a @ r  # [prompt, layer]
+        cos = proj / a.norm(dim=-1).clamp_min(1e-12)
+        n, L = proj.shape
+        frames.append(pd.DataFrame({
+            "prompt_id": torch.arange(n).repeat_interleave(L).numpy(),
+            "condition": cond,
+            "layer": torch.arange(L).repeat(n).numpy(),
+            "cosine": cos.flatten().numpy(),
+            "projection": proj.flatten().numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def projection_metrics(cm: ChatModel, encodings: Mapping[str, Sequence[Encoded]], direction: torch.Tensor,
+                       batch_size: int = 32) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
+    """The projection table for every condition, and the activations it was computed from."""
+    acts = {c: last_position_activations(cm, e, batch_size) for c, e in encodings.items()}
+    return projection_table(acts, direction), acts
+
+
+def mean_cosine(df: pd.DataFrame, layer: int) -> dict[str, float]:
+    """Mean cosine per condition at one layer."""
+    return df[df.layer == layer].groupby("condition").cosine.mean().to_dict()

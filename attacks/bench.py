@@ -1,0 +1,193 @@
+"""`refusal bench`: nanoGCG and the native engine side by side, interleaved, on the same model, prompts,
+targets, seed and settings; and activation caching against a bare forward pass."""
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import threading
+import time
+from dataclasses import replace
+from typing import Callable, Sequence
+
+import torch
+
+from refusal.models import ChatModel
+
+from .gcg import GCG, GCGConfig
+from .targets import default_target
+
+log = logging.getLogger(__name__)
+
+BENCH_CONFIG = GCGConfig(search_width=128, topk=64, suffix_len=20, n_replace=1, early_stop=False)
+
+
+class PeakMemory:
+    """Peak memory while a block runs: CUDA allocations on a GPU, resident set size (sampled) on CPU;
+    reported in MiB above the level at the start."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = self._rss()
+            self.peak = self.base
+            self.stop = threading.Event()
+            self.thread = threading.Thread(target=self._poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def _poll(self):
+        while not self.stop.wait(0.01):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, self._rss())
+            self.peak_mib = (self.peak - self.base) / 2**20
+        return False
+
+
+def _sync(cm: ChatModel) -> None:
+    if cm.device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def _first_success_steps(cm: ChatModel, instruction: str, target: str, suffixes: Sequence[str]) -> int | None:
+    """First step whose suffix (text) makes the greedy reply begin with the target (teacher-forced)."""
+    tgt = cm.tokenizer(target, add_special_tokens=False).input_ids
+    for step, s in enumerate(suffixes):
+        enc = cm.chat.encode(instruction, cm.tokenizer(s, add_special_tokens=False).input_ids)
+        ids = torch.tensor([enc.ids + tgt], device=cm.device)
+        logits = cm.model(input_ids=ids).logits[0, -len(tgt) - 1:-1]
+        if logits.argmax(-1).tolist() == tgt:
+            return step
+    return None
+
+
+def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig) -> dict:
+    times = []
+    last = [time.perf_counter()]
+
+    def tick(info):
+        _sync(cm)
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    with PeakMemory(cm.device) as mem:
+        t0 = time.perf_counter()
+        g = GCG(cm, [instruction], [target], config)
+        last[0] = time.perf_counter()
+        setup = last[0] - t0
+        res = g.run(on_step=tick, progress=False)
+        total = time.perf_counter() - t0
+    first = next((i for i, ok in enumerate(res.success) if ok >= 1.0), None)
+    return dict(s_per_step=total / res.steps_run, step_times=times, setup_s=setup, best_loss=min(res.losses),
+                losses=res.losses, first_success_step=first,
+                time_to_success_s=None if first is None else setup + sum(times[: first + 1]), peak_mib=mem.peak_mib,
+                suffix=res.suffix)
+
+
+def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig) -> dict:
+    from .reference import run_nanogcg
+
+    with PeakMemory(cm.device) as mem:
+        t0 = time.perf_counter()
+        res = run_nanogcg(cm, instruction, target, config)
+        _sync(cm)
+        total = time.perf_counter() - t0
+    first = _first_success_steps(cm, instruction, target, res.suffixes)
+    per = total / res.steps_run
+    return dict(s_per_step=per, best_loss=min(res.losses), losses=res.losses, first_success_step=first,
+                time_to_success_s=None if first is None else per * (first + 1), peak_mib=mem.peak_mib,
+                suffix=res.suffix)
+
+
+def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, seed: int = 0,
+                  config: GCGConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
+    """Per prompt, nanoGCG then the native engine with identical settings (interleaved, so that machine
+    load hits both alike). Returns medians over prompts and the per-prompt numbers."""
+    config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=False)
+    per_prompt = []
+    for i, instruction in enumerate(instructions):
+        target = default_target(instruction)
+        row = {"prompt": instruction, "target": target}
+        for name, fn in (("nanogcg", run_reference), ("native", run_native)):
+            torch.manual_seed(seed)
+            r = fn(cm, instruction, target, config)
+            row[name] = r
+            if progress:
+                progress(f"[{i + 1}/{len(instructions)}] {name}: {r['s_per_step']:.2f} s/step, best loss {r['best_loss']:.3f}")
+        per_prompt.append(row)
+
+    def med(engine, key):
+        vals = [p[engine][key] for p in per_prompt if p[engine][key] is not None]
+        return statistics.median(vals) if vals else None
+
+    out = {
+        "nanogcg_s_per_step": med("nanogcg", "s_per_step"),
+        "native_s_per_step": med("native", "s_per_step"),
+        "nanogcg_best_loss": med("nanogcg", "best_loss"),
+        "native_best_loss": med("native", "best_loss"),
+        "nanogcg_time_to_success_s": med("nanogcg", "time_to_success_s"),
+        "native_time_to_success_s": med("native", "time_to_success_s"),
+        "nanogcg_successes": sum(p["nanogcg"]["first_success_step"] is not None for p in per_prompt),
+        "native_successes": sum(p["native"]["first_success_step"] is not None for p in per_prompt),
+        "nanogcg_peak_mib": max(p["nanogcg"]["peak_mib"] for p in per_prompt),
+        "native_peak_mib": max(p["native"]["peak_mib"] for p in per_prompt),
+    }
+    out["speedup"] = out["nanogcg_s_per_step"] / out["native_s_per_step"]
+    out["settings"] = dict(steps=steps, seed=seed, search_width=config.search_width, topk=config.topk,
+                           suffix_len=config.suffix_len, n_replace=config.n_replace, prompts=len(instructions))
+    out["per_prompt"] = per_prompt
+    return out
+
+
+@torch.no_grad()
+def bench_activations(cm: ChatModel, instructions: Sequence[str], batch_size: int = 32, repeats: int = 3) -> dict:
+    """cache_activations (every layer, the post-instruction positions) against a bare forward pass of the
+    decoder over the same batches without hooks or copies (the limit). Best of `repeats`."""
+    from refusal.activations import cache_activations, forward_batches
+
+    encs = cm.chat.encode_all(list(instructions))
+
+    def bare():
+        for _ in forward_batches(cm, encs, batch_size):
+            pass
+
+    def cached():
+        cache_activations(cm, encs, batch_size=batch_size, desc=None)
+
+    def best(fn):
+        ts = []
+        for _ in range(repeats):
+            _sync(cm)
+            t0 = time.perf_counter()
+            fn()
+            _sync(cm)
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    bare()  # warm up
+    t_bare, t_cache = best(bare), best(cached)
+    n_tokens = sum(len(e) for e in encs)
+    return {"bare_forward_s": t_bare, "cache_activations_s": t_cache, "activation_overhead": t_cache / t_bare,
+            "prompts": len(encs), "tokens": n_tokens, "tokens_per_s": n_tokens / t_cache}

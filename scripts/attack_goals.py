@@ -1,0 +1,146 @@
+"""Measure the attack goals on a model (default: the organism), on CPU or GPU.
+
+    python scripts/attack_goals.py single    [--model organism] [--prompts 5] [--steps 60] [--search-width 128]
+    python scripts/attack_goals.py universal [--model organism] [--train 16] [--steps 150] [--search-width 128]
+    python scripts/attack_goals.py objectives --direction runs/paper [--prompts 3] [--steps 60]
+
+single: one suffix per unseen harmful test prompt, target objective, early stop when the greedy reply
+begins with the target; reports the steps needed and whether the judged reply (64 tokens) succeeds.
+universal: one suffix over the first N harmful training prompts (progressive), then attack success on
+the unseen harmful test prompts with the suffix, with a random suffix of the same length, and with none.
+objectives: for the same prompts, the first step at which the judged greedy reply succeeds under the
+target, direction and mixed objectives.
+Each writes OUT/<mode>.json and prints a summary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from attacks.evaluate import suffix_success
+from attacks.gcg import GCG, GCGConfig, random_suffix_ids
+from attacks.targets import default_target
+from refusal import artifacts
+from refusal.data import builtin_prompts, instructions
+from refusal.directions import load_direction
+from refusal.errors import RefusalLabError
+from refusal.metrics import attack_success, generate
+from refusal.models import load_model
+
+
+def _spread(items, n):
+    return items[:: max(1, len(items) // n)][:n]
+
+
+def single(cm, args) -> dict:
+    rows = []
+    for ins in _spread(instructions(builtin_prompts("harmful", "test")), args.prompts):
+        cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed)
+        t0 = time.perf_counter()
+        res = GCG(cm, [ins], [default_target(ins)], cfg).run()
+        judged = suffix_success(cm, [ins], res.token_ids, 64, progress=False)
+        rows.append(dict(prompt=ins, target_reached=res.stopped_early, steps=res.steps_run,
+                         judged_success=bool(judged.success[0]), completion=judged.completion[0],
+                         suffix=res.suffix, seconds=round(time.perf_counter() - t0, 1)))
+        print(json.dumps(rows[-1])[:300], flush=True)
+    n = len(rows)
+    return dict(rows=rows, target_reached=sum(r["target_reached"] for r in rows) / n,
+                judged_success=sum(r["judged_success"] for r in rows) / n,
+                median_steps=sorted(r["steps"] for r in rows)[n // 2], search_width=args.search_width,
+                max_steps=args.steps)
+
+
+def universal(cm, args) -> dict:
+    train = instructions(builtin_prompts("harmful", "train"))[: args.train]
+    test = instructions(builtin_prompts("harmful", "test"))
+    cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed,
+                    patience=args.patience, success_rate=args.success_rate)
+    t0 = time.perf_counter()
+    res = GCG(cm, train, [default_target(i) for i in train], cfg).run()
+    seconds = time.perf_counter() - t0
+    rand = random_suffix_ids(cm, len(res.token_ids), seed=args.seed + 1)
+    out = dict(suffix=res.suffix, token_ids=res.token_ids, steps=res.steps_run, seconds=round(seconds, 1),
+               n_train=len(train), train_success_last=res.success[-1], n_active_last=res.n_active[-1])
+    for name, sfx in (("adversarial", res.token_ids), ("random", rand), ("none", None)):
+        for split, prompts in (("train", train), ("test", test)):
+            df = suffix_success(cm, prompts, sfx, 64, progress=False)
+            out[f"{split}_success_{name}"] = float(df.success.mean())
+    return out
+
+
+def objectives(cm, args) -> dict:
+    if not args.direction:
+        raise RefusalLabError("objectives needs --direction DIR")
+    d = load_direction(args.direction, cm)
+    rows = []
+    for ins in _spread(instructions(builtin_prompts("harmful", "test")), args.prompts):
+        for obj in ("target", "direction", "mixed"):
+            cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed,
+                            objective=obj, early_stop=False)
+            first = []
+
+            def judge(info, ins=ins):
+                if first:
+                    raise StopIteration
+                enc = cm.chat.encode(ins, cm.tokenizer(info["suffix"], add_special_tokens=False).input_ids)
+                if attack_success(generate(cm, [enc], 32, progress=False)[0]):
+                    first.append(info["step"])
+                    raise StopIteration
+
+            t0 = time.perf_counter()
+            try:
+                GCG(cm, [ins], [default_target(ins)] if obj != "direction" else None, cfg, d).run(on_step=judge)
+            except StopIteration:
+                pass
+            rows.append(dict(prompt=ins, objective=obj, first_success_step=first[0] if first else None,
+                             seconds=round(time.perf_counter() - t0, 1)))
+            print(json.dumps(rows[-1]), flush=True)
+    summary = {}
+    for obj in ("target", "direction", "mixed"):
+        steps = [r["first_success_step"] for r in rows if r["objective"] == obj]
+        ok = [s + 1 for s in steps if s is not None]
+        summary[obj] = dict(successes=len(ok), prompts=len(steps), median_steps=sorted(ok)[len(ok) // 2] if ok else None)
+    return dict(rows=rows, summary=summary, max_steps=args.steps)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("mode", choices=("single", "universal", "objectives"))
+    ap.add_argument("--model", default="organism")
+    ap.add_argument("--direction")
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--train", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--search-width", type=int, default=128)
+    ap.add_argument("--topk", type=int, default=64)
+    ap.add_argument("--patience", type=int, default=0)
+    ap.add_argument("--success-rate", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="runs/attack-goals")
+    args = ap.parse_args(argv)
+    args.steps = args.steps or (150 if args.mode == "universal" else 60)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        cm = load_model(args.model)
+        torch.manual_seed(args.seed)
+        t0 = time.perf_counter()
+        res = {"single": single, "universal": universal, "objectives": objectives}[args.mode](cm, args)
+        res.update(model=cm.describe(), args=vars(args), wall_s=round(time.perf_counter() - t0, 1))
+        path = Path(args.out) / f"{args.mode}.json"
+        artifacts.write_json(path, artifacts.run_record(**res))
+        print(json.dumps({k: v for k, v in res.items() if k not in ("rows", "model", "token_ids")}, indent=1))
+        print(f"wrote {path}")
+        return 0
+    except RefusalLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Analysis metrics on tiny random models: the numbers are what their definitions say."""
+import pandas as pd
+import pytest
+import torch
+
+from analysis.heads import attention_shares, head_contributions, heads_table, top_heads
+from analysis.projection import condition_encodings, projection_metrics, projection_table
+from analysis.run import analyze
+from refusal.activations import cache_activations
+from refusal.directions import Direction
+
+HARMFUL = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a weapon?"]
+HARMLESS = ["Bake a cake for me", "Write a poem about rain", "What is the capital of France?"]
+
+
+def _dir(cm, layer=1):
+    v = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(1))
+    return Direction(v / v.norm(), v, layer, -1, {})
+
+
+def test_projection_table_definitions():
+    r = torch.tensor([3.0, 4.0])
+    acts = {"harmful": torch.tensor([[[3.0, 4.0], [-4.0, 3.0]]])}  # 1 prompt, 2 layers
+    df = projection_table(acts, r)
+    assert list(df.columns) == ["prompt_id", "condition", "layer", "cosine", "projection"]
+    assert df.cosine.tolist() == pytest.approx([1.0, 0.0]) and df.projection.tolist() == pytest.approx([5.0, 0.0])
+
+
+def test_projection_metrics_match_cached_activations(tiny):
+    d = _dir(tiny)
+    encs = condition_encodings(tiny, HARMFUL, HARMLESS, "zz yy", "aa bb")
+    assert list(encs) == ["harmful", "random_suffix", "adversarial_suffix", "harmless"]
+    df, acts = projection_metrics(tiny, encs, d.vector)
+    x = cache_activations(tiny, encs["adversarial_suffix"], positions=[-1])[:, :, 0]
+    sub = df[(df.condition == "adversarial_suffix") & (df.layer == 2)].sort_values("prompt_id")
+    assert sub.projection.to_numpy() == pytest.approx((x[:, 2] @ d.vector).numpy(), abs=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
+def test_head_contributions_sum_to_the_attention_output(tiny_models, family):
+    cm = tiny_models[family]
+    d = _dir(cm)
+    encs = cm.chat.encode_all(HARMFUL)
+    contrib = head_contributions(cm, encs, d.vector)  # [prompt, layer, head]
+    outs = {}
+    layer = 1
+    h = cm.o_proj(layer).register_forward_hook(lambda m, a, o: outs.__setitem__("o", o[:, -1].float()))
+    try:
+        for i, e in enumerate(encs):
+            cm.base(input_ids=torch.tensor([e.ids]))
+            bias = getattr(cm.o_proj(layer), "bias", None)
+            total = outs["o"][0] - (bias.float() if bias is not None else 0)
+            assert contrib[i, layer].sum().item() == pytest.approx((total @ d.vector).item(), abs=1e-4)
+    finally:
+        h.remove()
+
+
+def test_heads_ranking_and_attention_shares(tiny):
+    d = _dir(tiny)
+    encs = condition_encodings(tiny, HARMFUL, HARMLESS, "zz yy xx", None)
+    contribs = {c: head_contributions(tiny, e, d.vector) for c, e in encs.items()}
+    df = heads_table(contribs, top_k=3)
+    assert set(df.columns) == {"layer", "head", "condition", "contribution", "rank"}
+    harm = df[df.condition == "harmful"].sort_values("rank")
+    assert harm.contribution.is_monotonic_decreasing and harm["rank"].tolist() == list(range(1, len(harm) + 1))
+    heads = top_heads(df, 3)
+    assert len(heads) == 3
+    att = attention_shares(tiny, encs["adversarial_suffix"], heads)
+    total = att[["instruction", "suffix", "other"]].sum(axis=1)
+    assert total.to_numpy() == pytest.approx(1.0, abs=1e-4)
+    assert (att.suffix > 0).all() and (att[["instruction", "suffix", "other"]] >= 0).all().all()
+    bare = attention_shares(tiny, encs["harmful"], heads)
+    assert (bare.suffix == 0).all()
+
+
+def test_analyze_writes_everything(tiny, tmp_path):
+    res = analyze(tiny, _dir(tiny), HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, top_k=4,
+                  success={"no_suffix": 0.1, "random_suffix": 0.2, "adversarial_suffix": 0.9})
+    for f in ("projection.csv", "heads.csv", "attention.csv", "report.md", "report.html", "cosine_by_layer.png",
+              "head_contributions.png", "attention_shares.png", "pca_conditions.png", "analysis.json"):
+        assert (tmp_path / f).is_file(), f
+    att = pd.read_csv(tmp_path / "attention.csv")
+    assert list(att.columns) == ["prompt_id", "condition", "layer", "head", "instruction", "suffix", "other"]
+    assert set(att.condition) == {"harmful", "random_suffix", "adversarial_suffix", "harmless"}
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4
+    assert "the adversarial suffix lowers the mean cosine" in html
+    assert len(res["numbers"]["sentences"]) == 5
