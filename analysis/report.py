@@ -104,6 +104,10 @@ def write_report(out_dir: str | Path, title: str, sentences: list[str], plots: d
         parts.append(f"<h2>{esc(name)}</h2><img class='plot' alt='{esc(name)}' src='data:image/png;base64,{data}'>")
     for name, df in tables.items():
         parts.append(f"<h2>{esc(name)}</h2>" + df.head(20).to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
+    # a self-check a browser (or the test) can read: how many plots decoded
+    parts.append("<script>window.addEventListener('load',function(){var n=0;document.querySelectorAll('img.plot')"
+                 ".forEach(function(i){if(i.complete&&i.naturalWidth>0)n++});document.body.setAttribute("
+                 "'data-plots-loaded',n)});</script>")
     parts.append("</body></html>")
     html_path = artifacts.write_text(out_dir / "report.html", "\n".join(parts))
     return md_path, html_path

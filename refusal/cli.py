@@ -234,6 +234,52 @@ def cmd_attack(args) -> int:
     return 0
 
 
+def cmd_analyze(args) -> int:
+    from analysis.run import analyze
+    from attacks.gcg import random_suffix_ids
+
+    from . import artifacts
+    from .data import builtin_prompts, instructions, resolve_prompts
+    from .directions import load_direction
+    from .suffix import load_suffix
+
+    out = Path(args.out) / "analysis"
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    harmful = instructions(resolve_prompts(args.prompts, "harmful:test"))
+    harmless = instructions(resolve_prompts(args.harmless, "harmless:test"))
+    if args.max_prompts:
+        harmful, harmless = harmful[: args.max_prompts], harmless[: args.max_prompts]
+    text, ids = load_suffix(args.suffix)
+    cm = _load(args)
+    direction = load_direction(args.direction, cm)
+    adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
+    rand = None
+    sp = Path(args.suffix)
+    sj = sp / "attack" / "suffix.json" if sp.is_dir() and (sp / "attack" / "suffix.json").is_file() else (
+        sp / "suffix.json" if sp.is_dir() else sp)
+    if sj.suffix == ".json" and sj.is_file():
+        rand = artifacts.read_json(sj).get("random_token_ids")
+    if rand is None:
+        rand = random_suffix_ids(cm, len(adversarial), seed=args.seed + 1)
+    if out.exists() and args.force:
+        import shutil
+
+        shutil.rmtree(out)
+    success = None
+    if args.eval_tokens:
+        from attacks.evaluate import suffix_success
+
+        success = {name: float(suffix_success(cm, harmful, sfx, args.eval_tokens, progress=False).success.mean())
+                   for name, sfx in (("no_suffix", None), ("random_suffix", rand), ("adversarial_suffix", adversarial))}
+    res = analyze(cm, direction, harmful, harmless, adversarial, rand, out, top_k=args.top_k,
+                  batch_size=args.batch_size, success=success)
+    for s in res["numbers"]["sentences"]:
+        print("- " + s)
+    print(f"report: {res['report_html']} (and {res['report_md'].name})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     import json
 
@@ -353,6 +399,21 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="overwrite an existing attack")
     a.set_defaults(fn=cmd_attack)
 
+    an = sub.add_parser("analyze", help="how a suffix moves the refusal direction and the refusal heads; report")
+    _model_args(an)
+    an.set_defaults(batch_size=16)
+    an.add_argument("--direction", required=True, help="direction folder")
+    an.add_argument("--suffix", required=True, help="suffix.json (or its run folder), a text file, or the suffix text")
+    an.add_argument("--prompts", default=None, help="harmful prompts (default: harmful:test)")
+    an.add_argument("--harmless", default=None, help="harmless prompts (default: harmless:test)")
+    an.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None)
+    an.add_argument("--top-k", type=_positive("--top-k"), default=8)
+    an.add_argument("--eval-tokens", type=int, default=48, help="greedy tokens to judge attack success (0: skip)")
+    an.add_argument("--seed", type=int, default=0)
+    an.add_argument("--out", required=True, help="run folder; writes OUT/analysis/")
+    an.add_argument("--force", action="store_true")
+    an.set_defaults(fn=cmd_analyze)
+
     b = sub.add_parser("bench", help="nanoGCG vs the native engine, and activation caching vs a bare forward")
     _model_args(b, default="organism")
     b.add_argument("--steps", type=_positive("--steps"), default=10)
@@ -363,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job, end to end, on one model")
-    _model_args(r, default="smollm2")
+    _model_args(r, default="organism")
     r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/main")

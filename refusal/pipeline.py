@@ -1,8 +1,13 @@
-"""The main job (`refusal run`): each stage reads the previous stage's artifact and is reused if done."""
+"""The main job (`refusal run`), end to end: the direction, a universal suffix and its random baseline,
+evaluation with and without the suffixes (and with the direction ablated / added), the analysis and the
+report. Each stage reads the previous stage's artifact and is reused when it is already in the run
+folder."""
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -13,56 +18,123 @@ from .data import builtin_prompts, instructions
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class JobSizes:
+    n_train: int  # direction: harmful and harmless training prompts each
+    n_val: int  # direction: validation prompts each
+    attack_prompts: int  # universal suffix: harmful training prompts
+    attack_steps: int
+    search_width: int
+    topk: int
+    suffix_len: int
+    n_test: int  # evaluation and analysis: test prompts of each kind
+    new_tokens: int  # greedy tokens judged per reply
+
+
+FULL = JobSizes(n_train=128, n_val=16, attack_prompts=8, attack_steps=40, search_width=64, topk=64, suffix_len=16,
+                n_test=120, new_tokens=48)
+QUICK = JobSizes(n_train=48, n_val=8, attack_prompts=4, attack_steps=12, search_width=48, topk=48, suffix_len=12,
+                 n_test=32, new_tokens=32)
+
+
 def main_job(args) -> int:
-    """Direction on the built-in sets, then refusal evaluated with and without interventions."""
+    from analysis.run import analyze
+    from attacks.gcg import GCGConfig
+    from attacks.run import run_attack
+
     from .cli import _load, _seed
     from .data import direction_sets
     from .directions import compute_direction, load_direction, save_direction
     from .hooks import ablate_direction, add_direction
     from .metrics import evaluate
 
+    t0 = time.perf_counter()
+    sizes = QUICK if args.quick else FULL
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _seed(args.seed)
     cm = _load(args)
-    n_train, n_val, n_test, new_tokens = (32, 12, 24, 32) if args.quick else (128, 32, 100, 48)
+    timer = artifacts.Timer()
 
+    # 1. the direction
     ddir = out / "direction"
-    if (ddir / "direction.safetensors").is_file():
-        log.info("reusing the direction in %s", ddir)
-        direction = load_direction(ddir, cm)
-    else:
-        ht, bt, hv, bv = direction_sets(None, None, n_train, n_val, args.seed)
-        direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size)
-        save_direction(ddir, direction, diffs, df, config={"n_train": n_train, "n_val": n_val, "seed": args.seed})
+    with timer("direction"):
+        if (ddir / "direction.safetensors").is_file():
+            log.info("reusing the direction in %s", ddir)
+            direction = load_direction(ddir, cm)
+        else:
+            ht, bt, hv, bv = direction_sets(None, None, sizes.n_train, sizes.n_val, args.seed)
+            direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size)
+            save_direction(ddir, direction, diffs, df, config={"n_train": sizes.n_train, "n_val": sizes.n_val, "seed": args.seed})
+    print(f"[direction] layer {direction.layer}, position {direction.position}: {direction.meta.get('selection', '')}", flush=True)
 
+    # 2. a universal suffix (and its random baseline) on harmful training prompts
+    train = instructions(builtin_prompts("harmful", "train"))[: sizes.attack_prompts]
+    cfg = GCGConfig(steps=sizes.attack_steps, search_width=sizes.search_width, topk=sizes.topk,
+                    suffix_len=sizes.suffix_len, seed=args.seed, patience=max(2, sizes.attack_steps // (2 * sizes.attack_prompts)))
+    with timer("attack"):
+        resume = (out / "attack" / "checkpoint.json").is_file()
+        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=resume, eval_tokens=sizes.new_tokens)
+    adversarial, rand = rec["token_ids"], rec["random_token_ids"]
+    print(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
+          f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%})", flush=True)
+
+    # 3. evaluation on held-out prompts
     edir = out / "eval"
     edir.mkdir(exist_ok=True)
-    harmful = instructions(builtin_prompts("harmful", "test"))[:n_test]
-    harmless = instructions(builtin_prompts("harmless", "test"))[:n_test]
+    harmful = instructions(builtin_prompts("harmful", "test"))[: sizes.n_test]
+    harmless = instructions(builtin_prompts("harmless", "test"))[: sizes.n_test]
+    null = contextlib.nullcontext
     conditions = [
-        ("harmful", "none", harmful, contextlib.nullcontext),
-        ("harmful", "ablation", harmful, lambda: ablate_direction(cm, direction.vector)),
-        ("harmless", "none", harmless, contextlib.nullcontext),
-        ("harmless", "addition", harmless, lambda: add_direction(cm, direction.mean_diff, direction.layer)),
+        ("harmful", "none", harmful, None, null),
+        ("harmful", "random_suffix", harmful, rand, null),
+        ("harmful", "adversarial_suffix", harmful, adversarial, null),
+        ("harmful", "ablation", harmful, None, lambda: ablate_direction(cm, direction.vector)),
+        ("harmless", "none", harmless, None, null),
+        ("harmless", "addition", harmless, None, lambda: add_direction(cm, direction.mean_diff, direction.layer)),
     ]
     rows = []
-    for kind, intervention, prompts, ctx in conditions:
-        path = edir / f"{kind}_{intervention}.jsonl"
-        if path.is_file():
-            df = pd.read_json(path, lines=True)
-        else:
-            with ctx():
-                df = evaluate(cm, prompts, max_new_tokens=new_tokens, batch_size=args.batch_size)
-            with artifacts.atomic_path(path) as tmp:
-                df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-        rows.append({"prompts": kind, "intervention": intervention, "n": len(df),
-                     "refusal_rate": round(float(df.refused.mean()), 3),
-                     "refusal_score": round(float(df.refusal_score.mean()), 3)})
+    with timer("evaluation"):
+        for kind, condition, prompts, suffix, ctx in conditions:
+            path = edir / f"{kind}_{condition}.jsonl"
+            if path.is_file():
+                df = pd.read_json(path, lines=True)
+            else:
+                with ctx():
+                    df = evaluate(cm, prompts, suffix, max_new_tokens=sizes.new_tokens, batch_size=args.batch_size)
+                from .metrics import attack_success
+
+                df["success"] = [attack_success(c) for c in df.completion]
+                with artifacts.atomic_path(path) as tmp:
+                    df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+            rows.append({"prompts": kind, "condition": condition, "n": len(df),
+                         "refusal_rate": round(float(df.refused.mean()), 3),
+                         "refusal_score": round(float(df.refusal_score.mean()), 3),
+                         "attack_success": round(float(df.success.mean()), 3)})
     summary = pd.DataFrame(rows)
     artifacts.write_csv(edir / "summary.csv", summary)
-    artifacts.write_json(out / "run.json", artifacts.run_record(model=cm.describe(), quick=args.quick, seed=args.seed,
-                                                                direction={"layer": direction.layer, "position": direction.position}))
-    print(summary.to_string(index=False))
-    print(f"outputs: {ddir}/ (direction), {edir}/ (completions per condition, summary.csv)")
+    print(summary.to_string(index=False), flush=True)
+
+    # 4. analysis and report
+    success = {r["condition"] if r["condition"] != "none" else "no_suffix": r["attack_success"]
+               for r in rows if r["prompts"] == "harmful" and r["condition"] in ("none", "random_suffix", "adversarial_suffix")}
+    adir = out / "analysis"
+    with timer("analysis"):
+        if (adir / "report.html").is_file() and (adir / "analysis.json").is_file():
+            numbers = artifacts.read_json(adir / "analysis.json")["headline"]
+            report = adir / "report.html"
+        else:
+            res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir, top_k=8,
+                          batch_size=args.batch_size, success=success,
+                          facts={"universal suffix": f"{len(train)} training prompts, {rec['steps_run']} steps"})
+            numbers, report = res["numbers"], res["report_html"]
+    artifacts.write_json(out / "run.json", artifacts.run_record(
+        model=cm.describe(), quick=args.quick, seed=args.seed, sizes=sizes.__dict__,
+        direction={"layer": direction.layer, "position": direction.position}, summary=rows,
+        timings_s=timer.seconds, wall_time_s=round(time.perf_counter() - t0, 1)))
+    print()
+    for s in numbers["sentences"]:
+        print("- " + s)
+    print(f"\nreport: {report}")
+    print(f"(main job done in {time.perf_counter() - t0:.0f}s: {timer.seconds})")
     return 0
