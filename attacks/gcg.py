@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("target", "direction", "mixed")
 CHECKPOINT_VERSION = 1
+# a forward pass costs about as much as this many extra tokens (measured on CPU: small passes are
+# inefficient); used to decide how candidates are bucketed
+OVERHEAD_TOKENS = 600
 
 
 @dataclass
@@ -322,7 +325,8 @@ class GCG:
         loss = torch.zeros(n, device=cm.device, dtype=torch.float32)
         match = torch.ones(n, dtype=torch.bool, device=cm.device)
         if self.needs_target:
-            logits = cm.logits_from_hidden(hidden[:, last:T - 1]).float()  # [n, n_tgt, vocab]
+            h = hidden[:, last:T - 1].reshape(n * n_tgt, -1)  # 2-D: one matmul, not a batched one
+            logits = cm.logits_from_hidden(h).float().view(n, n_tgt, -1)  # [n, n_tgt, vocab]
             tgt = slot.target_t[None].expand(n, -1)
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").mean(1)
             loss = loss + ce
@@ -347,19 +351,62 @@ class GCG:
             total = g if total is None else total + g
         return total
 
+    def max_batch_tokens(self) -> int:
+        """Tokens per candidate forward pass: from free GPU memory on CUDA (activations, the expanded
+        cache and the target logits per token, with a safety factor); on CPU a fixed 8192, past which
+        larger passes are not faster."""
+        cm = self.cm
+        if cm.device.type != "cuda":
+            return 8192
+        free, _ = torch.cuda.mem_get_info(cm.device)
+        cfg = cm.config
+        width = max(cm.d_model, getattr(cfg, "intermediate_size", None) or 4 * cm.d_model)
+        kv = 2 * cm.n_layers * cm.n_heads * cm.head_dim  # upper bound (grouped-query attention has less)
+        per_token = torch.finfo(cm.dtype).bits // 8 * (8 * width + kv) + 4 * cm.model.get_output_embeddings().weight.shape[0]
+        return int(max(256, min(1 << 17, 0.5 * free / per_token)))
+
+    @staticmethod
+    def plan_buckets(first: list[int], sizes: list[int], L: int, tail: int, overhead_tokens: int,
+                     max_tokens: int) -> list[tuple[int, int]]:
+        """Split the groups of candidates whose first change is at positions first[0] < first[1] < ...
+        (sizes[g] candidates each) into consecutive buckets; a bucket starting at group i recomputes every
+        member from position first[i] on. Chosen to minimise recomputed tokens + a per-pass overhead
+        (dynamic programming over the group boundaries). Returns (start group, end group) pairs."""
+        G = len(first)
+        best = [0.0] + [float("inf")] * G
+        cut = [0] * (G + 1)
+        for j in range(1, G + 1):
+            n = 0
+            for i in range(j - 1, -1, -1):
+                n += sizes[i]
+                tokens = n * (L - first[i] + tail)
+                if tokens > max_tokens and i < j - 1:
+                    break
+                c = best[i] + tokens + overhead_tokens
+                if c < best[j]:
+                    best[j], cut[j] = c, i
+        out, j = [], G
+        while j > 0:
+            out.append((cut[j], j))
+            j = cut[j]
+        return out[::-1]
+
     @torch.no_grad()
     def candidate_losses(self, current: torch.Tensor, cands: torch.Tensor, slot: _Slot) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss [n] and target match [n] of every candidate suffix [n, L] on one prompt."""
         cm = self.cm
         n, L = cands.shape
-        bs = self.config.batch_size or n
+        tail = len(slot.post) + (len(slot.target_ids) if self.needs_target else 0)
+        max_tokens = self.max_batch_tokens()
+        bs = self.config.batch_size or max(1, max_tokens // (L + tail))
         loss = torch.empty(n, device=cm.device)
         match = torch.empty(n, dtype=torch.bool, device=cm.device)
         if not (self.use_cache and self.config.reuse_suffix_cache):
             for i in range(0, n, bs):
                 loss[i:i + bs], match[i:i + bs] = self._forward(slot, 0, ids=cands[i:i + bs])
             return loss, match
-        # the cache of the current suffix; a candidate whose first change is at p reuses its first p tokens
+        # the cache of the current suffix: a candidate whose first change is at p reuses its first p
+        # tokens; candidates are bucketed by p so that each forward pass is large enough to be efficient
         kw = {"past_key_values": _as_past(cm, slot.cache, len(slot.before), 1), "use_cache": True}
         pos = torch.arange(len(slot.before), len(slot.before) + L, device=cm.device)[None]
         past = _legacy(cm.base(input_ids=current[None].to(cm.device), position_ids=pos, **kw).past_key_values)
@@ -368,8 +415,11 @@ class GCG:
         groups: dict[int, list[int]] = {}
         for i, p in enumerate(first):
             groups.setdefault(p, []).append(i)
-        for p in sorted(groups):
-            idx = torch.tensor(groups[p])
+        ps = sorted(groups)
+        cap = bs * (L + tail) if self.config.batch_size else max_tokens
+        for gi, gj in self.plan_buckets(ps, [len(groups[p]) for p in ps], L, tail, OVERHEAD_TOKENS, cap):
+            p = ps[gi]
+            idx = torch.tensor([i for q in ps[gi:gj] for i in groups[q]])
             for j in range(0, len(idx), bs):
                 sel = idx[j:j + bs]
                 loss[sel], match[sel] = self._forward(slot, p, ids=cands[sel, p:], past_legacy=past)

@@ -35,10 +35,14 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig)
     logging.getLogger("nanogcg").setLevel(logging.WARNING)
     import torch
 
+    deterministic = torch.are_deterministic_algorithms_enabled()
     t0 = time.perf_counter()
-    with torch.enable_grad():
-        res = nanogcg.run(cm.model, cm.tokenizer, [{"role": "user", "content": instruction + " {optim_str}"}],
-                          target, nanogcg_config(config, init_text))
+    try:
+        with torch.enable_grad():
+            res = nanogcg.run(cm.model, cm.tokenizer, [{"role": "user", "content": instruction + " {optim_str}"}],
+                              target, nanogcg_config(config, init_text))
+    finally:  # nanogcg turns deterministic algorithms on for the whole process when seeded
+        torch.use_deterministic_algorithms(deterministic)
     elapsed = time.perf_counter() - t0
     best = res.losses.index(min(res.losses))
     ids = cm.tokenizer(res.best_string, add_special_tokens=False).input_ids

@@ -136,3 +136,20 @@ def test_console_script_error_has_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
+
+
+def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "main"
+    code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out)
+    assert code == 0, err
+    for f in ("direction/direction.safetensors", "attack/suffix.json", "attack/steps.csv", "eval/summary.csv",
+              "eval/harmful_adversarial_suffix.jsonl", "analysis/report.html", "analysis/projection.csv",
+              "analysis/heads.csv", "analysis/attention.csv", "run.json"):
+        assert (out / f).is_file(), f
+    assert "report:" in stdout and "the adversarial suffix lowers the mean cosine" in stdout
+    summary = pd.read_csv(out / "eval" / "summary.csv")
+    assert set(summary.condition) == {"none", "random_suffix", "adversarial_suffix", "ablation", "addition"}
+    stamp = (out / "attack" / "suffix.json").stat().st_mtime_ns
+    code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out)
+    assert code == 0, err
+    assert (out / "attack" / "suffix.json").stat().st_mtime_ns == stamp  # stages reused, not redone
