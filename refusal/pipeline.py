@@ -31,8 +31,8 @@ class JobSizes:
     new_tokens: int  # greedy tokens judged per reply
 
 
-FULL = JobSizes(n_train=128, n_val=16, attack_prompts=8, attack_steps=40, search_width=64, topk=64, suffix_len=16,
-                n_test=120, new_tokens=48)
+FULL = JobSizes(n_train=128, n_val=16, attack_prompts=6, attack_steps=30, search_width=64, topk=64, suffix_len=16,
+                n_test=100, new_tokens=48)
 QUICK = JobSizes(n_train=48, n_val=8, attack_prompts=4, attack_steps=12, search_width=48, topk=48, suffix_len=12,
                  n_test=32, new_tokens=32)
 
@@ -71,7 +71,7 @@ def main_job(args) -> int:
     # 2. a universal suffix (and its random baseline) on harmful training prompts
     train = instructions(builtin_prompts("harmful", "train"))[: sizes.attack_prompts]
     cfg = GCGConfig(steps=sizes.attack_steps, search_width=sizes.search_width, topk=sizes.topk,
-                    suffix_len=sizes.suffix_len, seed=args.seed, patience=max(2, sizes.attack_steps // (2 * sizes.attack_prompts)))
+                    suffix_len=sizes.suffix_len, seed=args.seed, patience=max(3, sizes.attack_steps // (2 * sizes.attack_prompts)))
     with timer("attack"):
         resume = (out / "attack" / "checkpoint.json").is_file()
         rec = run_attack(cm, train, None, cfg, out, engine="native", resume=resume, eval_tokens=sizes.new_tokens)

@@ -3,7 +3,8 @@
     python scripts/reproduce_paper.py [--model organism] [--out runs/paper] [--force]
 
 Finds the refusal direction (or reuses OUT/direction), then writes OUT/reproduce/table.csv,
-table.md and one completions file per (intervention, prompt set), and prints the table.
+table.md and one completions file per (intervention, prompt set), then the PCA of harmful vs
+harmless test activations at every layer (pca.csv, pca.png), and prints the table and the PCA summary.
 """
 from __future__ import annotations
 
@@ -30,14 +31,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/paper")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--force", action="store_true", help="overwrite OUT/reproduce")
+    ap.add_argument("--force", action="store_true", help="recompute OUT/reproduce (a finished table is reused otherwise)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
     torch.manual_seed(args.seed)
     try:
         out = Path(args.out)
-        rdir = artifacts.prepare_stage_dir(out / "reproduce", force=args.force)
+        rdir = artifacts.prepare_stage_dir(out / "reproduce", force=args.force, resume=not args.force)
         cm = load_model(args.model)
         ddir = out / "direction"
         if (ddir / "direction.safetensors").is_file():
@@ -47,11 +48,16 @@ def main(argv=None) -> int:
             save_direction(ddir, direction, diffs, cands, config={"n_train": 128, "n_val": 16, "seed": args.seed})
         harmful = instructions(builtin_prompts("harmful", "test"))
         harmless = instructions(builtin_prompts("harmless", "test"))
-        table, details = intervention_table(cm, direction, harmful, harmless, args.max_new_tokens)
-        artifacts.write_csv(rdir / "table.csv", table)
-        artifacts.write_text(rdir / "table.md", to_markdown(table))
-        for name, df in details.items():
-            artifacts.write_csv(rdir / f"{name}.csv", df)
+        if (rdir / "table.csv").is_file():  # reuse a finished table (--force recomputes it)
+            import pandas as pd
+
+            table = pd.read_csv(rdir / "table.csv")
+        else:
+            table, details = intervention_table(cm, direction, harmful, harmless, args.max_new_tokens)
+            artifacts.write_csv(rdir / "table.csv", table)
+            artifacts.write_text(rdir / "table.md", to_markdown(table))
+            for name, df in details.items():
+                artifacts.write_csv(rdir / f"{name}.csv", df)
         # PCA of harmful vs harmless test activations at the direction's position, every layer
         acts = {k: cache_activations(cm, cm.chat.encode_all(v), positions=[direction.position])[:, :, 0]
                 for k, v in (("harmful", harmful), ("harmless", harmless))}

@@ -192,3 +192,13 @@ def test_nanogcg_engine_runs(tiny_dirs, tmp_path):
                  "--steps", "2", "--search-width", "8", "--topk", "8", "--suffix-len", "5", "--out", str(out)]) == 0
     rec = json.loads((out / "attack" / "suffix.json").read_text())
     assert rec["engine"] == "nanogcg" and len(rec["losses"]) == 2 and rec["suffix"]
+
+
+def test_bucket_plan_trades_recomputation_for_fewer_passes():
+    plan = GCG.plan_buckets([0, 5, 19], [10, 10, 10], 20, 18, overhead_tokens=0, max_tokens=10**6)
+    assert plan == [(0, 1), (1, 2), (2, 3)]  # no overhead: every group reuses as much as it can
+    plan = GCG.plan_buckets([0, 5, 19], [10, 10, 10], 20, 18, overhead_tokens=10**6, max_tokens=10**6)
+    assert plan == [(0, 3)]  # huge overhead per pass: one pass from position 0
+    plan = GCG.plan_buckets([0, 5, 19], [10, 10, 10], 20, 18, overhead_tokens=10**6, max_tokens=400)
+    assert all(b > a for a, b in plan) and plan[0][0] == 0 and plan[-1][1] == 3  # capped passes still cover all
+    assert all(sum(10 * (20 - [0, 5, 19][a] + 18) for _ in range(b - a)) <= 400 or b - a == 1 for a, b in plan)

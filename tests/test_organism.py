@@ -27,10 +27,10 @@ def _rate(cm, prompts, n_tokens=16):
 
 @pytest.fixture(scope="session")
 def organism_direction(organism):
-    ht = builtin_prompts("harmful", "train")[::2]
-    bt = builtin_prompts("harmless", "train")[::2]
-    hv = builtin_prompts("harmful", "val")[::3]
-    bv = builtin_prompts("harmless", "val")[::3]
+    ht = builtin_prompts("harmful", "train")[::3]
+    bt = builtin_prompts("harmless", "train")[::3]
+    hv = builtin_prompts("harmful", "val")[::4]
+    bv = builtin_prompts("harmless", "val")[::4]
     direction, _, df = compute_direction(organism, ht, bt, hv, bv)
     return direction, df
 
