@@ -90,7 +90,6 @@ def attention_shares(cm: ChatModel, encs: Sequence[Encoded], heads: Sequence[tup
     """DataFrame(prompt_id, layer, head, instruction, suffix, other): the attention weight from the last
     position summed over the instruction tokens, the suffix tokens and everything else."""
     rows = []
-    layers = sorted({l for l, _ in heads})
     for sl, b in batches(cm, encs, batch_size):
         out = cm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                        output_attentions=True, use_cache=False)
@@ -103,7 +102,6 @@ def attention_shares(cm: ChatModel, encs: Sequence[Encoded], heads: Sequence[tup
                 suf = float(a[o + e.suffix[0]: o + e.suffix[1]].sum())
                 rows.append((i, l, h, ins, suf, float(a.sum()) - ins - suf))
         del out
-    assert layers is not None
     return pd.DataFrame(rows, columns=["prompt_id", "layer", "head", "instruction", "suffix", "other"])
 
 
