@@ -138,7 +138,13 @@ def test_console_script_error_has_no_traceback(tmp_path):
     assert p.stderr.strip().count("\n") == 0 and "Traceback" not in p.stderr
 
 
-def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys):
+def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import refusal.pipeline as pipeline
+
+    # the plumbing, at toy sizes (the real sizes are measured on the organism, README Figures)
+    monkeypatch.setattr(pipeline, "QUICK", pipeline.JobSizes(
+        n_train=16, n_val=4, attack_prompts=2, attack_steps=3, search_width=16, topk=16, suffix_len=6,
+        n_test=8, new_tokens=8))
     out = tmp_path / "main"
     code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out)
     assert code == 0, err
