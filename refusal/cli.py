@@ -238,10 +238,9 @@ def cmd_analyze(args) -> int:
     from analysis.run import analyze
     from attacks.gcg import random_suffix_ids
 
-    from . import artifacts
     from .data import builtin_prompts, instructions, resolve_prompts
     from .directions import load_direction
-    from .suffix import load_suffix
+    from .suffix import load_suffix, suffix_record
 
     out = Path(args.out) / "analysis"
     if out.is_dir() and any(out.iterdir()) and not args.force:
@@ -254,12 +253,7 @@ def cmd_analyze(args) -> int:
     cm = _load(args)
     direction = load_direction(args.direction, cm)
     adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
-    rand = None
-    sp = Path(args.suffix)
-    sj = sp / "attack" / "suffix.json" if sp.is_dir() and (sp / "attack" / "suffix.json").is_file() else (
-        sp / "suffix.json" if sp.is_dir() else sp)
-    if sj.suffix == ".json" and sj.is_file():
-        rand = artifacts.read_json(sj).get("random_token_ids")
+    rand = (suffix_record(args.suffix) or {}).get("random_token_ids")
     if rand is None:
         rand = random_suffix_ids(cm, len(adversarial), seed=args.seed + 1)
     if out.exists() and args.force:

@@ -7,11 +7,9 @@ from pathlib import Path
 from .errors import RefusalLabError
 
 
-def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
-    """Return (suffix text, token ids or None). spec: a suffix.json (or the attack folder holding one),
-    a .txt file, or the suffix text itself."""
-    if spec is None:
-        raise RefusalLabError("no suffix given")
+def _resolve(spec: str) -> tuple[Path, bool]:
+    """The file a suffix spec names (a folder stands for its suffix.json or attack/suffix.json), and
+    whether it exists at all (False: the spec is the suffix text itself)."""
     p = Path(spec).expanduser()
     try:
         exists = len(spec) < 4096 and p.exists()
@@ -20,10 +18,26 @@ def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
     if exists and p.is_dir():
         for cand in (p / "suffix.json", p / "attack" / "suffix.json"):
             if cand.is_file():
-                p = cand
-                break
-        else:
-            raise RefusalLabError(f"{spec}: no suffix.json in this folder")
+                return cand, True
+        raise RefusalLabError(f"{spec}: no suffix.json in this folder")
+    return p, exists
+
+
+def suffix_record(spec: str) -> dict | None:
+    """The whole suffix.json record a spec names (None when the spec is text or a text file)."""
+    p, exists = _resolve(spec)
+    if not (exists and p.suffix.lower() == ".json"):
+        return None
+    load_suffix(str(p))  # validates it
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
+    """Return (suffix text, token ids or None). spec: a suffix.json (or the attack folder holding one),
+    a .txt file, or the suffix text itself."""
+    if spec is None:
+        raise RefusalLabError("no suffix given")
+    p, exists = _resolve(spec)
     if exists and p.suffix.lower() == ".json":
         try:
             data = json.loads(p.read_text(encoding="utf-8"))

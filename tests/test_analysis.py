@@ -86,3 +86,24 @@ def test_analyze_writes_everything(tiny, tmp_path):
     assert html.count("data:image/png;base64,") == 4
     assert "the adversarial suffix lowers the mean cosine" in html
     assert len(res["numbers"]["sentences"]) == 5
+
+
+def test_cli_analyze_reads_the_suffix_folder(tiny_dirs, tiny, tmp_path):
+    import json
+
+    from refusal.cli import main
+    from refusal.directions import save_direction
+
+    d = _dir(tiny)
+    d.meta = {"layer": d.layer, "position": d.position}
+    save_direction(tmp_path / "run" / "direction", d, torch.zeros(3, 1, tiny.d_model), pd.DataFrame())
+    ids = tiny.tokenizer("zz yy xx", add_special_tokens=False).input_ids
+    rand = tiny.tokenizer("qq rr ss", add_special_tokens=False).input_ids
+    attack = tmp_path / "run" / "attack"
+    attack.mkdir()
+    (attack / "suffix.json").write_text(json.dumps({"suffix": "zz yy xx", "token_ids": ids, "random_token_ids": rand}))
+    assert main(["analyze", "--model", str(tiny_dirs["llama"]), "--direction", str(tmp_path / "run"),
+                 "--suffix", str(tmp_path / "run"), "--max-prompts", "2", "--eval-tokens", "0", "--top-k", "2",
+                 "--out", str(tmp_path / "run")]) == 0
+    report = (tmp_path / "run" / "analysis" / "report.md").read_text()
+    assert repr(tiny.tokenizer.decode(rand)) in report  # the attack's own random baseline, not a new one
