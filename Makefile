@@ -28,7 +28,7 @@ browser:
 setup: $(STAMP) browser
 
 run: setup
-	$(VENV)/bin/refusal run --model organism --out runs/main
+	$(VENV)/bin/refusal run --model organism --resume --out runs/main
 
 test: setup
 	$(PY) -m pytest -q

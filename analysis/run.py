@@ -3,7 +3,6 @@ written to runs/NAME/analysis/."""
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Sequence
@@ -26,7 +25,6 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
     """Write projection.csv, heads.csv, attention.csv, the plots, report.md and report.html into out_dir;
     return the headline numbers (and sentences)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     timer = artifacts.Timer()
     encs = condition_encodings(cm, harmful, harmless, adversarial, random)
     with timer("projection"):
@@ -37,38 +35,40 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
         chosen = top_heads(heads, top_k)
     with timer("attention"):
         att = attention_table(cm, encs, chosen, batch_size)
-    artifacts.write_csv(out_dir / "projection.csv", proj)
-    artifacts.write_csv(out_dir / "heads.csv", heads)
-    artifacts.write_csv(out_dir / "attention.csv", att)
-    with timer("plots"):
-        plots = {
-            "Cosine with the refusal direction by layer": plot_cosine_by_layer(proj, direction.layer, out_dir / "cosine_by_layer.png"),
-            "Top refusal heads: direct contribution": plot_head_contributions(heads, top_k, out_dir / "head_contributions.png"),
-            "Attention of the top heads": plot_attention_shares(att, out_dir / "attention_shares.png"),
-            f"PCA of the conditions at layer {direction.layer}": plot_pca_conditions(acts, direction.layer, out_dir / "pca_conditions.png"),
-        }
-    numbers = headline_numbers(proj, heads, att, direction.layer, top_k)
-    sentences = headline_sentences(numbers, success)
-    summary = proj[proj.layer == direction.layer].groupby("condition")[["cosine", "projection"]].mean().reset_index()
-    att_summary = att.groupby(["condition", "layer", "head"])[["instruction", "suffix", "other"]].mean().reset_index()
-    top_rows = heads[heads["rank"] <= top_k]
-    allfacts = {"model": f"{cm.name} ({cm.fingerprint})", "direction": f"layer {direction.layer}, position {direction.position}",
-                "prompts": f"{len(harmful)} harmful, {len(harmless)} harmless"}
-    if isinstance(adversarial, str):
-        allfacts["adversarial suffix"] = adversarial
-    elif adversarial is not None:
-        allfacts["adversarial suffix"] = repr(cm.tokenizer.decode(list(adversarial)))
-    if random is not None:
-        allfacts["random suffix"] = repr(random if isinstance(random, str) else cm.tokenizer.decode(list(random)))
-    allfacts.update(facts or {})
-    md, html = write_report(out_dir, "How the suffix beats refusal", sentences, plots,
-                            {f"Mean cosine and projection at layer {direction.layer}": summary,
-                             f"Top {top_k} heads": top_rows, "Attention shares of the top heads (mean)": att_summary},
-                            allfacts)
-    numbers["sentences"] = sentences
-    numbers["success"] = success
-    artifacts.write_json(out_dir / "analysis.json", artifacts.run_record(
-        command=sys.argv, model=cm.describe(), direction={"layer": direction.layer, "position": direction.position},
-        n_harmful=len(harmful), n_harmless=len(harmless), top_k=top_k, headline=numbers, timings_s=timer.seconds))
+    # written into a temporary folder that replaces out_dir at the end: never a half-written analysis
+    with artifacts.atomic_dir(out_dir) as tmp:
+        artifacts.write_csv(tmp / "projection.csv", proj)
+        artifacts.write_csv(tmp / "heads.csv", heads)
+        artifacts.write_csv(tmp / "attention.csv", att)
+        with timer("plots"):
+            plots = {
+                "Cosine with the refusal direction by layer": plot_cosine_by_layer(proj, direction.layer, tmp / "cosine_by_layer.png"),
+                "Top refusal heads: direct contribution": plot_head_contributions(heads, top_k, tmp / "head_contributions.png"),
+                "Attention of the top heads": plot_attention_shares(att, tmp / "attention_shares.png"),
+                f"PCA of the conditions at layer {direction.layer}": plot_pca_conditions(acts, direction.layer, tmp / "pca_conditions.png"),
+            }
+        numbers = headline_numbers(proj, heads, att, direction.layer, top_k)
+        sentences = headline_sentences(numbers, success)
+        summary = proj[proj.layer == direction.layer].groupby("condition")[["cosine", "projection"]].mean().reset_index()
+        att_summary = att.groupby(["condition", "layer", "head"])[["instruction", "suffix", "other"]].mean().reset_index()
+        top_rows = heads[heads["rank"] <= top_k]
+        allfacts = {"model": f"{cm.name} ({cm.fingerprint})", "direction": f"layer {direction.layer}, position {direction.position}",
+                    "prompts": f"{len(harmful)} harmful, {len(harmless)} harmless"}
+        if isinstance(adversarial, str):
+            allfacts["adversarial suffix"] = adversarial
+        elif adversarial is not None:
+            allfacts["adversarial suffix"] = repr(cm.tokenizer.decode(list(adversarial)))
+        if random is not None:
+            allfacts["random suffix"] = repr(random if isinstance(random, str) else cm.tokenizer.decode(list(random)))
+        allfacts.update(facts or {})
+        md, html = write_report(tmp, "How the suffix beats refusal", sentences, plots,
+                                {f"Mean cosine and projection at layer {direction.layer}": summary,
+                                 f"Top {top_k} heads": top_rows, "Attention shares of the top heads (mean)": att_summary},
+                                allfacts)
+        numbers["sentences"] = sentences
+        numbers["success"] = success
+        artifacts.write_json(tmp / "analysis.json", artifacts.run_record(
+            model=cm.describe(), direction={"layer": direction.layer, "position": direction.position},
+            n_harmful=len(harmful), n_harmless=len(harmless), top_k=top_k, headline=numbers, timings_s=timer.seconds))
     log.info("analysis written to %s (%s)", out_dir, timer.seconds)
-    return {"numbers": numbers, "report_md": md, "report_html": html}
+    return {"numbers": numbers, "report_md": out_dir / md.name, "report_html": out_dir / html.name}

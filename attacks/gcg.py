@@ -220,7 +220,8 @@ class _Slot:
             raise RefusalLabError(f"the target for {instruction[:40]!r} is empty; give a target or use --objective direction")
         total = len(enc.ids) + len(self.target_ids)
         if total > cm.max_context:
-            raise RefusalLabError(f"prompt, suffix and target are {total} tokens, more than the model's context {cm.max_context}")
+            raise RefusalLabError(f"prompt, suffix and target are {total} tokens, more than the model's context {cm.max_context}; "
+                                  "shorten the prompt or the target, or lower --suffix-len")
         dev = cm.device
         self.post_t = torch.tensor(self.post, device=dev)
         self.target_t = torch.tensor(self.target_ids, device=dev, dtype=torch.long)
@@ -255,6 +256,11 @@ class GCG:
         self.use_cache = cm.config.model_type not in ("gemma2",)  # hybrid sliding-window cache: recompute
         self.embed = cm.model.get_input_embeddings()
         self.not_allowed = disallowed_token_ids(cm, config.allow_non_ascii)
+        n_allowed = self.embed.num_embeddings - len(set(self.not_allowed.tolist()))
+        if config.topk > n_allowed:
+            raise RefusalLabError(f"--topk {config.topk} is more than the {n_allowed} tokens a suffix may use; lower it")
+        if config.suffix_len >= cm.max_context:
+            raise RefusalLabError(f"--suffix-len {config.suffix_len} does not fit the model's context of {cm.max_context}")
         if direction is not None:
             from refusal.directions import check_direction
 
@@ -544,7 +550,8 @@ class GCG:
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "rng" not in state:
             raise RefusalLabError(f"{path}: not a refusal-lab attack checkpoint; remove it or start without --resume")
         if len(state["ids"]) != self.suffix_len:
-            raise RefusalLabError(f"{path}: the checkpoint's suffix has {len(state['ids'])} tokens, this run {self.suffix_len}")
+            raise RefusalLabError(f"{path}: the checkpoint's suffix has {len(state['ids'])} tokens, this run {self.suffix_len}; "
+                                  "resume with the same settings, or pass --force to start over")
         return state
 
 

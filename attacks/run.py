@@ -3,7 +3,6 @@ result, and write runs/NAME/attack/: suffix.json, steps.csv, checkpoint.json, at
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -70,19 +69,27 @@ def run_attack(
     attack_dir = Path(out) / "attack"
     ckpt = checkpoint_path(attack_dir, checkpoint_name)
     if (attack_dir / "suffix.json").is_file() and resume and not force:
+        done = artifacts.read_json(attack_dir / "suffix.json")
+        if done.get("config") != config_dict(config) or done.get("prompts") != instructions or done.get("engine") != engine:
+            raise RefusalLabError(f"{attack_dir} holds a finished attack with other prompts or settings; pass --force to "
+                                  "overwrite it or choose another --out")
         log.info("%s: the attack is already complete", attack_dir)
-        return artifacts.read_json(attack_dir / "suffix.json")
-    artifacts.prepare_stage_dir(attack_dir, force=force, resume=resume)
+        return done
     if engine == "nanogcg":
         if len(instructions) != 1:
             raise RefusalLabError("the nanogcg engine attacks one prompt; use --engine native for a prompt set")
         if resume:
             raise RefusalLabError("nanogcg runs cannot be resumed; use --engine native for resumable runs")
+    else:
+        gcg = GCG(cm, instructions, targets, config, direction)  # checks every input before anything is written
+    artifacts.prepare_stage_dir(attack_dir, force=force, resume=resume)
+    for stale in attack_dir.glob(".*.tmp"):  # the temporary file of a write that a kill interrupted
+        stale.unlink(missing_ok=True)
+    if engine == "nanogcg":
         from .reference import run_nanogcg
 
         result = run_nanogcg(cm, instructions[0], targets[0], config)
     else:
-        gcg = GCG(cm, instructions, targets, config, direction)
         result = gcg.run(checkpoint=ckpt, resume=resume, progress=progress)
 
     from .evaluate import suffix_success
@@ -118,7 +125,7 @@ def run_attack(
     )
     artifacts.write_csv(attack_dir / "steps.csv", steps_frame(result))
     artifacts.write_json(attack_dir / "attack.json", artifacts.run_record(
-        command=sys.argv, model=cm.describe(), engine=engine, config=config_dict(config),
+        model=cm.describe(), engine=engine, config=config_dict(config),
         prompts_hash=artifacts.hash_strings(instructions), n_prompts=len(instructions),
         direction=direction_path, elapsed_s=round(result.elapsed_s, 3)))
     artifacts.write_json(attack_dir / "suffix.json", record)

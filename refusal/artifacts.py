@@ -138,14 +138,53 @@ def versions() -> dict:
     return out
 
 
+COMMAND: list[str] | None = None  # set by the CLI to the command line it was given
+
+
 def run_record(**fields: Any) -> dict:
     """What made an artifact: command line, versions, time, plus the caller's fields."""
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "command": sys.argv,
+        "command": COMMAND if COMMAND is not None else sys.argv,
         "versions": versions(),
         **fields,
     }
+
+
+def check_out(path: str | os.PathLike, force: bool = False, resume: bool = False,
+              fix: str = "pass --force to overwrite it or choose another --out") -> Path:
+    """Refuse an output path that exists (a file, or a non-empty folder) unless force or resume.
+
+    Writes nothing: call it before anything slow, so that a bad --out fails at once."""
+    path = Path(path)
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise RefusalLabError(f"{path} exists and is not a file or folder; choose another --out")
+    taken = path.is_file() or (path.is_dir() and any(path.iterdir()))
+    if taken and not (force or resume):
+        raise RefusalLabError(f"{path} already exists; {fix}")
+    return path
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside `path`; when the block succeeds it replaces `path` (whatever
+    was there), so a failed or killed stage never leaves a half-written folder under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.is_dir():
+            old = path.parent / f".{path.name}.old{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if path.exists():
+                path.unlink()
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def prepare_stage_dir(path: str | os.PathLike, force: bool = False, resume: bool = False) -> Path:

@@ -104,7 +104,13 @@ class ChatFormat:
         return [i for i in dict.fromkeys([self.end_of_turn_id, self.tokenizer.eos_token_id]) if i is not None]
 
     def _encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False).input_ids) if text else []
+        if not text:
+            return []
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RefusalLabError(f"text is not valid Unicode (it holds a lone surrogate): {text[:40]!r}; remove that character") from None
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
 
     @property
     def n_post(self) -> int:
@@ -119,7 +125,7 @@ class ChatFormat:
             raise RefusalLabError(f"instruction must be text, got {type(instruction).__name__}")
         instruction = instruction.strip()
         if not instruction:
-            raise RefusalLabError("empty instruction")
+            raise RefusalLabError("empty instruction; every prompt needs some text")
         instr = self._encode(instruction)
         if isinstance(suffix, str):
             suffix = self.suffix_ids(suffix)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import random
 import sys
 import warnings
@@ -69,15 +70,23 @@ def cmd_direction(args) -> int:
     from .directions import compute_direction, save_direction
 
     out = Path(args.out) / "direction"
-    artifacts.prepare_stage_dir(out, force=args.force)  # fail before the slow part
+    artifacts.check_out(out, force=args.force)  # fail before the slow part
+    if (args.layer is None) != (args.position is None):
+        raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
     _seed(args.seed)
     ht, bt, hv, bv = direction_sets(args.harmful, args.harmless, args.n_train, args.n_val, args.seed)
     cm = _load(args)
+    if args.layer is not None:
+        from .directions import check_layer_position
+
+        check_layer_position(cm, args.layer, args.position)
     direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size,
-                                             score_all=args.score_all)
+                                             score_all=args.score_all, layer=args.layer, position=args.position)
     config = {"n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "batch_size": args.batch_size,
-              "harmful": args.harmful or "builtin", "harmless": args.harmless or "builtin"}
-    save_direction(out, direction, diffs, df, config=config)
+              "harmful": args.harmful or "builtin", "harmless": args.harmless or "builtin",
+              "layer": args.layer, "position": args.position}
+    with artifacts.atomic_dir(out) as tmp:  # a failed or killed run never leaves a half-written direction
+        save_direction(tmp, direction, diffs, df, config=config)
     s = direction.meta["scores"]
     print(f"direction: layer {direction.layer}, position {direction.position} "
           f"(bypass {s['bypass']:.3f}, induce {s['induce']:.3f}, kl {s['kl']:.4f}); "
@@ -94,12 +103,13 @@ def cmd_orthogonalize(args) -> int:
     from .directions import load_direction
     from .hooks import orthogonalize
 
+    from .directions import check_direction
+
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not args.force:
-            raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    artifacts.check_out(out, force=args.force)
+    direction = load_direction(args.direction)  # a bad direction file fails before the model loads
     cm = _load(args)
-    direction = load_direction(args.direction, cm)
+    check_direction(direction, cm)
     edited = orthogonalize(cm, direction.vector, inplace=True)
     tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -129,19 +139,26 @@ def cmd_eval(args) -> int:
     from .metrics import evaluate
     from .suffix import load_suffix
 
+    from .directions import check_direction
+
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    artifacts.check_out(out, force=args.force)
+    if not math.isfinite(args.coeff):
+        raise RefusalLabError(f"--coeff must be a finite number, got {args.coeff}")
     prompts = resolve_prompts(args.prompts)
     suffix_text, suffix_ids = (None, None) if args.suffix is None else load_suffix(args.suffix)
+    d = load_direction(args.ablate or args.actadd) if (args.ablate or args.actadd) else None
     cm = _load(args)
+    if suffix_ids is not None:
+        load_suffix(args.suffix, cm.tokenizer)  # token ids that fit this vocabulary
     suffix = suffix_ids if suffix_ids is not None else suffix_text
+    check_fits(cm, instructions(prompts), suffix, args.max_new_tokens)
     intervention, ctx = "none", contextlib.nullcontext()
+    if d is not None:
+        check_direction(d, cm)
     if args.ablate:
-        d = load_direction(args.ablate, cm)
         intervention, ctx = f"ablate {args.ablate}", ablate_direction(cm, d.vector)
     elif args.actadd:
-        d = load_direction(args.actadd, cm)
         intervention = f"actadd {args.actadd} coeff {args.coeff}"
         ctx = add_direction(cm, d.mean_diff, d.layer, args.coeff)
     with ctx:
@@ -160,6 +177,17 @@ def cmd_eval(args) -> int:
           f"mean refusal score {df.refusal_score.mean():.3f} [{intervention}]")
     print(f"wrote {out}")
     return 0
+
+
+def check_fits(cm, instructions, suffix, new_tokens: int) -> None:
+    """Every prompt (with its suffix) plus the tokens to generate fits the model's context: checked before
+    anything runs, so a too-long prompt is a clear error, not a failure half-way through."""
+    for ins in instructions:
+        n = len(cm.chat.encode(ins, suffix)) + new_tokens
+        if n > cm.max_context:
+            raise RefusalLabError(f"a prompt ({ins[:40]!r}...) needs {n} tokens with its suffix and the {new_tokens} "
+                                  f"generated, more than the model's context of {cm.max_context}; shorten it or "
+                                  "generate fewer tokens")
 
 
 def cmd_organism_build(args) -> int:
@@ -181,6 +209,7 @@ def cmd_attack(args) -> int:
     from attacks.gcg import GCGConfig
     from attacks.run import run_attack
 
+    from . import artifacts
     from .data import resolve_prompts
     from .directions import load_direction
 
@@ -209,13 +238,14 @@ def cmd_attack(args) -> int:
         raise RefusalLabError(f"--objective {args.objective} needs --direction DIR (a folder made by `refusal direction`)")
     if args.resume and args.force:
         raise RefusalLabError("--resume and --force contradict each other; choose one")
+    if not math.isfinite(args.direction_weight) or args.direction_weight < 0:
+        raise RefusalLabError(f"--direction-weight must be a finite number >= 0, got {args.direction_weight}")
     out = Path(args.out)
     attack_dir = out / "attack"
-    if attack_dir.is_dir() and any(attack_dir.iterdir()) and not (args.resume or args.force):
-        raise RefusalLabError(f"{attack_dir} already exists; pass --resume to continue it, --force to overwrite it, "
-                              "or choose another --out")
+    artifacts.check_out(attack_dir, force=args.force, resume=args.resume,
+                        fix="pass --resume to continue it, --force to overwrite it, or choose another --out")
+    direction = load_direction(args.direction) if args.direction else None
     cm = _load(args)
-    direction = load_direction(args.direction, cm) if args.direction else None
     _seed(args.seed)
     try:
         rec = run_attack(cm, instructions, targets, cfg, out, engine=args.engine, direction=direction,
@@ -241,25 +271,28 @@ def cmd_analyze(args) -> int:
     from .data import builtin_prompts, instructions, resolve_prompts
     from .directions import load_direction
     from .suffix import load_suffix, suffix_record
+    from . import artifacts
+    from .directions import check_direction
 
     out = Path(args.out) / "analysis"
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    artifacts.check_out(out, force=args.force)
+    if args.eval_tokens < 0:
+        raise RefusalLabError(f"--eval-tokens must be >= 0 (0 skips judging), got {args.eval_tokens}")
     harmful = instructions(resolve_prompts(args.prompts, "harmful:test"))
     harmless = instructions(resolve_prompts(args.harmless, "harmless:test"))
     if args.max_prompts:
         harmful, harmless = harmful[: args.max_prompts], harmless[: args.max_prompts]
     text, ids = load_suffix(args.suffix)
+    direction = load_direction(args.direction)
     cm = _load(args)
-    direction = load_direction(args.direction, cm)
+    check_direction(direction, cm)
+    if ids is not None:
+        load_suffix(args.suffix, cm.tokenizer)  # token ids that fit this vocabulary
     adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
     rand = (suffix_record(args.suffix) or {}).get("random_token_ids")
     if rand is None:
         rand = random_suffix_ids(cm, len(adversarial), seed=args.seed + 1)
-    if out.exists() and args.force:
-        import shutil
-
-        shutil.rmtree(out)
+    check_fits(cm, harmful + harmless, adversarial, args.eval_tokens)
     success = None
     if args.eval_tokens:
         from attacks.evaluate import suffix_success
@@ -283,8 +316,7 @@ def cmd_bench(args) -> int:
     from .data import builtin_prompts, instructions
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise RefusalLabError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+    artifacts.check_out(out, force=args.force)
     cm = _load(args)
     prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // args.prompts)][: args.prompts]
     _seed(args.seed)
@@ -330,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n-train", type=_positive("--n-train"), default=128)
     d.add_argument("--n-val", type=_positive("--n-val"), default=16)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--layer", type=int, default=None, help="pin the direction to this layer (with --position)")
+    d.add_argument("--position", type=int, default=None,
+                   help="pin the direction to this post-instruction position, -1 the last (with --layer)")
     d.add_argument("--score-all", action="store_true",
                    help="compute every score of every candidate, including those the filters drop (slower)")
     d.add_argument("--out", required=True, help="run folder; writes OUT/direction/")
@@ -422,11 +457,16 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="runs/main")
+    r.add_argument("--resume", action="store_true", help="reuse the stages already finished in OUT (and continue the attack)")
+    r.add_argument("--force", action="store_true", help="delete OUT and start over")
     r.set_defaults(fn=cmd_run)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import artifacts
+
+    artifacts.COMMAND = ["refusal", *map(str, argv)] if argv is not None else list(sys.argv)
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -444,6 +484,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("refusal: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("refusal: error: out of memory; lower --batch-size (attacks: --search-width) or use a smaller model",
+              file=sys.stderr)
+        return 1
+    except RuntimeError as e:
+        if "out of memory" not in str(e).lower():
+            raise
+        print("refusal: error: out of memory on the device; lower --batch-size (attacks: --search-width)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -79,9 +79,9 @@ def resolve_prompts(spec: str | None, default: str = "harmful:test") -> list[Pro
 
 def _read_text(path: Path) -> str:
     if not path.exists():
-        raise RefusalLabError(f"{path}: prompt file not found")
+        raise RefusalLabError(f"{path}: prompt file not found; check the path")
     if not path.is_file():
-        raise RefusalLabError(f"{path}: not a file")
+        raise RefusalLabError(f"{path}: not a file; give a .txt/.json/.jsonl/.csv prompt file")
     size = path.stat().st_size
     if size > MAX_FILE_BYTES:
         raise RefusalLabError(f"{path}: prompt file is {size >> 20} MiB; the limit is {MAX_FILE_BYTES >> 20} MiB")
@@ -137,7 +137,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise RefusalLabError(f"{path}: invalid JSON ({e.msg} at line {e.lineno})") from None
+            raise RefusalLabError(f"{path}: invalid JSON ({e.msg} at line {e.lineno}); fix the file, or give the prompts as .txt, one per line") from None
         if isinstance(data, dict):  # {"instructions": [...]} / {"data": [...]}
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:
@@ -152,7 +152,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
                 try:
                     items.append(_from_item(json.loads(line), f"{path}:{n}"))
                 except json.JSONDecodeError as e:
-                    raise RefusalLabError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                    raise RefusalLabError(f"{path}:{n}: invalid JSON ({e.msg}); a .jsonl file holds one JSON record per line") from None
     elif suffix == ".csv":
         try:
             reader = csv.DictReader(io.StringIO(text))
@@ -168,7 +168,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
                     continue  # a row with an empty instruction cell
                 items.append(_from_item(row, f"{path}:{n}"))
         except csv.Error as e:
-            raise RefusalLabError(f"{path}: malformed CSV ({e})") from None
+            raise RefusalLabError(f"{path}: malformed CSV ({e}); fix the file or save it as .jsonl") from None
     elif suffix in (".txt", ""):
         items = [Prompt(line) for line in text.splitlines()]
     else:
@@ -176,7 +176,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
     items = [Prompt(p.instruction.strip(), p.category, p.target, p.split) for p in items]
     items = [p for p in items if p.instruction]
     if not items:
-        raise RefusalLabError(f"{path}: no instructions found (the prompt set is empty)")
+        raise RefusalLabError(f"{path}: no instructions found (the prompt set is empty); add instructions, one per line in .txt")
     return items
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -140,7 +139,8 @@ def select_candidate(df: pd.DataFrame, n_layers: int, kl_threshold: float = KL_T
         else:
             allowed = df[(df.layer < PRUNE_LAYER_FRACTION * n_layers) & df.induce_score.notna()]
             if allowed.empty:
-                raise RefusalLabError("no candidate direction could be scored (all filtered out)")
+                raise RefusalLabError("no candidate direction could be scored: harmful and harmless activations do not "
+                                      "differ at any layer below 0.8 of the depth; check that the two prompt sets differ")
             best = int(allowed.induce_score.idxmax())
             how = ("RELAXED: no candidate has induce > 0; the model may not refuse. "
                    "Chose the highest induce score among layers < 0.8 * n_layers")
@@ -152,6 +152,15 @@ def select_candidate(df: pd.DataFrame, n_layers: int, kl_threshold: float = KL_T
     return df, best, how
 
 
+def check_layer_position(cm: ChatModel, layer: int, position: int) -> None:
+    """A candidate exists at every layer and at each post-instruction position (-n_post .. -1)."""
+    if not 0 <= layer < cm.n_layers:
+        raise RefusalLabError(f"--layer {layer} is out of range: this model has layers 0 to {cm.n_layers - 1}; choose one of those")
+    if not -cm.chat.n_post <= position <= -1:
+        raise RefusalLabError(f"--position {position} is out of range: the post-instruction positions of this chat "
+                              f"template are -{cm.chat.n_post} to -1; choose one of those")
+
+
 def compute_direction(
     cm: ChatModel,
     harmful_train: Sequence[Prompt],
@@ -160,11 +169,18 @@ def compute_direction(
     harmless_val: Sequence[Prompt],
     batch_size: int = 32,
     score_all: bool = False,
+    layer: int | None = None,
+    position: int | None = None,
 ) -> tuple[Direction, torch.Tensor, pd.DataFrame]:
     """The whole pipeline: activations -> candidates -> scores -> selected direction.
 
-    Returns (direction, diffs[layer, pos, d], candidates table).
+    layer / position pin the choice to that candidate (the others are still scored and recorded);
+    give both, or neither for the paper's selection. Returns (direction, diffs[layer, pos, d], candidates).
     """
+    if (layer is None) != (position is None):
+        raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
+    if layer is not None:
+        check_layer_position(cm, layer, position)
     for name, s in (("harmful train", harmful_train), ("harmless train", harmless_train),
                     ("harmful val", harmful_val), ("harmless val", harmless_val)):
         if not s:
@@ -177,7 +193,20 @@ def compute_direction(
         diffs = mean_diffs(acts_h, acts_b)  # [layer, pos, d]
     with timer("selection"):
         df = score_candidates(cm, diffs, enc(harmful_val), enc(harmless_val), batch_size, score_all)
-        df, best, how = select_candidate(df, cm.n_layers)
+        if layer is None:
+            df, best, how = select_candidate(df, cm.n_layers)
+        else:
+            try:
+                df, paper_best, how = select_candidate(df, cm.n_layers)
+                how = f"the paper's selection would be layer {df.loc[paper_best, 'layer']}, position {df.loc[paper_best, 'position']}: {how}"
+            except RefusalLabError as e:
+                how = f"the paper's selection found nothing: {e}"
+            best = int(df.index[(df.layer == layer) & (df.position == position)][0])
+            if not df.loc[best, "norm"] > 1e-6 * max(1.0, float(df["norm"].max())):
+                raise RefusalLabError(f"the difference in means at layer {layer}, position {position} is zero: "
+                                      "every prompt has the same activation there; pin another layer or position")
+            how = f"PINNED by the user to layer {layer}, position {position} ({how})"
+            df["selected"] = df.index == best
         layer, pos = int(df.loc[best, "layer"]), int(df.loc[best, "position"])
         r = diffs[layer, pos + diffs.shape[1]]
         if df.loc[best, ["bypass_score", "kl_score"]].isna().any():  # relaxed choice: complete its record
@@ -242,15 +271,15 @@ def load_direction(path: str | Path, cm: ChatModel | None = None) -> Direction:
     tensors = artifacts.load_tensors(d / "direction.safetensors")
     meta = artifacts.read_json(d / "direction.json") if (d / "direction.json").is_file() else {}
     if "direction" not in tensors or tensors["direction"].ndim != 1:
-        raise RefusalLabError(f"{d}/direction.safetensors has no 1-D 'direction' tensor; not a refusal-lab direction")
+        raise RefusalLabError(f"{d}/direction.safetensors has no 1-D 'direction' tensor: not a refusal-lab direction; make one with `refusal direction`")
     vec = tensors["direction"].float()
     if not torch.isfinite(vec).all() or vec.norm() == 0:
-        raise RefusalLabError(f"{d}/direction.safetensors: the direction is zero or not finite")
+        raise RefusalLabError(f"{d}/direction.safetensors: the direction is zero or not finite; compute it again with `refusal direction`")
     mean_diff = tensors.get("mean_diff", vec).float()
     try:
         layer, position = int(meta["layer"]), int(meta["position"])
     except (KeyError, TypeError, ValueError):
-        raise RefusalLabError(f"{d}/direction.json is missing or has no layer/position") from None
+        raise RefusalLabError(f"{d}/direction.json is missing or has no layer/position; give a folder made by `refusal direction`") from None
     direction = Direction(vec / vec.norm(), mean_diff, layer, position, meta)
     if cm is not None:
         check_direction(direction, cm)
@@ -264,10 +293,10 @@ def check_direction(direction: Direction, cm: ChatModel) -> None:
             "it was computed on another model; compute one with `refusal direction` on this model"
         )
     if not 0 <= direction.layer < cm.n_layers:
-        raise RefusalLabError(f"the direction's layer {direction.layer} is out of range for a model with {cm.n_layers} layers")
+        raise RefusalLabError(f"the direction's layer {direction.layer} is out of range for a model with {cm.n_layers} layers: "
+                              "it was made on another model; compute one with `refusal direction` on this model")
     fp = (direction.meta.get("model") or {}).get("fingerprint")
     if fp and fp != cm.fingerprint:
         msg = (f"the direction was computed on another model (fingerprint {fp}, this model {cm.fingerprint}); "
                "results may not mean what you expect")
         log.warning(msg)
-        warnings.warn(msg, stacklevel=2)

@@ -258,7 +258,7 @@ def convert_gguf(path: str | os.PathLike) -> Path:
 
     path = Path(path)
     if not path.is_file():
-        raise RefusalLabError(f"{path}: GGUF file not found")
+        raise RefusalLabError(f"{path}: GGUF file not found; check the path")
     out = cache_dir() / "gguf" / f"{path.stem}-{_file_digest(path)}"
     if (out / "config.json").is_file():
         return out
@@ -275,7 +275,8 @@ def convert_gguf(path: str | os.PathLike) -> Path:
     except RefusalLabError:
         raise
     except Exception as e:
-        raise RefusalLabError(f"{path}: could not read this GGUF file ({type(e).__name__}: {str(e)[:200]})") from None
+        raise RefusalLabError(f"{path}: could not read this GGUF file ({type(e).__name__}: {str(e)[:200]}); it may be "
+                              "truncated or not a model: download it again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -294,7 +295,7 @@ def resolve_model(spec: str) -> tuple[str, str]:
     p = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if not p.is_file():
-            raise RefusalLabError(f"{spec}: GGUF file not found")
+            raise RefusalLabError(f"{spec}: GGUF file not found; check the path")
         return "gguf", str(convert_gguf(p))
     if p.is_dir():
         if not (p / "config.json").is_file():
@@ -320,6 +321,20 @@ def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | 
     return table[dtype]
 
 
+def _refuse_remote_code(folder: Path) -> None:
+    """A model folder that ships its own Python code is not run unless the user asks (--trust-remote-code)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise RefusalLabError(f"{folder}/config.json is not valid JSON ({type(e).__name__}); the model folder is "
+                              "corrupt: download it again") from None
+    if not isinstance(config, dict):
+        raise RefusalLabError(f"{folder}/config.json is not a JSON object; the model folder is corrupt: download it again")
+    if config.get("auto_map"):
+        raise RefusalLabError(f"{folder}: the model ships its own Python code, which refusal-lab does not run unless "
+                              "you trust it: pass --trust-remote-code")
+
+
 def load_model(
     spec: str,
     device: str | None = None,
@@ -333,8 +348,15 @@ def load_model(
     kind, where = resolve_model(spec)
     if device in (None, "", "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).split(":")[0] not in ("cpu", "cuda", "mps"):
+        raise RefusalLabError(f"unknown device {device!r}; use cpu or cuda")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise RefusalLabError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    if kind == "folder" and not trust_remote_code:
+        _refuse_remote_code(Path(where))
     torch_dtype = _parse_dtype(dtype, device)
-    kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    # weights: safetensors, or PyTorch files read with weights_only=True (never arbitrary pickle)
+    kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, weights_only=True)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads large models across the GPUs present
     try:
@@ -345,7 +367,8 @@ def load_model(
         raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {ACCEPTED_FORMS}") from None
     except Exception as e:  # corrupt weights, bad configs: the user's file, not our bug
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-        raise RefusalLabError(f"{spec}: could not load the model ({type(e).__name__}: {msg})") from None
+        raise RefusalLabError(f"{spec}: could not load the model ({type(e).__name__}: {msg}); the files may be "
+                              "corrupt or truncated: download or convert them again") from None
     if device != "cuda":
         model.to(device)
     model.eval()

@@ -161,8 +161,11 @@ def refusal_rates(cm, new_tokens: int = 24, batch_size: int = 64) -> dict:
     return out
 
 
-def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, out: Path | None = None) -> Path:
-    """Fine-tune SmolLM2 into the organism; write it atomically to `out` (default: the cache)."""
+def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, out: Path | None = None,
+                   base: str = "smollm2") -> Path:
+    """Fine-tune SmolLM2 into the organism; write it atomically to `out` (default: the cache).
+
+    base: the model to fine-tune (any Llama-family --model value; tests use a tiny one)."""
     from .models import load_model
 
     out = Path(out) if out else organism_dir(cfg.seed)
@@ -172,14 +175,14 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    cm = load_model("smollm2", device="cpu")
+    cm = load_model(base, device="cpu")
+    if cm.config.model_type != "llama":
+        raise RefusalLabError("the organism fine-tune is written for SmolLM2 (Llama blocks); use a Llama-family base")
     timer = artifacts.Timer()
     with timer("base_answers"):
         examples, info = training_examples(cm, cfg)
 
     model = cm.model
-    if cm.config.model_type != "llama":
-        raise RefusalLabError("the organism fine-tune is written for SmolLM2 (Llama blocks)")
     base = cm.base
     first = int(cfg.first_trained_layer * cm.n_layers)
     params = [p for block in cm.blocks[first:] for p in block.parameters()]

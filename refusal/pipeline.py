@@ -51,9 +51,20 @@ def main_job(args) -> int:
     t0 = time.perf_counter()
     sizes = QUICK if args.quick else FULL
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    resume, force = getattr(args, "resume", False), getattr(args, "force", False)
+    if resume and force:
+        from .errors import RefusalLabError
+
+        raise RefusalLabError("--resume and --force contradict each other; choose one")
+    artifacts.check_out(out, force=force, resume=resume,
+                        fix="pass --resume to reuse its finished stages, --force to start over, or choose another --out")
     _seed(args.seed)
-    cm = _load(args)
+    cm = _load(args)  # a bad model fails here, before anything is written
+    if force and out.exists():
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     timer = artifacts.Timer()
 
     # 1. the direction
@@ -65,7 +76,8 @@ def main_job(args) -> int:
         else:
             ht, bt, hv, bv = direction_sets(None, None, sizes.n_train, sizes.n_val, args.seed)
             direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size)
-            save_direction(ddir, direction, diffs, df, config={"n_train": sizes.n_train, "n_val": sizes.n_val, "seed": args.seed})
+            with artifacts.atomic_dir(ddir) as tmp:
+                save_direction(tmp, direction, diffs, df, config={"n_train": sizes.n_train, "n_val": sizes.n_val, "seed": args.seed})
     print(f"[direction] layer {direction.layer}, position {direction.position}: {direction.meta.get('selection', '')}", flush=True)
 
     # 2. a universal suffix (and its random baseline) on harmful training prompts
@@ -73,8 +85,7 @@ def main_job(args) -> int:
     cfg = GCGConfig(steps=sizes.attack_steps, search_width=sizes.search_width, topk=sizes.topk,
                     suffix_len=sizes.suffix_len, seed=args.seed, patience=max(3, sizes.attack_steps // (2 * sizes.attack_prompts)))
     with timer("attack"):
-        resume = (out / "attack" / "checkpoint.json").is_file()
-        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=resume, eval_tokens=sizes.new_tokens)
+        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=sizes.new_tokens)
     adversarial, rand = rec["token_ids"], rec["random_token_ids"]
     print(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
           f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%})", flush=True)

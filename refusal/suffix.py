@@ -42,9 +42,9 @@ def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RefusalLabError(f"{spec}: not valid JSON ({e})") from None
+            raise RefusalLabError(f"{spec}: not valid JSON ({e}); give a suffix.json made by `refusal attack`, or the suffix text") from None
         if not isinstance(data, dict) or not isinstance(data.get("suffix"), str):
-            raise RefusalLabError(f"{spec}: not a suffix file (expected a JSON object with a 'suffix' string)")
+            raise RefusalLabError(f"{spec}: not a suffix file (expected a JSON object with a 'suffix' string); give a suffix.json made by `refusal attack`, or the suffix text")
         ids = data.get("token_ids")
         if ids is not None:
             if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
@@ -58,7 +58,7 @@ def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
         except UnicodeDecodeError:
             raise RefusalLabError(f"{spec}: not a UTF-8 text file") from None
         if not text.strip():
-            raise RefusalLabError(f"{spec}: suffix file is empty")
+            raise RefusalLabError(f"{spec}: suffix file is empty; write the suffix text in it")
         return text, None
     if not spec.strip():
         raise RefusalLabError("the suffix is empty")

@@ -45,7 +45,8 @@ def main(argv=None) -> int:
             direction = load_direction(ddir, cm)
         else:
             direction, diffs, cands = compute_direction(cm, *direction_sets(None, None, 128, 16, args.seed))
-            save_direction(ddir, direction, diffs, cands, config={"n_train": 128, "n_val": 16, "seed": args.seed})
+            with artifacts.atomic_dir(ddir) as tmp:
+                save_direction(tmp, direction, diffs, cands, config={"n_train": 128, "n_val": 16, "seed": args.seed})
         harmful = instructions(builtin_prompts("harmful", "test"))
         harmless = instructions(builtin_prompts("harmless", "test"))
         if (rdir / "table.csv").is_file():  # reuse a finished table (--force recomputes it)

@@ -156,6 +156,7 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     summary = pd.read_csv(out / "eval" / "summary.csv")
     assert set(summary.condition) == {"none", "random_suffix", "adversarial_suffix", "ablation", "addition"}
     stamp = (out / "attack" / "suffix.json").stat().st_mtime_ns
-    code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out)
+    assert_user_error(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out, match="--resume")
+    code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--resume", "--out", out)
     assert code == 0, err
     assert (out / "attack" / "suffix.json").stat().st_mtime_ns == stamp  # stages reused, not redone
