@@ -3,7 +3,6 @@ written to runs/NAME/analysis/."""
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Sequence
 

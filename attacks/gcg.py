@@ -30,7 +30,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -100,10 +100,8 @@ def cmd_orthogonalize(args) -> int:
     import shutil
 
     from . import artifacts
-    from .directions import load_direction
+    from .directions import check_direction, load_direction
     from .hooks import orthogonalize
-
-    from .directions import check_direction
 
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
@@ -134,12 +132,10 @@ def cmd_eval(args) -> int:
 
     from . import artifacts
     from .data import instructions, resolve_prompts
-    from .directions import load_direction
+    from .directions import check_direction, load_direction
     from .hooks import ablate_direction, add_direction
     from .metrics import evaluate
     from .suffix import load_suffix
-
-    from .directions import check_direction
 
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
@@ -252,7 +248,7 @@ def cmd_attack(args) -> int:
                          direction_path=args.direction, resume=args.resume, force=args.force,
                          checkpoint_name=args.checkpoint)
     except KeyboardInterrupt:
-        print(f"refusal: interrupted; the last completed step is saved: continue with the same command and --resume",
+        print("refusal: interrupted; the last completed step is saved: continue with the same command and --resume",
               file=sys.stderr)
         return 130
     print(f"suffix: {rec['suffix']!r}")
@@ -268,11 +264,10 @@ def cmd_analyze(args) -> int:
     from analysis.run import analyze
     from attacks.gcg import random_suffix_ids
 
-    from .data import builtin_prompts, instructions, resolve_prompts
-    from .directions import load_direction
-    from .suffix import load_suffix, suffix_record
     from . import artifacts
-    from .directions import check_direction
+    from .data import instructions, resolve_prompts
+    from .directions import check_direction, load_direction
+    from .suffix import load_suffix, suffix_record
 
     out = Path(args.out) / "analysis"
     artifacts.check_out(out, force=args.force)
@@ -467,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import artifacts
 
     artifacts.COMMAND = ["refusal", *map(str, argv)] if argv is not None else list(sys.argv)
+    args = None
     try:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -479,10 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refusal: error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as e:
-        print(f"refusal: error: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        print(f"refusal: error: {e.filename or ''}: {e.strerror}; check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("refusal: interrupted", file=sys.stderr)
+        resumable = getattr(args, "command", None) == "run"
+        print("refusal: interrupted; nothing half-written is left" +
+              ("; finished stages and the attack's last step are kept: rerun with --resume" if resumable else ""),
+              file=sys.stderr)
         return 130
     except MemoryError:
         print("refusal: error: out of memory; lower --batch-size (attacks: --search-width) or use a smaller model",

@@ -8,8 +8,9 @@ single: one suffix per unseen harmful test prompt, target objective, early stop 
 begins with the target; reports the steps needed and whether the judged reply (64 tokens) succeeds.
 universal: one suffix over the first N harmful training prompts (progressive), then attack success on
 the unseen harmful test prompts with the suffix, with a random suffix of the same length, and with none.
-objectives: for the same prompts, the first step at which the judged greedy reply succeeds under the
-target, direction and mixed objectives.
+objectives: for the same prompts, the first step at which the judged greedy reply (48 tokens: not a refusal,
+not degenerate) succeeds under the target, direction and mixed objectives; the target rows answer the
+one-prompt goal under the judged criterion (single stops on an exact target match instead).
 Each writes OUT/<mode>.json and prints a summary.
 """
 from __future__ import annotations
@@ -86,11 +87,10 @@ def objectives(cm, args) -> dict:
             first = []
 
             def judge(info, ins=ins):
-                if first:
-                    raise StopIteration
                 enc = cm.chat.encode(ins, cm.tokenizer(info["suffix"], add_special_tokens=False).input_ids)
-                if attack_success(generate(cm, [enc], 32, progress=False)[0]):
-                    first.append(info["step"])
+                reply = generate(cm, [enc], args.judge_tokens, progress=False)[0]
+                if attack_success(reply):
+                    first.append((info["step"], info["suffix"], reply))
                     raise StopIteration
 
             t0 = time.perf_counter()
@@ -98,7 +98,8 @@ def objectives(cm, args) -> dict:
                 GCG(cm, [ins], [default_target(ins)] if obj != "direction" else None, cfg, d).run(on_step=judge)
             except StopIteration:
                 pass
-            rows.append(dict(prompt=ins, objective=obj, first_success_step=first[0] if first else None,
+            rows.append(dict(prompt=ins, objective=obj, first_success_step=first[0][0] if first else None,
+                             suffix=first[0][1] if first else None, reply=first[0][2] if first else None,
                              seconds=round(time.perf_counter() - t0, 1)))
             print(json.dumps(rows[-1]), flush=True)
     summary = {}
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=64)
     ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--success-rate", type=float, default=1.0)
+    ap.add_argument("--judge-tokens", type=int, default=48, help="objectives: greedy tokens judged after each step")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/attack-goals")
     args = ap.parse_args(argv)

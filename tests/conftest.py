@@ -2,7 +2,6 @@
 supported family (fast), and the real SmolLM2 (integration), each built once per session."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

@@ -3,9 +3,8 @@ harmful and answers harmless requests, and the paper's effects reproduce on it, 
 import json
 
 import pytest
-import torch
 
-from refusal.data import Prompt, builtin_prompts, instructions
+from refusal.data import builtin_prompts, instructions
 from refusal.directions import compute_direction
 from refusal.hooks import ablate_direction, add_direction
 from refusal.metrics import generate, is_refusal

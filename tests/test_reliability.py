@@ -309,6 +309,17 @@ def test_existing_output_is_refused(capsys, tmp_path, files, cmd):
         assert "--resume" in line
 
 
+def test_organism_build_bad_input(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
+    existing = tmp_path / "organism" / "seed-0"
+    existing.mkdir(parents=True)
+    (existing / "organism.json").write_text("{}")
+    before = snapshot(existing)
+    line = expect_clean_error(capsys, ["organism", "build"], "already exists", existing, before=before)
+    assert "--force" in line
+    expect_clean_error(capsys, ["organism", "build", "--seed", "one"], "--seed")
+
+
 def test_unknown_command_and_option(capsys):
     expect_clean_error(capsys, ["bogus"], "invalid choice")
     expect_clean_error(capsys, ["eval", "--model", "x", "--prompts", "y", "--out", "z", "--bogus-flag"], "unrecognized")
