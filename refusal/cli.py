@@ -250,7 +250,7 @@ def cmd_attack(args) -> int:
     except KeyboardInterrupt:
         print("refusal: interrupted; the last completed step is saved: continue with the same command and --resume",
               file=sys.stderr)
-        return 130
+        return _interrupt_status()
     print(f"suffix: {rec['suffix']!r}")
     print(f"best loss {rec['best_loss']:.4f} at step {rec['best_step']} of {rec['steps_run']} "
           f"({rec['elapsed_s']:.0f}s, {rec['s_per_step']:.2f}s/step)")
@@ -458,7 +458,30 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `kill`'s stop), handled like Ctrl-C: stop cleanly, keep the checkpoint."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _interrupt_status() -> int:
+    exc = sys.exc_info()[1]
+    return 143 if isinstance(exc, _Terminated) else 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     from . import artifacts
 
     artifacts.COMMAND = ["refusal", *map(str, argv)] if argv is not None else list(sys.argv)
@@ -482,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         print("refusal: interrupted; nothing half-written is left" +
               ("; finished stages and the attack's last step are kept: rerun with --resume" if resumable else ""),
               file=sys.stderr)
-        return 130
+        return _interrupt_status()
     except MemoryError:
         print("refusal: error: out of memory; lower --batch-size (attacks: --search-width) or use a smaller model",
               file=sys.stderr)

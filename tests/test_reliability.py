@@ -387,17 +387,22 @@ def test_sigkill_at_random_moments_then_resume_gives_the_same_suffix(tmp_path, t
     assert not [f for f in (out / "attack").iterdir() if f.name.startswith(".")], "a temporary file was left"
 
 
-def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_dirs, uninterrupted):
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background parent may have it ignored; Ctrl-C is SIG_DFL
+
+
+@pytest.mark.parametrize("sig,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"])
+def test_interrupt_stops_cleanly_and_resumes(tmp_path, tiny_dirs, uninterrupted, sig, status):
     out = tmp_path / "interrupted"
     proc = subprocess.Popen(_attack_cmd(tiny_dirs["llama"], out), env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     deadline = time.time() + 300
     while _checkpoint_step(out) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     assert proc.poll() is None, "the attack ended before it could be interrupted"
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     assert "Traceback" not in err and "--resume" in err.strip().splitlines()[-1]
     assert _checkpoint_step(out) >= 4
     p = subprocess.run(_attack_cmd(tiny_dirs["llama"], out, "--resume"), env=_env(), capture_output=True, text=True,
