@@ -134,8 +134,8 @@ def cmd_eval(args) -> int:
     from .data import instructions, resolve_prompts
     from .directions import check_direction, load_direction
     from .hooks import ablate_direction, add_direction
-    from .metrics import evaluate
-    from .suffix import load_suffix
+    from .metrics import attack_success, evaluate
+    from .suffix import load_suffix, suffix_record
 
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
@@ -160,17 +160,21 @@ def cmd_eval(args) -> int:
     with ctx:
         df = evaluate(cm, instructions(prompts), suffix, args.max_new_tokens, args.batch_size)
     df.insert(1, "category", [p.category for p in prompts])
+    df["success"] = [attack_success(c) for c in df.completion]  # not refused, not empty or degenerate
     if suffix_text is not None:
         df["suffix"] = suffix_text
     with artifacts.atomic_path(out) as tmp:
         df.to_json(tmp, orient="records", lines=True, force_ascii=False)
     rate = df.refused.mean()
+    made_on = ((suffix_record(args.suffix) or {}).get("model") or {}).get("fingerprint") if args.suffix else None
     artifacts.write_json(out.with_name(out.name + ".record.json"), artifacts.run_record(
         model=cm.describe(), prompts=str(args.prompts), n=len(df), intervention=intervention,
-        suffix=suffix_text, refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(),
+        suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=bool(made_on and made_on != cm.fingerprint),
+        refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(), attack_success_rate=df.success.mean(),
         max_new_tokens=args.max_new_tokens))
     print(f"refusal rate: {rate:.1%} ({int(df.refused.sum())}/{len(df)}), "
-          f"mean refusal score {df.refusal_score.mean():.3f} [{intervention}]")
+          f"mean refusal score {df.refusal_score.mean():.3f}, attack success {df.success.mean():.1%} [{intervention}]"
+          + (" (a suffix made on another model: transfer)" if made_on and made_on != cm.fingerprint else ""))
     print(f"wrote {out}")
     return 0
 

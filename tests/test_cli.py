@@ -97,6 +97,22 @@ def test_eval_writes_jsonl_and_prints_rate(capsys, tmp_path, tiny_run, tiny_dirs
     assert code == 0, err
 
 
+def test_eval_of_a_suffix_from_another_model_is_transfer(capsys, tmp_path, tiny_dirs, prompt_files):
+    from refusal.metrics import attack_success
+
+    sfx = tmp_path / "suffix.json"
+    sfx.write_text(json.dumps({"suffix": "! ! !", "model": {"fingerprint": "another-model"}}))
+    out = tmp_path / "t.jsonl"
+    code, stdout, err = run(capsys, "eval", "--model", tiny_dirs["qwen2"], "--prompts", prompt_files / "harmful.txt",
+                            "--suffix", sfx, "--max-new-tokens", 6, "--out", out)
+    assert code == 0, err
+    assert "attack success" in stdout and "transfer" in stdout
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [r["success"] for r in rows] == [attack_success(r["completion"]) for r in rows]
+    rec = json.loads(out.with_name("t.jsonl.record.json").read_text())
+    assert rec["transfer"] is True and rec["attack_success_rate"] == sum(r["success"] for r in rows) / len(rows)
+
+
 def test_user_errors(capsys, tmp_path, tiny_run, tiny_dirs, prompt_files):
     tiny = str(tiny_dirs["llama"])
     assert_user_error(capsys, "eval", "--model", "nonsense-model", "--prompts", "harmful:test", "--out",
