@@ -21,19 +21,22 @@ from .models import ChatModel
 log = logging.getLogger(__name__)
 
 
-def _check_lengths(cm: ChatModel, encs: Sequence[Encoded]) -> None:
+def check_lengths(cm: ChatModel, encs: Sequence[Encoded], new_tokens: int = 0) -> None:
+    """Every prompt, plus the tokens to be generated after it, fits the model's context."""
     if not encs:
         raise RefusalLabError("empty prompt set")
     longest = max(len(e) for e in encs)
-    if longest > cm.max_context:
+    if longest + new_tokens > cm.max_context:
+        more = f" and {new_tokens} are to be generated" if new_tokens else ""
         raise RefusalLabError(
-            f"a prompt is {longest} tokens long but the model's context is {cm.max_context}; shorten it"
+            f"a prompt is {longest} tokens long{more} but the model's context is {cm.max_context}; shorten it"
+            + (" or generate fewer tokens" if new_tokens else "")
         )
 
 
 def batches(cm: ChatModel, encs: Sequence[Encoded], batch_size: int) -> Iterator[tuple[slice, Batch]]:
     """Left-padded batches over `encs` in their order, with their slice."""
-    _check_lengths(cm, encs)
+    check_lengths(cm, encs)
     if batch_size < 1:
         raise RefusalLabError(f"batch size must be >= 1, got {batch_size}")
     for start in range(0, len(encs), batch_size):
@@ -93,7 +96,7 @@ def forward_batches(
     The last position of every row is its prompt's last token. Hooks registered on the model run
     during each step, and the prefix step, before the yield.
     """
-    _check_lengths(cm, encs)
+    check_lengths(cm, encs)
     if batch_size < 1:
         raise RefusalLabError(f"batch size must be >= 1, got {batch_size}")
     p = _shared_prefix_len(cm, encs) if share_prefix else 0

@@ -192,9 +192,8 @@ def prepare_stage_dir(path: str | os.PathLike, force: bool = False, resume: bool
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RefusalLabError(f"{path} exists and is not a folder; choose another --out")
-    if path.is_dir() and any(path.iterdir()) and not resume:
-        if not force:
-            raise RefusalLabError(f"{path} already exists; pass --force to overwrite it or choose another --out")
+    check_out(path, force=force, resume=resume)
+    if force and not resume and path.is_dir():
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path

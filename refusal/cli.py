@@ -76,10 +76,6 @@ def cmd_direction(args) -> int:
     _seed(args.seed)
     ht, bt, hv, bv = direction_sets(args.harmful, args.harmless, args.n_train, args.n_val, args.seed)
     cm = _load(args)
-    if args.layer is not None:
-        from .directions import check_layer_position
-
-        check_layer_position(cm, args.layer, args.position)
     direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size,
                                              score_all=args.score_all, layer=args.layer, position=args.position)
     config = {"n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "batch_size": args.batch_size,
@@ -96,9 +92,6 @@ def cmd_direction(args) -> int:
 
 
 def cmd_orthogonalize(args) -> int:
-    import os
-    import shutil
-
     from . import artifacts
     from .directions import check_direction, load_direction
     from .hooks import orthogonalize
@@ -109,20 +102,13 @@ def cmd_orthogonalize(args) -> int:
     cm = _load(args)
     check_direction(direction, cm)
     edited = orthogonalize(cm, direction.vector, inplace=True)
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with artifacts.atomic_dir(out) as tmp:
         edited.model.save_pretrained(tmp, safe_serialization=True)
         edited.tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "refusal_lab.json", artifacts.run_record(
             edit="weight orthogonalization", base_model=cm.describe(), direction=str(args.direction),
             direction_layer=direction.layer, direction_position=direction.position,
             fingerprint=edited.fingerprint))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     print(f"wrote the orthogonalized model to {out} (load it with --model {out})")
     return 0
 
@@ -135,7 +121,7 @@ def cmd_eval(args) -> int:
     from .directions import check_direction, load_direction
     from .hooks import ablate_direction, add_direction
     from .metrics import attack_success, evaluate
-    from .suffix import load_suffix, suffix_record
+    from .suffix import check_suffix_ids, load_suffix, suffix_record
 
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
@@ -146,7 +132,7 @@ def cmd_eval(args) -> int:
     d = load_direction(args.ablate or args.actadd) if (args.ablate or args.actadd) else None
     cm = _load(args)
     if suffix_ids is not None:
-        load_suffix(args.suffix, cm.tokenizer)  # token ids that fit this vocabulary
+        check_suffix_ids(args.suffix, suffix_ids, cm.tokenizer)
     suffix = suffix_ids if suffix_ids is not None else suffix_text
     check_fits(cm, instructions(prompts), suffix, args.max_new_tokens)
     intervention, ctx = "none", contextlib.nullcontext()
@@ -167,14 +153,15 @@ def cmd_eval(args) -> int:
         df.to_json(tmp, orient="records", lines=True, force_ascii=False)
     rate = df.refused.mean()
     made_on = ((suffix_record(args.suffix) or {}).get("model") or {}).get("fingerprint") if args.suffix else None
+    transfer = bool(made_on and made_on != cm.fingerprint)
     artifacts.write_json(out.with_name(out.name + ".record.json"), artifacts.run_record(
         model=cm.describe(), prompts=str(args.prompts), n=len(df), intervention=intervention,
-        suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=bool(made_on and made_on != cm.fingerprint),
+        suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=transfer,
         refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(), attack_success_rate=df.success.mean(),
         max_new_tokens=args.max_new_tokens))
     print(f"refusal rate: {rate:.1%} ({int(df.refused.sum())}/{len(df)}), "
           f"mean refusal score {df.refusal_score.mean():.3f}, attack success {df.success.mean():.1%} [{intervention}]"
-          + (" (a suffix made on another model: transfer)" if made_on and made_on != cm.fingerprint else ""))
+          + (" (a suffix made on another model: transfer)" if transfer else ""))
     print(f"wrote {out}")
     return 0
 
@@ -182,12 +169,9 @@ def cmd_eval(args) -> int:
 def check_fits(cm, instructions, suffix, new_tokens: int) -> None:
     """Every prompt (with its suffix) plus the tokens to generate fits the model's context: checked before
     anything runs, so a too-long prompt is a clear error, not a failure half-way through."""
-    for ins in instructions:
-        n = len(cm.chat.encode(ins, suffix)) + new_tokens
-        if n > cm.max_context:
-            raise RefusalLabError(f"a prompt ({ins[:40]!r}...) needs {n} tokens with its suffix and the {new_tokens} "
-                                  f"generated, more than the model's context of {cm.max_context}; shorten it or "
-                                  "generate fewer tokens")
+    from .activations import check_lengths
+
+    check_lengths(cm, cm.chat.encode_all(instructions, suffix), new_tokens)
 
 
 def cmd_organism_build(args) -> int:
@@ -271,7 +255,7 @@ def cmd_analyze(args) -> int:
     from . import artifacts
     from .data import instructions, resolve_prompts
     from .directions import check_direction, load_direction
-    from .suffix import load_suffix, suffix_record
+    from .suffix import check_suffix_ids, load_suffix, suffix_record
 
     out = Path(args.out) / "analysis"
     artifacts.check_out(out, force=args.force)
@@ -286,7 +270,7 @@ def cmd_analyze(args) -> int:
     cm = _load(args)
     check_direction(direction, cm)
     if ids is not None:
-        load_suffix(args.suffix, cm.tokenizer)  # token ids that fit this vocabulary
+        check_suffix_ids(args.suffix, ids, cm.tokenizer)
     adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
     rand = (suffix_record(args.suffix) or {}).get("random_token_ids")
     if rand is None:

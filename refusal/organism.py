@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -244,16 +242,9 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
         config=asdict(cfg), trained_layers=[first, cm.n_layers - 1], steps=len(losses), losses=losses,
         refusals=list(REFUSALS), **info, **rates, timings_s=timer.seconds,
         wall_time_s=round(time.perf_counter() - t0, 1), base_model=cm.describe())
-    tmp = out.parent / f".{out.name}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with artifacts.atomic_dir(out) as tmp:  # a killed build leaves only a .tmp folder, never a half model
         model.save_pretrained(tmp, safe_serialization=True)
         cm.tokenizer.save_pretrained(tmp)
         artifacts.write_json(tmp / "organism.json", record)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)  # a killed build leaves only a .tmp folder, never a half model
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     log.info("organism built in %.0fs: %s", record["wall_time_s"], json.dumps(rates))
     return out

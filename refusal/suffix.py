@@ -23,6 +23,12 @@ def _resolve(spec: str) -> tuple[Path, bool]:
     return p, exists
 
 
+def check_suffix_ids(spec: str, ids: list[int], tokenizer) -> None:
+    """Token ids read from a suffix file fit this tokenizer's vocabulary."""
+    if ids and max(ids) >= len(tokenizer):
+        raise RefusalLabError(f"{spec}: token ids do not fit this model's vocabulary; the suffix was made for another tokenizer")
+
+
 def suffix_record(spec: str) -> dict | None:
     """The whole suffix.json record a spec names (None when the spec is text or a text file)."""
     p, exists = _resolve(spec)
@@ -49,8 +55,8 @@ def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
         if ids is not None:
             if not (isinstance(ids, list) and all(isinstance(i, int) and i >= 0 for i in ids)):
                 raise RefusalLabError(f"{spec}: 'token_ids' must be a list of token ids")
-            if tokenizer is not None and ids and max(ids) >= len(tokenizer):
-                raise RefusalLabError(f"{spec}: token ids do not fit this model's vocabulary; the suffix was made for another tokenizer")
+            if tokenizer is not None:
+                check_suffix_ids(spec, ids, tokenizer)
         return data["suffix"], ids
     if exists and p.is_file():
         try:
