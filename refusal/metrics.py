@@ -5,10 +5,10 @@ import logging
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from .activations import batches, last_logits
+from .activations import last_logits
 from .chat import Encoded
+from .decode import greedy_decode
 from .models import ChatModel
 
 log = logging.getLogger(__name__)
@@ -95,29 +95,11 @@ def kl_divergence(base_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.
     return (p.exp() * (p - q)).sum(-1)
 
 
-@torch.no_grad()
 def greedy_ids(
     cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True
 ) -> list[list[int]]:
     """Batched greedy reply token ids (under whatever hooks are active), cut after the first stop token."""
-    stops = cm.chat.stop_ids
-    out: list[list[int]] = []
-    for _, b in tqdm(list(batches(cm, encs, batch_size)), desc="generate", leave=False, disable=not progress):
-        gen = cm.model.generate(
-            input_ids=b.input_ids,
-            attention_mask=b.attention_mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
-            pad_token_id=cm.tokenizer.pad_token_id,
-            eos_token_id=stops,
-        )
-        for row in gen[:, b.input_ids.shape[1] :].tolist():
-            end = next((k for k, t in enumerate(row) if t in stops), None)
-            out.append(row if end is None else row[: end + 1])
-    return out
+    return greedy_decode(cm, encs, max_new_tokens, batch_size, progress)[0]
 
 
 def generate(
@@ -141,8 +123,9 @@ def evaluate(
     import pandas as pd
 
     encs = cm.chat.encode_all(prompts, suffix)
-    scores = refusal_scores(cm, encs, batch_size)
-    completions = generate(cm, encs, max_new_tokens, batch_size, progress)
+    ids, first_logits = greedy_decode(cm, encs, max_new_tokens, batch_size, progress)
+    scores = refusal_score_from_logits(first_logits, refusal_token_ids(cm.tokenizer))
+    completions = [s.strip() for s in cm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
     return pd.DataFrame(
         {
             "prompt": list(prompts),
