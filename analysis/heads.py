@@ -16,10 +16,10 @@ from typing import Mapping, Sequence
 import pandas as pd
 import torch
 
-from refusal.activations import batches
 from refusal.chat import Encoded
-from refusal.hooks import hooks
 from refusal.models import ChatModel
+
+from .capture import REGIONS, capture_last_position
 
 
 def _head_readout(cm: ChatModel, layer: int, r: torch.Tensor) -> torch.Tensor:
@@ -32,31 +32,20 @@ def _head_readout(cm: ChatModel, layer: int, r: torch.Tensor) -> torch.Tensor:
     return (w @ r) if isinstance(m, Conv1D) else (w.T @ r)  # Conv1D: out = z @ W; Linear: out = z @ W.T
 
 
+def contributions(cm: ChatModel, z: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """contrib[prompt, layer, head] from head outputs z[prompt, layer, n_heads * head_dim] at the last
+    position: each head's output through the output projection, dotted with the unit direction."""
+    r = direction.float() / direction.float().norm()
+    H, hd = cm.n_heads, cm.head_dim
+    readout = torch.stack([_head_readout(cm, l, r).cpu().view(H, hd) for l in range(cm.n_layers)])  # [layer, H, hd]
+    return (z.float().view(len(z), cm.n_layers, H, hd) * readout).sum(-1)
+
+
 @torch.no_grad()
 def head_contributions(cm: ChatModel, encs: Sequence[Encoded], direction: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """contrib[prompt, layer, head]: each head's direct contribution to the unit direction at the last
     position."""
-    r = direction.float() / direction.float().norm()
-    H, hd = cm.n_heads, cm.head_dim
-    readouts = [_head_readout(cm, l, r).view(H, hd) for l in range(cm.n_layers)]
-    out = torch.empty(len(encs), cm.n_layers, H)
-    store: dict[int, torch.Tensor] = {}
-
-    def make(layer):
-        def hook(m, args, kwargs):
-            z = args[0] if args else next(iter(kwargs.values()))
-            store[layer] = z[:, -1].float()
-
-        return hook
-
-    handles = [cm.o_proj(l).register_forward_pre_hook(make(l), with_kwargs=True) for l in range(cm.n_layers)]
-    with hooks(handles):
-        for sl, b in batches(cm, encs, batch_size):
-            cm.base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids, use_cache=False)
-            for l in range(cm.n_layers):
-                z = store[l].view(-1, H, hd)
-                out[sl, l] = (z * readouts[l].to(z.device)).sum(-1).cpu()
-    return out
+    return contributions(cm, capture_last_position(cm, encs, batch_size, attention=False).z, direction)
 
 
 def heads_table(contribs: Mapping[str, torch.Tensor], top_k: int = 8, rank_by: str = "harmful") -> pd.DataFrame:
@@ -84,34 +73,37 @@ def top_heads(df: pd.DataFrame, k: int = 8) -> list[tuple[int, int]]:
     return [(int(l), int(h)) for l, h in zip(top["layer"], top["head"])]
 
 
-@torch.no_grad()
+def shares_table(regions: torch.Tensor, heads: Sequence[tuple[int, int]]) -> pd.DataFrame:
+    """DataFrame(prompt_id, layer, head, instruction, suffix, other) for the given heads, from the
+    attention by region regions[prompt, layer, head, 3] (capture.capture_last_position)."""
+    rows = []
+    for i in range(len(regions)):
+        for l, h in heads:
+            ins, suf, other = regions[i, l, h].tolist()
+            rows.append((i, l, h, ins, suf, other))
+    return pd.DataFrame(rows, columns=["prompt_id", "layer", "head", *REGIONS])
+
+
 def attention_shares(cm: ChatModel, encs: Sequence[Encoded], heads: Sequence[tuple[int, int]],
                      batch_size: int = 16) -> pd.DataFrame:
     """DataFrame(prompt_id, layer, head, instruction, suffix, other): the attention weight from the last
     position summed over the instruction tokens, the suffix tokens and everything else."""
-    rows = []
-    for sl, b in batches(cm, encs, batch_size):
-        out = cm.model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                       output_attentions=True, use_cache=False)
-        atts = out.attentions  # per layer [batch, head, q, k]
-        for j, i in enumerate(range(sl.start, sl.stop)):
-            e, o = encs[i], int(b.offsets[j])
-            for l, h in heads:
-                a = atts[l][j, h, -1].float()
-                ins = float(a[o + e.instruction[0]: o + e.instruction[1]].sum())
-                suf = float(a[o + e.suffix[0]: o + e.suffix[1]].sum())
-                rows.append((i, l, h, ins, suf, float(a.sum()) - ins - suf))
-        del out
-    return pd.DataFrame(rows, columns=["prompt_id", "layer", "head", "instruction", "suffix", "other"])
+    return shares_table(capture_last_position(cm, encs, batch_size).regions, heads)
 
 
 def attention_table(cm: ChatModel, encodings: Mapping[str, Sequence[Encoded]], heads: Sequence[tuple[int, int]],
                     batch_size: int = 16) -> pd.DataFrame:
     """attention_shares for every condition: DataFrame(prompt_id, condition, layer, head, instruction,
     suffix, other)."""
+    return attention_table_from(
+        {c: capture_last_position(cm, e, batch_size).regions for c, e in encodings.items()}, heads)
+
+
+def attention_table_from(regions: Mapping[str, torch.Tensor], heads: Sequence[tuple[int, int]]) -> pd.DataFrame:
+    """shares_table for every condition, from {condition: regions[prompt, layer, head, 3]}."""
     frames = []
-    for cond, encs in encodings.items():
-        df = attention_shares(cm, encs, heads, batch_size)
+    for cond, reg in regions.items():
+        df = shares_table(reg, heads)
         df.insert(1, "condition", cond)
         frames.append(df)
     return pd.concat(frames, ignore_index=True)

@@ -10,9 +10,10 @@ from refusal import artifacts
 from refusal.directions import Direction
 from refusal.models import ChatModel
 
-from .heads import attention_table, head_contributions, heads_table, top_heads
+from .capture import capture_last_position
+from .heads import attention_table_from, contributions, heads_table, top_heads
 from .plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
-from .projection import condition_encodings, projection_metrics
+from .projection import condition_encodings, projection_table
 from .report import headline_numbers, headline_sentences, write_report
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,13 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
     out_dir = Path(out_dir)
     timer = artifacts.Timer()
     encs = condition_encodings(cm, harmful, harmless, adversarial, random)
-    with timer("projection"):
-        proj, acts = projection_metrics(cm, encs, direction.vector, batch_size)
-    with timer("heads"):
-        contribs = {c: head_contributions(cm, e, direction.vector, batch_size) for c, e in encs.items()}
-        heads = heads_table(contribs, top_k)
-        chosen = top_heads(heads, top_k)
-    with timer("attention"):
-        att = attention_table(cm, encs, chosen, batch_size)
+    with timer("forward"):  # one pass per condition gives every measure below
+        caps = {c: capture_last_position(cm, e, batch_size) for c, e in encs.items()}
+    acts = {c: cap.resid for c, cap in caps.items()}
+    proj = projection_table(acts, direction.vector)
+    heads = heads_table({c: contributions(cm, cap.z, direction.vector) for c, cap in caps.items()}, top_k)
+    chosen = top_heads(heads, top_k)
+    att = attention_table_from({c: cap.regions for c, cap in caps.items()}, chosen)
     # written into a temporary folder that replaces out_dir at the end: never a half-written analysis
     with artifacts.atomic_dir(out_dir) as tmp:
         artifacts.write_csv(tmp / "projection.csv", proj)

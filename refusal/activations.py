@@ -96,6 +96,21 @@ def forward_batches(
     The last position of every row is its prompt's last token. Hooks registered on the model run
     during each step, and the prefix step, before the yield.
     """
+    for idx, out, _ in forward_outputs(cm, encs, batch_size, share_prefix, desc):
+        yield idx, out[0]
+
+
+def forward_outputs(
+    cm: ChatModel,
+    encs: Sequence[Encoded],
+    batch_size: int = 32,
+    share_prefix: bool = True,
+    desc: str | None = None,
+    **forward_kw,
+) -> Iterator[tuple[torch.Tensor, object, int]]:
+    """forward_batches with the decoder's whole output (forward_kw, e.g. output_attentions=True, are
+    passed on) and the length p of the shared prefix: yield (indices into encs, output, p). Row j of a
+    batch holds encs[idx[j]].ids[p:] left-padded; the prefix's p positions come before it in the cache."""
     check_lengths(cm, encs)
     if batch_size < 1:
         raise RefusalLabError(f"batch size must be >= 1, got {batch_size}")
@@ -117,11 +132,11 @@ def forward_batches(
             n = len(chunk)
             mask = torch.cat([torch.ones(n, p, dtype=b.attention_mask.dtype, device=cm.device), b.attention_mask], 1)
             out = cm.base(input_ids=b.input_ids, attention_mask=mask, position_ids=b.position_ids + p,
-                          past_key_values=_expand_cache(past, n), use_cache=True)
+                          past_key_values=_expand_cache(past, n), use_cache=True, **forward_kw)
         else:
             out = cm.base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
-                          use_cache=False)
-        yield torch.as_tensor(chunk), out[0]
+                          use_cache=False, **forward_kw)
+        yield torch.as_tensor(chunk), out, p
 
 
 @torch.no_grad()

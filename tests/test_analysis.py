@@ -73,6 +73,26 @@ def test_heads_ranking_and_attention_shares(tiny):
     assert (bare.suffix == 0).all()
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma2"])
+def test_attention_regions_match_a_plain_pass(tiny_models, family):
+    """Batched, padded, with the template prefix cached: the same attention as one unpadded prompt."""
+    from analysis.capture import capture_last_position
+
+    cm = tiny_models[family]
+    encs = cm.chat.encode_all(HARMFUL + HARMLESS, "zz yy xx")
+    cap = capture_last_position(cm, encs, batch_size=4)
+    resid = cache_activations(cm, encs, positions=[-1])[:, :, 0]
+    assert torch.allclose(cap.resid, resid, atol=1e-4)
+    for i, e in enumerate(encs):
+        out = cm.model(input_ids=torch.tensor([e.ids]), output_attentions=True)
+        for layer in range(cm.n_layers):
+            a = out.attentions[layer][0, :, -1]  # [head, key]
+            ins = a[:, e.instruction[0]:e.instruction[1]].sum(-1)
+            suf = a[:, e.suffix[0]:e.suffix[1]].sum(-1)
+            want = torch.stack([ins, suf, a.sum(-1) - ins - suf], -1)
+            assert torch.allclose(cap.regions[i, layer], want, atol=1e-4), (i, layer)
+
+
 def test_analyze_writes_everything(tiny, tmp_path):
     res = analyze(tiny, _dir(tiny), HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, top_k=4,
                   success={"no_suffix": 0.1, "random_suffix": 0.2, "adversarial_suffix": 0.9})
