@@ -26,7 +26,7 @@ from .activations import cache_activations, last_logits
 from .chat import Encoded
 from .data import Prompt, instructions, prompt_hash
 from .errors import RefusalLabError
-from .hooks import ablate_direction, add_direction
+from .hooks import _hidden_input, ablate_direction, hooks, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel
 
@@ -69,6 +69,90 @@ def _ablation_scores(cm, r, harmful_val, harmless_val, base_harmless, ref_ids, b
     return bypass, kl_divergence(base_harmless, logits[nh:]).mean().item()
 
 
+@torch.no_grad()
+def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Encoded], layers: Sequence[int],
+                  batch_size: int = 32) -> torch.Tensor:
+    """induce[layer, pos]: mean refusal score on the harmless prompts with r(layer, pos) added at the
+    layer's input (NaN for layers not asked for). Equal to running the whole model under add_direction.
+
+    The residual stream before the layer does not depend on the addition: it is computed once, and each
+    candidate runs only the blocks from its layer on, the candidates of one layer side by side in one
+    batch. The template prefix every prompt shares is run once per candidate, not once per prompt, and
+    reused through the key/value cache (whose layers below the candidate's are the plain prefix's)."""
+    from .activations import _expand_cache, _shared_prefix_len, plan_batches
+    from .chat import pad_left
+
+    n_layers, n_pos, _ = diffs.shape
+    ref_ids = refusal_token_ids(cm.tokenizer)
+    total = torch.zeros(n_layers, n_pos, dtype=torch.float64)
+    layers = sorted(set(layers))
+    dev = cm.device
+    # prefix reuse needs a transformers Cache that can start at any layer (not GPT-2's tuples, not Gemma2's)
+    p = _shared_prefix_len(cm, harmless_val) if getattr(cm.model, "_supports_cache_class", False) else 0
+
+    def run(store: dict, **kw):
+        """cm.base(**kw), keeping the input of every block in `layers` in store."""
+        def keep(layer):
+            def hook(m, a, k):
+                store[layer] = _hidden_input(a, k).detach().clone()
+
+            return hook
+
+        with hooks([cm.blocks[l].register_forward_pre_hook(keep(l), with_kwargs=True) for l in layers]):
+            return cm.base(**kw)
+
+    if p:
+        from transformers.cache_utils import DynamicCache
+
+        prefix_ids = torch.tensor([cm.chat.prefix_ids], device=dev)
+        prefix_pos = torch.arange(p, device=dev)[None]
+        prefix_h: dict[int, torch.Tensor] = {}
+        prefix_cache = run(prefix_h, input_ids=prefix_ids, position_ids=prefix_pos, past_key_values=DynamicCache(),
+                           use_cache=True).past_key_values
+
+    def candidate_cache(layer: int, rs: torch.Tensor, n: int):
+        """The prefix's cache with rs[k] added at `layer`, each candidate's rows repeated n times."""
+        k = len(rs)
+        cache = DynamicCache()
+        hp = prefix_h[layer] + rs[:, None, :]  # [k, p, d]
+        with start_at_layer(cm, layer, lambda _: hp):
+            cm.base(input_ids=prefix_ids.expand(k, -1), position_ids=prefix_pos.expand(k, -1), past_key_values=cache,
+                    use_cache=True)
+        for l in range(layer):  # below the layer every candidate's prefix is the plain one
+            cache.key_cache[l] = prefix_cache.key_cache[l].expand(k, *prefix_cache.key_cache[l].shape[1:])
+            cache.value_cache[l] = prefix_cache.value_cache[l].expand(k, *prefix_cache.value_cache[l].shape[1:])
+        cache.key_cache = [t.repeat_interleave(n, 0) for t in cache.key_cache]
+        cache.value_cache = [t.repeat_interleave(n, 0) for t in cache.value_cache]
+        return cache
+
+    for chunk in plan_batches([len(e) - p for e in harmless_val], batch_size):
+        b = pad_left([harmless_val[i].ids[p:] for i in chunk], cm.tokenizer.pad_token_id, dev)
+        n = len(chunk)
+        mask, pos = b.attention_mask, b.position_ids + p
+        kw = {"use_cache": False}
+        if p:
+            mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=dev), mask], 1)
+            kw = {"use_cache": True, "past_key_values": _expand_cache(prefix_cache, n)}
+        store: dict[int, torch.Tensor] = {}
+        run(store, input_ids=b.input_ids, attention_mask=mask, position_ids=pos, **kw)
+        per = max(1, (4 * batch_size) // n)  # candidates per pass
+        for layer in layers:
+            x = store.pop(layer)  # [n, seq, d]
+            for p0 in range(0, n_pos, per):
+                rs = diffs[layer, p0:p0 + per].to(dev, x.dtype)  # [k, d]
+                k = len(rs)
+                hidden = (x.unsqueeze(0) + rs[:, None, None, :]).reshape(k * n, *x.shape[1:])
+                kw = {"use_cache": True, "past_key_values": candidate_cache(layer, rs, n)} if p else {"use_cache": False}
+                with start_at_layer(cm, layer, lambda _: hidden):
+                    out = cm.base(input_ids=b.input_ids.repeat(k, 1), attention_mask=mask.repeat(k, 1),
+                                  position_ids=pos.repeat(k, 1), **kw)
+                scores = refusal_score_from_logits(cm.logits_from_hidden(out[0][:, -1]).float(), ref_ids)
+                total[layer, p0:p0 + k] += scores.view(k, n).sum(1).double().cpu()
+    out = torch.full((n_layers, n_pos), math.nan)
+    out[layers] = (total[layers] / len(harmless_val)).float()
+    return out
+
+
 def score_candidates(
     cm: ChatModel,
     diffs: torch.Tensor,
@@ -87,6 +171,11 @@ def score_candidates(
     n_layers, n_pos, _ = diffs.shape
     ref_ids = refusal_token_ids(cm.tokenizer)
     base_harmless = last_logits(cm, harmless_val, batch_size)
+    norms = diffs.norm(dim=-1)
+    # e.g. layer 0, where every prompt has the same template token: no difference at all
+    usable = torch.isfinite(diffs).all(-1) & (norms > 1e-6 * max(1.0, norms.max().item()))
+    scored = [l for l in range(n_layers) if usable[l].any() and (score_all or l < PRUNE_LAYER_FRACTION * n_layers)]
+    induce = induce_scores(cm, diffs, harmless_val, scored, batch_size)
     rows = []
     todo = [(l, p) for l in range(n_layers) for p in range(n_pos)]
     for layer, pi in tqdm(todo, desc="scoring candidates", leave=False):
@@ -94,12 +183,9 @@ def score_candidates(
         row = dict(layer=layer, position=pi - n_pos, bypass_score=math.nan, induce_score=math.nan,
                    kl_score=math.nan, norm=r.norm().item())
         rows.append(row)
-        if not (torch.isfinite(r).all() and row["norm"] > 1e-6 * max(1.0, diffs.norm(dim=-1).max().item())):
-            continue  # e.g. layer 0, where every prompt has the same template token: no difference at all
-        if layer >= PRUNE_LAYER_FRACTION * n_layers and not score_all:
+        if not usable[layer, pi] or layer not in scored:
             continue
-        with add_direction(cm, r, layer):
-            row["induce_score"] = refusal_score_from_logits(last_logits(cm, harmless_val, batch_size), ref_ids).mean().item()
+        row["induce_score"] = induce[layer, pi].item()
         if row["induce_score"] <= 0 and not score_all:
             continue
         row["bypass_score"], row["kl_score"] = _ablation_scores(

@@ -149,6 +149,25 @@ def capture_block_inputs(
         yield
 
 
+@contextmanager
+def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
+    """Forward passes run only blocks `layer`.. : the blocks before it are taken out of the model, and
+    block `layer`'s input is hidden_fn(whatever arrives there), typically a cached residual stream. The
+    model's own forward still builds the mask, positions and rotary embeddings, and applies the final
+    norm, so nothing family-specific is reimplemented."""
+    _check_layer(cm, layer)
+    parent_path, name = cm.family.layers.rsplit(".", 1)
+    parent = cm.model.get_submodule(parent_path)
+    blocks = getattr(parent, name)
+    h = blocks[layer].register_forward_pre_hook(lambda m, a, k: _replace_hidden(a, k, hidden_fn), with_kwargs=True)
+    setattr(parent, name, torch.nn.ModuleList(list(blocks)[layer:]))
+    try:
+        yield
+    finally:
+        setattr(parent, name, blocks)
+        h.remove()
+
+
 # ----------------------------------------------------------------------------- weight orthogonalization
 
 

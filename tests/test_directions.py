@@ -121,3 +121,27 @@ def test_compute_direction_end_to_end_on_tiny(tiny):
     assert (scored.kl_score >= -1e-6).all()
     with pytest.raises(RefusalLabError, match="empty"):
         compute_direction(tiny, [], harmless, harmful, harmless)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2"])
+def test_induce_scores_equal_whole_model_addition(tiny_models, family):
+    """Starting each candidate at its layer from the cached residual stream gives the induce score of a
+    whole forward pass under add_direction."""
+    from refusal.activations import last_logits
+    from refusal.directions import induce_scores
+    from refusal.hooks import add_direction
+    from refusal.metrics import refusal_score_from_logits, refusal_token_ids
+
+    cm = tiny_models[family]
+    encs = cm.chat.encode_all(["Bake a cake", "Write a poem about rain and wind", "hi", "Name three rivers of Europe"])
+    diffs = torch.randn(cm.n_layers, 3, cm.d_model, generator=torch.Generator().manual_seed(0)) * 4
+    got = induce_scores(cm, diffs, encs, [1, 2], batch_size=3)
+    assert got[0].isnan().all()
+    ref_ids = refusal_token_ids(cm.tokenizer)
+    for layer in (1, 2):
+        for p in range(3):
+            with add_direction(cm, diffs[layer, p], layer):
+                want = refusal_score_from_logits(last_logits(cm, encs), ref_ids).mean().item()
+            assert got[layer, p].item() == pytest.approx(want, abs=1e-4), (layer, p)
+    assert len(cm.blocks) == cm.n_layers == 3  # the blocks are all back
+    assert got[1:].std() > 0.01  # the candidates do differ
