@@ -33,8 +33,10 @@ class JobSizes:
 
 FULL = JobSizes(n_train=128, n_val=16, attack_prompts=6, attack_steps=30, search_width=64, topk=64, suffix_len=16,
                 n_test=100, new_tokens=48)
-QUICK = JobSizes(n_train=48, n_val=8, attack_prompts=4, attack_steps=12, search_width=48, topk=48, suffix_len=12,
-                 n_test=32, new_tokens=32)
+# --quick checks the plumbing end to end in under 5 minutes on 2 CPU cores; its suffix is too short-lived
+# to beat refusal (the full job measures that)
+QUICK = JobSizes(n_train=48, n_val=8, attack_prompts=3, attack_steps=9, search_width=32, topk=32, suffix_len=12,
+                 n_test=24, new_tokens=32)
 
 
 def main_job(args) -> int:
