@@ -64,6 +64,25 @@ def _expand_cache(past, n: int):
     return DynamicCache.from_legacy_cache(expanded) if isinstance(past, Cache) else expanded
 
 
+def prefix_cache(cm: ChatModel):
+    """The key/value cache of the chat template's prefix (cm.chat.prefix_ids), run once (under whatever
+    hooks are active); a transformers Cache where the family uses one, else legacy tuples."""
+    kw = {}
+    if getattr(cm.model, "_supports_cache_class", False):
+        from transformers.cache_utils import DynamicCache
+
+        kw["past_key_values"] = DynamicCache()
+    p = len(cm.chat.prefix_ids)
+    ids = torch.tensor([cm.chat.prefix_ids], device=cm.device)
+    return cm.base(input_ids=ids, position_ids=torch.arange(p, device=cm.device)[None], use_cache=True,
+                   **kw).past_key_values
+
+
+def with_prefix(mask: torch.Tensor, p: int) -> torch.Tensor:
+    """An attention mask [n, seq] for rows that follow a cached prefix of p tokens: [n, p + seq]."""
+    return torch.cat([torch.ones(len(mask), p, dtype=mask.dtype, device=mask.device), mask], 1)
+
+
 def plan_batches(lengths: Sequence[int], max_batch: int, overhead_tokens: int = 48) -> list[list[int]]:
     """Split prompts into batches with little padding: sort by length, then choose the cut points
     that minimise padded tokens + a per-batch overhead (dynamic programming). Returns index lists."""
@@ -115,24 +134,14 @@ def forward_outputs(
     if batch_size < 1:
         raise RefusalLabError(f"batch size must be >= 1, got {batch_size}")
     p = _shared_prefix_len(cm, encs) if share_prefix else 0
-    past = None
-    if p:
-        ids = torch.tensor([cm.chat.prefix_ids], device=cm.device)
-        kw = {}
-        if getattr(cm.model, "_supports_cache_class", False):
-            from transformers.cache_utils import DynamicCache
-
-            kw["past_key_values"] = DynamicCache()
-        out = cm.base(input_ids=ids, position_ids=torch.arange(p, device=cm.device)[None], use_cache=True, **kw)
-        past = out.past_key_values
+    past = prefix_cache(cm) if p else None
     chunks = plan_batches([len(e) - p for e in encs], batch_size)
     for chunk in tqdm(chunks, desc=desc, leave=False, disable=desc is None):
         b = pad_left([encs[i].ids[p:] for i in chunk], cm.tokenizer.pad_token_id, cm.device)
         if p:
-            n = len(chunk)
-            mask = torch.cat([torch.ones(n, p, dtype=b.attention_mask.dtype, device=cm.device), b.attention_mask], 1)
-            out = cm.base(input_ids=b.input_ids, attention_mask=mask, position_ids=b.position_ids + p,
-                          past_key_values=_expand_cache(past, n), use_cache=True, **forward_kw)
+            out = cm.base(input_ids=b.input_ids, attention_mask=with_prefix(b.attention_mask, p),
+                          position_ids=b.position_ids + p, past_key_values=_expand_cache(past, len(chunk)),
+                          use_cache=True, **forward_kw)
         else:
             out = cm.base(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=b.position_ids,
                           use_cache=False, **forward_kw)

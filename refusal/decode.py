@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .activations import _expand_cache, _shared_prefix_len, check_lengths, plan_batches
+from .activations import _expand_cache, _shared_prefix_len, check_lengths, plan_batches, prefix_cache, with_prefix
 from .chat import Encoded, pad_left
 from .errors import RefusalLabError
 from .models import ChatModel
@@ -50,29 +50,16 @@ def greedy_decode(cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int, b
         return _generate_fallback(cm, encs, max_new_tokens, batch_size, progress)
     stops = torch.tensor(cm.chat.stop_ids, device=cm.device)
     p = _shared_prefix_len(cm, encs)
-    prefix = None
-    if p:
-        kw = {}
-        if getattr(cm.model, "_supports_cache_class", False):
-            from transformers.cache_utils import DynamicCache
-
-            kw["past_key_values"] = DynamicCache()
-        ids = torch.tensor([cm.chat.prefix_ids], device=cm.device)
-        prefix = cm.base(input_ids=ids, position_ids=torch.arange(p, device=cm.device)[None], use_cache=True,
-                         **kw).past_key_values
+    prefix = prefix_cache(cm) if p else None
     replies: list[list[int]] = [[] for _ in encs]
     first_logits = None
     chunks = plan_batches([len(e) - p for e in encs], batch_size)
     for chunk in tqdm(chunks, desc="generate", leave=False, disable=not progress):
         b = pad_left([encs[i].ids[p:] for i in chunk], cm.tokenizer.pad_token_id, cm.device)
         n = len(chunk)
-        mask = b.attention_mask
+        mask = with_prefix(b.attention_mask, p) if p else b.attention_mask
         pos = b.position_ids + p
-        if p:
-            mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=cm.device), mask], 1)
-            past = _expand_cache(prefix, n)
-        else:
-            past = None
+        past = _expand_cache(prefix, n) if p else None
         out = cm.base(input_ids=b.input_ids, attention_mask=mask, position_ids=pos, past_key_values=past,
                       use_cache=True)
         logits = cm.logits_from_hidden(out[0][:, -1]).float()
@@ -99,8 +86,6 @@ def greedy_decode(cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int, b
                           use_cache=True)
             past = out.past_key_values
             logits = cm.logits_from_hidden(out[0][:, -1]).float()
-    if first_logits is None:
-        first_logits = torch.empty(0, cm.model.get_output_embeddings().weight.shape[0])
     return replies, first_logits
 
 

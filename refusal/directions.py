@@ -79,7 +79,7 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
     candidate runs only the blocks from its layer on, the candidates of one layer side by side in one
     batch. The template prefix every prompt shares is run once per candidate, not once per prompt, and
     reused through the key/value cache (whose layers below the candidate's are the plain prefix's)."""
-    from .activations import _expand_cache, _shared_prefix_len, plan_batches
+    from .activations import _expand_cache, _shared_prefix_len, plan_batches, prefix_cache, with_prefix
     from .chat import pad_left
 
     n_layers, n_pos, _ = diffs.shape
@@ -90,25 +90,24 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
     # prefix reuse needs a transformers Cache that can start at any layer (not GPT-2's tuples, not Gemma2's)
     p = _shared_prefix_len(cm, harmless_val) if getattr(cm.model, "_supports_cache_class", False) else 0
 
-    def run(store: dict, **kw):
-        """cm.base(**kw), keeping the input of every block in `layers` in store."""
+    def keeping(store: dict):
+        """Hooks that keep the input of every block in `layers` in store."""
         def keep(layer):
             def hook(m, a, k):
                 store[layer] = _hidden_input(a, k).detach().clone()
 
             return hook
 
-        with hooks([cm.blocks[l].register_forward_pre_hook(keep(l), with_kwargs=True) for l in layers]):
-            return cm.base(**kw)
+        return hooks([cm.blocks[l].register_forward_pre_hook(keep(l), with_kwargs=True) for l in layers])
 
     if p:
         from transformers.cache_utils import DynamicCache
 
         prefix_ids = torch.tensor([cm.chat.prefix_ids], device=dev)
         prefix_pos = torch.arange(p, device=dev)[None]
-        prefix_h: dict[int, torch.Tensor] = {}
-        prefix_cache = run(prefix_h, input_ids=prefix_ids, position_ids=prefix_pos, past_key_values=DynamicCache(),
-                           use_cache=True).past_key_values
+        prefix_h: dict[int, torch.Tensor] = {}  # the prefix's input to every block in `layers`
+        with keeping(prefix_h):
+            plain = prefix_cache(cm)
 
     def candidate_cache(layer: int, rs: torch.Tensor, n: int):
         """The prefix's cache with rs[k] added at `layer`, each candidate's rows repeated n times."""
@@ -119,8 +118,8 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
             cm.base(input_ids=prefix_ids.expand(k, -1), position_ids=prefix_pos.expand(k, -1), past_key_values=cache,
                     use_cache=True)
         for l in range(layer):  # below the layer every candidate's prefix is the plain one
-            cache.key_cache[l] = prefix_cache.key_cache[l].expand(k, *prefix_cache.key_cache[l].shape[1:])
-            cache.value_cache[l] = prefix_cache.value_cache[l].expand(k, *prefix_cache.value_cache[l].shape[1:])
+            cache.key_cache[l] = plain.key_cache[l].expand(k, *plain.key_cache[l].shape[1:])
+            cache.value_cache[l] = plain.value_cache[l].expand(k, *plain.value_cache[l].shape[1:])
         cache.key_cache = [t.repeat_interleave(n, 0) for t in cache.key_cache]
         cache.value_cache = [t.repeat_interleave(n, 0) for t in cache.value_cache]
         return cache
@@ -128,13 +127,11 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
     for chunk in plan_batches([len(e) - p for e in harmless_val], batch_size):
         b = pad_left([harmless_val[i].ids[p:] for i in chunk], cm.tokenizer.pad_token_id, dev)
         n = len(chunk)
-        mask, pos = b.attention_mask, b.position_ids + p
-        kw = {"use_cache": False}
-        if p:
-            mask = torch.cat([torch.ones(n, p, dtype=mask.dtype, device=dev), mask], 1)
-            kw = {"use_cache": True, "past_key_values": _expand_cache(prefix_cache, n)}
+        mask, pos = (with_prefix(b.attention_mask, p) if p else b.attention_mask), b.position_ids + p
+        kw = {"use_cache": True, "past_key_values": _expand_cache(plain, n)} if p else {"use_cache": False}
         store: dict[int, torch.Tensor] = {}
-        run(store, input_ids=b.input_ids, attention_mask=mask, position_ids=pos, **kw)
+        with keeping(store):
+            cm.base(input_ids=b.input_ids, attention_mask=mask, position_ids=pos, **kw)
         per = max(1, (4 * batch_size) // n)  # candidates per pass
         for layer in layers:
             x = store.pop(layer)  # [n, seq, d]
