@@ -26,7 +26,7 @@ from .activations import cache_activations, last_logits
 from .chat import Encoded
 from .data import Prompt, instructions, prompt_hash
 from .errors import RefusalLabError
-from .hooks import _hidden_input, ablate_direction, hooks, start_at_layer
+from .hooks import ablate_direction, capture_block_inputs, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel
 
@@ -90,30 +90,20 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
     # prefix reuse needs a transformers Cache that can start at any layer (not GPT-2's tuples, not Gemma2's)
     p = _shared_prefix_len(cm, harmless_val) if getattr(cm.model, "_supports_cache_class", False) else 0
 
-    def keeping(store: dict):
-        """Hooks that keep the input of every block in `layers` in store."""
-        def keep(layer):
-            def hook(m, a, k):
-                store[layer] = _hidden_input(a, k).detach().clone()
-
-            return hook
-
-        return hooks([cm.blocks[l].register_forward_pre_hook(keep(l), with_kwargs=True) for l in layers])
-
     if p:
         from transformers.cache_utils import DynamicCache
 
         prefix_ids = torch.tensor([cm.chat.prefix_ids], device=dev)
         prefix_pos = torch.arange(p, device=dev)[None]
         prefix_h: dict[int, torch.Tensor] = {}  # the prefix's input to every block in `layers`
-        with keeping(prefix_h):
+        with capture_block_inputs(cm, prefix_h, layers):
             plain = prefix_cache(cm)
 
     def candidate_cache(layer: int, rs: torch.Tensor, n: int):
         """The prefix's cache with rs[k] added at `layer`, each candidate's rows repeated n times."""
         k = len(rs)
         cache = DynamicCache()
-        hp = prefix_h[layer] + rs[:, None, :]  # [k, p, d]
+        hp = prefix_h[layer].to(dev, rs.dtype) + rs[:, None, :]  # [k, p, d]
         with start_at_layer(cm, layer, lambda _: hp):
             cm.base(input_ids=prefix_ids.expand(k, -1), position_ids=prefix_pos.expand(k, -1), past_key_values=cache,
                     use_cache=True)
@@ -130,11 +120,11 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
         mask, pos = (with_prefix(b.attention_mask, p) if p else b.attention_mask), b.position_ids + p
         kw = {"use_cache": True, "past_key_values": _expand_cache(plain, n)} if p else {"use_cache": False}
         store: dict[int, torch.Tensor] = {}
-        with keeping(store):
+        with capture_block_inputs(cm, store, layers):
             cm.base(input_ids=b.input_ids, attention_mask=mask, position_ids=pos, **kw)
         per = max(1, (4 * batch_size) // n)  # candidates per pass
         for layer in layers:
-            x = store.pop(layer)  # [n, seq, d]
+            x = store.pop(layer).to(dev, cm.dtype)  # [n, seq, d]
             for p0 in range(0, n_pos, per):
                 rs = diffs[layer, p0:p0 + per].to(dev, x.dtype)  # [k, d]
                 k = len(rs)

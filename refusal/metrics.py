@@ -106,7 +106,11 @@ def generate(
     cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True
 ) -> list[str]:
     """Batched greedy completions as text (under whatever hooks are active)."""
-    ids = greedy_ids(cm, encs, max_new_tokens, batch_size, progress)
+    return reply_texts(cm, greedy_ids(cm, encs, max_new_tokens, batch_size, progress))
+
+
+def reply_texts(cm: ChatModel, ids: Sequence[Sequence[int]]) -> list[str]:
+    """Reply token ids as text, without special tokens and outer whitespace."""
     return [s.strip() for s in cm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
@@ -125,7 +129,7 @@ def evaluate(
     encs = cm.chat.encode_all(prompts, suffix)
     ids, first_logits = greedy_decode(cm, encs, max_new_tokens, batch_size, progress)
     scores = refusal_score_from_logits(first_logits, refusal_token_ids(cm.tokenizer))
-    completions = [s.strip() for s in cm.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+    completions = reply_texts(cm, ids)
     return pd.DataFrame(
         {
             "prompt": list(prompts),
