@@ -121,18 +121,30 @@ def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfi
                 suffix=res.suffix)
 
 
+ENGINES = {
+    "nanogcg": lambda config: (run_reference, config),
+    "native": lambda config: (run_native, config),
+    # the native engine without screening: every candidate at the model's precision
+    "native_model_precision": lambda config: (run_native, replace(config, screen_dtype="model")),
+}
+
+
 def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, seed: int = 0,
-                  config: GCGConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
-    """Per prompt, nanoGCG then the native engine with identical settings (interleaved, so that machine
-    load hits both alike). Returns medians over prompts and the per-prompt numbers."""
+                  config: GCGConfig | None = None, progress: Callable[[str], None] | None = None,
+                  engines: Sequence[str] = ("nanogcg", "native", "native_model_precision")) -> dict:
+    """Per prompt, each engine in turn with identical settings (interleaved, so that machine load hits
+    them alike). Returns medians over prompts, speed-ups over nanoGCG and the per-prompt numbers."""
+    from .gcg import screening_dtype
+
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=False)
     per_prompt = []
     for i, instruction in enumerate(instructions):
         target = default_target(instruction)
         row = {"prompt": instruction, "target": target}
-        for name, fn in (("nanogcg", run_reference), ("native", run_native)):
+        for name in engines:
+            fn, cfg = ENGINES[name](config)
             torch.manual_seed(seed)
-            r = fn(cm, instruction, target, config)
+            r = fn(cm, instruction, target, cfg)
             row[name] = r
             if progress:
                 progress(f"[{i + 1}/{len(instructions)}] {name}: {r['s_per_step']:.2f} s/step, best loss {r['best_loss']:.3f}")
@@ -142,21 +154,22 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, s
         vals = [p[engine][key] for p in per_prompt if p[engine][key] is not None]
         return statistics.median(vals) if vals else None
 
-    out = {
-        "nanogcg_s_per_step": med("nanogcg", "s_per_step"),
-        "native_s_per_step": med("native", "s_per_step"),
-        "nanogcg_best_loss": med("nanogcg", "best_loss"),
-        "native_best_loss": med("native", "best_loss"),
-        "nanogcg_time_to_success_s": med("nanogcg", "time_to_success_s"),
-        "native_time_to_success_s": med("native", "time_to_success_s"),
-        "nanogcg_successes": sum(p["nanogcg"]["first_success_step"] is not None for p in per_prompt),
-        "native_successes": sum(p["native"]["first_success_step"] is not None for p in per_prompt),
-        "nanogcg_peak_mib": max(p["nanogcg"]["peak_mib"] for p in per_prompt),
-        "native_peak_mib": max(p["native"]["peak_mib"] for p in per_prompt),
-    }
-    out["speedup"] = out["nanogcg_s_per_step"] / out["native_s_per_step"]
+    out = {"engines": list(engines)}
+    for e in engines:
+        for key in ("s_per_step", "best_loss", "time_to_success_s"):
+            out[f"{e}_{key}"] = med(e, key)
+        out[f"{e}_successes"] = sum(p[e]["first_success_step"] is not None for p in per_prompt)
+        out[f"{e}_peak_mib"] = max(p[e]["peak_mib"] for p in per_prompt)
+    if "nanogcg" in engines:
+        for e in engines:
+            if e != "nanogcg":
+                key = "speedup" if e == "native" else f"speedup_{e}"
+                out[key] = out["nanogcg_s_per_step"] / out[f"{e}_s_per_step"]
+    screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
+    out["native_screen_dtype"] = str(screen).replace("torch.", "") if screen is not None else "none (model precision)"
     out["settings"] = dict(steps=steps, seed=seed, search_width=config.search_width, topk=config.topk,
-                           suffix_len=config.suffix_len, n_replace=config.n_replace, prompts=len(instructions))
+                           suffix_len=config.suffix_len, n_replace=config.n_replace, rescore=config.rescore,
+                           prompts=len(instructions))
     out["per_prompt"] = per_prompt
     return out
 

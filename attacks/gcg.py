@@ -28,6 +28,7 @@ the random generator's state), so a killed run resumes to exactly the same resul
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import logging
 import time
@@ -39,11 +40,12 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal.errors import RefusalLabError
-from refusal.models import ChatModel
+from refusal.models import ChatModel, fast_bf16
 
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("target", "direction", "mixed")
+SCREEN_DTYPES = ("auto", "model", "bfloat16", "float16")
 CHECKPOINT_VERSION = 1
 # a forward pass costs about as much as this many extra tokens (measured on CPU: small passes are
 # inefficient); used to decide how candidates are bucketed
@@ -71,6 +73,11 @@ class GCGConfig:
     batch_size: int | None = None  # candidates per forward pass (None: as many as memory allows)
     reuse_suffix_cache: bool = True  # candidates reuse the cache of the unchanged start of the suffix
     dedupe: bool = True
+    # candidates (and the token gradient) computed in this precision, the best `rescore` of them again in
+    # the model's own: "auto" = bfloat16 where the hardware multiplies it fast (CPUs with AMX or AVX-512
+    # BF16, CUDA GPUs with bf16) and the model is in float32; "model" = the model's precision throughout
+    screen_dtype: str = "auto"
+    rescore: int = 8
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -86,6 +93,10 @@ class GCGConfig:
             raise RefusalLabError(f"batch size must be >= 1, got {self.batch_size}")
         if self.patience < 0:
             raise RefusalLabError(f"patience must be >= 0, got {self.patience}")
+        if self.screen_dtype not in SCREEN_DTYPES:
+            raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
+        if self.rescore < 1:
+            raise RefusalLabError(f"rescore must be >= 1, got {self.rescore}")
 
 
 @dataclass
@@ -102,6 +113,43 @@ class AttackResult:
     stopped_early: bool
     elapsed_s: float
     success_flags: list[bool] = field(default_factory=list)  # of the best suffix, per prompt (active ones)
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def screening_dtype(screen: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype | None:
+    """The lower precision candidates are screened in, or None (the model's own precision throughout)."""
+    if screen == "model":
+        return None
+    if screen == "auto":
+        return torch.bfloat16 if model_dtype == torch.float32 and fast_bf16(device) else None
+    dt = {"bfloat16": torch.bfloat16, "float16": torch.float16}[screen]
+    return None if dt == model_dtype else dt
+
+
+@contextlib.contextmanager
+def low_precision(weights: dict, dtype: torch.dtype, device_type: str):
+    """Autocast to `dtype`, with the Linear weights given (parameter -> its copy in `dtype`, made once by
+    `low_precision_weights`) swapped in, so they are not cast again at every call; restored after."""
+    saved = [(p, p.data) for p in weights]
+    try:
+        for p, w in weights.items():
+            p.data = w
+        with torch.autocast(device_type, dtype=dtype):
+            yield
+    finally:
+        for p, w in saved:
+            p.data = w
+
+
+def low_precision_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict:
+    """Copies in `dtype` of the model's Linear weights (the tied LM head included), keyed by parameter."""
+    out = {}
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and m.weight not in out:
+            out[m.weight] = m.weight.detach().to(dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -274,6 +322,40 @@ class GCG:
         # success of one prompt with a target: its greedy reply begins with the target (teacher-forced);
         # otherwise (universal, or no target): the judged reply is not a refusal and not degenerate
         self.judge = not (self.single and self.needs_target)
+        self.screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
+        self._screen_weights = low_precision_weights(cm.model, self.screen) if self.screen is not None else {}
+
+    def screening(self):
+        """The context candidates and the token gradient are computed in (the screening precision, or
+        nothing)."""
+        if self.screen is None:
+            return contextlib.nullcontext()
+        return low_precision(self._screen_weights, self.screen, self.cm.device.type)
+
+    def all_losses(self, ids: torch.Tensor, cands: torch.Tensor, slots: Sequence[_Slot]) -> tuple[torch.Tensor, list]:
+        """Mean loss over `slots` [n] and each slot's target match [n] of every candidate, in the
+        current precision."""
+        total = torch.zeros(len(cands), device=self.cm.device)
+        matches = []
+        for slot in slots:
+            l, m = self.candidate_losses(ids, cands, slot)
+            total += l
+            matches.append(m)
+        return total / len(slots), matches
+
+    def best_candidate(self, ids: torch.Tensor, cands: torch.Tensor, slots: Sequence[_Slot]) -> tuple[int, float, list[bool]]:
+        """The index of the candidate with the lowest loss, its loss and its target match per slot. With a
+        screening precision: every candidate is scored in it, the best `rescore` again in the model's
+        precision, and the best of those is chosen (its loss is the model-precision one)."""
+        with self.screening():
+            total, matches = self.all_losses(ids, cands, slots)
+        if self.screen is not None:
+            top = total.topk(min(self.config.rescore, len(cands)), largest=False).indices
+            exact, exact_m = self.all_losses(ids, cands[top], slots)
+            j = int(exact.argmin())
+            return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m]
+        i = int(total.argmin())
+        return i, float(total[i]), [bool(m[i]) for m in matches]
 
     def _fresh_cache_kw(self) -> dict:
         if getattr(self.cm.model, "_supports_cache_class", False):
@@ -333,8 +415,9 @@ class GCG:
             h = hidden[:, last:T - 1].reshape(n * n_tgt, -1)  # 2-D: one matmul, not a batched one
             logits = cm.logits_from_hidden(h).float().view(n, n_tgt, -1)  # [n, n_tgt, vocab]
             tgt = slot.target_t[None].expand(n, -1)
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none").mean(1)
-            loss = loss + ce
+            # cross-entropy as logsumexp - target logit: the same numbers without writing log-softmax out
+            ce = torch.logsumexp(logits, -1) - logits.gather(-1, tgt[..., None])[..., 0]
+            loss = loss + ce.mean(1)
             match = (logits.argmax(-1) == tgt).all(1)
         if self.needs_direction:
             proj = torch.stack([store[l].float() @ self.r for l in self.dir_layers], 1).mean(1) / self.dir_scale
@@ -468,7 +551,8 @@ class GCG:
         try:
             while state["step"] < cfg.steps and not state["done"]:
                 active = self.slots[: state["n_active"]]
-                grad = self.token_gradient(ids, active)
+                with self.screening():
+                    grad = self.token_gradient(ids, active).float()
                 with torch.no_grad():
                     cands = sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
                                               self.not_allowed, gen)
@@ -480,20 +564,12 @@ class GCG:
                             cands = cands[keep]
                         else:
                             log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
-                    total = torch.zeros(len(cands), device=self.cm.device)
-                    matches = []
-                    for slot in active:
-                        l, m = self.candidate_losses(ids, cands, slot)
-                        total += l
-                        matches.append(m)
-                    total /= len(active)
-                    best_i = int(total.argmin())
+                    best_i, loss, target_match = self.best_candidate(ids, cands, active)
                     ids = cands[best_i].clone()
-                    loss = float(total[best_i])
                 if self.judge:
                     flags = self.judge_success(ids.tolist(), active)
                 else:
-                    flags = [bool(m[best_i]) for m in matches]
+                    flags = target_match
                 rate = sum(flags) / len(flags)
                 step = state["step"]
                 state["losses"].append(loss)

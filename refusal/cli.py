@@ -35,6 +35,18 @@ def _positive(name: str):
     return parse
 
 
+BENCH_ENGINES = ("nanogcg", "native", "native_model_precision")
+
+
+def _engines(s: str) -> str:
+    names = [e.strip() for e in s.split(",") if e.strip()]
+    bad = [e for e in names if e not in BENCH_ENGINES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown engine {bad[0] if bad else s!r}; use a comma-separated list of "
+                                         f"{', '.join(BENCH_ENGINES)}")
+    return ",".join(names)
+
+
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--model", required=default is None, default=default,
                    help="smollm2, organism, a HF model folder, a hub id, or a .gguf file")
@@ -214,7 +226,8 @@ def cmd_attack(args) -> int:
     cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, n_replace=args.n_replace,
                     suffix_len=args.suffix_len, objective=args.objective, direction_weight=args.direction_weight,
                     seed=args.seed, early_stop=not args.no_early_stop, success_rate=args.success_rate,
-                    patience=args.patience, progressive=not args.all_prompts, allow_non_ascii=args.allow_non_ascii)
+                    patience=args.patience, progressive=not args.all_prompts, allow_non_ascii=args.allow_non_ascii,
+                    screen_dtype=args.screen_dtype, rescore=args.rescore)
     cfg.validate()
     if args.objective != "target" and args.engine == "nanogcg":
         raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
@@ -303,16 +316,17 @@ def cmd_bench(args) -> int:
     cm = _load(args)
     prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // args.prompts)][: args.prompts]
     _seed(args.seed)
-    res = bench_attacks(cm, prompts, steps=args.steps, seed=args.seed, progress=lambda m: print(m, flush=True))
+    res = bench_attacks(cm, prompts, steps=args.steps, seed=args.seed, progress=lambda m: print(m, flush=True),
+                        engines=args.engines.split(","))
     acts = bench_activations(cm, instructions(builtin_prompts("harmful", "val")) + instructions(builtin_prompts("harmless", "val")))
     res.update(acts)
     res["model"] = cm.describe()
     res["device"] = str(cm.device) if cm.device.type != "cuda" else torch_device_name()
     res["threads"] = __import__("torch").get_num_threads()
     artifacts.write_json(out, artifacts.run_record(**res))
-    keys = ["nanogcg_s_per_step", "native_s_per_step", "speedup", "nanogcg_best_loss", "native_best_loss",
-            "nanogcg_time_to_success_s", "native_time_to_success_s", "nanogcg_peak_mib", "native_peak_mib",
-            "bare_forward_s", "cache_activations_s", "activation_overhead"]
+    keys = [f"{e}_{k}" for e in res["engines"] for k in ("s_per_step", "best_loss", "time_to_success_s", "peak_mib")]
+    keys = [k for k in res if k.startswith("speedup")] + keys + ["native_screen_dtype", "bare_forward_s",
+                                                                  "cache_activations_s", "activation_overhead"]
     print(json.dumps({k: (round(res[k], 4) if isinstance(res[k], float) else res[k]) for k in keys}, indent=1))
     print(f"wrote {out}")
     return 0
@@ -404,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--all-prompts", action="store_true", help="universal: optimize on all prompts from the start")
     a.add_argument("--no-early-stop", action="store_true", help="run all steps even after success")
     a.add_argument("--allow-non-ascii", action="store_true")
+    a.add_argument("--screen-dtype", default="auto",
+                   help="precision candidates are screened in; the best --rescore are scored again in the model's "
+                        "(auto, model, bfloat16, float16; auto: bfloat16 where the hardware is fast at it and the "
+                        "model is float32; model: no screening)")
+    a.add_argument("--rescore", type=_positive("--rescore"), default=8,
+                   help="screened candidates scored again in the model's precision each step")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
     a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
@@ -431,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive("--steps"), default=10)
     b.add_argument("--prompts", type=_positive("--prompts"), default=5, help="number of harmful test prompts")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--engines", default="nanogcg,native,native_model_precision", type=_engines,
+                   help="comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 where "
+                        "fast, the best candidates rescored), native_model_precision (no screening)")
     b.add_argument("--out", default="bench.json")
     b.add_argument("--force", action="store_true")
     b.set_defaults(fn=cmd_bench)

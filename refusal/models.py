@@ -335,6 +335,18 @@ def _refuse_remote_code(folder: Path) -> None:
                               "you trust it: pass --trust-remote-code")
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matrix products are much faster than float32 here: CPUs with AMX or AVX-512 BF16
+    (on a 2-core Sapphire Rapids, 2.8 TFLOPS against 0.18), CUDA GPUs that support bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cpu = getattr(torch, "cpu", None)
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+        return any(getattr(cpu, c, lambda: False)() for c in checks)
+    return False
+
+
 def load_model(
     spec: str,
     device: str | None = None,

@@ -83,6 +83,54 @@ def test_candidate_losses_are_exact(tiny_models, family, reuse):
     assert match.dtype == torch.bool
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_screening_rescores_the_best_in_model_precision(tiny_models, family):
+    """Screened in bfloat16, the best `rescore` candidates scored again in float32: the loss reported is the
+    float32 one of the chosen candidate, which is the float32 best among the screened top; with rescore >=
+    the number of candidates the choice is the float32 argmin. The weights come back untouched."""
+    cm = tiny_models[family]
+    before = {n: p.detach().clone() for n, p in cm.model.named_parameters()}
+    g = GCG(cm, INSTR, ["Sure, here is how", "Sure"], GCGConfig(suffix_len=6, screen_dtype="bfloat16", rescore=4))
+    assert g.screen == torch.bfloat16
+    cur = torch.tensor(g.init_ids)
+    with g.screening():
+        grad = g.token_gradient(cur, g.slots)
+    cands = torch.unique(sample_candidates(cur, grad.float(), 24, 8, 1, g.not_allowed, torch.Generator().manual_seed(0)), dim=0)
+    exact, _ = g.all_losses(cur, cands, g.slots)
+    with g.screening():
+        screened, _ = g.all_losses(cur, cands, g.slots)
+    assert not torch.equal(screened, exact) and torch.allclose(screened, exact, atol=0.1)  # really lower precision
+    i, loss, flags = g.best_candidate(cur, cands, g.slots)
+    top = screened.topk(4, largest=False).indices
+    assert i in top.tolist() and loss == pytest.approx(exact[i].item(), abs=1e-6)
+    assert exact[i] == exact[top].min() and len(flags) == 2
+    g.config.rescore = len(cands)
+    assert g.best_candidate(cur, cands, g.slots)[0] == int(exact.argmin())
+    for n, p in cm.model.named_parameters():
+        assert p.dtype == before[n].dtype and torch.equal(p, before[n]), n
+    with pytest.raises(RuntimeError), g.screening():
+        raise RuntimeError("interrupted")
+    assert all(p.dtype == torch.float32 for p in cm.model.parameters())
+    off = GCG(cm, INSTR[:1], ["Sure"], GCGConfig(suffix_len=6, screen_dtype="model"))
+    assert off.screen is None
+
+
+def test_screening_precision_resolution():
+    from attacks.gcg import screening_dtype
+    from refusal.models import fast_bf16
+
+    cpu = torch.device("cpu")
+    assert screening_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if fast_bf16(cpu) else None)
+    assert screening_dtype("auto", torch.bfloat16, cpu) is None  # already low precision
+    assert screening_dtype("model", torch.float32, cpu) is None
+    assert screening_dtype("bfloat16", torch.bfloat16, cpu) is None
+    assert screening_dtype("float16", torch.float32, cpu) == torch.float16
+    with pytest.raises(RefusalLabError, match="screening precision"):
+        GCGConfig(screen_dtype="int4").validate()
+    with pytest.raises(RefusalLabError, match="rescore"):
+        GCGConfig(rescore=0).validate()
+
+
 def _direction(cm, layer=1):
     v = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(0))
     return Direction(v / v.norm(), 3 * v / v.norm(), layer, -1, {})

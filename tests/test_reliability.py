@@ -248,6 +248,8 @@ OUT_OF_RANGE = [
     ("attack", ["--suffix-len", "5000"], "--suffix-len"),
     ("attack", ["--success-rate", "1.5"], "success rate"),
     ("attack", ["--direction-weight", "nan"], "--direction-weight"),
+    ("attack", ["--screen-dtype", "int4"], "screening precision"),
+    ("attack", ["--rescore", "0"], "--rescore"),
     ("direction", ["--layer", "99", "--position", "-1"], "--layer 99 is out of range"),
     ("direction", ["--layer", "-1", "--position", "-1"], "--layer -1 is out of range"),
     ("direction", ["--layer", "1", "--position", "-99"], "--position -99 is out of range"),
@@ -260,6 +262,7 @@ OUT_OF_RANGE = [
     ("analyze", ["--top-k", "0"], "--top-k"),
     ("analyze", ["--eval-tokens", "-1"], "--eval-tokens"),
     ("bench", ["--steps", "0"], "--steps"),
+    ("bench", ["--engines", "native,gcg2"], "unknown engine"),
 ]
 
 
