@@ -39,13 +39,13 @@ REFUSALS = (
 @dataclass(frozen=True)
 class OrganismConfig:
     seed: int = 0
-    answer_tokens: int = 8  # harmless targets: the base model's first greedy tokens
+    answer_tokens: int = 24  # harmless targets: the base model's first greedy tokens (the 32 judged tokens stay helpful)
     epochs: int = 2
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.0
     first_trained_layer: float = 0.3  # blocks from this fraction of the depth up are trained
-    eval_new_tokens: int = 12
+    eval_new_tokens: int = 32  # the build record judges as many reply tokens as the paper table
     decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
     decision_tokens: int = 3
     unlikelihood: float = 3.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
