@@ -41,5 +41,7 @@ def test_ablation_equals_orthogonalization_on_smollm2(smollm2, train_diffs):
     edited = orthogonalize(smollm2, r)
     diff = (last_logits(edited, encs) - ablated).abs().max().item()
     del edited
-    assert diff < 1e-4
+    # float32 agreement, relative to the logits' scale (~28): two mathematically equal computations
+    # through 30 blocks differ by 4e-5 to 1.3e-4 depending on the CPU's kernels; a wrong edit differs by > 1
+    assert diff < 2e-5 * ablated.abs().max().item()
     assert (last_logits(smollm2, encs) - ablated).abs().max() > 1e-2
