@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from refusal.errors import RefusalLabError
 from refusal.models import ChatModel
 
 from .gcg import GCG, GCGConfig
@@ -127,6 +128,16 @@ ENGINES = {
     # the native engine without screening: every candidate at the model's precision
     "native_model_precision": lambda config: (run_native, replace(config, screen_dtype="model")),
 }
+
+
+def engine_names(text: str) -> list[str]:
+    """The engines of a comma-separated --engines value, checked against ENGINES."""
+    names = [e.strip() for e in text.split(",") if e.strip()]
+    bad = [e for e in names if e not in ENGINES]
+    if bad or not names:
+        raise RefusalLabError(f"unknown engine {bad[0] if bad else text!r}; use a comma-separated list of "
+                              f"{', '.join(ENGINES)}")
+    return names
 
 
 def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, seed: int = 0,

@@ -35,18 +35,6 @@ def _positive(name: str):
     return parse
 
 
-BENCH_ENGINES = ("nanogcg", "native", "native_model_precision")
-
-
-def _engines(s: str) -> str:
-    names = [e.strip() for e in s.split(",") if e.strip()]
-    bad = [e for e in names if e not in BENCH_ENGINES]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown engine {bad[0] if bad else s!r}; use a comma-separated list of "
-                                         f"{', '.join(BENCH_ENGINES)}")
-    return ",".join(names)
-
-
 def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--model", required=default is None, default=default,
                    help="smollm2, organism, a HF model folder, a hub id, or a .gguf file")
@@ -306,18 +294,19 @@ def cmd_analyze(args) -> int:
 def cmd_bench(args) -> int:
     import json
 
-    from attacks.bench import bench_activations, bench_attacks
+    from attacks.bench import bench_activations, bench_attacks, engine_names
 
     from . import artifacts
     from .data import builtin_prompts, instructions
 
+    engines = engine_names(args.engines)
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
     cm = _load(args)
     prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // args.prompts)][: args.prompts]
     _seed(args.seed)
     res = bench_attacks(cm, prompts, steps=args.steps, seed=args.seed, progress=lambda m: print(m, flush=True),
-                        engines=args.engines.split(","))
+                        engines=engines)
     acts = bench_activations(cm, instructions(builtin_prompts("harmful", "val")) + instructions(builtin_prompts("harmless", "val")))
     res.update(acts)
     res["model"] = cm.describe()
@@ -451,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=_positive("--steps"), default=10)
     b.add_argument("--prompts", type=_positive("--prompts"), default=5, help="number of harmful test prompts")
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--engines", default="nanogcg,native,native_model_precision", type=_engines,
+    b.add_argument("--engines", default="nanogcg,native,native_model_precision",
                    help="comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 where "
                         "fast, the best candidates rescored), native_model_precision (no screening)")
     b.add_argument("--out", default="bench.json")
