@@ -42,19 +42,21 @@ def main(argv=None) -> int:
         harmless = cm.chat.encode_all(instructions(builtin_prompts("harmless", "test")))
         dims, peaks = massive_dims(cm, harmless[:16], direction.layer)
         v = direction.vector.float().cpu()
-        dirs = {f"selected (layer {direction.layer}, position {direction.position})": v,
-                "selected, massive dims zeroed": without(v, dims)}
-        dirs |= random_directions(cm.d_model, args.random, args.seed)
-        dirs |= random_directions(cm.d_model, args.random, args.seed + 1, zero=dims)
-        df = ablation_kl(cm, dirs, harmless)
+        groups = {
+            "selected": {f"selected (layer {direction.layer}, position {direction.position})": v,
+                         "selected, massive dims zeroed": without(v, dims)},
+            "random": random_directions(cm.d_model, args.random, args.seed),
+            "random, massive dims zeroed": random_directions(cm.d_model, args.random, args.seed + 1, zero=dims),
+        }
+        df = ablation_kl(cm, {name: d for g in groups.values() for name, d in g.items()}, harmless)
         artifacts.write_csv(out, df)
         print(f"massive dims at layer {direction.layer}: "
               + ", ".join(f"{d} (|x| up to {p:.0f}; selected direction's component {v[d]:+.3f})" for d, p in zip(dims, peaks.tolist())))
         print(to_markdown(df))
-        for kind, mask in (("random", ~df.direction.str.contains("zeroed") & df.direction.str.startswith("random")),
-                           ("random, massive dims zeroed", df.direction.str.contains("zeroed") & df.direction.str.startswith("random"))):
-            if mask.any():
-                k = df[mask].kl_mean
+        kl = df.set_index("direction").kl_mean
+        for kind in ("random", "random, massive dims zeroed"):
+            if groups[kind]:
+                k = kl[list(groups[kind])]
                 print(f"{kind}: KL mean over directions {k.mean():.3f} (min {k.min():.3f}, max {k.max():.3f})")
         print(f"wrote {out}")
         return 0
