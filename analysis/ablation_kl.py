@@ -6,7 +6,9 @@ KL > 0.1. On a small model that bar can sit near the cost of ablating *any* dire
   - the same direction with the residual stream's massive-activation dimensions zeroed (the dimensions
     whose mean |activation| is many times the median: the attention sink's, which ablation at every
     position, the first token included, disturbs);
-  - seeded random unit directions, with and without those dimensions.
+  - seeded random unit directions, with and without those dimensions;
+and, for one direction, where its cost comes from: the same ablation restricted to some positions (the
+first token, the attention sink; the post-instruction positions; the last position) or some layers.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ import torch
 
 from refusal.activations import last_logits
 from refusal.chat import Encoded
-from refusal.hooks import ablate_direction, capture_block_inputs
+from refusal.errors import RefusalLabError
+from refusal.hooks import _replace_hidden, _replace_output, ablate_direction, capture_block_inputs, hooks
 from refusal.metrics import kl_divergence
 from refusal.models import ChatModel
 
@@ -70,3 +73,71 @@ def without(v: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     v = v.clone().float()
     v[list(dims)] = 0
     return v / v.norm()
+
+
+def _regions(e: Encoded) -> dict[str, list[int]]:
+    t = len(e.ids)
+    return {
+        "every position (the paper's ablation)": list(range(t)),
+        "every position but the first token": list(range(1, t)),
+        "the first token only (the attention sink)": [0],
+        "the post-instruction positions only": list(range(e.post[0], t)),
+        "the last position only": [t - 1],
+    }
+
+
+@torch.no_grad()
+def ablation_kl_by_region(cm: ChatModel, direction: torch.Tensor, harmless: Sequence[Encoded],
+                          layer: int | None = None, batch_size: int = 32) -> pd.DataFrame:
+    """KL(P || P_ablated) of the last-position logits on `harmless` when the directional ablation (every
+    block input, attention and MLP output) is applied only at some positions, or only at the layers below
+    / from `layer` (all positions). One row per region; the first row is the paper's full ablation, the
+    same number ablation_kl gives. Batches are right-padded, so every prompt's positions count from 0."""
+    if not len(harmless):
+        raise RefusalLabError("no prompts to measure the ablation on")
+    r = direction.detach().float().cpu()
+    r = r / r.norm()
+    base = last_logits(cm, harmless, batch_size)
+    n = cm.n_layers
+    full = "every position (the paper's ablation)"
+    variants = [(region, f"all {n}", range(n)) for region in _regions(harmless[0])]
+    if layer is not None:
+        variants[1:1] = [(full, f"layers 0-{layer - 1}", range(layer)), (full, f"layers {layer}-{n - 1}", range(layer, n))]
+    kls = torch.zeros(len(variants), len(harmless))
+    pad = cm.tokenizer.pad_token_id if cm.tokenizer.pad_token_id is not None else 0
+    for s in range(0, len(harmless), batch_size):
+        chunk = harmless[s : s + batch_size]
+        width = max(len(e.ids) for e in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attn = torch.zeros(len(chunk), width, dtype=torch.long)
+        for j, e in enumerate(chunk):
+            ids[j, : len(e.ids)] = torch.tensor(e.ids)
+            attn[j, : len(e.ids)] = 1
+        last = attn.sum(1) - 1
+        for v, (region, _, layers) in enumerate(variants):
+            mask = torch.zeros(len(chunk), width, 1)
+            for j, e in enumerate(chunk):
+                mask[j, _regions(e)[region]] = 1
+
+            def proj(x, mask=mask):
+                rv, m = r.to(x.device, x.dtype), mask.to(x.device, x.dtype)
+                return x - m * (x @ rv).unsqueeze(-1) * rv
+
+            handles = []
+            try:
+                for li in layers:
+                    handles.append(cm.blocks[li].register_forward_pre_hook(
+                        lambda mod, a, kw: _replace_hidden(a, kw, proj), with_kwargs=True))
+                    for mod in cm.residual_writers(li):
+                        handles.append(mod.register_forward_hook(lambda mod, a, out: _replace_output(out, proj)))
+            except Exception:
+                for h in handles:
+                    h.remove()
+                raise
+            with hooks(handles):
+                hidden = cm.base(input_ids=ids.to(cm.device), attention_mask=attn.to(cm.device)).last_hidden_state
+            logits = cm.logits_from_hidden(hidden[torch.arange(len(chunk)), last.to(hidden.device)]).float().cpu()
+            kls[v, s : s + len(chunk)] = kl_divergence(base[s : s + len(chunk)], logits)
+    return pd.DataFrame([{"positions": region, "layers": lname, "kl_mean": k.mean().item(),
+                          "kl_median": k.median().item(), "kl_max": k.max().item()}
+                         for (region, lname, _), k in zip(variants, kls)])

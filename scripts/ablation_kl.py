@@ -6,6 +6,9 @@
 KL of the last-position logits on the harmless test prompts (as the paper's KL score) under directional
 ablation of: the selected direction; the same with the massive-activation dimensions zeroed; seeded
 random unit directions, with and without those dimensions. Prints the table and the massive dimensions.
+Then where the selected direction's cost comes from: the same ablation restricted to the first token (the
+attention sink), to every position but it, to the post-instruction positions, to the last position, and to
+the layers below / from the direction's layer (written beside, as ablation_kl_regions.csv).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from analysis.ablation_kl import ablation_kl, massive_dims, random_directions, without
+from analysis.ablation_kl import ablation_kl, ablation_kl_by_region, massive_dims, random_directions, without
 from analysis.reproduce import to_markdown
 from refusal import artifacts
 from refusal.data import builtin_prompts, instructions
@@ -58,7 +61,12 @@ def main(argv=None) -> int:
             if groups[kind]:
                 k = kl[list(groups[kind])]
                 print(f"{kind}: KL mean over directions {k.mean():.3f} (min {k.min():.3f}, max {k.max():.3f})")
-        print(f"wrote {out}")
+        regions = ablation_kl_by_region(cm, v, harmless, layer=direction.layer)
+        out_regions = out.with_name(out.stem + "_regions.csv")
+        artifacts.write_csv(out_regions, regions)
+        print("where the selected direction's KL comes from (ablation restricted to):")
+        print(to_markdown(regions))
+        print(f"wrote {out} and {out_regions}")
         return 0
     except RefusalLabError as e:
         print(f"error: {e}", file=sys.stderr)
