@@ -20,7 +20,7 @@ import torch
 from refusal.activations import last_logits
 from refusal.chat import Encoded
 from refusal.errors import RefusalLabError
-from refusal.hooks import _replace_hidden, _replace_output, ablate_direction, capture_block_inputs, hooks
+from refusal.hooks import ablate_direction, capture_block_inputs
 from refusal.metrics import kl_divergence
 from refusal.models import ChatModel
 
@@ -95,8 +95,6 @@ def ablation_kl_by_region(cm: ChatModel, direction: torch.Tensor, harmless: Sequ
     same number ablation_kl gives. Batches are right-padded, so every prompt's positions count from 0."""
     if not len(harmless):
         raise RefusalLabError("no prompts to measure the ablation on")
-    r = direction.detach().float().cpu()
-    r = r / r.norm()
     base = last_logits(cm, harmless, batch_size)
     n = cm.n_layers
     full = "every position (the paper's ablation)"
@@ -107,6 +105,7 @@ def ablation_kl_by_region(cm: ChatModel, direction: torch.Tensor, harmless: Sequ
     pad = cm.tokenizer.pad_token_id if cm.tokenizer.pad_token_id is not None else 0
     for s in range(0, len(harmless), batch_size):
         chunk = harmless[s : s + batch_size]
+        regions = [_regions(e) for e in chunk]
         width = max(len(e.ids) for e in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attn = torch.zeros(len(chunk), width, dtype=torch.long)
@@ -115,26 +114,10 @@ def ablation_kl_by_region(cm: ChatModel, direction: torch.Tensor, harmless: Sequ
             attn[j, : len(e.ids)] = 1
         last = attn.sum(1) - 1
         for v, (region, _, layers) in enumerate(variants):
-            mask = torch.zeros(len(chunk), width, 1)
-            for j, e in enumerate(chunk):
-                mask[j, _regions(e)[region]] = 1
-
-            def proj(x, mask=mask):
-                rv, m = r.to(x.device, x.dtype), mask.to(x.device, x.dtype)
-                return x - m * (x @ rv).unsqueeze(-1) * rv
-
-            handles = []
-            try:
-                for li in layers:
-                    handles.append(cm.blocks[li].register_forward_pre_hook(
-                        lambda mod, a, kw: _replace_hidden(a, kw, proj), with_kwargs=True))
-                    for mod in cm.residual_writers(li):
-                        handles.append(mod.register_forward_hook(lambda mod, a, out: _replace_output(out, proj)))
-            except Exception:
-                for h in handles:
-                    h.remove()
-                raise
-            with hooks(handles):
+            mask = torch.zeros(len(chunk), width)
+            for j, reg in enumerate(regions):
+                mask[j, reg[region]] = 1
+            with ablate_direction(cm, direction, layers=layers, positions=mask):
                 hidden = cm.base(input_ids=ids.to(cm.device), attention_mask=attn.to(cm.device)).last_hidden_state
             logits = cm.logits_from_hidden(hidden[torch.arange(len(chunk)), last.to(hidden.device)]).float().cpu()
             kls[v, s : s + len(chunk)] = kl_divergence(base[s : s + len(chunk)], logits)

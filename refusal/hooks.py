@@ -79,22 +79,32 @@ def hooks(handles: list) -> Iterator[None]:
             h.remove()
 
 
-def _project_out(rv: _PerDevice):
+def _project_out(rv: _PerDevice, positions: torch.Tensor | None = None):
+    mask = None if positions is None else _PerDevice(positions[..., None])
+
     def fn(x: torch.Tensor) -> torch.Tensor:
         r = rv.like(x)
-        return x - (x @ r).unsqueeze(-1) * r
+        if mask is None:
+            return x - (x @ r).unsqueeze(-1) * r
+        return x - mask.like(x) * (x @ r).unsqueeze(-1) * r
 
     return fn
 
 
 @contextmanager
-def ablate_direction(cm: ChatModel, direction: torch.Tensor) -> Iterator[None]:
-    """Directional ablation: remove the unit direction from every residual input and every write to the residual."""
+def ablate_direction(cm: ChatModel, direction: torch.Tensor, layers: Sequence[int] | None = None,
+                     positions: torch.Tensor | None = None) -> Iterator[None]:
+    """Directional ablation: remove the unit direction from every residual input and every write to the residual.
+
+    The paper ablates at every layer and position (the default). For analysis, `layers` restricts it to some
+    blocks and `positions`, a 0/1 mask [batch, seq] shaped like the inputs the model will be run on, to some
+    positions."""
     rv = _PerDevice(_unit(cm, direction))
-    proj = _project_out(rv)
+    proj = _project_out(rv, None if positions is None else positions.detach().float())
     handles = []
     try:
-        for layer, block in enumerate(cm.blocks):
+        for layer in range(cm.n_layers) if layers is None else [_check_layer(cm, l) for l in layers]:
+            block = cm.blocks[layer]
             handles.append(
                 block.register_forward_pre_hook(lambda m, a, k: _replace_hidden(a, k, proj), with_kwargs=True)
             )

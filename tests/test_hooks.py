@@ -67,6 +67,33 @@ def test_hooks_always_removed(tiny):
     assert set(store) == set(range(tiny.n_layers)) and _n_hooks(tiny) == n0
 
 
+def test_ablation_restricted_to_layers_and_positions(tiny):
+    r = _direction(tiny, 2)
+    ru = r / r.norm()
+    ids = torch.tensor([tiny.chat.encode(PROMPTS[0]).ids])
+    run = lambda: tiny.model(ids).logits[0, -1]
+    with torch.no_grad():
+        base = run()
+        with ablate_direction(tiny, r):
+            full = run()
+        with ablate_direction(tiny, r, layers=range(tiny.n_layers), positions=torch.ones(ids.shape)):
+            assert torch.equal(run(), full)  # every layer and position: the paper's ablation
+        with ablate_direction(tiny, r, positions=torch.zeros(ids.shape)):
+            assert torch.equal(run(), base)  # no position: nothing changes
+        with ablate_direction(tiny, r, layers=[]):
+            assert torch.equal(run(), base)
+        acts = {}
+        mask = torch.zeros(ids.shape)
+        mask[0, -1] = 1
+        with ablate_direction(tiny, r, layers=[1], positions=mask), capture_block_inputs(tiny, acts):
+            tiny.model(ids)
+    assert (acts[1][0, -1] @ ru).abs() < 1e-4 < (acts[1][0, -2] @ ru).abs()  # only the last position, at layer 1
+    assert (acts[0][0, -1] @ ru).abs() > 1e-4  # not at layer 0
+    with pytest.raises(RefusalLabError, match="out of range"):
+        with ablate_direction(tiny, r, layers=[tiny.n_layers]):
+            pass
+
+
 def test_activation_addition_acts_at_its_layer_only(tiny):
     r = _direction(tiny, 2)
     encs = tiny.chat.encode_all(PROMPTS)
