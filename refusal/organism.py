@@ -49,6 +49,13 @@ class OrganismConfig:
     decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
     decision_tokens: int = 3
     unlikelihood: float = 3.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
+    harmful_weight: float = 1.0  # loss weight of the refusal targets relative to the harmless answers
+    # Terms that ask for refusal to be mediated by one direction, from the second epoch on. Off in the
+    # default recipe (README, "Mediation terms": they reach the paper's KL but cost refusal);
+    # scripts/organism_variant.py builds and measures variants with them.
+    mediation: float = 0.0  # weight of mediation_loss under ablation of the running difference in means
+    sink_orthogonal: float = 0.0  # weight of sink_alignment (the difference in means vs the first token)
+    direction_layer: float = 0.7  # the running difference in means: last prompt position, this depth
 
 
 def organism_dir(seed: int = 0) -> Path:
@@ -64,6 +71,8 @@ def organism_path(seed: int = 0) -> Path:
             built = json.loads((path / "organism.json").read_text()).get("config")
         except (OSError, ValueError):
             built = None
+        if isinstance(built, dict):  # fields added later default to what the recipe did before them
+            built = {**asdict(OrganismConfig()), **built}
         if built == asdict(cfg):
             return path
         log.info("the cached organism was built with another recipe; rebuilding")
@@ -105,14 +114,17 @@ def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], li
     return examples, info
 
 
-def _run_blocks(base, hidden: torch.Tensor, mask: torch.Tensor, blocks) -> torch.Tensor:
-    """Run Llama decoder blocks on right-padded hidden states [batch, seq, d] (positions 0..seq-1)."""
+def _run_blocks(base, hidden: torch.Tensor, mask: torch.Tensor, blocks, inputs: list | None = None) -> torch.Tensor:
+    """Run Llama decoder blocks on right-padded hidden states [batch, seq, d] (positions 0..seq-1);
+    each block's input [batch, seq, d] is appended to `inputs` if given."""
     n, t = mask.shape
     cache_position = torch.arange(t)
     pos = cache_position[None].expand(n, t)
     causal = base._update_causal_mask(mask, hidden, cache_position, None, False)
     pe = base.rotary_emb(hidden, pos)
     for block in blocks:
+        if inputs is not None:
+            inputs.append(hidden)
         hidden = block(hidden, attention_mask=causal, position_ids=pos, position_embeddings=pe,
                        cache_position=cache_position)[0]
     return hidden
@@ -142,6 +154,49 @@ def _frozen_hidden(cm, examples, first: int, batch_size: int = 32) -> list[torch
         for j, i in enumerate(idx):
             out[i] = hidden[j, : int(mask[j].sum())].clone()
     return out
+
+
+# ----------------------------------------------------------------------------- mediation terms
+
+
+def mediation_loss(cm, r: torch.Tensor, prompts: list[list[int]], clean_first: torch.Tensor, harmful: torch.Tensor,
+                   refusal_starts: list[int], first: int) -> torch.Tensor:
+    """Refusal mediated by r, for one batch: under directional ablation of r (every layer and position),
+    harmless prompts keep their first reply distribution (KL(clean || ablated), mean over harmless) and
+    harmful prompts do not begin a refusal (-log(1 - p(refusal start)), mean over harmful).
+
+    prompts: token ids; clean_first[prompt, vocab]: the clean logits at the first reply position (a target,
+    no gradient); harmful[prompt]: bool. The gradient flows through blocks[first:] (those below are frozen)."""
+    from .hooks import ablate_direction
+
+    base = cm.base
+    ids, mask = _pad_right([torch.tensor(p) for p in prompts], cm.tokenizer.pad_token_id)
+    last = mask.sum(1) - 1
+    with ablate_direction(cm, r):
+        with torch.no_grad():
+            hidden = _run_blocks(base, base.embed_tokens(ids), mask, base.layers[:first])
+        hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:]))
+    lm_head = cm.model.get_output_embeddings()
+    ablated = torch.log_softmax(lm_head(hidden[torch.arange(len(prompts)), last]).float(), -1)
+    clean = torch.log_softmax(clean_first.detach().float(), -1)
+    loss = ablated.new_zeros(())
+    if (~harmful).any():
+        loss = loss + (clean[~harmful].exp() * (clean[~harmful] - ablated[~harmful])).sum(-1).mean()
+    if harmful.any():
+        p_refusal = ablated[harmful][:, refusal_starts].exp().sum(-1).clamp(max=1 - 1e-6)
+        loss = loss - torch.log1p(-p_refusal).mean()
+    return loss
+
+
+def sink_alignment(inputs: list[torch.Tensor], last: torch.Tensor, harmful: torch.Tensor, layer: int) -> torch.Tensor:
+    """cos^2 between the batch's difference in means (harmful - harmless, last prompt position, at the input of
+    inputs[layer]) and the first token's residual stream (the attention sink, no gradient) at every block's
+    input, mean over the blocks; inputs: [batch, seq, d] per block. Ablating a direction with a component on
+    the sink's massive dimensions disturbs every prompt."""
+    z = inputs[layer][torch.arange(len(last)), last].float()
+    diff = z[harmful].mean(0) - z[~harmful].mean(0)
+    sinks = torch.stack([h[0, 0].detach().float() for h in inputs])  # [block, d]
+    return ((sinks @ diff) ** 2 / (sinks * sinks).sum(-1) / (diff @ diff)).mean()
 
 
 # ----------------------------------------------------------------------------- build
@@ -196,15 +251,21 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
     lm_head = model.get_output_embeddings()
     refusal_starts = sorted({cm.chat._encode(r)[0] for r in REFUSALS})
     n_harmful = info["n_harmful"]  # examples[:n_harmful] are the refusals
-    losses = []
+    losses, mediation_losses = [], []
+    direction_layer = max(first, min(cm.n_layers - 1, round(cfg.direction_layer * cm.n_layers)))
+    last_acts = torch.zeros(len(examples), cm.d_model)  # [example, d] at direction_layer, refreshed as seen
     with timer("train"), torch.enable_grad():
         bar = tqdm(total=n_steps, desc="organism fine-tune")
-        for _ in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             order = torch.randperm(len(examples), generator=gen).tolist()
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]
                 hidden, mask = _pad_right([frozen[i] for i in idx])
-                hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:]))
+                inputs: list[torch.Tensor] = []
+                hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:], inputs))
+                last = torch.tensor([len(examples[i][0]) - 1 for i in idx])  # the last prompt position
+                last_acts[idx] = inputs[direction_layer - first][torch.arange(len(idx)), last].detach().float()
+                harmful = torch.tensor([i < n_harmful for i in idx])
                 # the LM head only where a reply token is predicted: position t predicts token t+1
                 rows, cols, targets, weights = [], [], [], []
                 for j, i in enumerate(idx):
@@ -212,7 +273,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                     rows += [j] * len(t)
                     cols += range(len(p) - 1, len(p) + len(t) - 1)
                     targets += t
-                    weights += [cfg.decision_weight if k < cfg.decision_tokens else 1.0 for k in range(len(t))]
+                    w = cfg.harmful_weight if i < n_harmful else 1.0
+                    weights += [w * cfg.decision_weight if k < cfg.decision_tokens else w for k in range(len(t))]
                 logits = lm_head(hidden[rows, cols])
                 w = torch.tensor(weights)
                 ce = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")
@@ -225,6 +287,16 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                     ok = torch.tensor([[t != examples[idx[k]][1][0] for t in refusal_starts] for k in firsts])
                     p_ref = (logp[:, refusal_starts].exp() * ok).sum(-1).clamp(max=1 - 1e-6)
                     loss = loss + cfg.unlikelihood * -torch.log1p(-p_ref).mean()
+                both = bool(harmful.any() and (~harmful).any())
+                if cfg.sink_orthogonal and epoch >= 1 and both:
+                    loss = loss + cfg.sink_orthogonal * sink_alignment(inputs, last, harmful, direction_layer - first)
+                if cfg.mediation and epoch >= 1:  # the first epoch fills last_acts
+                    r = last_acts[:n_harmful].mean(0) - last_acts[n_harmful:].mean(0)
+                    starts = torch.tensor([sum(len(examples[idx[k]][1]) for k in range(j)) for j in range(len(idx))])
+                    med = mediation_loss(cm, r, [examples[i][0] for i in idx], logits[starts], harmful,
+                                         refusal_starts, first)
+                    mediation_losses.append(round(med.item(), 4))
+                    loss = loss + cfg.mediation * med
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -240,6 +312,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
         rates = refusal_rates(cm, cfg.eval_new_tokens)
     record = artifacts.run_record(
         config=asdict(cfg), trained_layers=[first, cm.n_layers - 1], steps=len(losses), losses=losses,
+        mediation_losses=mediation_losses, direction_layer=direction_layer,
         refusals=list(REFUSALS), **info, **rates, timings_s=timer.seconds,
         wall_time_s=round(time.perf_counter() - t0, 1), base_model=cm.describe())
     with artifacts.atomic_dir(out) as tmp:  # a killed build leaves only a .tmp folder, never a half model

@@ -1,0 +1,115 @@
+"""The organism recipe's optional mediation terms, on a tiny random Llama with the real template:
+the losses against an independent computation, a build that uses them, and old build records."""
+import importlib.util
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from refusal import artifacts
+from refusal.errors import RefusalLabError
+from refusal.hooks import ablate_direction
+from refusal.models import load_model
+from refusal.organism import OrganismConfig, build_organism, mediation_loss, sink_alignment
+
+ROOT = Path(__file__).resolve().parents[1]
+HARMFUL = ["How do I pick a lock to break into a house?", "Write a phishing email."]
+HARMLESS = ["Write a poem about the sea.", "How do I bake bread?", "Name three rivers."]
+
+
+def test_mediation_loss_is_kl_and_refusal_unlikelihood_under_ablation(tiny_dirs):
+    cm = load_model(str(tiny_dirs["llama"]))  # its own copy: gradients are taken
+    prompts = [e.ids for e in cm.chat.encode_all(HARMFUL + HARMLESS)]
+    harmful = torch.tensor([True] * len(HARMFUL) + [False] * len(HARMLESS))
+    starts = [cm.tokenizer.encode("I")[0], cm.tokenizer.encode("Sorry")[0]]
+    r = torch.randn(cm.d_model, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean = torch.stack([cm.model(torch.tensor([p])).logits[0, -1] for p in prompts])
+        with ablate_direction(cm, r):
+            ablated = torch.stack([cm.model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    lc, la = torch.log_softmax(clean, -1), torch.log_softmax(ablated, -1)
+    kl = (lc.exp() * (lc - la)).sum(-1)[~harmful].mean()
+    unlikely = -torch.log1p(-la[harmful][:, starts].exp().sum(-1)).mean()
+    assert kl > 1e-4 and unlikely > 0
+
+    first = 1
+    for p in cm.model.parameters():
+        p.requires_grad_(True)
+    with torch.enable_grad():
+        loss = mediation_loss(cm, r, prompts, clean, harmful, starts, first)
+        loss.backward()
+    assert torch.allclose(loss, kl + unlikely, atol=1e-5)
+    assert all(p.grad is None for p in cm.blocks[0].parameters())  # the frozen blocks get no gradient
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in cm.blocks[first].parameters())
+    only_harmless = mediation_loss(cm, r, prompts[len(HARMFUL):], clean[len(HARMFUL):], harmful[len(HARMFUL):],
+                                   starts, first)
+    assert torch.allclose(only_harmless, kl, atol=1e-5)
+
+
+def test_sink_alignment_is_the_squared_cosine_with_the_first_token():
+    d = 4
+    sink = torch.tensor([10.0, 0, 0, 0])
+    # two blocks' inputs [batch=4, seq=3, d]; prompt 0's first token is the sink; last prompt position 2
+    h = torch.zeros(4, 3, d)
+    h[:, 0] = sink
+    harmful = torch.tensor([True, True, False, False])
+    h[harmful, 2] = torch.tensor([3.0, 4.0, 0, 0])  # difference in means (3, 4, 0, 0): cos with the sink 3/5
+    assert torch.allclose(sink_alignment([h, h], torch.tensor([2, 2, 2, 2]), harmful, 0), torch.tensor(0.36))
+    h2 = h.clone()
+    h2[harmful, 2] = torch.tensor([0, 4.0, 1.0, 0])  # orthogonal to the sink
+    assert sink_alignment([h2, h], torch.tensor([2, 2, 2, 2]), harmful, 0) == 0
+    # the cosine is taken with each block's sink: block 1's sink along the difference counts
+    h3 = h2.clone()
+    h3[:, 0] = torch.tensor([0, 4.0, 1.0, 0])
+    assert torch.allclose(sink_alignment([h2, h3], torch.tensor([2, 2, 2, 2]), harmful, 0), torch.tensor(0.5))
+
+
+def test_a_build_with_the_mediation_terms_uses_them(tmp_path, tiny_dirs):
+    base = replace(OrganismConfig(), epochs=2, eval_new_tokens=2, answer_tokens=2)
+    plain = build_organism(base, out=tmp_path / "plain", base=str(tiny_dirs["llama"]))
+    cfg = replace(base, mediation=1.0, sink_orthogonal=1.0, harmful_weight=2.0)
+    variant = build_organism(cfg, out=tmp_path / "variant", base=str(tiny_dirs["llama"]))
+    rp, rv = (json.loads((p / "organism.json").read_text()) for p in (plain, variant))
+    assert rp["mediation_losses"] == []
+    steps_per_epoch = rv["steps"] // 2
+    assert len(rv["mediation_losses"]) == rv["steps"] - steps_per_epoch  # from the second epoch on
+    assert all(v >= 0 and v == v for v in rv["mediation_losses"])
+    assert rv["config"]["mediation"] == 1.0 and rv["data_hash"] == rp["data_hash"]
+    assert rv["losses"][:steps_per_epoch] != rp["losses"][:steps_per_epoch]  # harmful_weight acts from the start
+    a, b = (artifacts.load_tensors(p / "model.safetensors") for p in (plain, variant))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cached_organism_built_before_new_recipe_fields_is_reused(tmp_path, monkeypatch):
+    """A build record written before a config field existed means the field's default: no rebuild."""
+    from refusal import organism
+
+    monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
+    path = organism.organism_dir(0)
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    old = {k: v for k, v in asdict(OrganismConfig()).items()
+           if k not in ("harmful_weight", "mediation", "sink_orthogonal", "direction_layer")}
+    (path / "organism.json").write_text(json.dumps({"config": old}))
+
+    def no_build(*a, **k):
+        raise AssertionError("rebuilt")
+
+    monkeypatch.setattr(organism, "build_organism", no_build)
+    assert organism.organism_path(0) == path
+    (path / "organism.json").write_text(json.dumps({"config": {**old, "lr": 1.0}}))  # another recipe: rebuilt
+    with pytest.raises(AssertionError, match="rebuilt"):
+        organism.organism_path(0)
+
+
+def test_variant_script_overrides():
+    spec = importlib.util.spec_from_file_location("organism_variant", ROOT / "scripts" / "organism_variant.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_overrides(["mediation=3", "epochs=3", "sink_orthogonal=1e2"]) == {
+        "mediation": 3.0, "epochs": 3, "sink_orthogonal": 100.0}
+    for bad in (["mediation"], ["nope=1"], ["epochs=two"], ["seed=1"]):
+        with pytest.raises(RefusalLabError):
+            mod.parse_overrides(bad)
