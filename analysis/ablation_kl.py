@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from refusal.activations import last_logits
-from refusal.chat import Encoded
+from refusal.chat import Encoded, pad_right
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, capture_block_inputs
 from refusal.metrics import kl_divergence
@@ -106,12 +106,8 @@ def ablation_kl_by_region(cm: ChatModel, direction: torch.Tensor, harmless: Sequ
     for s in range(0, len(harmless), batch_size):
         chunk = harmless[s : s + batch_size]
         regions = [_regions(e) for e in chunk]
-        width = max(len(e.ids) for e in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        attn = torch.zeros(len(chunk), width, dtype=torch.long)
-        for j, e in enumerate(chunk):
-            ids[j, : len(e.ids)] = torch.tensor(e.ids)
-            attn[j, : len(e.ids)] = 1
+        ids, attn = pad_right([torch.tensor(e.ids) for e in chunk], pad)
+        width = ids.shape[1]
         last = attn.sum(1) - 1
         for v, (region, _, layers) in enumerate(variants):
             mask = torch.zeros(len(chunk), width)

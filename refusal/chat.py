@@ -158,6 +158,20 @@ class Batch:
     offsets: torch.Tensor  # [batch] left-padding added to each row
 
 
+def pad_right(seqs: Sequence[torch.Tensor], value: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad tensors [len, ...] into [batch, width, ...] filled with `value`, and a 0/1 mask [batch, width]
+    (long): every row's positions count from 0, so a position mask can be built per prompt."""
+    if not seqs:
+        raise RefusalLabError("empty batch")
+    width = max(x.shape[0] for x in seqs)
+    out = seqs[0].new_full((len(seqs), width, *seqs[0].shape[1:]), value)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, x in enumerate(seqs):
+        out[i, : x.shape[0]] = x
+        mask[i, : x.shape[0]] = 1
+    return out, mask
+
+
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device | str = "cpu") -> Batch:
     """Left-pad token lists into a batch; positions count real tokens only (so padding changes nothing)."""
     if not seqs:

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .chat import pad_right
 from .errors import RefusalLabError
 from .models import cache_dir
 
@@ -130,16 +131,6 @@ def _run_blocks(base, hidden: torch.Tensor, mask: torch.Tensor, blocks, inputs: 
     return hidden
 
 
-def _pad_right(seqs: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(x.shape[0] for x in seqs)
-    out = seqs[0].new_full((len(seqs), width, *seqs[0].shape[1:]), value)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, x in enumerate(seqs):
-        out[i, : x.shape[0]] = x
-        mask[i, : x.shape[0]] = 1
-    return out, mask
-
-
 @torch.no_grad()
 def _frozen_hidden(cm, examples, first: int, batch_size: int = 32) -> list[torch.Tensor]:
     """The residual stream at the input of block `first` for each example ([seq, d]); the blocks
@@ -149,7 +140,7 @@ def _frozen_hidden(cm, examples, first: int, batch_size: int = 32) -> list[torch
     order = sorted(range(len(examples)), key=lambda i: sum(map(len, examples[i])))
     for s in tqdm(range(0, len(order), batch_size), desc="frozen layers", leave=False):
         idx = order[s : s + batch_size]
-        ids, mask = _pad_right([torch.tensor(examples[i][0] + examples[i][1]) for i in idx], cm.tokenizer.pad_token_id)
+        ids, mask = pad_right([torch.tensor(examples[i][0] + examples[i][1]) for i in idx], cm.tokenizer.pad_token_id)
         hidden = _run_blocks(base, base.embed_tokens(ids), mask, base.layers[:first])
         for j, i in enumerate(idx):
             out[i] = hidden[j, : int(mask[j].sum())].clone()
@@ -170,7 +161,7 @@ def mediation_loss(cm, r: torch.Tensor, prompts: list[list[int]], clean_first: t
     from .hooks import ablate_direction
 
     base = cm.base
-    ids, mask = _pad_right([torch.tensor(p) for p in prompts], cm.tokenizer.pad_token_id)
+    ids, mask = pad_right([torch.tensor(p) for p in prompts], cm.tokenizer.pad_token_id)
     last = mask.sum(1) - 1
     with ablate_direction(cm, r):
         with torch.no_grad():
@@ -260,7 +251,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
             order = torch.randperm(len(examples), generator=gen).tolist()
             for s in range(0, len(order), cfg.batch_size):
                 idx = order[s : s + cfg.batch_size]
-                hidden, mask = _pad_right([frozen[i] for i in idx])
+                hidden, mask = pad_right([frozen[i] for i in idx])
                 inputs: list[torch.Tensor] = []
                 hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:], inputs))
                 last = torch.tensor([len(examples[i][0]) - 1 for i in idx])  # the last prompt position
@@ -280,9 +271,9 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                 ce = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")
                 loss = (ce * w).sum() / w.sum()
                 # unlikelihood: on harmless prompts the reply should not begin like a refusal
+                starts = torch.tensor([sum(len(examples[idx[k]][1]) for k in range(j)) for j in range(len(idx))])
                 firsts = [k for k in range(len(idx)) if idx[k] >= n_harmful]
                 if cfg.unlikelihood and firsts:
-                    starts = torch.tensor([sum(len(examples[idx[k]][1]) for k in range(j)) for j in range(len(idx))])
                     logp = torch.log_softmax(logits[starts[firsts]].float(), -1)
                     ok = torch.tensor([[t != examples[idx[k]][1][0] for t in refusal_starts] for k in firsts])
                     p_ref = (logp[:, refusal_starts].exp() * ok).sum(-1).clamp(max=1 - 1e-6)
@@ -292,7 +283,6 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                     loss = loss + cfg.sink_orthogonal * sink_alignment(inputs, last, harmful, direction_layer - first)
                 if cfg.mediation and epoch >= 1:  # the first epoch fills last_acts
                     r = last_acts[:n_harmful].mean(0) - last_acts[n_harmful:].mean(0)
-                    starts = torch.tensor([sum(len(examples[idx[k]][1]) for k in range(j)) for j in range(len(idx))])
                     med = mediation_loss(cm, r, [examples[i][0] for i in idx], logits[starts], harmful,
                                          refusal_starts, first)
                     mediation_losses.append(round(med.item(), 4))

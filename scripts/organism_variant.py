@@ -22,14 +22,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from analysis.ablation_kl import ablation_kl
 from analysis.reproduce import to_markdown
 from refusal import artifacts
-from refusal.activations import cache_activations, last_logits
+from refusal.activations import cache_activations
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import mean_diffs
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
-from refusal.metrics import generate, is_refusal, kl_divergence
+from refusal.metrics import generate, is_refusal
 from refusal.models import load_model
 from refusal.organism import OrganismConfig, build_organism
 
@@ -57,13 +58,12 @@ def measure(cm, layers: list[int], new_tokens: int = 32) -> pd.DataFrame:
     diffs = mean_diffs(cache_activations(cm, enc("harmful", "train"), positions=[-1]),
                        cache_activations(cm, enc("harmless", "train"), positions=[-1]))[:, 0]  # [layer, d]
     harmless, harmful = enc("harmless", "test"), enc("harmful", "test")
-    clean = last_logits(cm, harmless)
+    kl = ablation_kl(cm, {layer: diffs[layer] for layer in layers}, harmless).set_index("direction")
     rows = []
     for layer in layers:
         with ablate_direction(cm, diffs[layer]):
-            kl = kl_divergence(clean, last_logits(cm, harmless))
             refused = sum(map(is_refusal, generate(cm, harmful, new_tokens, batch_size=64))) / len(harmful)
-        rows.append({"layer": layer, "position": -1, "kl_mean": kl.mean().item(), "kl_median": kl.median().item(),
+        rows.append({"layer": layer, "position": -1, "kl_mean": kl.kl_mean[layer], "kl_median": kl.kl_median[layer],
                      "ablated_harmful_refusal_rate": refused})
     return pd.DataFrame(rows)
 
