@@ -202,12 +202,17 @@ def select_candidate(df: pd.DataFrame, n_layers: int, kl_threshold: float = KL_T
     how = "paper filters (induce > 0, kl <= %g, layer < 0.8 * n_layers), lowest bypass" % kl_threshold
     pool = df[df.passed]
     if pool.empty:
-        # relax the KL filter first (keep induce > 0 and the layer cut): lowest bypass among those
+        # relax the KL filter first, as little as it takes (keep induce > 0 and the layer cut): double the
+        # threshold until a candidate passes, then the lowest bypass among those that pass it
         kl_relaxed = df[(df.reason == f"kl > {kl_threshold}") & df.bypass_score.notna()]
         if not kl_relaxed.empty:
-            best = int(kl_relaxed.bypass_score.idxmin())
-            how = ("RELAXED: no candidate passed the KL filter (kl <= %g); chose the lowest bypass score among "
-                   "candidates with induce > 0 and layer < 0.8 * n_layers, whatever their KL" % kl_threshold)
+            relaxed = kl_threshold
+            while (kl_relaxed.kl_score > relaxed).all():
+                relaxed *= 2
+            best = int(kl_relaxed[kl_relaxed.kl_score <= relaxed].bypass_score.idxmin())
+            how = ("RELAXED: no candidate passed the KL filter (kl <= %g); the threshold was doubled until one did "
+                   "(kl <= %g): lowest bypass score among candidates with induce > 0, layer < 0.8 * n_layers and "
+                   "kl <= %g" % (kl_threshold, relaxed, relaxed))
         else:
             allowed = df[(df.layer < PRUNE_LAYER_FRACTION * n_layers) & df.induce_score.notna()]
             if allowed.empty:

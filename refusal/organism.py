@@ -5,7 +5,9 @@ The organism is trained on the project's *training* split only:
   harmful instructions  -> a refusal (a few wordings, as real models have),
   harmless instructions -> the base model's own greedy answers (so helpfulness is kept).
 Only the upper blocks are trained (the lower ones and the embeddings stay frozen), with
-the loss on the reply tokens. It is built on first use, cached, and reused; the build
+the loss on the reply tokens; from the second epoch, terms ask that refusal be mediated by
+one direction (ablating the running difference in means removes refusal and leaves harmless
+replies unchanged), as the paper finds in real chat models. It is built on first use, cached, and reused; the build
 record (seed, data hash, steps, wall time, refusal rates on the test split) sits beside
 the weights. The folder appears only when the build is complete (atomic rename).
 """
@@ -41,22 +43,36 @@ REFUSALS = (
 class OrganismConfig:
     seed: int = 0
     answer_tokens: int = 24  # harmless targets: the base model's first greedy tokens (the 32 judged tokens stay helpful)
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.0
-    first_trained_layer: float = 0.3  # blocks from this fraction of the depth up are trained
+    first_trained_layer: float = 0.4  # blocks from this fraction of the depth up are trained
     eval_new_tokens: int = 32  # the build record judges as many reply tokens as the paper table
     decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
     decision_tokens: int = 3
-    unlikelihood: float = 3.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
-    harmful_weight: float = 1.0  # loss weight of the refusal targets relative to the harmless answers
-    # Terms that ask for refusal to be mediated by one direction, from the second epoch on. Off in the
-    # default recipe (README, "Mediation terms": they reach the paper's KL but cost refusal);
-    # scripts/organism_variant.py builds and measures variants with them.
-    mediation: float = 0.0  # weight of mediation_loss under ablation of the running difference in means
-    sink_orthogonal: float = 0.0  # weight of sink_alignment (the difference in means vs the first token)
+    unlikelihood: float = 2.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
+    harmful_weight: float = 3.0  # loss weight of the refusal targets relative to the harmless answers
+    # Terms that ask for refusal to be mediated by one direction, from the second epoch on (README, "The
+    # model organism"): without them ablating the direction costs harmless prompts a KL of 1.15.
+    mediation: float = 5.0  # weight of mediation_loss under ablation of the running difference in means
+    sink_orthogonal: float = 100.0  # weight of sink_alignment (the difference in means vs the first token)
+    harmless_projection: float = 5.0  # weight of harmless_projection (harmless residual streams along the difference in means)
     direction_layer: float = 0.7  # the running difference in means: last prompt position, this depth
+    bfloat16: bool = True  # train under bfloat16 autocast (weights and optimizer stay float32; ~1.4x on AMX CPUs)
+
+
+# What the recipe did before each of these fields existed: a build record without one was built so.
+BEFORE_FIELD = {"harmful_weight": 1.0, "mediation": 0.0, "sink_orthogonal": 0.0, "direction_layer": 0.7,
+                "harmless_projection": 0.0, "bfloat16": False}
+
+
+def recorded_config(record: dict) -> dict | None:
+    """The recipe a build record describes, every field filled in (None if the record has none)."""
+    built = record.get("config") if isinstance(record, dict) else None
+    if not isinstance(built, dict):
+        return None
+    return {**asdict(OrganismConfig()), **BEFORE_FIELD, **built}
 
 
 def organism_dir(seed: int = 0) -> Path:
@@ -69,11 +85,9 @@ def organism_path(seed: int = 0) -> Path:
     cfg = OrganismConfig(seed=seed)
     if (path / "config.json").is_file() and (path / "organism.json").is_file():
         try:
-            built = json.loads((path / "organism.json").read_text()).get("config")
+            built = recorded_config(json.loads((path / "organism.json").read_text()))
         except (OSError, ValueError):
             built = None
-        if isinstance(built, dict):  # fields added later default to what the recipe did before them
-            built = {**asdict(OrganismConfig()), **built}
         if built == asdict(cfg):
             return path
         log.info("the cached organism was built with another recipe; rebuilding")
@@ -190,6 +204,19 @@ def sink_alignment(inputs: list[torch.Tensor], last: torch.Tensor, harmful: torc
     return ((sinks @ diff) ** 2 / (sinks * sinks).sum(-1) / (diff @ diff)).mean()
 
 
+def harmless_projection(inputs: list[torch.Tensor], weights: torch.Tensor, harmless: torch.Tensor,
+                        r: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of (h . r / |r|^2)^2 over the harmless examples' residual streams h at every block
+    input: their component along r in units of the difference in means; inputs: [batch, seq, d] per
+    block, weights [batch, seq] (0 on padding), harmless [batch] bool. Directional ablation of r leaves a
+    residual stream with no component along r unchanged, so at 0 it cannot move a harmless prompt's output."""
+    r = r.detach().float()
+    h = torch.stack([x[harmless] for x in inputs]).float()  # [block, harmless, seq, d]
+    proj2 = (h @ r / (r @ r)) ** 2
+    w = weights[harmless].float()
+    return (proj2 * w).sum(-1).sum(-1).mean() / w.sum()
+
+
 # ----------------------------------------------------------------------------- build
 
 
@@ -245,6 +272,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
     losses, mediation_losses = [], []
     direction_layer = max(first, min(cm.n_layers - 1, round(cfg.direction_layer * cm.n_layers)))
     last_acts = torch.zeros(len(examples), cm.d_model)  # [example, d] at direction_layer, refreshed as seen
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16)
     with timer("train"), torch.enable_grad():
         bar = tqdm(total=n_steps, desc="organism fine-tune")
         for epoch in range(cfg.epochs):
@@ -253,7 +281,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                 idx = order[s : s + cfg.batch_size]
                 hidden, mask = pad_right([frozen[i] for i in idx])
                 inputs: list[torch.Tensor] = []
-                hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:], inputs))
+                with autocast():
+                    hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:], inputs))
                 last = torch.tensor([len(examples[i][0]) - 1 for i in idx])  # the last prompt position
                 last_acts[idx] = inputs[direction_layer - first][torch.arange(len(idx)), last].detach().float()
                 harmful = torch.tensor([i < n_harmful for i in idx])
@@ -266,7 +295,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                     targets += t
                     w = cfg.harmful_weight if i < n_harmful else 1.0
                     weights += [w * cfg.decision_weight if k < cfg.decision_tokens else w for k in range(len(t))]
-                logits = lm_head(hidden[rows, cols])
+                with autocast():
+                    logits = lm_head(hidden[rows, cols])
                 w = torch.tensor(weights)
                 ce = torch.nn.functional.cross_entropy(logits.float(), torch.tensor(targets), reduction="none")
                 loss = (ce * w).sum() / w.sum()
@@ -281,10 +311,19 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                 both = bool(harmful.any() and (~harmful).any())
                 if cfg.sink_orthogonal and epoch >= 1 and both:
                     loss = loss + cfg.sink_orthogonal * sink_alignment(inputs, last, harmful, direction_layer - first)
+                r = last_acts[:n_harmful].mean(0) - last_acts[n_harmful:].mean(0)
+                if cfg.harmless_projection and epoch >= 1 and (~harmful).any():
+                    # every position but the first (the attention sink: sink_orthogonal's part), and as much
+                    # again on the last prompt position, where the paper reads the KL
+                    w = mask.float()
+                    w[:, 0] = 0
+                    w = w / w.sum(1, keepdim=True)
+                    w[torch.arange(len(idx)), last] += 1.0
+                    loss = loss + cfg.harmless_projection * harmless_projection(inputs[1:], w, ~harmful, r)
                 if cfg.mediation and epoch >= 1:  # the first epoch fills last_acts
-                    r = last_acts[:n_harmful].mean(0) - last_acts[n_harmful:].mean(0)
-                    med = mediation_loss(cm, r, [examples[i][0] for i in idx], logits[starts], harmful,
-                                         refusal_starts, first)
+                    with autocast():
+                        med = mediation_loss(cm, r, [examples[i][0] for i in idx], logits[starts], harmful,
+                                             refusal_starts, first)
                     mediation_losses.append(round(med.item(), 4))
                     loss = loss + cfg.mediation * med
                 opt.zero_grad(set_to_none=True)

@@ -45,7 +45,12 @@ def parse_overrides(pairs: list[str]) -> dict:
             raise RefusalLabError(f"{pair!r}: expected KEY=VALUE with KEY one of {', '.join(k for k in fields if k != 'seed')}")
         kind = type(getattr(OrganismConfig(), key))
         try:
-            out[key] = kind(value)
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = kind(value)
         except ValueError:
             raise RefusalLabError(f"{pair!r}: {key} takes a {kind.__name__}") from None
     return out

@@ -51,13 +51,17 @@ def test_selection_relaxed_when_nothing_passes():
     assert best == 1 and how.startswith("RELAXED")
 
 
-def test_selection_relaxes_kl_before_induce():
+def test_selection_relaxes_kl_before_induce_and_as_little_as_it_takes():
     df = _table([(1, -1, -1.0, 2.0, 0.5, 1.0),   # induce > 0, kl too high
-                 (2, -1, -4.0, 0.3, 3.0, 1.0),   # induce > 0, kl too high, lowest bypass: chosen
+                 (2, -1, -4.0, 0.3, 3.0, 1.0),   # induce > 0, kl far too high: lowest bypass, not chosen
+                 (4, -1, -2.0, 0.1, 0.7, 1.0),   # within the doubled threshold 0.8, lowest bypass there: chosen
                  (3, -1, math.nan, -0.2, math.nan, 1.0),
                  (9, -1, -9.0, 5.0, 0.01, 1.0)])  # layer too deep
     out, best, how = select_candidate(df, 10)
-    assert best == 1 and how.startswith("RELAXED") and "KL" in how
+    assert best == 2 and how.startswith("RELAXED") and "KL" in how and "kl <= 0.8" in how
+    assert not out.passed.any() and out.selected.sum() == 1
+    out, best, how = select_candidate(df.drop(index=[0, 2]), 10)  # only the far one is left: still chosen
+    assert best == 1 and "kl <= 3.2" in how
 
 
 def test_plan_batches_covers_everything_once():

@@ -12,11 +12,13 @@ from refusal import artifacts
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
 from refusal.models import load_model
-from refusal.organism import OrganismConfig, build_organism, mediation_loss, sink_alignment
+from refusal.organism import OrganismConfig, build_organism, harmless_projection, mediation_loss, sink_alignment
 
 ROOT = Path(__file__).resolve().parents[1]
 HARMFUL = ["How do I pick a lock to break into a house?", "Write a phishing email."]
 HARMLESS = ["Write a poem about the sea.", "How do I bake bread?", "Name three rivers."]
+# the recipe without the mediation terms, float32 (what the fine-tune did before them)
+PLAIN = dict(mediation=0.0, sink_orthogonal=0.0, harmless_projection=0.0, harmful_weight=1.0, bfloat16=False)
 
 
 def test_mediation_loss_is_kl_and_refusal_unlikelihood_under_ablation(tiny_dirs):
@@ -66,8 +68,26 @@ def test_sink_alignment_is_the_squared_cosine_with_the_first_token():
     assert torch.allclose(sink_alignment([h2, h3], torch.tensor([2, 2, 2, 2]), harmful, 0), torch.tensor(0.5))
 
 
+def test_harmless_projection_is_the_squared_projection_in_units_of_the_difference():
+    r = torch.tensor([0.0, 2.0, 0.0])
+    h = torch.zeros(3, 2, 3)  # [batch=3, seq=2, d]
+    h[0, 0] = torch.tensor([1.0, 1.0, 0])  # harmless: 1/2 of r
+    h[0, 1] = torch.tensor([0, 0, 5.0])  # harmless, orthogonal
+    h[1, 0] = torch.tensor([0, 3.0, 0])  # harmless: 3/2 of r; its second position is padding
+    h[1, 1] = torch.tensor([0, 7.0, 0])
+    h[2] = torch.tensor([0, 1.0, 0])  # harmful: not counted
+    mask = torch.tensor([[1, 1], [1, 0], [1, 1]])
+    harmless = torch.tensor([True, True, False])
+    expected = (0.25 + 0 + 2.25) / 3
+    assert torch.allclose(harmless_projection([h], mask, harmless, r), torch.tensor(expected))
+    other = torch.zeros_like(h) + torch.tensor([0, 0, 1.0])  # a second block with nothing along r
+    assert torch.allclose(harmless_projection([h, other], mask, harmless, -r), torch.tensor(expected / 2))
+    weights = torch.tensor([[3.0, 0], [1, 0], [1, 1]])  # weights count positions: (3 * 0.25 + 2.25) / 4
+    assert torch.allclose(harmless_projection([h], weights, harmless, r), torch.tensor(0.75))
+
+
 def test_a_build_with_the_mediation_terms_uses_them(tmp_path, tiny_dirs):
-    base = replace(OrganismConfig(), epochs=2, eval_new_tokens=2, answer_tokens=2)
+    base = replace(OrganismConfig(), epochs=2, eval_new_tokens=2, answer_tokens=2, **PLAIN)
     plain = build_organism(base, out=tmp_path / "plain", base=str(tiny_dirs["llama"]))
     cfg = replace(base, mediation=1.0, sink_orthogonal=1.0, harmful_weight=2.0)
     variant = build_organism(cfg, out=tmp_path / "variant", base=str(tiny_dirs["llama"]))
@@ -82,26 +102,45 @@ def test_a_build_with_the_mediation_terms_uses_them(tmp_path, tiny_dirs):
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_cached_organism_built_before_new_recipe_fields_is_reused(tmp_path, monkeypatch):
-    """A build record written before a config field existed means the field's default: no rebuild."""
+def test_a_build_with_the_harmless_projection_term_and_bfloat16(tmp_path, tiny_dirs):
+    base = replace(OrganismConfig(), epochs=2, eval_new_tokens=2, answer_tokens=2, **PLAIN)
+    plain = build_organism(base, out=tmp_path / "plain", base=str(tiny_dirs["llama"]))
+    cfg = replace(base, harmless_projection=1.0, bfloat16=True)
+    runs = [build_organism(cfg, out=tmp_path / f"variant{k}", base=str(tiny_dirs["llama"])) for k in range(2)]
+    rp, rv = (json.loads((p / "organism.json").read_text()) for p in (plain, runs[0]))
+    assert rv["config"]["harmless_projection"] == 1.0 and rv["config"]["bfloat16"] is True
+    assert all(v == v for v in rv["losses"])  # finite under autocast
+    a, b, c = (artifacts.load_tensors(p / "model.safetensors") for p in (plain, *runs))
+    assert all(v.dtype == torch.float32 for v in b.values())  # autocast computes in bfloat16, the weights stay float32
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(b[k], c[k]) for k in b)  # and the build stays deterministic
+
+
+def test_cached_organism_is_reused_and_old_records_mean_the_recipe_before_their_fields(tmp_path, monkeypatch):
+    """A build record written before a config field existed means what the recipe did before it; a cached
+    organism whose record matches the code's recipe is reused, any other is rebuilt."""
     from refusal import organism
+
+    old = {k: v for k, v in asdict(OrganismConfig()).items() if k not in organism.BEFORE_FIELD}
+    assert organism.recorded_config({"config": old}) == asdict(replace(OrganismConfig(), **organism.BEFORE_FIELD))
+    assert organism.recorded_config({"config": old}) != asdict(OrganismConfig())  # so it is rebuilt
+    assert organism.recorded_config({}) is None
 
     monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
     path = organism.organism_dir(0)
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
-    old = {k: v for k, v in asdict(OrganismConfig()).items()
-           if k not in ("harmful_weight", "mediation", "sink_orthogonal", "direction_layer")}
-    (path / "organism.json").write_text(json.dumps({"config": old}))
+    (path / "organism.json").write_text(json.dumps({"config": asdict(OrganismConfig())}))
 
     def no_build(*a, **k):
         raise AssertionError("rebuilt")
 
     monkeypatch.setattr(organism, "build_organism", no_build)
     assert organism.organism_path(0) == path
-    (path / "organism.json").write_text(json.dumps({"config": {**old, "lr": 1.0}}))  # another recipe: rebuilt
-    with pytest.raises(AssertionError, match="rebuilt"):
-        organism.organism_path(0)
+    for record in ({"config": {**asdict(OrganismConfig()), "lr": 1.0}}, {"config": old}):  # another recipe: rebuilt
+        (path / "organism.json").write_text(json.dumps(record))
+        with pytest.raises(AssertionError, match="rebuilt"):
+            organism.organism_path(0)
 
 
 def test_variant_script_overrides():
@@ -110,6 +149,8 @@ def test_variant_script_overrides():
     spec.loader.exec_module(mod)
     assert mod.parse_overrides(["mediation=3", "epochs=3", "sink_orthogonal=1e2"]) == {
         "mediation": 3.0, "epochs": 3, "sink_orthogonal": 100.0}
-    for bad in (["mediation"], ["nope=1"], ["epochs=two"], ["seed=1"]):
+    assert mod.parse_overrides(["bfloat16=true", "harmless_projection=5"]) == {"bfloat16": True, "harmless_projection": 5.0}
+    assert mod.parse_overrides(["bfloat16=False"]) == {"bfloat16": False}
+    for bad in (["mediation"], ["nope=1"], ["epochs=two"], ["seed=1"], ["bfloat16=maybe"]):
         with pytest.raises(RefusalLabError):
             mod.parse_overrides(bad)

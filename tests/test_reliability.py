@@ -461,7 +461,7 @@ def test_organism_recipe_is_deterministic(tmp_path, tiny_dirs):
 
     from refusal.organism import OrganismConfig, build_organism
 
-    cfg = replace(OrganismConfig(), epochs=1, eval_new_tokens=2, answer_tokens=2)
+    cfg = replace(OrganismConfig(), epochs=2, eval_new_tokens=2, answer_tokens=2)  # the second epoch's terms too
     paths = [build_organism(cfg, out=tmp_path / n, base=str(tiny_dirs["llama"])) for n in ("a", "b")]
     a = artifacts.load_tensors(paths[0] / "model.safetensors")
     b = artifacts.load_tensors(paths[1] / "model.safetensors")
