@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from analysis.ablation_kl import ablation_kl
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import compute_direction
 from refusal.hooks import ablate_direction, add_direction
@@ -49,7 +50,6 @@ def test_organism_refuses_harmful_and_answers_harmless(organism):
 
 
 def test_selected_direction_bypasses_and_induces(organism_direction, organism):
-    # The paper's KL filter (<= 0.1) is not met on this organism (README: known gap); the other two are.
     direction, df = organism_direction
     assert direction.layer < 0.8 * organism.n_layers
     s = direction.meta["scores"]
@@ -82,3 +82,12 @@ def test_ablation_stops_refusal_and_addition_induces_it(organism, organism_direc
         assert _rate(organism, harmful) <= 0.15
     with add_direction(organism, direction.mean_diff, direction.layer):
         assert _rate(organism, harmless) >= 0.7
+
+
+def test_ablation_leaves_harmless_next_token_distributions_nearly_unchanged(organism, organism_direction):
+    # the paper's KL score: 0.089 on all 120 harmless test prompts with the paper's direction (README);
+    # here a quarter of them and a direction from a third of the training prompts
+    direction, _ = organism_direction
+    harmless = organism.chat.encode_all(instructions(builtin_prompts("harmless", "test"))[1::4])
+    kl = ablation_kl(organism, {"selected": direction.vector}, harmless).kl_mean.item()
+    assert kl <= 0.25
