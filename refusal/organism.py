@@ -7,9 +7,9 @@ The organism is trained on the project's *training* split only:
 Only the upper blocks are trained (the lower ones and the embeddings stay frozen), with
 the loss on the reply tokens; from the second epoch, terms ask that refusal be mediated by
 one direction (ablating the running difference in means removes refusal and leaves harmless
-replies unchanged), as the paper finds in real chat models. It is built on first use, cached, and reused; the build
-record (seed, data hash, steps, wall time, refusal rates on the test split) sits beside
-the weights. The folder appears only when the build is complete (atomic rename).
+replies unchanged), as the paper finds in real chat models. It is built on first use,
+cached, and reused; the build record (seed, data hash, steps, wall time, refusal rates on
+the test split) sits beside the weights. The folder appears only when the build is complete (atomic rename).
 """
 from __future__ import annotations
 
@@ -315,11 +315,11 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                 if cfg.harmless_projection and epoch >= 1 and (~harmful).any():
                     # every position but the first (the attention sink: sink_orthogonal's part), and as much
                     # again on the last prompt position, where the paper reads the KL
-                    w = mask.float()
-                    w[:, 0] = 0
-                    w = w / w.sum(1, keepdim=True)
-                    w[torch.arange(len(idx)), last] += 1.0
-                    loss = loss + cfg.harmless_projection * harmless_projection(inputs[1:], w, ~harmful, r)
+                    at = mask.float()
+                    at[:, 0] = 0
+                    at = at / at.sum(1, keepdim=True)
+                    at[torch.arange(len(idx)), last] += 1.0
+                    loss = loss + cfg.harmless_projection * harmless_projection(inputs[1:], at, ~harmful, r)
                 if cfg.mediation and epoch >= 1:  # the first epoch fills last_acts
                     with autocast():
                         med = mediation_loss(cm, r, [examples[i][0] for i in idx], logits[starts], harmful,
