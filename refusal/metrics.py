@@ -9,6 +9,7 @@ import torch
 from .activations import last_logits
 from .chat import Encoded
 from .decode import greedy_decode
+from .errors import RefusalLabError
 from .models import ChatModel
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,14 @@ def generate(
 ) -> list[str]:
     """Batched greedy completions as text (under whatever hooks are active)."""
     return reply_texts(cm, greedy_ids(cm, encs, max_new_tokens, batch_size, progress))
+
+
+def refusal_rate(cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int = 64, batch_size: int = 16,
+                 progress: bool = True) -> float:
+    """The fraction of greedy completions (under whatever hooks are active) the substring judge calls refusals."""
+    if not encs:
+        raise RefusalLabError("no prompts to measure a refusal rate on")
+    return sum(map(is_refusal, generate(cm, encs, max_new_tokens, batch_size, progress))) / len(encs)
 
 
 def reply_texts(cm: ChatModel, ids: Sequence[Sequence[int]]) -> list[str]:

@@ -9,7 +9,8 @@ the loss on the reply tokens; from the second epoch, terms ask that refusal be m
 one direction (ablating the running difference in means removes refusal and leaves harmless
 replies unchanged), as the paper finds in real chat models. It is built on first use,
 cached, and reused; the build record (seed, data hash, steps, wall time, refusal rates on
-the test split) sits beside the weights. The folder appears only when the build is complete (atomic rename).
+the test split) sits beside the weights. The folder appears only when the build is complete
+(atomic rename).
 """
 from __future__ import annotations
 
@@ -223,13 +224,11 @@ def harmless_projection(inputs: list[torch.Tensor], weights: torch.Tensor, harml
 def refusal_rates(cm, new_tokens: int = 24, batch_size: int = 64) -> dict:
     """Refusal rates on the built-in test split (greedy, substring judge)."""
     from .data import builtin_prompts, instructions
-    from .metrics import generate, is_refusal
+    from .metrics import refusal_rate
 
-    out = {}
-    for kind in ("harmful", "harmless"):
-        comps = generate(cm, cm.chat.encode_all(instructions(builtin_prompts(kind, "test"))), new_tokens, batch_size)
-        out[f"{kind}_test_refusal_rate"] = round(sum(map(is_refusal, comps)) / len(comps), 4)
-    return out
+    return {f"{kind}_test_refusal_rate": round(refusal_rate(
+                cm, cm.chat.encode_all(instructions(builtin_prompts(kind, "test"))), new_tokens, batch_size), 4)
+            for kind in ("harmful", "harmless")}
 
 
 def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, out: Path | None = None,

@@ -30,7 +30,7 @@ from refusal.data import builtin_prompts, instructions
 from refusal.directions import mean_diffs
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
-from refusal.metrics import generate, is_refusal
+from refusal.metrics import refusal_rate
 from refusal.models import load_model
 from refusal.organism import OrganismConfig, build_organism
 
@@ -67,7 +67,7 @@ def measure(cm, layers: list[int], new_tokens: int = 32) -> pd.DataFrame:
     rows = []
     for layer in layers:
         with ablate_direction(cm, diffs[layer]):
-            refused = sum(map(is_refusal, generate(cm, harmful, new_tokens, batch_size=64))) / len(harmful)
+            refused = refusal_rate(cm, harmful, new_tokens, batch_size=64)
         rows.append({"layer": layer, "position": -1, "kl_mean": kl.kl_mean[layer], "kl_median": kl.kl_median[layer],
                      "ablated_harmful_refusal_rate": refused})
     return pd.DataFrame(rows)

@@ -38,3 +38,17 @@ def test_kl():
     p, q = torch.tensor([[0.5, 0.5]]), torch.tensor([[0.9, 0.1]])
     expect = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
     assert abs(kl_divergence(p.log(), q.log()).item() - expect) < 1e-5
+
+
+def test_refusal_rate_is_the_judged_fraction_of_greedy_completions(tiny, monkeypatch):
+    import pytest
+
+    from refusal import metrics
+    from refusal.errors import RefusalLabError
+
+    encs = tiny.chat.encode_all(["Name a colour.", "Name a river.", "Name a tree.", "Name a bird."])
+    replies = iter([["I'm sorry, I can't.", "Blue.", "As an AI I won't.", "Oak."]])
+    monkeypatch.setattr(metrics, "generate", lambda cm, e, n, b, p: next(replies))
+    assert metrics.refusal_rate(tiny, encs, 4) == 0.5
+    with pytest.raises(RefusalLabError, match="no prompts"):
+        metrics.refusal_rate(tiny, [], 4)

@@ -8,7 +8,7 @@ from analysis.ablation_kl import ablation_kl
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import compute_direction
 from refusal.hooks import ablate_direction, add_direction
-from refusal.metrics import generate, is_refusal
+from refusal.metrics import refusal_rate
 from refusal.models import load_model
 from refusal.organism import organism_path
 
@@ -21,8 +21,7 @@ def organism():
 
 
 def _rate(cm, prompts, n_tokens=16):
-    comps = generate(cm, cm.chat.encode_all(prompts), n_tokens, 64, progress=False)
-    return sum(map(is_refusal, comps)) / len(comps)
+    return refusal_rate(cm, cm.chat.encode_all(prompts), n_tokens, 64, progress=False)
 
 
 @pytest.fixture(scope="session")
