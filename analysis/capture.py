@@ -4,7 +4,8 @@ attention of every head summed over the instruction tokens, the suffix tokens an
 
 The projection metrics, the head contributions and the attention shares are computed from these
 tensors, so the analysis runs the model once per prompt instead of once per measure. The pass uses
-activations.forward_outputs: prompts batched by length, the template prefix run once and cached.
+refusal.engine.forward_outputs: prompts batched by length, the template prefix run once and cached;
+attention weights come from the eager attention implementation, switched on for the pass.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from refusal.activations import forward_outputs
+from refusal.engine import eager_attention, forward_outputs
 from refusal.chat import Encoded
 from refusal.hooks import capture_block_inputs, hooks
 from refusal.models import ChatModel
@@ -34,20 +35,6 @@ def _key_index(e: Encoded, span: tuple[int, int], p: int, pad: int) -> torch.Ten
     are the cached prefix, the rest follow `pad` padding tokens."""
     t = torch.arange(span[0], span[1])
     return torch.where(t < p, t, t + pad)
-
-
-@contextlib.contextmanager
-def _quiet_transformers():
-    """transformers warns that SDPA attention falls back to the plain implementation to return the
-    attention weights: that is expected here."""
-    from transformers.utils import logging as tlog
-
-    level = tlog.get_verbosity()
-    tlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
 
 
 @torch.no_grad()
@@ -71,7 +58,8 @@ def capture_last_position(cm: ChatModel, encs: Sequence[Encoded], batch_size: in
 
     handles = [cm.o_proj(l).register_forward_pre_hook(make(l), with_kwargs=True) for l in range(L)]
     kw = {"output_attentions": True} if attention else {}
-    with hooks(handles), capture_block_inputs(cm, store, positions=[-1]), _quiet_transformers():
+    attn = eager_attention(cm) if attention else contextlib.nullcontext()
+    with hooks(handles), capture_block_inputs(cm, store, positions=[-1]), attn:
         for idx, out, p in forward_outputs(cm, encs, batch_size, **kw):
             for l in range(L):
                 resid[idx, l] = store[l][:, 0]

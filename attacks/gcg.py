@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from refusal.errors import RefusalLabError
+from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
 from refusal.models import ChatModel, fast_bf16
 
 log = logging.getLogger(__name__)
@@ -228,25 +229,6 @@ def sample_candidates(ids: torch.Tensor, grad: torch.Tensor, search_width: int, 
     return ids.cpu().repeat(search_width, 1).scatter_(1, pos, vals)
 
 
-# ----------------------------------------------------------------------------- key/value caches
-
-
-def _legacy(past):
-    from transformers.cache_utils import Cache
-
-    return past.to_legacy_cache() if isinstance(past, Cache) else past
-
-
-def _as_past(cm: ChatModel, legacy, length: int, n: int):
-    """The first `length` cached positions, expanded (no copy) to n rows, as the model expects."""
-    cut = tuple(tuple(t[:, :, :length].expand(n, -1, -1, -1) for t in layer) for layer in legacy)
-    if getattr(cm.model, "_supports_cache_class", False):
-        from transformers.cache_utils import DynamicCache
-
-        return DynamicCache.from_legacy_cache(cut)
-    return cut
-
-
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -272,12 +254,10 @@ class _Slot:
         dev = cm.device
         self.post_t = torch.tensor(self.post, device=dev)
         self.target_t = torch.tensor(self.target_ids, device=dev, dtype=torch.long)
-        self.cache = None
+        self.cache = None  # of the text before the suffix [1 row]
         if engine.use_cache:
             with torch.no_grad():
-                out = cm.base(input_ids=torch.tensor([self.before], device=dev), use_cache=True,
-                              **engine._fresh_cache_kw())
-            self.cache = _legacy(out.past_key_values)
+                self.cache = run_prefix(cm, self.before)
 
 
 class GCG:
@@ -300,7 +280,9 @@ class GCG:
             raise RefusalLabError(f"the {config.objective} objective needs a target for every prompt")
         self.init_ids = initial_suffix_ids(cm, config.suffix_len, config.suffix_init)
         self.suffix_len = len(self.init_ids)
-        self.use_cache = cm.config.model_type not in ("gemma2",)  # hybrid sliding-window cache: recompute
+        # candidates reuse cached positions, which sliding-window layers may have dropped: then recompute
+        longest = max(len(cm.chat.encode(i, [0] * self.suffix_len)) for i in instructions)
+        self.use_cache = cache_fits(cm, longest)
         self.embed = cm.model.get_input_embeddings()
         self.not_allowed = disallowed_token_ids(cm, config.allow_non_ascii)
         n_allowed = self.embed.num_embeddings - len(set(self.not_allowed.tolist()))
@@ -357,17 +339,10 @@ class GCG:
         i = int(total.argmin())
         return i, float(total[i]), [bool(m[i]) for m in matches]
 
-    def _fresh_cache_kw(self) -> dict:
-        if getattr(self.cm.model, "_supports_cache_class", False):
-            from transformers.cache_utils import DynamicCache
-
-            return {"past_key_values": DynamicCache()}
-        return {}
-
     # ---- one forward over suffix pieces of one prompt
 
     def _forward(self, slot: _Slot, start: int, embeds: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                 past_legacy=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss [n] and target match [n] of rows whose suffix from position `start` on is given (as ids
         [n, L-start] or embeddings [n, L-start, d]); the cache holds everything before."""
         cm = self.cm
@@ -383,10 +358,11 @@ class GCG:
         T = x.shape[1]
         if self.use_cache:
             offset = len(slot.before) + start
-            kw["past_key_values"] = _as_past(cm, past_legacy if past_legacy is not None else slot.cache, offset, n)
+            kw["cache"] = expand_cache(cache if cache is not None else slot.cache, n, offset)
             kw["use_cache"] = True
         else:  # no cache: run the whole prompt
             assert start == 0
+            kw["use_cache"] = False
             head = torch.tensor(slot.before, device=cm.device)
             if embeds is not None:
                 kw["inputs_embeds"] = torch.cat([self.embed(head)[None].expand(n, -1, -1), kw["inputs_embeds"]], 1)
@@ -405,7 +381,7 @@ class GCG:
                 return hook
             handles = [cm.blocks[l].register_forward_pre_hook(make(l), with_kwargs=True) for l in self.dir_layers]
         try:
-            hidden = cm.base(**kw)[0]
+            hidden = cm.base(**kw).last_hidden_state
         finally:
             for h in handles:
                 h.remove()
@@ -439,20 +415,6 @@ class GCG:
             total = g if total is None else total + g
         return total
 
-    def max_batch_tokens(self) -> int:
-        """Tokens per candidate forward pass: from free GPU memory on CUDA (activations, the expanded
-        cache and the target logits per token, with a safety factor); on CPU a fixed 8192, past which
-        larger passes are not faster."""
-        cm = self.cm
-        if cm.device.type != "cuda":
-            return 8192
-        free, _ = torch.cuda.mem_get_info(cm.device)
-        cfg = cm.config
-        width = max(cm.d_model, getattr(cfg, "intermediate_size", None) or 4 * cm.d_model)
-        kv = 2 * cm.n_layers * cm.n_heads * cm.head_dim  # upper bound (grouped-query attention has less)
-        per_token = torch.finfo(cm.dtype).bits // 8 * (8 * width + kv) + 4 * cm.model.get_output_embeddings().weight.shape[0]
-        return int(max(256, min(1 << 17, 0.5 * free / per_token)))
-
     @staticmethod
     def plan_buckets(first: list[int], sizes: list[int], L: int, tail: int, overhead_tokens: int,
                      max_tokens: int) -> list[tuple[int, int]]:
@@ -485,7 +447,7 @@ class GCG:
         cm = self.cm
         n, L = cands.shape
         tail = len(slot.post) + (len(slot.target_ids) if self.needs_target else 0)
-        max_tokens = self.max_batch_tokens()
+        max_tokens = max_batch_tokens(cm, len(slot.target_ids) / max(1, L + tail))
         bs = self.config.batch_size or max(1, max_tokens // (L + tail))
         loss = torch.empty(n, device=cm.device)
         match = torch.empty(n, dtype=torch.bool, device=cm.device)
@@ -495,9 +457,9 @@ class GCG:
             return loss, match
         # the cache of the current suffix: a candidate whose first change is at p reuses its first p
         # tokens; candidates are bucketed by p so that each forward pass is large enough to be efficient
-        kw = {"past_key_values": _as_past(cm, slot.cache, len(slot.before), 1), "use_cache": True}
         pos = torch.arange(len(slot.before), len(slot.before) + L, device=cm.device)[None]
-        past = _legacy(cm.base(input_ids=current[None].to(cm.device), position_ids=pos, **kw).past_key_values)
+        past = cm.base(input_ids=current[None].to(cm.device), position_ids=pos, cache=expand_cache(slot.cache, 1),
+                       use_cache=True).cache
         diff = cands != current[None]
         first = torch.where(diff.any(1), diff.float().argmax(1), torch.full((n,), L - 1)).tolist()
         groups: dict[int, list[int]] = {}
@@ -510,7 +472,7 @@ class GCG:
             idx = torch.tensor([i for q in ps[gi:gj] for i in groups[q]])
             for j in range(0, len(idx), bs):
                 sel = idx[j:j + bs]
-                loss[sel], match[sel] = self._forward(slot, p, ids=cands[sel, p:], past_legacy=past)
+                loss[sel], match[sel] = self._forward(slot, p, ids=cands[sel, p:], cache=past)
         return loss, match
 
     # ---- success

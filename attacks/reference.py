@@ -1,9 +1,29 @@
-"""The reference engine: nanoGCG (`nanogcg.run`) driven with a GCGConfig built from our options."""
+"""The reference engine: nanoGCG (`nanogcg.run`) driven with a GCGConfig built from our options, at its
+best: with its prefix cache on.
+
+nanoGCG 0.3.0 was written for transformers 4: it keeps the key/value cache of the text before the suffix
+(`output.past_key_values`), indexes it per layer (`cache[i]` -> keys, values) to expand it to a batch, and
+hands it back to the model at every step. On transformers 5 a cache is an object that is not indexable,
+and the model grows the cache object it is handed in place: passed back as it is, the stored prefix
+would grow by the suffix and target at every step, and every later loss would be computed after the
+wrong text, silently. `PrefixCacheModel` wraps the model's forward so that none of this happens: the
+prefix nanoGCG stores is a read-only view of the cache, indexable as in transformers 4, and whatever
+nanoGCG passes back (that view, or the per-layer tensors it expanded from it) reaches the model as a new
+cache holding exactly the prefix, expanded to the batch. nanoGCG's own code is not changed.
+
+nanoGCG is not a dependency of refusal-lab: it declares transformers<=4.47.1, so it is installed on its
+own, without its declared requirements (`make setup` does this): `pip install --no-deps nanogcg==0.3.0`
+(and scipy, the one requirement it imports).
+"""
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 
+import torch
+
+from refusal.engine import expand_cache
 from refusal.errors import RefusalLabError
 from refusal.models import ChatModel
 
@@ -11,20 +31,80 @@ from .gcg import AttackResult, GCGConfig, initial_suffix_ids
 
 log = logging.getLogger(__name__)
 
+NANOGCG_INSTALL = "pip install scipy && pip install --no-deps nanogcg==0.3.0"
 
-def nanogcg_config(config: GCGConfig, init_text: str):
+
+def require_nanogcg() -> None:
+    """A one-line error naming the install command when nanogcg (or scipy, which it imports) is missing."""
+    for name in ("nanogcg", "scipy"):
+        if importlib.util.find_spec(name) is None:
+            raise RefusalLabError(f"the nanogcg engine needs nanoGCG 0.3.0, which is not installed; install it with "
+                                  f"`{NANOGCG_INSTALL}` (or `make setup`)")
+
+
+class StoredPrefix:
+    """The prefix cache as nanoGCG keeps it: len() layers, [i] -> (keys, values) [1, heads, prefix, head_dim].
+    It is never handed to the model itself, so it never grows."""
+
+    def __init__(self, cache):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache.layers)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        layer = self.cache.layers[i]
+        return layer.keys, layer.values
+
+
+class PrefixCacheModel:
+    """A causal LM as nanoGCG 0.3.0 needs it on transformers 5 (see the module docstring). Everything but
+    the forward call is the wrapped model's."""
+
+    def __init__(self, model):
+        self.model = model
+        self.stored: StoredPrefix | None = None
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def _cache_for(self, past, n: int):
+        if isinstance(past, StoredPrefix):
+            return expand_cache(past.cache, n)
+        # the per-layer tensors nanoGCG expanded from the stored prefix: the same positions, as a new cache
+        if self.stored is None or len(past) != len(self.stored) or any(
+                k.data_ptr() != self.stored[i][0].data_ptr() for i, (k, _) in enumerate(past)):
+            raise RuntimeError("nanoGCG passed a cache that is not its stored prefix")
+        return expand_cache(self.stored.cache, n)
+
+    def __call__(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            x = kwargs.get("inputs_embeds", kwargs.get("input_ids", args[0] if args else None))
+            kwargs["cache"] = self._cache_for(past_key_values, x.shape[0])
+            return self.model(*args, **kwargs)
+        out = self.model(*args, **kwargs)
+        if kwargs.get("use_cache") and getattr(out, "cache", None) is not None:
+            # the prefix pass: what nanoGCG stores as output.past_key_values
+            self.stored = StoredPrefix(out.cache)
+            out.cache = self.stored
+        return out
+
+
+def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = True):
     import nanogcg
 
     return nanogcg.GCGConfig(
         num_steps=config.steps, optim_str_init=init_text, search_width=config.search_width,
         batch_size=config.batch_size, topk=config.topk, n_replace=config.n_replace,
-        early_stop=config.early_stop, use_prefix_cache=True, allow_non_ascii=config.allow_non_ascii,
+        early_stop=config.early_stop, use_prefix_cache=use_prefix_cache, allow_non_ascii=config.allow_non_ascii,
         filter_ids=config.filter_ids, seed=config.seed, verbosity="WARNING")
 
 
-def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig) -> AttackResult:
+def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
+                use_prefix_cache: bool = True) -> AttackResult:
     """One prompt, target objective. The suffix follows the instruction after a space, as in the native
     engine; the chat template is the model's own."""
+    require_nanogcg()
     import nanogcg
 
     config.validate()
@@ -33,14 +113,13 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig)
     init_ids = initial_suffix_ids(cm, config.suffix_len, config.suffix_init)
     init_text = cm.tokenizer.decode(init_ids)
     logging.getLogger("nanogcg").setLevel(logging.WARNING)
-    import torch
-
+    model = PrefixCacheModel(cm.model) if use_prefix_cache else cm.model
     deterministic = torch.are_deterministic_algorithms_enabled()
     t0 = time.perf_counter()
     try:
         with torch.enable_grad():
-            res = nanogcg.run(cm.model, cm.tokenizer, [{"role": "user", "content": instruction + " {optim_str}"}],
-                              target, nanogcg_config(config, init_text))
+            res = nanogcg.run(model, cm.tokenizer, [{"role": "user", "content": instruction + " {optim_str}"}],
+                              target, nanogcg_config(config, init_text, use_prefix_cache))
     finally:  # nanogcg turns deterministic algorithms on for the whole process when seeded
         torch.use_deterministic_algorithms(deterministic)
     elapsed = time.perf_counter() - t0

@@ -6,7 +6,10 @@ A prompt is built from token segments so that every region is known exactly:
 
 The post-instruction tokens are the template tokens between the end of the user's
 instruction and the start of the assistant's reply (for ChatML
-`<|im_end|>\\n<|im_start|>assistant\\n`), indexed -k..-1 from the end of the prompt.
+`<|im_end|>\\n<|im_start|>assistant\\n`), indexed -k..-1 from the end of the prompt. They are read off
+the template as rendered, so whatever a generation prompt adds after the assistant header (Qwen3's empty
+thinking block when thinking is off) is part of them, and whatever a template puts before the user's
+message (a default system prompt, a date line) is part of the prefix.
 """
 from __future__ import annotations
 
@@ -55,8 +58,10 @@ def read_template(template: str | None) -> str | None:
 class ChatFormat:
     """Splits the model's chat template around the user's message, once, into token segments."""
 
-    def __init__(self, tokenizer, chat_template: str | None = None):
+    def __init__(self, tokenizer, chat_template: str | None = None, template_kwargs: dict | None = None):
         self.tokenizer = tokenizer
+        # options the template reads (e.g. enable_thinking=False for Qwen3), passed at every rendering
+        self.template_kwargs = dict(template_kwargs or {})
         template = read_template(chat_template)
         if template is not None:
             tokenizer.chat_template = template
@@ -66,8 +71,8 @@ class ChatFormat:
             )
         try:
             text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True
-            )
+                [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True,
+                **self.template_kwargs)
         except Exception as e:
             raise RefusalLabError(f"the chat template failed to render a user message ({e})") from None
         if text.count(_SENTINEL) != 1:
@@ -89,7 +94,8 @@ class ChatFormat:
         tok = self.tokenizer
         try:
             text = tok.apply_chat_template(
-                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False)
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False,
+                **self.template_kwargs)
             after = text.split(_SENTINEL, 1)[1]
         except Exception:
             return tok.eos_token_id
@@ -127,6 +133,9 @@ class ChatFormat:
         if not instruction:
             raise RefusalLabError("empty instruction; every prompt needs some text")
         instr = self._encode(instruction)
+        if not instr:
+            raise RefusalLabError(f"the instruction {instruction[:40]!r} has no tokens (this tokenizer drops its "
+                                  "characters); give some text")
         if isinstance(suffix, str):
             suffix = self.suffix_ids(suffix)
         suffix = list(suffix or [])

@@ -41,6 +41,8 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: float32 on CPU)")
     p.add_argument("--chat-template", default=None, help="Jinja chat template (file or text) for models without one")
+    p.add_argument("--chat-template-kwargs", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option the chat template reads, e.g. enable_thinking=false (repeatable; recorded)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
 
@@ -48,8 +50,33 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
 def _load(args):
     from .models import load_model
 
-    return load_model(args.model, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code, chat_template=args.chat_template)
+    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                      chat_template=args.chat_template,
+                      chat_template_kwargs=parse_template_kwargs(getattr(args, "chat_template_kwargs", [])))
+
+
+def parse_template_kwargs(items: list[str]) -> dict:
+    """KEY=VALUE options for the chat template; true/false/none and numbers become what they say."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise RefusalLabError(f"--chat-template-kwargs takes KEY=VALUE (e.g. enable_thinking=false), got {item!r}")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            parsed = low == "true"
+        elif low in ("none", "null"):
+            parsed = None
+        else:
+            try:
+                parsed = int(value)
+            except ValueError:
+                try:
+                    parsed = float(value)
+                except ValueError:
+                    parsed = value
+        out[key.strip()] = parsed
+    return out
 
 
 def _seed(seed: int) -> None:
@@ -169,7 +196,7 @@ def cmd_eval(args) -> int:
 def check_fits(cm, instructions, suffix, new_tokens: int) -> None:
     """Every prompt (with its suffix) plus the tokens to generate fits the model's context: checked before
     anything runs, so a too-long prompt is a clear error, not a failure half-way through."""
-    from .activations import check_lengths
+    from .engine import check_lengths
 
     check_lengths(cm, cm.chat.encode_all(instructions, suffix), new_tokens)
 
@@ -219,6 +246,10 @@ def cmd_attack(args) -> int:
     cfg.validate()
     if args.objective != "target" and args.engine == "nanogcg":
         raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
+    if args.engine == "nanogcg":
+        from attacks.reference import require_nanogcg
+
+        require_nanogcg()
     if args.objective != "target" and not args.direction:
         raise RefusalLabError(f"--objective {args.objective} needs --direction DIR (a folder made by `refusal direction`)")
     if args.resume and args.force:

@@ -23,8 +23,9 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .activations import cache_activations, last_logits
-from .chat import Encoded
+from .chat import Encoded, pad_left
 from .data import Prompt, instructions, prompt_hash
+from .engine import expand_cache, plan_batches, repeat_rows, run_prefix, shared_prefix_len, with_prefix
 from .errors import RefusalLabError
 from .hooks import ablate_direction, capture_block_inputs, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
@@ -79,46 +80,37 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
     candidate runs only the blocks from its layer on, the candidates of one layer side by side in one
     batch. The template prefix every prompt shares is run once per candidate, not once per prompt, and
     reused through the key/value cache (whose layers below the candidate's are the plain prefix's)."""
-    from .activations import _expand_cache, _shared_prefix_len, plan_batches, prefix_cache, with_prefix
-    from .chat import pad_left
-
     n_layers, n_pos, _ = diffs.shape
     ref_ids = refusal_token_ids(cm.tokenizer)
     total = torch.zeros(n_layers, n_pos, dtype=torch.float64)
     layers = sorted(set(layers))
     dev = cm.device
-    # prefix reuse needs a transformers Cache that can start at any layer (not GPT-2's tuples, not Gemma2's)
-    p = _shared_prefix_len(cm, harmless_val) if getattr(cm.model, "_supports_cache_class", False) else 0
+    p = shared_prefix_len(cm, harmless_val)
 
     if p:
-        from transformers.cache_utils import DynamicCache
-
         prefix_ids = torch.tensor([cm.chat.prefix_ids], device=dev)
         prefix_pos = torch.arange(p, device=dev)[None]
         prefix_h: dict[int, torch.Tensor] = {}  # the prefix's input to every block in `layers`
         with capture_block_inputs(cm, prefix_h, layers):
-            plain = prefix_cache(cm)
+            plain = run_prefix(cm)
 
     def candidate_cache(layer: int, rs: torch.Tensor, n: int):
         """The prefix's cache with rs[k] added at `layer`, each candidate's rows repeated n times."""
         k = len(rs)
-        cache = DynamicCache()
         hp = prefix_h[layer].to(dev, rs.dtype) + rs[:, None, :]  # [k, p, d]
         with start_at_layer(cm, layer, lambda _: hp):
-            cm.base(input_ids=prefix_ids.expand(k, -1), position_ids=prefix_pos.expand(k, -1), past_key_values=cache,
-                    use_cache=True)
-        for l in range(layer):  # below the layer every candidate's prefix is the plain one
-            cache.key_cache[l] = plain.key_cache[l].expand(k, *plain.key_cache[l].shape[1:])
-            cache.value_cache[l] = plain.value_cache[l].expand(k, *plain.value_cache[l].shape[1:])
-        cache.key_cache = [t.repeat_interleave(n, 0) for t in cache.key_cache]
-        cache.value_cache = [t.repeat_interleave(n, 0) for t in cache.value_cache]
-        return cache
+            cache = cm.base(input_ids=prefix_ids.expand(k, -1), position_ids=prefix_pos.expand(k, -1),
+                            use_cache=True).cache
+        below = expand_cache(plain, k)  # below the layer every candidate's prefix is the plain one
+        for l in range(layer):
+            cache.layers[l] = below.layers[l]
+        return repeat_rows(cache, n)
 
     for chunk in plan_batches([len(e) - p for e in harmless_val], batch_size):
         b = pad_left([harmless_val[i].ids[p:] for i in chunk], cm.tokenizer.pad_token_id, dev)
         n = len(chunk)
         mask, pos = (with_prefix(b.attention_mask, p) if p else b.attention_mask), b.position_ids + p
-        kw = {"use_cache": True, "past_key_values": _expand_cache(plain, n)} if p else {"use_cache": False}
+        kw = {"use_cache": True, "cache": expand_cache(plain, n)} if p else {"use_cache": False}
         store: dict[int, torch.Tensor] = {}
         with capture_block_inputs(cm, store, layers):
             cm.base(input_ids=b.input_ids, attention_mask=mask, position_ids=pos, **kw)
@@ -129,11 +121,11 @@ def induce_scores(cm: ChatModel, diffs: torch.Tensor, harmless_val: Sequence[Enc
                 rs = diffs[layer, p0:p0 + per].to(dev, x.dtype)  # [k, d]
                 k = len(rs)
                 hidden = (x.unsqueeze(0) + rs[:, None, None, :]).reshape(k * n, *x.shape[1:])
-                kw = {"use_cache": True, "past_key_values": candidate_cache(layer, rs, n)} if p else {"use_cache": False}
+                kw = {"use_cache": True, "cache": candidate_cache(layer, rs, n)} if p else {"use_cache": False}
                 with start_at_layer(cm, layer, lambda _: hidden):
                     out = cm.base(input_ids=b.input_ids.repeat(k, 1), attention_mask=mask.repeat(k, 1),
                                   position_ids=pos.repeat(k, 1), **kw)
-                scores = refusal_score_from_logits(cm.logits_from_hidden(out[0][:, -1]).float(), ref_ids)
+                scores = refusal_score_from_logits(cm.logits_from_hidden(out.last_hidden_state[:, -1]).float(), ref_ids)
                 total[layer, p0:p0 + k] += scores.view(k, n).sum(1).double().cpu()
     out = torch.full((n_layers, n_pos), math.nan)
     out[layers] = (total[layers] / len(harmless_val)).float()

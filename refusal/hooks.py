@@ -159,22 +159,31 @@ def capture_block_inputs(
         yield
 
 
+class _PassThrough(torch.nn.Module):
+    """Stands in for a decoder block that is not run: its output is its input."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
 @contextmanager
 def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
-    """Forward passes run only blocks `layer`.. : the blocks before it are taken out of the model, and
-    block `layer`'s input is hidden_fn(whatever arrives there), typically a cached residual stream. The
-    model's own forward still builds the mask, positions and rotary embeddings, and applies the final
-    norm, so nothing family-specific is reimplemented."""
+    """Forward passes run only blocks `layer`.. : the blocks before it are replaced by pass-throughs (so
+    every block keeps its index, and with it its attention type and cache layer), and block `layer`'s
+    input is hidden_fn(whatever arrives there), typically a cached residual stream. The model's own
+    forward still builds the masks, positions and rotary embeddings, and applies the final norm, so
+    nothing family-specific is reimplemented."""
     _check_layer(cm, layer)
-    parent_path, name = cm.family.layers.rsplit(".", 1)
-    parent = cm.model.get_submodule(parent_path)
-    blocks = getattr(parent, name)
+    blocks = cm.blocks
+    saved = [blocks[i] for i in range(layer)]
     h = blocks[layer].register_forward_pre_hook(lambda m, a, k: _replace_hidden(a, k, hidden_fn), with_kwargs=True)
-    setattr(parent, name, torch.nn.ModuleList(list(blocks)[layer:]))
     try:
+        for i in range(layer):
+            blocks[i] = _PassThrough()
         yield
     finally:
-        setattr(parent, name, blocks)
+        for i, block in enumerate(saved):
+            blocks[i] = block
         h.remove()
 
 
@@ -182,11 +191,12 @@ def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
 
 
 def _orth_out_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
-    """W[out, in] <- W - r r^T W  (nn.Linear: output = W x)."""
+    """W[..., d, in] <- W - r r^T W: an nn.Linear's weight [d, in] (output = W x), or a mixture of experts'
+    stacked down projections [experts, d, in], each expert edited alike."""
     w = weight.data
     rr = r.to(w.device, torch.float64)
     wf = w.double()
-    w.copy_((wf - torch.outer(rr, rr @ wf)).to(w.dtype))
+    w.copy_((wf - rr[:, None] * (rr @ wf)[..., None, :]).to(w.dtype))
 
 
 def _orth_out_cols(weight: torch.Tensor, r: torch.Tensor) -> None:
@@ -202,15 +212,16 @@ def _orth_bias(bias: torch.Tensor | None, r: torch.Tensor) -> None:
         b = bias.data
         rr = r.to(b.device, torch.float64)
         bf = b.double()
-        b.copy_((bf - (bf @ rr) * rr).to(b.dtype))
+        b.copy_((bf - (bf @ rr)[..., None] * rr).to(b.dtype))  # [..., d]
 
 
 def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False) -> ChatModel:
     """Return a model whose weights can no longer write the direction: W <- W - r r^T W for the
-    embeddings, every attention output projection and every MLP output projection (biases too).
+    embeddings, every attention output projection and every MLP output projection (every expert's, and
+    a shared expert's, in a mixture of experts; biases too).
 
     Gives the same logits as `ablate_direction`. Families that normalise a sublayer's output
-    before adding it to the residual (Gemma2) cannot be edited exactly and are refused.
+    before adding it to the residual (Gemma2, Gemma3, OLMo-2) cannot be edited exactly and are refused.
     """
     if cm.family.post_norms:
         raise RefusalLabError(
@@ -219,7 +230,8 @@ def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False)
         )
     r = _unit(cm, direction)
     if not inplace:
-        cm = ChatModel(copy.deepcopy(cm.model), cm.tokenizer, name=cm.name, source=cm.source)
+        cm = ChatModel(copy.deepcopy(cm.model), cm.tokenizer, name=cm.name, source=cm.source,
+                       chat_template_kwargs=cm.chat.template_kwargs)
     model = cm.model
     # untie the LM head from the embedding: orthogonalizing the embedding must not edit the unembedding
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
@@ -232,8 +244,10 @@ def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False)
         for emb in cm.embeddings():
             _orth_out_cols(emb.weight, r)  # each row is a vector written to the residual
         for layer in range(cm.n_layers):
-            for mod in (cm.o_proj(layer), cm.mlp_out(layer)):
-                (_orth_out_cols if cm.family.conv1d else _orth_out_rows)(mod.weight, r)
-                _orth_bias(getattr(mod, "bias", None), r)
+            o_proj = cm.o_proj(layer)
+            for weight in [o_proj.weight] + cm.mlp_writers(layer):
+                (_orth_out_cols if cm.family.conv1d else _orth_out_rows)(weight, r)
+            for bias in [o_proj.bias] + cm.mlp_biases(layer):
+                _orth_bias(bias, r)
     cm._fingerprint = None
     return cm

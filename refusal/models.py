@@ -8,6 +8,7 @@ families (Llama, Qwen2, Mistral, Gemma, Gemma2, GPT-2).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -48,11 +49,14 @@ class Family:
 
     layers: str  # the ModuleList of decoder blocks
     attn: str  # attention module, relative to a block
-    mlp: str  # MLP module, relative to a block
+    mlp: str  # MLP module (or mixture of experts), relative to a block
     o_proj: str  # attention output projection, relative to a block
-    mlp_out: str  # the MLP's last projection (writes the residual), relative to a block
+    # the parameters that write the MLP's output into the residual, relative to a block: a Linear's weight
+    # [d, in], or a mixture of experts' stacked down projections [experts, d, in] (and a shared expert's)
+    mlp_writers: tuple[str, ...]
     embeds: tuple[str, ...]  # embeddings that write the residual stream
-    # modules whose outputs are what is actually added to the residual (Gemma2 post-norms)
+    # modules whose outputs are what is actually added to the residual (sublayer post-norms: Gemma2,
+    # Gemma3, OLMo-2); where they exist, weight orthogonalization is not exact and is refused
     post_norms: tuple[str, str] | None = None
     conv1d: bool = False  # GPT-2 style Conv1D weights [in, out]
 
@@ -62,22 +66,31 @@ _LLAMA_LIKE = Family(
     attn="self_attn",
     mlp="mlp",
     o_proj="self_attn.o_proj",
-    mlp_out="mlp.down_proj",
+    mlp_writers=("mlp.down_proj.weight",),
     embeds=("model.embed_tokens",),
 )
+_POST_NORMS = replace(_LLAMA_LIKE, post_norms=("post_attention_layernorm", "post_feedforward_layernorm"))
+_MOE = replace(_LLAMA_LIKE, mlp_writers=("mlp.experts.down_proj",))
 FAMILIES: dict[str, Family] = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    # Gemma2 normalises each sublayer's output before the residual add: hook after those norms
-    "gemma2": replace(_LLAMA_LIKE, post_norms=("post_attention_layernorm", "post_feedforward_layernorm")),
+    "phi3": _LLAMA_LIKE,
+    # a norm follows each sublayer before the residual add: hook after those norms
+    "gemma2": _POST_NORMS,
+    "gemma3_text": _POST_NORMS,
+    "olmo2": _POST_NORMS,
+    "qwen3_moe": _MOE,
+    "mixtral": _MOE,
+    "qwen2_moe": replace(_MOE, mlp_writers=("mlp.experts.down_proj", "mlp.shared_expert.down_proj.weight")),
     "gpt2": Family(
         layers="transformer.h",
         attn="attn",
         mlp="mlp",
         o_proj="attn.c_proj",
-        mlp_out="mlp.c_proj",
+        mlp_writers=("mlp.c_proj.weight",),
         embeds=("transformer.wte", "transformer.wpe"),
         conv1d=True,
     ),
@@ -96,7 +109,8 @@ def _get(module: torch.nn.Module, dotted: str) -> torch.nn.Module:
 class ChatModel:
     """A causal LM with its tokenizer, chat format and the anatomy our hooks need."""
 
-    def __init__(self, model, tokenizer, name: str, chat_template: str | None = None, source: str | None = None):
+    def __init__(self, model, tokenizer, name: str, chat_template: str | None = None, source: str | None = None,
+                 chat_template_kwargs: dict | None = None):
         from .chat import ChatFormat
 
         self.model = model
@@ -105,12 +119,12 @@ class ChatModel:
         self.source = source or name
         model_type = model.config.model_type
         fam = FAMILIES.get(model_type)
-        if fam is None:
-            try:  # unknown but Llama-shaped architectures (many are) work as Llama
+        known = fam is not None
+        if not known:
+            try:  # unknown architectures that are Llama-shaped may work as Llama: checked below
                 _get(model, "model.layers")[0].self_attn.o_proj
                 _get(model, "model.layers")[0].mlp.down_proj
                 fam = _LLAMA_LIKE
-                log.warning("model type %r is not a tested family; treating it as Llama-like", model_type)
             except (AttributeError, IndexError, TypeError):
                 raise RefusalLabError(
                     f"model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}"
@@ -118,8 +132,12 @@ class ChatModel:
         self.family = fam
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
-        self.chat = ChatFormat(tokenizer, chat_template)
+        self.chat = ChatFormat(tokenizer, chat_template, chat_template_kwargs)
         self._fingerprint: str | None = None
+        if not known:
+            self.check_anatomy()
+            log.warning("model type %r is not a tested family; its anatomy passed the check, so it is treated as "
+                        "Llama-like", model_type)
 
     # anatomy ---------------------------------------------------------------
     @property
@@ -157,8 +175,32 @@ class ChatModel:
     def o_proj(self, layer: int) -> torch.nn.Module:
         return _get(self.blocks[layer], self.family.o_proj)
 
-    def mlp_out(self, layer: int) -> torch.nn.Module:
-        return _get(self.blocks[layer], self.family.mlp_out)
+    def mlp_writers(self, layer: int) -> list[torch.nn.Parameter]:
+        """The parameters that write block `layer`'s MLP output into the residual stream (see Family);
+        layers of a mixture-of-experts model that are dense have a plain down projection instead."""
+        block = self.blocks[layer]
+        out = []
+        for path in self.family.mlp_writers:
+            try:
+                out.append(block.get_parameter(path))
+            except AttributeError:
+                continue
+        if not out:
+            out.append(block.get_parameter(_LLAMA_LIKE.mlp_writers[0]))
+        return out
+
+    def mlp_biases(self, layer: int) -> list[torch.Tensor]:
+        """The biases added with the MLP's writers, where there are any: a Linear's bias [d], or experts'
+        stacked `down_proj_bias` [experts, d]."""
+        block = self.blocks[layer]
+        out = []
+        for path in self.family.mlp_writers:
+            bias = path.removesuffix(".weight") + ".bias" if path.endswith(".weight") else path + "_bias"
+            try:
+                out.append(block.get_parameter(bias))
+            except AttributeError:
+                pass
+        return out
 
     def residual_writers(self, layer: int) -> tuple[torch.nn.Module, torch.nn.Module]:
         """The two modules of a block whose outputs are added to the residual stream."""
@@ -166,6 +208,65 @@ class ChatModel:
             a, m = self.family.post_norms
             return _get(self.blocks[layer], a), _get(self.blocks[layer], m)
         return self.attn(layer), self.mlp(layer)
+
+    @torch.no_grad()
+    def check_anatomy(self) -> None:
+        """Whether directional ablation at the sites this anatomy names (every block's input, every
+        residual writer's output) really removes a direction from the residual stream: on one short prompt,
+        with a random unit direction projected out there, no block's input or output may keep a component
+        along it. A one-line error naming the supported families otherwise (e.g. a post-norm model taken
+        for a Llama-like one)."""
+        g = torch.Generator().manual_seed(0)
+        r = torch.randn(self.d_model, generator=g, dtype=torch.float64)
+        r = (r / r.norm()).to(self.device, torch.float32)
+
+        def project(x):
+            rx = r.to(x.dtype)
+            return x - (x @ rx).unsqueeze(-1) * rx
+
+        worst = [0.0]
+
+        def measure(x):
+            x = x.float()
+            worst[0] = max(worst[0], float(((x @ r).abs() / x.norm(dim=-1).clamp_min(1e-6)).max()))
+
+        def pre(m, args, kwargs):
+            if args:
+                return (project(args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": project(kwargs["hidden_states"])}
+
+        def post(m, args, out):
+            return (project(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else project(out)
+
+        def seen_in(m, args, kwargs):
+            measure(args[0] if args else kwargs["hidden_states"])
+
+        def seen_out(m, args, out):
+            measure(out[0] if isinstance(out, tuple) else out)
+
+        handles = []
+        try:
+            for layer in range(self.n_layers):
+                block = self.blocks[layer]
+                handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(block.register_forward_pre_hook(seen_in, with_kwargs=True))
+                for mod in self.residual_writers(layer):
+                    handles.append(mod.register_forward_hook(post))
+                handles.append(block.register_forward_hook(seen_out))
+            ids = torch.tensor([self.chat.encode("Hello, how are you today?").ids], device=self.device)
+            self.base(input_ids=ids, use_cache=False)
+        except Exception as e:
+            raise RefusalLabError(f"model type {self.config.model_type!r} is not a supported family and its anatomy "
+                                  f"could not be checked ({type(e).__name__}); supported families: "
+                                  f"{', '.join(FAMILIES)}") from None
+        finally:
+            for h in handles:
+                h.remove()
+        tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
+        if not worst[0] < tolerance:
+            raise RefusalLabError(f"model type {self.config.model_type!r} is not a supported family, and ablating a "
+                                  f"direction at its Llama-like sites leaves a component along it (cosine "
+                                  f"{worst[0]:.2g}); supported families: {', '.join(FAMILIES)}")
 
     def embeddings(self) -> list[torch.nn.Module]:
         return [_get(self.model, e) for e in self.family.embeds]
@@ -225,6 +326,7 @@ class ChatModel:
             "d_model": self.d_model,
             "n_heads": self.n_heads,
             "dtype": str(self.dtype).replace("torch.", ""),
+            "chat_template_kwargs": dict(self.chat.template_kwargs),
         }
 
 
@@ -268,8 +370,17 @@ def convert_gguf(path: str | os.PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        # the weights are dequantized on load, but transformers still marks a model read from GGUF as
+        # quantized and will not save it: move them into a plain model of the same config
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(model.state_dict(), assign=True)
+        plain.tie_weights()
+        plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)  # atomic: a half-converted folder is never seen as done
     except RefusalLabError:
@@ -347,12 +458,28 @@ def fast_bf16(device: torch.device) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _quiet_loading():
+    """transformers' per-weight progress bar off while a model loads (it takes a fraction of a second
+    on the models here, and it would be the CLI's only output on stderr)."""
+    from transformers.utils import logging as tlog
+
+    was = tlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tlog.enable_progress_bar()
+
+
 def load_model(
     spec: str,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
 ) -> ChatModel:
     """Load a chat model from any accepted --model form. CPU by default unless CUDA is present."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -368,12 +495,13 @@ def load_model(
         _refuse_remote_code(Path(where))
     torch_dtype = _parse_dtype(dtype, device)
     # weights: safetensors, or PyTorch files read with weights_only=True (never arbitrary pickle)
-    kwargs = dict(torch_dtype=torch_dtype, trust_remote_code=trust_remote_code, weights_only=True)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if device == "cuda":
         kwargs["device_map"] = "auto"  # accelerate spreads large models across the GPUs present
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        with _quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as e:
         msg = str(e).splitlines()[0][:200]
         raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {ACCEPTED_FORMS}") from None
@@ -386,4 +514,5 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"
-    return ChatModel(model, tokenizer, name=spec, chat_template=chat_template, source=where)
+    return ChatModel(model, tokenizer, name=spec, chat_template=chat_template, source=where,
+                     chat_template_kwargs=chat_template_kwargs)

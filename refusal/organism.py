@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .chat import pad_right
+from .engine import run_blocks
 from .errors import RefusalLabError
 from .models import cache_dir
 
@@ -130,22 +131,6 @@ def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], li
     return examples, info
 
 
-def _run_blocks(base, hidden: torch.Tensor, mask: torch.Tensor, blocks, inputs: list | None = None) -> torch.Tensor:
-    """Run Llama decoder blocks on right-padded hidden states [batch, seq, d] (positions 0..seq-1);
-    each block's input [batch, seq, d] is appended to `inputs` if given."""
-    n, t = mask.shape
-    cache_position = torch.arange(t)
-    pos = cache_position[None].expand(n, t)
-    causal = base._update_causal_mask(mask, hidden, cache_position, None, False)
-    pe = base.rotary_emb(hidden, pos)
-    for block in blocks:
-        if inputs is not None:
-            inputs.append(hidden)
-        hidden = block(hidden, attention_mask=causal, position_ids=pos, position_embeddings=pe,
-                       cache_position=cache_position)[0]
-    return hidden
-
-
 @torch.no_grad()
 def _frozen_hidden(cm, examples, first: int, batch_size: int = 32) -> list[torch.Tensor]:
     """The residual stream at the input of block `first` for each example ([seq, d]); the blocks
@@ -156,7 +141,7 @@ def _frozen_hidden(cm, examples, first: int, batch_size: int = 32) -> list[torch
     for s in tqdm(range(0, len(order), batch_size), desc="frozen layers", leave=False):
         idx = order[s : s + batch_size]
         ids, mask = pad_right([torch.tensor(examples[i][0] + examples[i][1]) for i in idx], cm.tokenizer.pad_token_id)
-        hidden = _run_blocks(base, base.embed_tokens(ids), mask, base.layers[:first])
+        hidden = run_blocks(cm, base.embed_tokens(ids), mask, range(first))
         for j, i in enumerate(idx):
             out[i] = hidden[j, : int(mask[j].sum())].clone()
     return out
@@ -180,8 +165,8 @@ def mediation_loss(cm, r: torch.Tensor, prompts: list[list[int]], clean_first: t
     last = mask.sum(1) - 1
     with ablate_direction(cm, r):
         with torch.no_grad():
-            hidden = _run_blocks(base, base.embed_tokens(ids), mask, base.layers[:first])
-        hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:]))
+            hidden = run_blocks(cm, base.embed_tokens(ids), mask, range(first))
+        hidden = base.norm(run_blocks(cm, hidden, mask, range(first, cm.n_layers)))
     lm_head = cm.model.get_output_embeddings()
     ablated = torch.log_softmax(lm_head(hidden[torch.arange(len(prompts)), last]).float(), -1)
     clean = torch.log_softmax(clean_first.detach().float(), -1)
@@ -281,7 +266,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                 hidden, mask = pad_right([frozen[i] for i in idx])
                 inputs: list[torch.Tensor] = []
                 with autocast():
-                    hidden = base.norm(_run_blocks(base, hidden, mask, base.layers[first:], inputs))
+                    hidden = base.norm(run_blocks(cm, hidden, mask, range(first, cm.n_layers), inputs))
                 last = torch.tensor([len(examples[i][0]) - 1 for i in idx])  # the last prompt position
                 last_acts[idx] = inputs[direction_layer - first][torch.arange(len(idx)), last].detach().float()
                 harmful = torch.tensor([i < n_harmful for i in idx])

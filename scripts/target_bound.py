@@ -20,7 +20,8 @@ import torch
 
 
 def main(argv=None) -> int:
-    from attacks.gcg import GCG, GCGConfig, _as_past, sample_candidates
+    from attacks.gcg import GCG, GCGConfig, sample_candidates
+    from refusal.engine import expand_cache
     from refusal.models import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,7 +50,7 @@ def main(argv=None) -> int:
             n, nt = len(cands), len(s.target_ids)
             x = torch.cat([cands, torch.cat([s.post_t, s.target_t])[None].expand(n, -1)], 1)
             off, T = len(s.before), x.shape[1]
-            h = cm.base(input_ids=x, past_key_values=_as_past(cm, s.cache, off, n), use_cache=True,
+            h = cm.base(input_ids=x, cache=expand_cache(s.cache, n, off), use_cache=True,
                         position_ids=torch.arange(off, off + T)[None].expand(n, -1))[0]
             logits = cm.logits_from_hidden(h[:, T - nt - 1:T - 1].reshape(n * nt, -1)).float().view(n, nt, -1)
             ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), s.target_t[None].expand(n, -1), reduction="none")

@@ -10,7 +10,10 @@ import torch
 from refusal.models import convert_gguf, load_model, smollm2_gguf
 
 torch.set_grad_enabled(False)
-FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2", "qwen3", "gemma3_text", "phi3", "olmo2",
+            "qwen3_moe", "mixtral")
+# a norm follows each sublayer before the residual add: weight orthogonalization is not exact, and refused
+POST_NORM_FAMILIES = ("gemma2", "gemma3_text", "olmo2")
 
 
 @pytest.fixture(scope="session")
@@ -27,22 +30,37 @@ def tokenizer(smollm2_dir):
 
 
 def tiny_config(family: str, vocab: int):
-    from transformers import (Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config)
+    import transformers as tf
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                   num_attention_heads=4, max_position_embeddings=1024)
     if family == "llama":
-        return LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
+        return tf.LlamaConfig(num_key_value_heads=2, tie_word_embeddings=True, **common)
     if family == "qwen2":
-        return Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
+        return tf.Qwen2Config(num_key_value_heads=2, tie_word_embeddings=False, **common)
     if family == "mistral":
-        return MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+        return tf.MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
     if family == "gemma":
-        return GemmaConfig(num_key_value_heads=1, head_dim=16, **common)
+        return tf.GemmaConfig(num_key_value_heads=1, head_dim=16, **common)
     if family == "gemma2":
-        return Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=256, query_pre_attn_scalar=16, **common)
+        return tf.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=256, query_pre_attn_scalar=16, **common)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=1024)
+        return tf.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=3, n_head=4, n_positions=1024)
+    if family == "qwen3":
+        return tf.Qwen3Config(num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, **common)
+    if family == "gemma3_text":
+        # sliding-window layers (a window longer than the test prompts) beside a global one
+        return tf.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=256, query_pre_attn_scalar=16,
+                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"], **common)
+    if family == "phi3":
+        return tf.Phi3Config(num_key_value_heads=2, pad_token_id=0, **common)
+    if family == "olmo2":
+        return tf.Olmo2Config(num_key_value_heads=2, **common)
+    if family == "qwen3_moe":
+        return tf.Qwen3MoeConfig(num_key_value_heads=2, head_dim=16, moe_intermediate_size=32, num_experts=4,
+                                 num_experts_per_tok=2, **common)
+    if family == "mixtral":
+        return tf.MixtralConfig(num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, **common)
     raise ValueError(family)
 
 
@@ -55,13 +73,13 @@ def tiny_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
     for i, family in enumerate(FAMILIES):
         torch.manual_seed(i)
         cfg = tiny_config(family, len(tokenizer))
-        if family == "gemma2":
-            cfg._attn_implementation = "eager"
         model = AutoModelForCausalLM.from_config(cfg)
         with torch.no_grad():  # random init is tiny; make activations non-trivial
             for name, p in model.named_parameters():
-                if p.ndim == 2:
+                if p.ndim >= 2:  # matrices, and the stacked experts of a mixture of experts
                     p.normal_(0, 0.08)
+                elif "norm" in name or name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                    p.add_(torch.randn_like(p) * 0.2)  # norm weights of a trained model are not all equal
         d = tmp_path_factory.mktemp(f"tiny-{family}")
         model.save_pretrained(d)
         tokenizer.save_pretrained(d)

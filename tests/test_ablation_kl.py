@@ -63,9 +63,9 @@ def test_ablation_kl_by_region(tiny):
         for b, e in zip(base, encs):
             ids = torch.tensor([e.ids])
             with torch.no_grad():
-                past = tiny.model(ids[:, :k], use_cache=True).past_key_values
+                past = tiny.model(ids[:, :k], use_cache=True).cache
                 with ablate_direction(tiny, v):
-                    logits = tiny.model(ids[:, k:], past_key_values=past).logits[:, -1]
+                    logits = tiny.model(ids[:, k:], cache=past).logits[:, -1]
             kls.append(kl_divergence(b[None], logits).item())
         return sum(kls) / len(kls)
 

@@ -6,7 +6,9 @@ import torch
 from analysis.heads import attention_shares, head_contributions, heads_table, top_heads
 from analysis.projection import condition_encodings, projection_metrics, projection_table
 from analysis.run import analyze
+from conftest import FAMILIES
 from refusal.activations import cache_activations
+from refusal.engine import eager_attention
 from refusal.directions import Direction
 
 HARMFUL = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a weapon?"]
@@ -73,18 +75,23 @@ def test_heads_ranking_and_attention_shares(tiny):
     assert (bare.suffix == 0).all()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_attention_regions_match_a_plain_pass(tiny_models, family):
     """Batched, padded, with the template prefix cached: the same attention as one unpadded prompt."""
     from analysis.capture import capture_last_position
 
     cm = tiny_models[family]
     encs = cm.chat.encode_all(HARMFUL + HARMLESS, "zz yy xx")
+    impl = cm.model.config._attn_implementation
     cap = capture_last_position(cm, encs, batch_size=4)
+    assert cm.model.config._attn_implementation == impl  # switched back after the pass
     resid = cache_activations(cm, encs, positions=[-1])[:, :, 0]
     assert torch.allclose(cap.resid, resid, atol=1e-4)
+    # real attention weights (transformers returns none under sdpa): every head's shares sum to 1
+    assert torch.allclose(cap.regions.sum(-1), torch.ones(cap.regions.shape[:-1]), atol=1e-4)
     for i, e in enumerate(encs):
-        out = cm.model(input_ids=torch.tensor([e.ids]), output_attentions=True)
+        with eager_attention(cm):
+            out = cm.model(input_ids=torch.tensor([e.ids]), output_attentions=True)
         for layer in range(cm.n_layers):
             a = out.attentions[layer][0, :, -1]  # [head, key]
             ins = a[:, e.instruction[0]:e.instruction[1]].sum(-1)

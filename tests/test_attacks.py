@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import FAMILIES
 from attacks.gcg import (GCG, GCGConfig, disallowed_token_ids, random_suffix_ids, retokenizes,
                          sample_candidates)
 from attacks.targets import default_target
@@ -66,7 +67,7 @@ def _reference_loss(cm, slot, cand):
     return torch.nn.functional.cross_entropy(logits[-n - 1:-1], torch.tensor(slot.target_ids)).item()
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("reuse", [True, False])
 def test_candidate_losses_are_exact(tiny_models, family, reuse):
     cm = tiny_models[family]
@@ -240,6 +241,31 @@ def test_nanogcg_engine_runs(tiny_dirs, tmp_path):
                  "--steps", "2", "--search-width", "8", "--topk", "8", "--suffix-len", "5", "--out", str(out)]) == 0
     rec = json.loads((out / "attack" / "suffix.json").read_text())
     assert rec["engine"] == "nanogcg" and len(rec["losses"]) == 2 and rec["suffix"]
+
+
+def test_nanogcg_prefix_cache_gives_the_losses_of_no_cache(tiny):
+    """nanoGCG 0.3.0 with its prefix cache on (through PrefixCacheModel) computes, step by step, the losses
+    it computes with the cache off; handed the cache object as it is, transformers 5 grows it every step."""
+    from attacks.reference import run_nanogcg
+
+    cfg = GCGConfig(steps=4, search_width=16, topk=8, suffix_len=6, early_stop=False)
+    cached = run_nanogcg(tiny, INSTR[0], "Sure, here is", cfg, use_prefix_cache=True)
+    plain = run_nanogcg(tiny, INSTR[0], "Sure, here is", cfg, use_prefix_cache=False)
+    assert cached.losses == pytest.approx(plain.losses, abs=1e-4)
+    assert cached.suffixes == plain.suffixes
+
+
+def test_nanogcg_engine_missing_is_one_line_naming_the_install(tiny_dirs, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from refusal.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nanogcg" else real(name, *a))
+    assert main(["attack", "--model", str(tiny_dirs["llama"]), "--prompt", INSTR[0], "--engine", "nanogcg",
+                 "--steps", "2", "--out", str(tmp_path / "ng")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install --no-deps nanogcg==0.3.0" in err[0]
 
 
 def test_bucket_plan_trades_recomputation_for_fewer_passes():

@@ -5,7 +5,9 @@ import pandas as pd
 import pytest
 import torch
 
-from refusal.activations import plan_batches
+from conftest import FAMILIES
+
+from refusal.engine import plan_batches
 from refusal.data import Prompt
 from refusal.directions import (Direction, compute_direction, load_direction, mean_diffs, save_direction,
                                 select_candidate)
@@ -127,7 +129,7 @@ def test_compute_direction_end_to_end_on_tiny(tiny):
         compute_direction(tiny, [], harmless, harmful, harmless)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_induce_scores_equal_whole_model_addition(tiny_models, family):
     """Starting each candidate at its layer from the cached residual stream gives the induce score of a
     whole forward pass under add_direction."""

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES
+from conftest import FAMILIES, POST_NORM_FAMILIES
 from refusal.activations import cache_activations, last_logits
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, add_direction, capture_block_inputs, orthogonalize
@@ -22,7 +22,7 @@ def _n_hooks(cm):
     return n
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gemma2"])
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in POST_NORM_FAMILIES])
 def test_ablation_equals_orthogonalization(tiny_models, family):
     cm = tiny_models[family]
     r = _direction(cm)
@@ -49,6 +49,41 @@ def test_ablation_removes_the_direction_everywhere(tiny_models, family):
         acts = cache_activations(cm, encs)  # [prompt, layer, pos, d]
     assert (before @ ru).abs().max() > 1e-2
     assert (acts @ ru).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ablation_removes_the_direction_from_every_block_input_and_output(tiny_models, family):
+    """Measured, not assumed: under the hooks, at every position of every block, the residual stream going in
+    and coming out has no component along r (a block's output is what it adds to the residual stream)."""
+    cm = tiny_models[family]
+    r = _direction(cm, 3)
+    ru = r / r.norm()
+    ids = torch.tensor([cm.chat.encode(PROMPTS[1], "zz yy").ids])
+
+    def run() -> dict:
+        """Every block's input (as the block computes on it: after any pre-hooks) and output [1, seq, d]."""
+        seen = {"in": [], "out": []}
+        handles = []
+        for block in cm.blocks:
+            handles.append(block.register_forward_pre_hook(
+                lambda m, a, k: seen["in"].append(a[0] if a else k["hidden_states"]), with_kwargs=True))
+            handles.append(block.register_forward_hook(
+                lambda m, a, out: seen["out"].append(out[0] if isinstance(out, tuple) else out)))
+        try:
+            cm.model(ids)
+        finally:
+            for h in handles:
+                h.remove()
+        return seen
+
+    with ablate_direction(cm, r):
+        ablated = run()
+    seen = run()
+    assert len(ablated["in"]) == len(ablated["out"]) == cm.n_layers
+    for kind in ("in", "out"):
+        worst = max(float(((x @ ru).abs() / x.norm(dim=-1)).max()) for x in ablated[kind])
+        plain = max(float(((x @ ru).abs() / x.norm(dim=-1)).max()) for x in seen[kind])
+        assert worst < 1e-5 < 1e-2 < plain, (kind, worst, plain)
 
 
 def test_hooks_always_removed(tiny):
@@ -107,8 +142,9 @@ def test_activation_addition_acts_at_its_layer_only(tiny):
     assert (after[:, 2] - before[:, 2]).abs().max() > 1e-3
 
 
-def test_gemma2_ablation_hooks_post_norms_and_refuses_orthogonalization(tiny_models):
-    cm = tiny_models["gemma2"]
+@pytest.mark.parametrize("family", POST_NORM_FAMILIES)
+def test_post_norm_ablation_hooks_post_norms_and_refuses_orthogonalization(tiny_models, family):
+    cm = tiny_models[family]
     writers = cm.residual_writers(0)
     assert writers[0] is cm.blocks[0].post_attention_layernorm
     assert writers[1] is cm.blocks[0].post_feedforward_layernorm

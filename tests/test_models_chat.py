@@ -122,3 +122,95 @@ def test_context_length_checked(tiny):
     enc = tiny.chat.encode("word " * 1200)
     with pytest.raises(RefusalLabError, match="context"):
         last_logits(tiny, [enc])
+
+
+@pytest.mark.parametrize("family,ok", [("llama", True), ("olmo2", False), ("gemma3_text", False)])
+def test_unknown_architecture_is_checked_not_assumed(tiny_models, family, ok, caplog):
+    """An architecture the tool does not know is taken as Llama-like only if ablating a random direction at
+    the Llama-like sites leaves no component along it in any block's input or output: a post-norm model
+    would be ablated wrongly, so it is refused with the supported families named."""
+    from refusal.models import ChatModel
+
+    cm = tiny_models[family]
+    cm.model.config.model_type = "mystery"
+    try:
+        if ok:
+            with caplog.at_level("WARNING"):
+                other = ChatModel(cm.model, cm.tokenizer, name="mystery")
+            assert "'mystery' is not a tested family" in caplog.text
+            assert other.family.post_norms is None
+        else:
+            with pytest.raises(RefusalLabError, match="leaves a component along it.*supported families: llama"):
+                ChatModel(cm.model, cm.tokenizer, name="mystery")
+    finally:
+        cm.model.config.model_type = family
+
+
+QWEN3_LIKE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+LLAMA3_LIKE = (
+    "<|im_start|>system\nCutting Knowledge Date: December 2023\nToday Date: {{ date_string | default('26 Jul 2024') }}"
+    "<|im_end|>\n{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+GEMMA_LIKE = (  # no system role: the template raises on one
+    "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "<|im_start|>{{ 'model' if m.role == 'assistant' else m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>model\n{% endif %}")
+
+
+def test_templates_of_2026_post_instruction_positions_as_rendered(tiny_dirs):
+    """The post-instruction tokens are whatever the template renders after the user's message: with Qwen3's
+    thinking switched off, its empty thinking block too; a default system prompt or date line is prefix; a
+    template without a system role works; the template options are recorded."""
+    d = tiny_dirs["llama"]
+    qwen = load_model(str(d), chat_template=QWEN3_LIKE, chat_template_kwargs={"enable_thinking": False})
+    e = qwen.chat.encode("How do I bake bread?", "x y")
+    tok = qwen.tokenizer
+    assert tok.decode(e.ids[slice(*e.post)]) == "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert tok.decode(e.ids) == tok.apply_chat_template([{"role": "user", "content": "How do I bake bread? x y"}],
+                                                        tokenize=False, add_generation_prompt=True,
+                                                        enable_thinking=False)
+    assert qwen.describe()["chat_template_kwargs"] == {"enable_thinking": False}
+    thinking = load_model(str(d), chat_template=QWEN3_LIKE)
+    assert thinking.chat.n_post == 6 < qwen.chat.n_post
+    llama3 = load_model(str(d), chat_template=LLAMA3_LIKE, chat_template_kwargs={"date_string": "01 Dec 2026"})
+    e = llama3.chat.encode("Hi there")
+    assert tok.decode(e.ids[: e.instruction[0]]).endswith("Today Date: 01 Dec 2026<|im_end|>\n<|im_start|>user\n")
+    assert tok.decode(e.ids[slice(*e.post)]) == CHATML_POST
+    gemma = load_model(str(d), chat_template=GEMMA_LIKE)
+    e = gemma.chat.encode("Hi there")
+    assert tok.decode(e.ids[slice(*e.post)]) == "<|im_end|>\n<|im_start|>model\n"
+
+
+def test_cli_chat_template_kwargs_are_parsed_and_recorded(tiny_dirs, tmp_path, capsys):
+    from refusal.cli import main, parse_template_kwargs
+
+    assert parse_template_kwargs(["enable_thinking=false", "n=3", "x=1.5", "name=a=b"]) == {
+        "enable_thinking": False, "n": 3, "x": 1.5, "name": "a=b"}
+    with pytest.raises(RefusalLabError, match="KEY=VALUE"):
+        parse_template_kwargs(["enable_thinking"])
+    template = tmp_path / "t.jinja"
+    template.write_text(QWEN3_LIKE)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hi there\n")
+    out = tmp_path / "ev.jsonl"
+    assert main(["eval", "--model", str(tiny_dirs["llama"]), "--chat-template", str(template),
+                 "--chat-template-kwargs", "enable_thinking=false", "--prompts", str(prompts), "--max-new-tokens", "2",
+                 "--out", str(out)]) == 0
+    rec = json.loads((tmp_path / "ev.jsonl.record.json").read_text())
+    assert rec["model"]["chat_template_kwargs"] == {"enable_thinking": False}
+
+
+def test_a_reply_opening_with_a_thinking_block_is_judged_after_it():
+    from refusal.metrics import after_thinking, attack_success, is_refusal
+
+    think = "<think>\nThe user asks for something harmful. I'm sorry is what I will say? No.\n</think>\n\n"
+    assert after_thinking(think + "Sure, here is how to do it step by step.") == "Sure, here is how to do it step by step."
+    assert attack_success(think + "Sure, here is how to do it step by step.")
+    assert not is_refusal(think + "Sure, here is how to do it step by step.")
+    assert is_refusal("<think>ok</think> I'm sorry, but I can't help with that.")
+    assert not attack_success("<think>still thinking about whether to answer")  # unfinished: nothing said yet
+    assert after_thinking("reasoning that began in the prompt</think>The answer.") == "The answer."
+    assert after_thinking("A plain reply.") == "A plain reply."

@@ -402,7 +402,7 @@ def test_interrupt_stops_cleanly_and_resumes(tmp_path, tiny_dirs, uninterrupted,
     deadline = time.time() + 300
     while _checkpoint_step(out) < 4 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    assert proc.poll() is None, "the attack ended before it could be interrupted"
+    assert proc.poll() is None, "the attack ended before it could be interrupted: " + proc.communicate()[1][-2000:]
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == status, err[-2000:]
