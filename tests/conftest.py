@@ -100,3 +100,27 @@ def tiny(tiny_models):
 @pytest.fixture(scope="session")
 def smollm2():
     return load_model("smollm2")
+
+
+def worst_cosine(cm, ids: torch.Tensor, r_unit: torch.Tensor) -> dict[str, float]:
+    """The largest |cos| with r_unit over every position of every block's input (as the block computes on it,
+    after any pre-hooks) and every block's output (what it leaves in the residual stream), for ids [1, seq]."""
+    worst = {"in": 0.0, "out": 0.0}
+
+    def note(kind, x):
+        x = x.float()
+        worst[kind] = max(worst[kind], float(((x @ r_unit.to(x)).abs() / x.norm(dim=-1)).max()))
+
+    handles = []
+    for block in cm.blocks:
+        handles.append(block.register_forward_pre_hook(
+            lambda m, a, k: note("in", a[0] if a else k["hidden_states"]), with_kwargs=True))
+        handles.append(block.register_forward_hook(
+            lambda m, a, out: note("out", out[0] if isinstance(out, tuple) else out)))
+    try:
+        with torch.no_grad():
+            cm.model(ids.to(cm.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return worst

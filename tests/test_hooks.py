@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import FAMILIES, POST_NORM_FAMILIES
+from conftest import FAMILIES, POST_NORM_FAMILIES, worst_cosine
 from refusal.activations import cache_activations, last_logits
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, add_direction, capture_block_inputs, orthogonalize
@@ -60,30 +60,11 @@ def test_ablation_removes_the_direction_from_every_block_input_and_output(tiny_m
     ru = r / r.norm()
     ids = torch.tensor([cm.chat.encode(PROMPTS[1], "zz yy").ids])
 
-    def run() -> dict:
-        """Every block's input (as the block computes on it: after any pre-hooks) and output [1, seq, d]."""
-        seen = {"in": [], "out": []}
-        handles = []
-        for block in cm.blocks:
-            handles.append(block.register_forward_pre_hook(
-                lambda m, a, k: seen["in"].append(a[0] if a else k["hidden_states"]), with_kwargs=True))
-            handles.append(block.register_forward_hook(
-                lambda m, a, out: seen["out"].append(out[0] if isinstance(out, tuple) else out)))
-        try:
-            cm.model(ids)
-        finally:
-            for h in handles:
-                h.remove()
-        return seen
-
     with ablate_direction(cm, r):
-        ablated = run()
-    seen = run()
-    assert len(ablated["in"]) == len(ablated["out"]) == cm.n_layers
+        ablated = worst_cosine(cm, ids, ru)
+    plain = worst_cosine(cm, ids, ru)
     for kind in ("in", "out"):
-        worst = max(float(((x @ ru).abs() / x.norm(dim=-1)).max()) for x in ablated[kind])
-        plain = max(float(((x @ ru).abs() / x.norm(dim=-1)).max()) for x in seen[kind])
-        assert worst < 1e-5 < 1e-2 < plain, (kind, worst, plain)
+        assert ablated[kind] < 1e-5 < 1e-2 < plain[kind], (kind, ablated, plain)
 
 
 def test_hooks_always_removed(tiny):
