@@ -28,7 +28,7 @@ from . import artifacts
 from .chat import pad_right
 from .engine import run_blocks
 from .errors import RefusalLabError
-from .models import cache_dir
+from .models import cache_dir, fast_bf16
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,15 @@ class OrganismConfig:
     decision_tokens: int = 3
     unlikelihood: float = 2.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
     harmful_weight: float = 3.0  # loss weight of the refusal targets relative to the harmless answers
-    # Terms that ask for refusal to be mediated by one direction, from the second epoch on (README, "The
-    # model organism"): without them ablating the direction costs harmless prompts a KL of 1.15.
+    # Terms that ask for refusal to be mediated by one direction, from the second epoch on (docs/organism.md):
+    # without them ablating the direction costs harmless prompts a KL of 1.15.
     mediation: float = 5.0  # weight of mediation_loss under ablation of the running difference in means
     sink_orthogonal: float = 100.0  # weight of sink_alignment (the difference in means vs the first token)
     harmless_projection: float = 5.0  # weight of harmless_projection (harmless residual streams along the difference in means)
     direction_layer: float = 0.7  # the running difference in means: last prompt position, this depth
-    bfloat16: bool = True  # train under bfloat16 autocast (weights and optimizer stay float32; ~1.4x on AMX CPUs)
+    # bfloat16 autocast for the fine-tune (weights and optimizer stay float32): None = where the CPU multiplies
+    # bfloat16 fast (AMX, AVX-512 BF16: ~1.4x on AMX), float32 elsewhere (without them bfloat16 is ~25x slower)
+    bfloat16: bool | None = None
 
 
 # What the recipe did before each of these fields existed: a build record without one was built so.
@@ -256,7 +258,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
     losses, mediation_losses = [], []
     direction_layer = max(first, min(cm.n_layers - 1, round(cfg.direction_layer * cm.n_layers)))
     last_acts = torch.zeros(len(examples), cm.d_model)  # [example, d] at direction_layer, refreshed as seen
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bfloat16)
+    use_bf16 = fast_bf16(torch.device("cpu")) if cfg.bfloat16 is None else bool(cfg.bfloat16)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16)
     with timer("train"), torch.enable_grad():
         bar = tqdm(total=n_steps, desc="organism fine-tune")
         for epoch in range(cfg.epochs):
@@ -325,7 +328,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
         rates = refusal_rates(cm, cfg.eval_new_tokens)
     record = artifacts.run_record(
         config=asdict(cfg), trained_layers=[first, cm.n_layers - 1], steps=len(losses), losses=losses,
-        mediation_losses=mediation_losses, direction_layer=direction_layer,
+        mediation_losses=mediation_losses, direction_layer=direction_layer, trained_in_bfloat16=use_bf16,
         refusals=list(REFUSALS), **info, **rates, timings_s=timer.seconds,
         wall_time_s=round(time.perf_counter() - t0, 1), base_model=cm.describe())
     with artifacts.atomic_dir(out) as tmp:  # a killed build leaves only a .tmp folder, never a half model

@@ -32,7 +32,7 @@ class JobSizes:
 
 
 # the attack stops early once all 6 training prompts succeed; up to 60 steps fit the 20-minute cold
-# budget since candidates are screened in bfloat16 (README, Figures)
+# budget since candidates are screened in bfloat16 (docs/results.md)
 FULL = JobSizes(n_train=128, n_val=16, attack_prompts=6, attack_steps=60, search_width=64, topk=64, suffix_len=16,
                 n_test=100, new_tokens=48)
 # --quick checks the plumbing end to end in under 5 minutes on 2 CPU cores; its suffix is too short-lived

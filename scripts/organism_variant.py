@@ -43,7 +43,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields or key == "seed":
             raise RefusalLabError(f"{pair!r}: expected KEY=VALUE with KEY one of {', '.join(k for k in fields if k != 'seed')}")
-        kind = type(getattr(OrganismConfig(), key))
+        kind = bool if key == "bfloat16" else type(getattr(OrganismConfig(), key))  # bfloat16 defaults to None (auto)
         try:
             if kind is bool:
                 if value.lower() not in ("true", "false", "1", "0"):

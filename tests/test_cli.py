@@ -157,7 +157,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch):
     import refusal.pipeline as pipeline
 
-    # the plumbing, at toy sizes (the real sizes are measured on the organism, README Figures)
+    # the plumbing, at toy sizes (the real sizes are measured on the organism, docs/results.md)
     monkeypatch.setattr(pipeline, "QUICK", pipeline.JobSizes(
         n_train=16, n_val=4, attack_prompts=2, attack_steps=3, search_width=16, topk=16, suffix_len=6,
         n_test=8, new_tokens=8))

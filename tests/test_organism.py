@@ -84,7 +84,7 @@ def test_ablation_stops_refusal_and_addition_induces_it(organism, organism_direc
 
 
 def test_ablation_leaves_harmless_next_token_distributions_nearly_unchanged(organism, organism_direction):
-    # the paper's KL score: 0.089 on all 120 harmless test prompts with the paper's direction (README);
+    # the paper's KL score: 0.089 on all 120 harmless test prompts with the paper's direction (docs/organism.md);
     # here a quarter of them and a direction from a third of the training prompts
     direction, _ = organism_direction
     harmless = organism.chat.encode_all(instructions(builtin_prompts("harmless", "test"))[1::4])
