@@ -92,14 +92,10 @@ def run_prefix(cm: ChatModel, ids: Sequence[int] | None = None):
     return cm.base(input_ids=x, position_ids=torch.arange(len(ids), device=cm.device)[None], use_cache=True).cache
 
 
-def cache_length(cache) -> int:
-    return cache.get_seq_length()
-
-
 def expand_cache(cache, n: int, length: int | None = None):
     """A new cache with the first `length` positions (default: all) of a 1-row cache, expanded to n rows
     (views, no copy). The given cache is left as it is."""
-    total = cache_length(cache)
+    total = cache.get_seq_length()
     length = total if length is None else length
     if not 0 <= length <= total:
         raise ValueError(f"cannot cut a cache of {total} positions to {length}")
