@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import random
 import sys
 import warnings
 from pathlib import Path
@@ -48,44 +47,15 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
 
 
 def _load(args):
-    from .models import load_model
+    from .models import load_model_from_options
 
-    return load_model(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                      chat_template=args.chat_template,
-                      chat_template_kwargs=parse_template_kwargs(getattr(args, "chat_template_kwargs", [])))
-
-
-def parse_template_kwargs(items: list[str]) -> dict:
-    """KEY=VALUE options for the chat template; true/false/none and numbers become what they say."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise RefusalLabError(f"--chat-template-kwargs takes KEY=VALUE (e.g. enable_thinking=false), got {item!r}")
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            parsed = low == "true"
-        elif low in ("none", "null"):
-            parsed = None
-        else:
-            try:
-                parsed = int(value)
-            except ValueError:
-                try:
-                    parsed = float(value)
-                except ValueError:
-                    parsed = value
-        out[key.strip()] = parsed
-    return out
+    return load_model_from_options(args)
 
 
 def _seed(seed: int) -> None:
-    import numpy as np
-    import torch
+    from .models import seed_everything
 
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_everything(seed)
 
 
 # ----------------------------------------------------------------------------- commands

@@ -516,3 +516,46 @@ def load_model(
     tokenizer.padding_side = "left"
     return ChatModel(model, tokenizer, name=spec, chat_template=chat_template, source=where,
                      chat_template_kwargs=chat_template_kwargs)
+
+
+def load_model_from_options(options) -> ChatModel:
+    """load_model from an object with the CLI's model options as attributes (model, device, dtype,
+    trust_remote_code, chat_template, chat_template_kwargs as KEY=VALUE strings)."""
+    return load_model(options.model, device=options.device, dtype=options.dtype,
+                      trust_remote_code=options.trust_remote_code, chat_template=options.chat_template,
+                      chat_template_kwargs=parse_template_kwargs(getattr(options, "chat_template_kwargs", None) or []))
+
+
+def seed_everything(seed: int) -> None:
+    """Python's, numpy's and torch's random generators seeded alike."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def parse_template_kwargs(items: list[str]) -> dict:
+    """KEY=VALUE options for the chat template; true/false/none and numbers become what they say."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise RefusalLabError(f"--chat-template-kwargs takes KEY=VALUE (e.g. enable_thinking=false), got {item!r}")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            parsed = low == "true"
+        elif low in ("none", "null"):
+            parsed = None
+        else:
+            try:
+                parsed = int(value)
+            except ValueError:
+                try:
+                    parsed = float(value)
+                except ValueError:
+                    parsed = value
+        out[key.strip()] = parsed
+    return out

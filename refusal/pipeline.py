@@ -46,7 +46,7 @@ def main_job(args) -> int:
     from attacks.gcg import GCGConfig
     from attacks.run import run_attack
 
-    from .cli import _load, _seed
+    from .models import load_model_from_options, seed_everything
     from .data import direction_sets
     from .directions import compute_direction, load_direction, save_direction
     from .hooks import ablate_direction, add_direction
@@ -62,8 +62,8 @@ def main_job(args) -> int:
         raise RefusalLabError("--resume and --force contradict each other; choose one")
     artifacts.check_out(out, force=force, resume=resume,
                         fix="pass --resume to reuse its finished stages, --force to start over, or choose another --out")
-    _seed(args.seed)
-    cm = _load(args)  # a bad model fails here, before anything is written
+    seed_everything(args.seed)
+    cm = load_model_from_options(args)  # a bad model fails here, before anything is written
     if force and out.exists():
         import shutil
 
