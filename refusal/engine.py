@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .chat import Batch, Encoded, pad_left
+from .chat import Encoded, pad_left
 from .errors import RefusalLabError
 from .models import ChatModel
 
@@ -43,15 +43,6 @@ def check_lengths(cm: ChatModel, encs: Sequence[Encoded], new_tokens: int = 0) -
 def check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise RefusalLabError(f"batch size must be >= 1, got {batch_size}")
-
-
-def batches(cm: ChatModel, encs: Sequence[Encoded], batch_size: int) -> Iterator[tuple[slice, Batch]]:
-    """Left-padded batches over `encs` in their order, with their slice (no cache)."""
-    check_lengths(cm, encs)
-    check_batch_size(batch_size)
-    for start in range(0, len(encs), batch_size):
-        chunk = encs[start : start + batch_size]
-        yield slice(start, start + len(chunk)), pad_left([e.ids for e in chunk], cm.tokenizer.pad_token_id, cm.device)
 
 
 # ----------------------------------------------------------------------------- caches

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from refusal.activations import last_logits
-from refusal.engine import batches
 from refusal.chat import ChatFormat
 from refusal.decode import greedy_decode
 from refusal.hooks import ablate_direction
@@ -24,11 +23,12 @@ PROMPTS = ["Write a poem about the sea.", "How do I bake bread?", "hi", "Explain
 def reference(cm, encs, n, stops):
     """transformers' generate, one prompt at a time (no padding), cut after the first stop token."""
     out = []
-    for _, b in batches(cm, encs, 1):
-        g = cm.model.generate(input_ids=b.input_ids, attention_mask=b.attention_mask, max_new_tokens=n,
+    for e in encs:
+        ids = torch.tensor([e.ids])
+        g = cm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                               do_sample=False, temperature=None, top_p=None, top_k=None,
                               pad_token_id=cm.tokenizer.pad_token_id, eos_token_id=stops)
-        row = g[0, b.input_ids.shape[1]:].tolist()
+        row = g[0, ids.shape[1]:].tolist()
         end = next((k for k, t in enumerate(row) if t in stops), None)
         out.append(row if end is None else row[: end + 1])
     return out
