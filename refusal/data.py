@@ -1,4 +1,16 @@
-"""Prompt sets: the project's own harmful and harmless instructions, and loaders for user files.
+"""Prompt sets: the project's own harmful and harmless instructions, its borderline-but-safe
+instructions and general text, and loaders for user files.
+
+Built-in sets (refusal/prompts/, written for this project, none copied from a data set):
+- harmful.jsonl, harmless.jsonl: {instruction, category, split}, split train/val/test;
+- borderline.jsonl: {instruction, category, split="test"}: safe requests that look unsafe by their
+  words (XSTest-style categories: homonyms, figurative language, safe targets, safe contexts, fiction,
+  definitions, historical events, public facts about public figures, fictional characters' "private"
+  details, nonsense groups), written for the project to measure false refusal; none is harmful, and
+  none is in the harmful or harmless sets. An evaluation set only: every record is in the test split;
+- general_text.jsonl: {text, genre}: 40 paragraphs (60-120 words) of ordinary English prose (science,
+  cooking, history, how-to, short stories, emails, code explanations, ...), written for the project as
+  held-out plain text for a language-modelling loss.
 
 User files: .txt (one instruction per line), .json (a list of strings or of records),
 .jsonl (one string or record per line), .csv. Records take the instruction from the first
@@ -22,7 +34,10 @@ from .errors import RefusalLabError
 INSTRUCTION_KEYS = ("instruction", "goal", "prompt", "behavior")
 TARGET_KEYS = ("target",)
 SPLITS = ("train", "val", "test")
-KINDS = ("harmful", "harmless")
+KINDS = ("harmful", "harmless")  # the sets split into train / val / test
+EVAL_SETS = ("borderline",)  # evaluation-only sets (test split)
+BUILTIN_SETS = KINDS + EVAL_SETS
+TEXT_SETS = ("general_text",)  # plain text, no instructions
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
 
@@ -46,9 +61,10 @@ def prompt_hash(prompts: Sequence[Prompt]) -> str:
 
 
 def builtin_prompts(kind: str, split: str | None = None) -> list[Prompt]:
-    """The project's own instructions: kind 'harmful' or 'harmless', split train/val/test or None for all."""
-    if kind not in KINDS:
-        raise RefusalLabError(f"unknown prompt set {kind!r}; built-in sets are {', '.join(KINDS)}")
+    """The project's own instructions: kind 'harmful', 'harmless' or 'borderline', split train/val/test or
+    None for all."""
+    if kind not in BUILTIN_SETS:
+        raise RefusalLabError(f"unknown prompt set {kind!r}; built-in sets are {', '.join(BUILTIN_SETS)}")
     if split is not None and split not in SPLITS:
         raise RefusalLabError(f"unknown split {split!r}; splits are {', '.join(SPLITS)}")
     text = resources.files("refusal").joinpath("prompts", f"{kind}.jsonl").read_text(encoding="utf-8")
@@ -60,14 +76,27 @@ def builtin_prompts(kind: str, split: str | None = None) -> list[Prompt]:
     return [p for p in out if split is None or p.split == split]
 
 
+def builtin_texts(name: str = "general_text") -> list[str]:
+    """The project's own plain-text paragraphs (no chat template), e.g. for a language-modelling loss."""
+    if name not in TEXT_SETS:
+        raise RefusalLabError(f"unknown text set {name!r}; built-in text sets are {', '.join(TEXT_SETS)}")
+    text = resources.files("refusal").joinpath("prompts", f"{name}.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line)["text"] for line in text.splitlines() if line.strip()]
+
+
+def text_hash(texts: Sequence[str]) -> str:
+    """Order-sensitive hash of a list of texts (as prompt_hash is of a prompt set)."""
+    return hash_strings(list(texts))
+
+
 def resolve_prompts(spec: str | None, default: str = "harmful:test") -> list[Prompt]:
-    """A --prompts value: a file path, or a built-in set 'harmful', 'harmless', 'harmful:test', ..."""
+    """A --prompts value: a file path, or a built-in set 'harmful', 'harmless', 'borderline', 'harmful:test', ..."""
     spec = spec or default
     p = Path(spec).expanduser()
     if p.exists():
         return load_prompts(p)
     kind, _, split = spec.partition(":")
-    if kind in KINDS:
+    if kind in BUILTIN_SETS:
         return builtin_prompts(kind, split or None)
     raise RefusalLabError(
         f"{spec}: prompt file not found (give a .txt/.json/.jsonl/.csv file or a built-in set such as harmful:test)"

@@ -1,10 +1,19 @@
 """Reproduce the paper's central claims on a model (default: the organism), on the test split.
 
-    python scripts/reproduce_paper.py [--model organism] [--out runs/paper] [--force]
+    python scripts/reproduce_paper.py [--model organism] [--reference-model M] [--reference-tokens 64]
+                                      [--out runs/paper] [--force]
 
 Finds the refusal direction (or reuses OUT/direction), then writes OUT/reproduce/table.csv,
 table.md and one completions file per (intervention, prompt set), then the PCA of harmful vs
 harmless test activations at every layer (pca.csv, pca.png), and prints the table and the PCA summary.
+
+Beside the paper's refusal and KL columns, the table has the capability cost of each intervention
+(refusal.capability): `borderline_refusal_rate` (the built-in borderline-but-safe prompts, greedy, the
+table's --max-new-tokens, substring judge), `reply_ce` (mean per-token cross-entropy, nats, of the
+reference model's greedy replies to the harmless test prompts, reply tokens only, chat template) and
+`text_ce` (the same of the built-in general text, no chat template). The reference model is, by default,
+the embedded SmolLM2 for `--model organism` and the model itself, unmodified, for any other model; its
+replies are made once, with no intervention, and cached in OUT/reference/replies.json.
 """
 from __future__ import annotations
 
@@ -16,10 +25,11 @@ from pathlib import Path
 import torch
 
 from analysis.pca import first_separating_layer, layer_pca, plot_layer_pca
-from analysis.reproduce import intervention_table, to_markdown
+from analysis.reproduce import CAPABILITY_COLUMNS, intervention_table, to_markdown
 from refusal.activations import cache_activations
 from refusal import artifacts
-from refusal.data import builtin_prompts, direction_sets, instructions
+from refusal.capability import cached_reference_replies
+from refusal.data import builtin_prompts, builtin_texts, direction_sets, instructions, prompt_hash, text_hash
 from refusal.directions import compute_direction, load_direction, save_direction
 from refusal.errors import RefusalLabError
 from refusal.models import load_model
@@ -31,6 +41,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/paper")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--reference-model", default=None,
+                    help="the model whose greedy replies to the harmless test prompts reply_ce is measured on "
+                         "(default: smollm2 for --model organism, else the model itself, unmodified)")
+    ap.add_argument("--reference-tokens", type=int, default=64, help="tokens of each reference reply")
     ap.add_argument("--force", action="store_true", help="recompute OUT/reproduce (a finished table is reused otherwise)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -49,16 +63,31 @@ def main(argv=None) -> int:
                 save_direction(tmp, direction, diffs, cands, config={"n_train": 128, "n_val": 16, "seed": args.seed})
         harmful = instructions(builtin_prompts("harmful", "test"))
         harmless = instructions(builtin_prompts("harmless", "test"))
+        borderline = instructions(builtin_prompts("borderline"))
+        texts = builtin_texts("general_text")
+        ref_spec = args.reference_model or ("smollm2" if args.model == "organism" else args.model)
+        table = None
         if (rdir / "table.csv").is_file():  # reuse a finished table (--force recomputes it)
             import pandas as pd
 
             table = pd.read_csv(rdir / "table.csv")
-        else:
-            table, details = intervention_table(cm, direction, harmful, harmless, args.max_new_tokens)
+            if not set(CAPABILITY_COLUMNS) <= set(table.columns):
+                table = None  # a table from before the capability columns: recompute it
+        ref_path = out / "reference" / "replies.json"
+        if table is None:
+            # the reference replies: made once by the reference model with no intervention, cached as JSON
+            ref = cm if ref_spec == args.model else load_model(ref_spec)
+            replies = cached_reference_replies(ref_path, ref, harmless, args.reference_tokens, force=args.force)
+            ref_record = ref.describe()
+            del ref
+            table, details = intervention_table(cm, direction, harmful, harmless, args.max_new_tokens,
+                                                borderline=borderline, replies=(harmless, replies), texts=texts)
             artifacts.write_csv(rdir / "table.csv", table)
             artifacts.write_text(rdir / "table.md", to_markdown(table))
             for name, df in details.items():
                 artifacts.write_csv(rdir / f"{name}.csv", df)
+        else:
+            ref_record = artifacts.read_json(ref_path).get("model") if ref_path.is_file() else None
         # PCA of harmful vs harmless test activations at the direction's position, every layer
         acts = {k: cache_activations(cm, cm.chat.encode_all(v), positions=[direction.position])[:, :, 0]
                 for k, v in (("harmful", harmful), ("harmless", harmless))}
@@ -72,6 +101,12 @@ def main(argv=None) -> int:
             model=cm.describe(), direction={"layer": direction.layer, "position": direction.position,
                                             **direction.meta.get("scores", {})},
             n_harmful=len(harmful), n_harmless=len(harmless), max_new_tokens=args.max_new_tokens,
+            prompt_sets={"harmful:test": prompt_hash(builtin_prompts("harmful", "test")),
+                         "harmless:test": prompt_hash(builtin_prompts("harmless", "test")),
+                         "borderline": prompt_hash(builtin_prompts("borderline")),
+                         "general_text": text_hash(texts)},
+            n_borderline=len(borderline), n_texts=len(texts),
+            reference_model=ref_record, reference_tokens=args.reference_tokens,
             pca_first_separating_layer=sep_from))
         print(f"direction: layer {direction.layer}, position {direction.position}")
         print(to_markdown(table))
