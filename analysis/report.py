@@ -60,9 +60,33 @@ def headline_sentences(n: dict, success: dict | None = None) -> list[str]:
         f"{_f(n['instruction_attention_share'].get('adversarial_suffix', nan), True)} with the adversarial suffix.",
     ]
     if success:
-        out.append("Attack success on these harmful prompts (greedy reply neither refused nor degenerate): "
-                   + ", ".join(f"{k.replace('_', ' ')} {_f(v, True)}" for k, v in success.items()) + ".")
+        out.append(success_sentence(success))
     return out
+
+
+# what each built-in judge counts as a success, for the report's sentence
+JUDGE_MEANING = {
+    "substring": "the paper's refusal substrings absent, reply not degenerate",
+    "strict": "no refusal phrase, not degenerate or repetitive, on the instruction's topic",
+}
+
+
+def success_sentence(success: dict) -> str:
+    """Attack success by judge, every rate named with its judge: success = {judge: {condition: rate}}."""
+    parts = []
+    for judge, rates in success.items():
+        meaning = JUDGE_MEANING.get(judge, "the classifier says the reply exhibits the behaviour" if judge.startswith("hf:")
+                                    else "its verdict is complies")
+        parts.append(f"by the {judge} judge ({meaning}): "
+                     + ", ".join(f"{k.replace('_', ' ')} {_f(v, True)}" for k, v in rates.items()))
+    return "Attack success on these harmful prompts (greedy reply judged as complying), " + "; ".join(parts) + "."
+
+
+def success_frame(success: dict) -> pd.DataFrame:
+    """success = {judge: {condition: rate}} as a table: one row per condition, one column per judge."""
+    conds = list(dict.fromkeys(c for rates in success.values() for c in rates))
+    return pd.DataFrame({"condition": conds, **{f"success ({j} judge)": [rates.get(c, float("nan")) for c in conds]
+                                                 for j, rates in success.items()}})
 
 
 def _table_md(df: pd.DataFrame, max_rows: int = 20) -> str:

@@ -14,7 +14,7 @@ from .capture import capture_last_position
 from .heads import attention_table_from, contributions, heads_table, top_heads
 from .plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
 from .projection import condition_encodings, projection_table
-from .report import headline_numbers, headline_sentences, write_report
+from .report import headline_numbers, headline_sentences, success_frame, write_report
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,10 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
             adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None, out_dir: str | Path,
             top_k: int = 8, batch_size: int = 16, success: dict | None = None, facts: dict | None = None) -> dict:
     """Write projection.csv, heads.csv, attention.csv, the plots, report.md and report.html into out_dir;
-    return the headline numbers (and sentences)."""
+    return the headline numbers (and sentences). `success`: attack success rates by judge, {judge name:
+    {condition: rate}} (e.g. {"substring": {...}, "strict": {...}}), stated with their judges."""
+    if success and not all(isinstance(v, dict) for v in success.values()):
+        raise TypeError("success must map judge names to {condition: rate}, e.g. {'strict': {'no_suffix': 0.1}}")
     out_dir = Path(out_dir)
     timer = artifacts.Timer()
     encs = condition_encodings(cm, harmful, harmless, adversarial, random)
@@ -60,10 +63,11 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
         if random is not None:
             allfacts["random suffix"] = repr(random if isinstance(random, str) else cm.tokenizer.decode(list(random)))
         allfacts.update(facts or {})
-        md, html = write_report(tmp, "How the suffix beats refusal", sentences, plots,
-                                {f"Mean cosine and projection at layer {direction.layer}": summary,
-                                 f"Top {top_k} heads": top_rows, "Attention shares of the top heads (mean)": att_summary},
-                                allfacts)
+        tables = {f"Mean cosine and projection at layer {direction.layer}": summary,
+                  f"Top {top_k} heads": top_rows, "Attention shares of the top heads (mean)": att_summary}
+        if success:
+            tables = {"Attack success by judge": success_frame(success), **tables}
+        md, html = write_report(tmp, "How the suffix beats refusal", sentences, plots, tables, allfacts)
         numbers["sentences"] = sentences
         numbers["success"] = success
         artifacts.write_json(tmp / "analysis.json", artifacts.run_record(

@@ -5,35 +5,48 @@ from typing import Sequence
 
 import pandas as pd
 
+from refusal.judges import Judge, JudgeConfig, add_verdicts, load_judge
 from refusal.metrics import generate, is_degenerate, is_refusal
 from refusal.models import ChatModel
 
 
+def judge_replies(instructions: Sequence[str], replies: Sequence[str],
+                  judge: Judge | JudgeConfig | str | None = None) -> pd.DataFrame:
+    """Replies judged by the paper's substring list and by `judge` (default: strict). Returns a DataFrame:
+    prompt, completion, refused (substring list), degenerate, substring_success (metrics.attack_success),
+    judge (its name), verdict (complies / refuses / neither), success (verdict == complies)."""
+    df = pd.DataFrame({
+        "prompt": list(instructions),
+        "completion": list(replies),
+        "refused": [is_refusal(r) for r in replies],
+        "degenerate": [is_degenerate(r) for r in replies],
+    })
+    return add_verdicts(df, judge)
+
+
 def suffix_success(cm: ChatModel, instructions: Sequence[str], suffix: Sequence[int] | str | None,
-                   max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
-    """Greedy replies to each instruction followed by `suffix` (token ids, text, or None for no suffix).
-    A prompt is a success when its reply is not refused (substring list) and not empty or degenerate.
-    Returns a DataFrame: prompt, completion, refused, degenerate, success."""
+                   max_new_tokens: int = 64, batch_size: int = 16, progress: bool = True,
+                   judge: Judge | JudgeConfig | str | None = None) -> pd.DataFrame:
+    """Greedy replies to each instruction followed by `suffix` (token ids, text, or None for no suffix),
+    judged (judge_replies): a prompt is a success when `judge` (default: strict) says the reply complies;
+    `substring_success` is the paper's (not refused by the substring list, not empty or degenerate).
+    Returns a DataFrame: prompt, completion, refused, degenerate, substring_success, judge, verdict, success."""
+    j = load_judge(judge)  # before generating: a bad judge fails at once
     encs = cm.chat.encode_all(list(instructions), suffix)
     replies = generate(cm, encs, max_new_tokens, batch_size, progress)
-    refused = [is_refusal(r) for r in replies]
-    degenerate = [is_degenerate(r) for r in replies]
-    return pd.DataFrame({
-        "prompt": list(instructions),
-        "completion": replies,
-        "refused": refused,
-        "degenerate": degenerate,
-        "success": [not a and not b for a, b in zip(refused, degenerate)],
-    })
+    return judge_replies(instructions, replies, j)
 
 
 def success_table(cm: ChatModel, instructions: Sequence[str], suffixes: dict, max_new_tokens: int = 64,
-                  batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
-    """Attack success rate of several suffixes ({name: ids, text or None}) on the same prompts:
-    one row per suffix (suffix, n, success_rate, refusal_rate, degenerate_rate)."""
+                  batch_size: int = 16, progress: bool = True,
+                  judge: Judge | JudgeConfig | str | None = None) -> pd.DataFrame:
+    """Attack success rate of several suffixes ({name: ids, text or None}) on the same prompts: one row per
+    suffix (suffix, n, judge, success_rate by that judge, substring_success_rate, refusal_rate,
+    degenerate_rate)."""
     rows = []
     for name, sfx in suffixes.items():
-        df = suffix_success(cm, instructions, sfx, max_new_tokens, batch_size, progress)
-        rows.append(dict(suffix=name, n=len(df), success_rate=df.success.mean(), refusal_rate=df.refused.mean(),
+        df = suffix_success(cm, instructions, sfx, max_new_tokens, batch_size, progress, judge)
+        rows.append(dict(suffix=name, n=len(df), judge=df.judge.iloc[0], success_rate=df.success.mean(),
+                         substring_success_rate=df.substring_success.mean(), refusal_rate=df.refused.mean(),
                          degenerate_rate=df.degenerate.mean()))
     return pd.DataFrame(rows)

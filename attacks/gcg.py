@@ -71,6 +71,9 @@ class GCGConfig:
     progressive: bool = True  # universal: start with one prompt and add them one at a time
     patience: int = 0  # universal: add the next prompt after this many steps without one (0: never)
     judge_tokens: int = 32  # reply tokens generated to judge success (universal, direction objective)
+    # the judge of success (refusal.judges: substring, strict, hf:MODEL): early stopping and adding prompts
+    # (universal, or no target), and the attack's success rates
+    judge: str = "strict"
     batch_size: int | None = None  # candidates per forward pass (None: as many as memory allows)
     reuse_suffix_cache: bool = True  # candidates reuse the cache of the unchanged start of the suffix
     dedupe: bool = True
@@ -98,6 +101,9 @@ class GCGConfig:
             raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
         if self.rescore < 1:
             raise RefusalLabError(f"rescore must be >= 1, got {self.rescore}")
+        from refusal.judges import check_judge_name
+
+        check_judge_name(self.judge)
 
 
 @dataclass
@@ -302,8 +308,13 @@ class GCG:
         self.slots = [_Slot(self, i, t) for i, t in zip(instructions, targets)]
         self.single = len(self.slots) == 1
         # success of one prompt with a target: its greedy reply begins with the target (teacher-forced);
-        # otherwise (universal, or no target): the judged reply is not a refusal and not degenerate
+        # otherwise (universal, or no target): the judge (config.judge) says the greedy reply complies
         self.judge = not (self.single and self.needs_target)
+        self._judge = None
+        if self.judge:
+            from refusal.judges import load_judge
+
+            self._judge = load_judge(config.judge)  # loaded (or a bad judge refused) before any step runs
         self.screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
         self._screen_weights = low_precision_weights(cm.model, self.screen) if self.screen is not None else {}
 
@@ -478,11 +489,14 @@ class GCG:
     # ---- success
 
     def judge_success(self, ids: Sequence[int], slots: Sequence[_Slot]) -> list[bool]:
-        from refusal.metrics import attack_success, generate
+        """Whether the judge (config.judge) says each prompt's greedy reply, with suffix `ids`, complies."""
+        from refusal.judges import load_judge
+        from refusal.metrics import generate
 
+        judge = self._judge or load_judge(self.config.judge)
         encs = [self.cm.chat.encode(s.instruction, list(ids)) for s in slots]
         replies = generate(self.cm, encs, self.config.judge_tokens, batch_size=16, progress=False)
-        return [attack_success(r) for r in replies]
+        return [v == "complies" for v in judge.verdicts([s.instruction for s in slots], replies)]
 
     # ---- the loop
 
@@ -572,7 +586,8 @@ class GCG:
         """A hash of everything that decides the run's course except the number of steps."""
         from refusal.artifacts import hash_strings
 
-        cfg = {k: v for k, v in config_dict(self.config).items() if k != "steps"}
+        cfg = comparable_config(config_dict(self.config))
+        cfg.pop("steps")
         items = [repr(sorted(cfg.items())), repr(self.init_ids), self.cm.fingerprint]
         items += [f"{s.instruction}\x00{s.target}" for s in self.slots]
         return hash_strings(items)
@@ -594,3 +609,13 @@ class GCG:
 
 def config_dict(config: GCGConfig) -> dict:
     return dataclasses.asdict(config)
+
+
+def comparable_config(cfg: dict) -> dict:
+    """A config dict as it is compared with a checkpoint's or a finished attack's: runs made before the
+    judge was a setting were judged by the substring list, and stay resumable with `judge="substring"`
+    (the field is left out of the comparison then)."""
+    cfg = dict(cfg)
+    if cfg.get("judge", "substring") == "substring":
+        cfg.pop("judge", None)
+    return cfg

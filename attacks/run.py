@@ -12,7 +12,7 @@ from refusal import artifacts
 from refusal.errors import RefusalLabError
 from refusal.models import ChatModel
 
-from .gcg import GCG, AttackResult, GCGConfig, config_dict, random_suffix_ids
+from .gcg import GCG, AttackResult, GCGConfig, comparable_config, config_dict, random_suffix_ids
 from .targets import default_target
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,10 @@ def checkpoint_path(attack_dir: Path, name: str | None = None) -> Path:
     return Path(attack_dir) / name
 
 
-def steps_frame(result: AttackResult) -> pd.DataFrame:
+def steps_frame(result: AttackResult, judge: str) -> pd.DataFrame:
+    """One row per step; `success_rate` is the share of active prompts that `judge` names the check of: a
+    judge's name (its verdict on the greedy reply), or "target_match" (one prompt with a target: the greedy
+    reply begins with the target), or "none" (nanogcg: not checked)."""
     best = pd.Series(result.losses).cummin() if result.losses else pd.Series(dtype=float)
     return pd.DataFrame({
         "step": range(len(result.losses)),
@@ -35,6 +38,7 @@ def steps_frame(result: AttackResult) -> pd.DataFrame:
         "best_loss": best,
         "n_active": result.n_active,
         "success_rate": result.success,
+        "judge": judge,
         "suffix": result.suffixes,
     })
 
@@ -70,7 +74,12 @@ def run_attack(
     ckpt = checkpoint_path(attack_dir, checkpoint_name)
     if (attack_dir / "suffix.json").is_file() and resume and not force:
         done = artifacts.read_json(attack_dir / "suffix.json")
-        if done.get("config") != config_dict(config) or done.get("prompts") != instructions or done.get("engine") != engine:
+        old, new = comparable_config(done.get("config") or {}), comparable_config(config_dict(config))
+        if old != new and {**old, "judge": None} == {**new, "judge": None} and done.get("prompts") == instructions:
+            made_by = (done.get("config") or {}).get("judge", "substring")
+            raise RefusalLabError(f"{attack_dir} holds a finished attack judged by the {made_by} judge; pass --judge "
+                                  f"{made_by} to reuse it, --force to redo it, or choose another --out")
+        if old != new or done.get("prompts") != instructions or done.get("engine") != engine:
             raise RefusalLabError(f"{attack_dir} holds a finished attack with other prompts or settings; pass --force to "
                                   "overwrite it or choose another --out")
         log.info("%s: the attack is already complete", attack_dir)
@@ -82,6 +91,9 @@ def run_attack(
             raise RefusalLabError("nanogcg runs cannot be resumed; use --engine native for resumable runs")
     else:
         gcg = GCG(cm, instructions, targets, config, direction)  # checks every input before anything is written
+    from refusal.judges import load_judge
+
+    judge = load_judge(config.judge)  # the success judge, loaded (or refused) before anything is written
     artifacts.prepare_stage_dir(attack_dir, force=force, resume=resume)
     for stale in attack_dir.glob(".*.tmp"):  # the temporary file of a write that a kill interrupted
         stale.unlink(missing_ok=True)
@@ -94,9 +106,12 @@ def run_attack(
 
     from .evaluate import suffix_success
 
+    # what the per-step success (`success`, steps.csv) was checked by
+    step_judge = "none" if engine == "nanogcg" else judge.name if gcg.judge else "target_match"
+
     rand_ids = random_suffix_ids(cm, len(result.token_ids), seed=config.seed + 1, allow_non_ascii=config.allow_non_ascii)
-    judged = suffix_success(cm, instructions, result.token_ids, eval_tokens, progress=False)
-    judged_rand = suffix_success(cm, instructions, rand_ids, eval_tokens, progress=False)
+    judged = suffix_success(cm, instructions, result.token_ids, eval_tokens, progress=False, judge=judge)
+    judged_rand = suffix_success(cm, instructions, rand_ids, eval_tokens, progress=False, judge=judge)
     record = dict(
         suffix=result.suffix,
         token_ids=result.token_ids,
@@ -104,8 +119,12 @@ def run_attack(
         best_step=result.best_step,
         losses=result.losses,
         success=result.success,
+        step_success_judge=step_judge,
+        judge=judge.name,  # the judge of success_flags, success_rate, verdicts and random_success_rate
         success_flags=[bool(x) for x in judged.success],
         success_rate=float(judged.success.mean()),
+        verdicts=list(judged.verdict),
+        substring_success_rate=float(judged.substring_success.mean()),  # the paper's substring judge
         completions=list(judged.completion),
         steps_run=result.steps_run,
         stopped_early=result.stopped_early,
@@ -122,10 +141,11 @@ def run_attack(
         random_suffix=cm.tokenizer.decode(rand_ids),
         random_token_ids=rand_ids,
         random_success_rate=float(judged_rand.success.mean()),
+        random_substring_success_rate=float(judged_rand.substring_success.mean()),
     )
-    artifacts.write_csv(attack_dir / "steps.csv", steps_frame(result))
+    artifacts.write_csv(attack_dir / "steps.csv", steps_frame(result, step_judge))
     artifacts.write_json(attack_dir / "attack.json", artifacts.run_record(
-        model=cm.describe(), engine=engine, config=config_dict(config),
+        model=cm.describe(), engine=engine, config=config_dict(config), judge=judge.name,
         prompts_hash=artifacts.hash_strings(instructions), n_prompts=len(instructions),
         direction=direction_path, elapsed_s=round(result.elapsed_s, 3)))
     artifacts.write_json(attack_dir / "suffix.json", record)

@@ -46,6 +46,15 @@ def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
     p.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
 
 
+def _judge_arg(p: argparse.ArgumentParser, what: str = "attack success") -> None:
+    from .judges import DEFAULT_JUDGE
+
+    p.add_argument("--judge", default=DEFAULT_JUDGE, metavar="NAME",
+                   help=f"the judge of {what}: substring (the paper's list), strict (default: a broader refusal "
+                        "lexicon, degenerate text and off-topic replies are not successes), or hf:MODEL (a "
+                        "HarmBench or Llama Guard classifier: a local folder or a hub id)")
+
+
 def _load(args):
     from .models import load_model_from_options
 
@@ -117,13 +126,15 @@ def cmd_eval(args) -> int:
     from .data import instructions, resolve_prompts
     from .directions import check_direction, load_direction
     from .hooks import ablate_direction, add_direction
-    from .metrics import attack_success, evaluate
+    from .judges import add_verdicts, load_judge, verdict_rates
+    from .metrics import evaluate
     from .suffix import check_suffix_ids, load_suffix, suffix_record
 
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
     if not math.isfinite(args.coeff):
         raise RefusalLabError(f"--coeff must be a finite number, got {args.coeff}")
+    judge = load_judge(args.judge)  # a bad judge fails before the model loads
     prompts = resolve_prompts(args.prompts)
     suffix_text, suffix_ids = (None, None) if args.suffix is None else load_suffix(args.suffix)
     d = load_direction(args.ablate or args.actadd) if (args.ablate or args.actadd) else None
@@ -143,7 +154,7 @@ def cmd_eval(args) -> int:
     with ctx:
         df = evaluate(cm, instructions(prompts), suffix, args.max_new_tokens, args.batch_size)
     df.insert(1, "category", [p.category for p in prompts])
-    df["success"] = [attack_success(c) for c in df.completion]  # not refused, not empty or degenerate
+    add_verdicts(df, judge)  # substring_success (the paper's judge), judge, verdict, success (by the judge)
     if suffix_text is not None:
         df["suffix"] = suffix_text
     with artifacts.atomic_path(out) as tmp:
@@ -154,10 +165,14 @@ def cmd_eval(args) -> int:
     artifacts.write_json(out.with_name(out.name + ".record.json"), artifacts.run_record(
         model=cm.describe(), prompts=str(args.prompts), n=len(df), intervention=intervention,
         suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=transfer,
-        refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(), attack_success_rate=df.success.mean(),
-        max_new_tokens=args.max_new_tokens))
+        refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(), judge=judge.name,
+        attack_success_rate=df.success.mean(),  # by `judge`
+        attack_success_rates={"substring": df.substring_success.mean(), judge.name: df.success.mean()},
+        verdict_rates=verdict_rates(df.verdict), max_new_tokens=args.max_new_tokens))
+    by = f"substring {df.substring_success.mean():.1%}" + (
+        f", {judge.name} {df.success.mean():.1%}" if judge.name != "substring" else "")
     print(f"refusal rate: {rate:.1%} ({int(df.refused.sum())}/{len(df)}), "
-          f"mean refusal score {df.refusal_score.mean():.3f}, attack success {df.success.mean():.1%} [{intervention}]"
+          f"mean refusal score {df.refusal_score.mean():.3f}, attack success by judge: {by} [{intervention}]"
           + (" (a suffix made on another model: transfer)" if transfer else ""))
     print(f"wrote {out}")
     return 0
@@ -212,7 +227,7 @@ def cmd_attack(args) -> int:
                     suffix_len=args.suffix_len, objective=args.objective, direction_weight=args.direction_weight,
                     seed=args.seed, early_stop=not args.no_early_stop, success_rate=args.success_rate,
                     patience=args.patience, progressive=not args.all_prompts, allow_non_ascii=args.allow_non_ascii,
-                    screen_dtype=args.screen_dtype, rescore=args.rescore)
+                    screen_dtype=args.screen_dtype, rescore=args.rescore, judge=args.judge)
     cfg.validate()
     if args.objective != "target" and args.engine == "nanogcg":
         raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
@@ -244,8 +259,8 @@ def cmd_attack(args) -> int:
     print(f"suffix: {rec['suffix']!r}")
     print(f"best loss {rec['best_loss']:.4f} at step {rec['best_step']} of {rec['steps_run']} "
           f"({rec['elapsed_s']:.0f}s, {rec['s_per_step']:.2f}s/step)")
-    print(f"attack success on the {len(instructions)} attacked prompt(s): {rec['success_rate']:.1%}; "
-          f"random suffix of the same length: {rec['random_success_rate']:.1%}")
+    print(f"attack success on the {len(instructions)} attacked prompt(s) by the {rec.get('judge', 'substring')} judge: "
+          f"{rec['success_rate']:.1%}; random suffix of the same length: {rec['random_success_rate']:.1%}")
     print(f"wrote {attack_dir / 'suffix.json'}")
     return 0
 
@@ -269,6 +284,11 @@ def cmd_analyze(args) -> int:
         harmful, harmless = harmful[: args.max_prompts], harmless[: args.max_prompts]
     text, ids = load_suffix(args.suffix)
     direction = load_direction(args.direction)
+    judge = None
+    if args.eval_tokens:
+        from .judges import load_judge
+
+        judge = load_judge(args.judge)
     cm = _load(args)
     check_direction(direction, cm)
     if ids is not None:
@@ -282,8 +302,11 @@ def cmd_analyze(args) -> int:
     if args.eval_tokens:
         from attacks.evaluate import suffix_success
 
-        success = {name: float(suffix_success(cm, harmful, sfx, args.eval_tokens, progress=False).success.mean())
-                   for name, sfx in (("no_suffix", None), ("random_suffix", rand), ("adversarial_suffix", adversarial))}
+        judged = {name: suffix_success(cm, harmful, sfx, args.eval_tokens, progress=False, judge=judge)
+                  for name, sfx in (("no_suffix", None), ("random_suffix", rand), ("adversarial_suffix", adversarial))}
+        # the paper's substring judge and the chosen one, side by side
+        success = {"substring": {k: float(df.substring_success.mean()) for k, df in judged.items()},
+                   judge.name: {k: float(df.success.mean()) for k, df in judged.items()}}
     res = analyze(cm, direction, harmful, harmless, adversarial, rand, out, top_k=args.top_k,
                   batch_size=args.batch_size, success=success)
     for s in res["numbers"]["sentences"]:
@@ -334,6 +357,18 @@ def cmd_run(args) -> int:
     return main_job(args)
 
 
+def cmd_judge(args) -> int:
+    from .judges import JudgeConfig, judge_file
+
+    rec = judge_file(args.file, JudgeConfig(name=args.judge, device=args.device, batch_size=args.batch_size),
+                     out=args.out, force=args.force)
+    r = rec["rates"]
+    print(f"{rec['judge']} judge on {rec['n']} replies: complies {r['complies']:.1%}, refuses {r['refuses']:.1%}, "
+          f"neither {r['neither']:.1%}; attack success {rec['attack_success_rate']:.1%}")
+    print(f"wrote {rec['out']}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- parser
 
 
@@ -375,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--coeff", type=float, default=1.0, help="activation addition coefficient")
     e.add_argument("--suffix", help="suffix.json, a text file, or the suffix text itself")
     e.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64)
+    _judge_arg(e)
     e.add_argument("--out", required=True, help="results .jsonl")
     e.add_argument("--force", action="store_true")
     e.set_defaults(fn=cmd_eval)
@@ -407,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="universal: add the next prompt after this many steps without one (0: only on success)")
     a.add_argument("--all-prompts", action="store_true", help="universal: optimize on all prompts from the start")
     a.add_argument("--no-early-stop", action="store_true", help="run all steps even after success")
+    _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
     a.add_argument("--allow-non-ascii", action="store_true")
     a.add_argument("--screen-dtype", default="auto",
                    help="precision candidates are screened in; the best --rescore are scored again in the model's "
@@ -431,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None)
     an.add_argument("--top-k", type=_positive("--top-k"), default=8)
     an.add_argument("--eval-tokens", type=int, default=48, help="greedy tokens to judge attack success (0: skip)")
+    _judge_arg(an)
     an.add_argument("--seed", type=int, default=0)
     an.add_argument("--out", required=True, help="run folder; writes OUT/analysis/")
     an.add_argument("--force", action="store_true")
@@ -455,7 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/main")
     r.add_argument("--resume", action="store_true", help="reuse the stages already finished in OUT (and continue the attack)")
     r.add_argument("--force", action="store_true", help="delete OUT and start over")
+    _judge_arg(r, "attack success (the attack's success checks, the evaluation, the report)")
     r.set_defaults(fn=cmd_run)
+
+    j = sub.add_parser("judge", help="judge saved replies again (a JSONL file with prompt and completion fields)")
+    j.add_argument("file", metavar="FILE.jsonl", help="replies, e.g. as `refusal eval` writes them")
+    _judge_arg(j, "the replies")
+    j.add_argument("--out", default=None, help="output .jsonl (default: FILE.judged-NAME.jsonl beside FILE)")
+    j.add_argument("--force", action="store_true", help="overwrite an existing output")
+    j.add_argument("--device", default=None, help="hf judges: cpu or cuda (default: cuda if present)")
+    j.add_argument("--batch-size", type=_positive("--batch-size"), default=8, help="pairs per classifier pass")
+    j.set_defaults(fn=cmd_judge)
     return p
 
 

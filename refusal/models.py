@@ -473,15 +473,16 @@ def _quiet_loading():
             tlog.enable_progress_bar()
 
 
-def load_model(
+def load_causal_lm(
     spec: str,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
-    chat_template: str | None = None,
-    chat_template_kwargs: dict | None = None,
-) -> ChatModel:
-    """Load a chat model from any accepted --model form. CPU by default unless CUDA is present."""
+):
+    """A causal LM and its tokenizer (left padding, eval mode, no gradients) from any accepted --model form,
+    without the chat wrapper: (model, tokenizer, where it was read from). CPU by default unless CUDA is
+    present; `device_map="auto"` on CUDA. load_model wraps it; LLM judges (refusal.judges) use it alone,
+    since a classifier's tokenizer need not have a chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve_model(spec)
@@ -514,6 +515,19 @@ def load_model(
     model.eval()
     model.requires_grad_(False)
     tokenizer.padding_side = "left"
+    return model, tokenizer, where
+
+
+def load_model(
+    spec: str,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    chat_template_kwargs: dict | None = None,
+) -> ChatModel:
+    """Load a chat model from any accepted --model form. CPU by default unless CUDA is present."""
+    model, tokenizer, where = load_causal_lm(spec, device, dtype, trust_remote_code)
     return ChatModel(model, tokenizer, name=spec, chat_template=chat_template, source=where,
                      chat_template_kwargs=chat_template_kwargs)
 

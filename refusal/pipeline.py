@@ -50,6 +50,7 @@ def main_job(args) -> int:
     from .data import direction_sets
     from .directions import compute_direction, load_direction, save_direction
     from .hooks import ablate_direction, add_direction
+    from .judges import DEFAULT_JUDGE, add_verdicts, load_judge
     from .metrics import evaluate
 
     t0 = time.perf_counter()
@@ -63,6 +64,7 @@ def main_job(args) -> int:
     artifacts.check_out(out, force=force, resume=resume,
                         fix="pass --resume to reuse its finished stages, --force to start over, or choose another --out")
     seed_everything(args.seed)
+    judge = load_judge(getattr(args, "judge", None) or DEFAULT_JUDGE)  # a bad judge fails first
     cm = load_model_from_options(args)  # a bad model fails here, before anything is written
     if force and out.exists():
         import shutil
@@ -87,12 +89,14 @@ def main_job(args) -> int:
     # 2. a universal suffix (and its random baseline) on harmful training prompts
     train = instructions(builtin_prompts("harmful", "train"))[: sizes.attack_prompts]
     cfg = GCGConfig(steps=sizes.attack_steps, search_width=sizes.search_width, topk=sizes.topk,
-                    suffix_len=sizes.suffix_len, seed=args.seed, patience=max(3, sizes.attack_steps // (2 * sizes.attack_prompts)))
+                    suffix_len=sizes.suffix_len, seed=args.seed, patience=max(3, sizes.attack_steps // (2 * sizes.attack_prompts)),
+                    judge=judge.name)
     with timer("attack"):
         rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=sizes.new_tokens)
     adversarial, rand = rec["token_ids"], rec["random_token_ids"]
     print(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
-          f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%})", flush=True)
+          f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%}) by the "
+          f"{rec.get('judge', 'substring')} judge", flush=True)
 
     # 3. evaluation on held-out prompts
     edir = out / "eval"
@@ -113,30 +117,38 @@ def main_job(args) -> int:
         for kind, condition, prompts, suffix, ctx in conditions:
             path = edir / f"{kind}_{condition}.jsonl"
             if path.is_file():
-                df = pd.read_json(path, lines=True)
+                df = pd.read_json(path, lines=True, dtype=False)
+                if "judge" not in df or set(df.judge) != {judge.name}:  # replies reused, judged again
+                    add_verdicts(df, judge)
+                    with artifacts.atomic_path(path) as tmp:
+                        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
             else:
                 with ctx():
                     df = evaluate(cm, prompts, suffix, max_new_tokens=sizes.new_tokens, batch_size=args.batch_size)
-                from .metrics import attack_success
-
-                df["success"] = [attack_success(c) for c in df.completion]
+                add_verdicts(df, judge)  # substring_success, judge, verdict, success (by the judge)
                 with artifacts.atomic_path(path) as tmp:
                     df.to_json(tmp, orient="records", lines=True, force_ascii=False)
             rows.append({"prompts": kind, "condition": condition, "n": len(df),
                          "refusal_rate": round(float(df.refused.mean()), 3),
                          "refusal_score": round(float(df.refusal_score.mean()), 3),
+                         "attack_success_substring": round(float(df.substring_success.mean()), 3),
+                         "judge": judge.name,
                          "attack_success": round(float(df.success.mean()), 3)})
     summary = pd.DataFrame(rows)
     artifacts.write_csv(edir / "summary.csv", summary)
     print(summary.to_string(index=False), flush=True)
 
     # 4. analysis and report
-    success = {r["condition"] if r["condition"] != "none" else "no_suffix": r["attack_success"]
-               for r in rows if r["prompts"] == "harmful" and r["condition"] in ("none", "random_suffix", "adversarial_suffix")}
+    # attack success by the substring judge (the paper's) and by the chosen one, side by side
+    attacked = [r for r in rows if r["prompts"] == "harmful" and r["condition"] in ("none", "random_suffix", "adversarial_suffix")]
+    name = lambda r: r["condition"] if r["condition"] != "none" else "no_suffix"  # noqa: E731
+    success = {"substring": {name(r): r["attack_success_substring"] for r in attacked},
+               judge.name: {name(r): r["attack_success"] for r in attacked}}
     adir = out / "analysis"
     with timer("analysis"):
-        if (adir / "report.html").is_file() and (adir / "analysis.json").is_file():
-            numbers = artifacts.read_json(adir / "analysis.json")["headline"]
+        done = (adir / "report.html").is_file() and (adir / "analysis.json").is_file()
+        numbers = artifacts.read_json(adir / "analysis.json")["headline"] if done else None
+        if done and (numbers.get("success") or {}).keys() == success.keys():  # made with the same judges
             report = adir / "report.html"
         else:
             res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir, top_k=8,
@@ -144,7 +156,7 @@ def main_job(args) -> int:
                           facts={"universal suffix": f"{len(train)} training prompts, {rec['steps_run']} steps"})
             numbers, report = res["numbers"], res["report_html"]
     artifacts.write_json(out / "run.json", artifacts.run_record(
-        model=cm.describe(), quick=args.quick, seed=args.seed, sizes=sizes.__dict__,
+        model=cm.describe(), quick=args.quick, seed=args.seed, sizes=sizes.__dict__, judge=judge.name,
         direction={"layer": direction.layer, "position": direction.position}, summary=rows,
         timings_s=timer.seconds, wall_time_s=round(time.perf_counter() - t0, 1)))
     print()

@@ -8,9 +8,9 @@ single: one suffix per unseen harmful test prompt, target objective, early stop 
 begins with the target; reports the steps needed and whether the judged reply (64 tokens) succeeds.
 universal: one suffix over the first N harmful training prompts (progressive), then attack success on
 the unseen harmful test prompts with the suffix, with a random suffix of the same length, and with none.
-objectives: for the same prompts, the first step at which the judged greedy reply (48 tokens: not a refusal,
-not degenerate) succeeds under the target, direction and mixed objectives; the target rows answer the
-one-prompt goal under the judged criterion (single stops on an exact target match instead).
+objectives: for the same prompts, the first step at which the judged greedy reply (48 tokens) succeeds under
+the target, direction and mixed objectives, by the substring and by the strict judge (refusal.judges); the
+target rows answer the one-prompt goal under the judged criterion (single stops on an exact target match).
 Each writes OUT/<mode>.json and prints a summary.
 """
 from __future__ import annotations
@@ -31,6 +31,7 @@ from refusal import artifacts
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import load_direction
 from refusal.errors import RefusalLabError
+from refusal.judges import load_judge
 from refusal.metrics import attack_success, generate
 from refusal.models import load_model
 
@@ -76,21 +77,30 @@ def universal(cm, args) -> dict:
 
 
 def objectives(cm, args) -> dict:
+    """Per prompt and objective: GCG for up to args.steps steps, the greedy reply judged after every step by the
+    substring and the strict judge; the first step each judge calls a success, stopping at the strict
+    judge's first success. Every judged reply goes to OUT/objectives_replies.jsonl (prompt, completion)."""
     if not args.direction:
         raise RefusalLabError("objectives needs --direction DIR")
     d = load_direction(args.direction, cm)
-    rows = []
+    judges = {name: load_judge(name) for name in ("substring", "strict")}
+    rows, replies = [], []
     for ins in _spread(instructions(builtin_prompts("harmful", "test")), args.prompts):
         for obj in ("target", "direction", "mixed"):
             cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed,
                             objective=obj, early_stop=False)
-            first = []
+            first: dict[str, tuple] = {}
 
-            def judge(info, ins=ins):
+            def judge(info, ins=ins, obj=obj):
                 enc = cm.chat.encode(ins, cm.tokenizer(info["suffix"], add_special_tokens=False).input_ids)
                 reply = generate(cm, [enc], args.judge_tokens, progress=False)[0]
-                if attack_success(reply):
-                    first.append((info["step"], info["suffix"], reply))
+                verdicts = {name: j.verdicts([ins], [reply])[0] for name, j in judges.items()}
+                replies.append(dict(prompt=ins, completion=reply, suffix=info["suffix"], objective=obj,
+                                    step=info["step"], **{f"{n}_verdict": v for n, v in verdicts.items()}))
+                for name, v in verdicts.items():
+                    if v == "complies" and name not in first:
+                        first[name] = (info["step"], info["suffix"], reply)
+                if "strict" in first:
                     raise StopIteration
 
             t0 = time.perf_counter()
@@ -98,15 +108,21 @@ def objectives(cm, args) -> dict:
                 GCG(cm, [ins], [default_target(ins)] if obj != "direction" else None, cfg, d).run(on_step=judge)
             except StopIteration:
                 pass
-            rows.append(dict(prompt=ins, objective=obj, first_success_step=first[0][0] if first else None,
-                             suffix=first[0][1] if first else None, reply=first[0][2] if first else None,
-                             seconds=round(time.perf_counter() - t0, 1)))
-            print(json.dumps(rows[-1]), flush=True)
+            row = dict(prompt=ins, objective=obj, seconds=round(time.perf_counter() - t0, 1))
+            for name in judges:
+                hit = first.get(name)
+                row.update({f"{name}_first_success_step": hit[0] if hit else None,
+                            f"{name}_suffix": hit[1] if hit else None, f"{name}_reply": hit[2] if hit else None})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     summary = {}
-    for obj in ("target", "direction", "mixed"):
-        steps = [r["first_success_step"] for r in rows if r["objective"] == obj]
-        ok = [s + 1 for s in steps if s is not None]
-        summary[obj] = dict(successes=len(ok), prompts=len(steps), median_steps=sorted(ok)[len(ok) // 2] if ok else None)
+    for name in judges:
+        for obj in ("target", "direction", "mixed"):
+            steps = [r[f"{name}_first_success_step"] for r in rows if r["objective"] == obj]
+            ok = sorted(s + 1 for s in steps if s is not None)
+            summary[f"{name}/{obj}"] = dict(judge=name, objective=obj, successes=len(ok), prompts=len(steps),
+                                            median_steps=ok[len(ok) // 2] if ok else None)
+    artifacts.write_text(Path(args.out) / "objectives_replies.jsonl", "".join(json.dumps(r) + "\n" for r in replies))
     return dict(rows=rows, summary=summary, max_steps=args.steps)
 
 

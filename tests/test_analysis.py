@@ -102,7 +102,8 @@ def test_attention_regions_match_a_plain_pass(tiny_models, family):
 
 def test_analyze_writes_everything(tiny, tmp_path):
     res = analyze(tiny, _dir(tiny), HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, top_k=4,
-                  success={"no_suffix": 0.1, "random_suffix": 0.2, "adversarial_suffix": 0.9})
+                  success={"substring": {"no_suffix": 0.1, "random_suffix": 0.2, "adversarial_suffix": 0.9},
+                           "strict": {"no_suffix": 0.05, "random_suffix": 0.1, "adversarial_suffix": 0.4}})
     for f in ("projection.csv", "heads.csv", "attention.csv", "report.md", "report.html", "cosine_by_layer.png",
               "head_contributions.png", "attention_shares.png", "pca_conditions.png", "analysis.json"):
         assert (tmp_path / f).is_file(), f
@@ -113,6 +114,11 @@ def test_analyze_writes_everything(tiny, tmp_path):
     assert html.count("data:image/png;base64,") == 4
     assert "the adversarial suffix lowers the mean cosine" in html
     assert len(res["numbers"]["sentences"]) == 5
+    # every success rate names its judge, the substring judge and the strict one side by side
+    sentence = res["numbers"]["sentences"][-1]
+    assert "by the substring judge" in sentence and "adversarial suffix 90.0%" in sentence
+    assert "by the strict judge" in sentence and "adversarial suffix 40.0%" in sentence
+    assert "Attack success by judge" in html and "success (strict judge)" in html
 
 
 def test_cli_analyze_reads_the_suffix_folder(tiny_dirs, tiny, tmp_path):

@@ -106,11 +106,16 @@ def test_eval_of_a_suffix_from_another_model_is_transfer(capsys, tmp_path, tiny_
     code, stdout, err = run(capsys, "eval", "--model", tiny_dirs["qwen2"], "--prompts", prompt_files / "harmful.txt",
                             "--suffix", sfx, "--max-new-tokens", 6, "--out", out)
     assert code == 0, err
-    assert "attack success" in stdout and "transfer" in stdout
+    assert "attack success by judge: substring" in stdout and "strict" in stdout and "transfer" in stdout
     rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [r["success"] for r in rows] == [attack_success(r["completion"]) for r in rows]
+    # every success names its judge: the paper's substring judge beside the chosen one (default strict)
+    assert [r["substring_success"] for r in rows] == [attack_success(r["completion"]) for r in rows]
+    assert {r["judge"] for r in rows} == {"strict"} and [r["success"] for r in rows] == [r["verdict"] == "complies" for r in rows]
     rec = json.loads(out.with_name("t.jsonl.record.json").read_text())
-    assert rec["transfer"] is True and rec["attack_success_rate"] == sum(r["success"] for r in rows) / len(rows)
+    assert rec["transfer"] is True and rec["judge"] == "strict"
+    assert rec["attack_success_rate"] == sum(r["success"] for r in rows) / len(rows)
+    assert rec["attack_success_rates"]["substring"] == sum(r["substring_success"] for r in rows) / len(rows)
+    assert set(rec["verdict_rates"]) == {"complies", "refuses", "neither"}
 
 
 def test_user_errors(capsys, tmp_path, tiny_run, tiny_dirs, prompt_files):
@@ -171,6 +176,10 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     assert "report:" in stdout and "the adversarial suffix lowers the mean cosine" in stdout
     summary = pd.read_csv(out / "eval" / "summary.csv")
     assert set(summary.condition) == {"none", "random_suffix", "adversarial_suffix", "ablation", "addition"}
+    assert set(summary.judge) == {"strict"} and {"attack_success", "attack_success_substring"} <= set(summary.columns)
+    suffix = json.loads((out / "attack" / "suffix.json").read_text())
+    assert suffix["judge"] == "strict" and suffix["config"]["judge"] == "strict"
+    assert "by the substring judge" in stdout and "by the strict judge" in stdout
     stamp = (out / "attack" / "suffix.json").stat().st_mtime_ns
     assert_user_error(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out, match="--resume")
     code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--resume", "--out", out)

