@@ -8,6 +8,7 @@ from typing import Sequence
 
 from refusal import artifacts
 from refusal.directions import Direction
+from refusal.errors import RefusalLabError
 from refusal.models import ChatModel
 
 from .capture import capture_last_position
@@ -25,8 +26,8 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
     """Write projection.csv, heads.csv, attention.csv, the plots, report.md and report.html into out_dir;
     return the headline numbers (and sentences). `success`: attack success rates by judge, {judge name:
     {condition: rate}} (e.g. {"substring": {...}, "strict": {...}}), stated with their judges."""
-    if success and not all(isinstance(v, dict) for v in success.values()):
-        raise TypeError("success must map judge names to {condition: rate}, e.g. {'strict': {'no_suffix': 0.1}}")
+    if success is not None and (not isinstance(success, dict) or not all(isinstance(v, dict) for v in success.values())):
+        raise RefusalLabError("success must map judge names to {condition: rate}, e.g. {'strict': {'no_suffix': 0.1}}")
     out_dir = Path(out_dir)
     timer = artifacts.Timer()
     encs = condition_encodings(cm, harmful, harmless, adversarial, random)

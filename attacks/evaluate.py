@@ -5,6 +5,7 @@ from typing import Sequence
 
 import pandas as pd
 
+from refusal.errors import RefusalLabError
 from refusal.judges import Judge, JudgeConfig, add_verdicts, load_judge
 from refusal.metrics import generate, is_degenerate, is_refusal
 from refusal.models import ChatModel
@@ -42,11 +43,15 @@ def success_table(cm: ChatModel, instructions: Sequence[str], suffixes: dict, ma
                   judge: Judge | JudgeConfig | str | None = None) -> pd.DataFrame:
     """Attack success rate of several suffixes ({name: ids, text or None}) on the same prompts: one row per
     suffix (suffix, n, judge, success_rate by that judge, substring_success_rate, refusal_rate,
-    degenerate_rate)."""
+    degenerate_rate). No instructions: a RefusalLabError (there is no rate to compute)."""
+    instructions = list(instructions)
+    if not instructions:
+        raise RefusalLabError("no instructions to measure the suffixes' attack success on")
+    j = load_judge(judge)  # loaded once, before generating
     rows = []
     for name, sfx in suffixes.items():
-        df = suffix_success(cm, instructions, sfx, max_new_tokens, batch_size, progress, judge)
-        rows.append(dict(suffix=name, n=len(df), judge=df.judge.iloc[0], success_rate=df.success.mean(),
+        df = suffix_success(cm, instructions, sfx, max_new_tokens, batch_size, progress, j)
+        rows.append(dict(suffix=name, n=len(df), judge=j.name, success_rate=df.success.mean(),
                          substring_success_rate=df.substring_success.mean(), refusal_rate=df.refused.mean(),
                          degenerate_rate=df.degenerate.mean()))
     return pd.DataFrame(rows)

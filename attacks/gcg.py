@@ -103,7 +103,7 @@ class GCGConfig:
             raise RefusalLabError(f"rescore must be >= 1, got {self.rescore}")
         from refusal.judges import check_judge_name
 
-        check_judge_name(self.judge)
+        self.judge = check_judge_name(self.judge)  # " strict " is strict, as load_judge reads it
 
 
 @dataclass
@@ -270,7 +270,9 @@ class GCG:
     """The GCG loop over one or more prompts (one suffix for all of them)."""
 
     def __init__(self, cm: ChatModel, instructions: Sequence[str], targets: Sequence[str | None] | None,
-                 config: GCGConfig, direction=None):
+                 config: GCGConfig, direction=None, judge=None):
+        """judge: the judge of success (a Judge, a refusal.judges.JudgeConfig carrying its options such as
+        device and dtype, or a name); it must be the one config.judge names (default: loaded from that name)."""
         config.validate()
         if not instructions:
             raise RefusalLabError("no prompts to attack")
@@ -311,10 +313,16 @@ class GCG:
         # otherwise (universal, or no target): the judge (config.judge) says the greedy reply complies
         self.judge = not (self.single and self.needs_target)
         self._judge = None
+        if judge is not None:
+            from refusal.judges import judge_name
+
+            if judge_name(judge) != config.judge:
+                raise RefusalLabError(f"the judge given ({judge_name(judge)}) is not the config's ({config.judge})")
         if self.judge:
             from refusal.judges import load_judge
 
-            self._judge = load_judge(config.judge)  # loaded (or a bad judge refused) before any step runs
+            # loaded (or a bad judge refused) before any step runs
+            self._judge = load_judge(judge if judge is not None else config.judge)
         self.screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
         self._screen_weights = low_precision_weights(cm.model, self.screen) if self.screen is not None else {}
 
@@ -512,10 +520,13 @@ class GCG:
         gen = torch.Generator().manual_seed(cfg.seed)
         sig = self.signature()
         if state is not None and state.get("signature") != sig:
-            raise RefusalLabError(f"{checkpoint}: the checkpoint was made with other prompts, targets or settings; "
-                                  "start a new run (another --out, or --force) instead of --resume")
+            self._check_resumable(state, checkpoint)
+            state["signature"] = sig
+        if state is not None:
+            state["judge"] = cfg.judge if self.judge else None
         if state is None:
-            state = dict(version=CHECKPOINT_VERSION, signature=sig, step=0, ids=list(self.init_ids),
+            state = dict(version=CHECKPOINT_VERSION, signature=sig, judge=cfg.judge if self.judge else None,
+                         step=0, ids=list(self.init_ids),
                          n_active=1 if (cfg.progressive and not self.single) else len(self.slots),
                          last_add=0, losses=[], success=[], n_active_hist=[], suffixes=[],
                          best=None, elapsed=0.0, done=False)
@@ -583,14 +594,40 @@ class GCG:
             elapsed_s=state["elapsed"], success_flags=best["flags"])
 
     def signature(self) -> str:
-        """A hash of everything that decides the run's course except the number of steps."""
+        """A hash of everything that decides the run's course except the number of steps: the judge only
+        where the attack judges success (universal, or no target; one prompt with a target is checked by
+        its target, so its judge does not change the run)."""
+        return self._signature(self.config.judge if self.judge else None)
+
+    def _signature(self, judge: str | None) -> str:
+        """The signature with `judge` as the config's judge (None: the judge left out)."""
         from refusal.artifacts import hash_strings
 
-        cfg = comparable_config(config_dict(self.config))
+        cfg = config_dict(self.config)
+        cfg["judge"] = judge
+        cfg = comparable_config(cfg)
         cfg.pop("steps")
+        if judge is None:
+            cfg.pop("judge", None)
         items = [repr(sorted(cfg.items())), repr(self.init_ids), self.cm.fingerprint]
         items += [f"{s.instruction}\x00{s.target}" for s in self.slots]
         return hash_strings(items)
+
+    def _check_resumable(self, state: dict, checkpoint) -> None:
+        """A checkpoint whose signature is not this run's: resumable if only its judge differs and this run
+        does not judge (checkpoints from before the judge was left out of such runs' signature); an error
+        naming the judge if only the judge differs; otherwise an error naming prompts, targets, settings."""
+        recorded = state.get("judge")
+        candidates = [j for j in dict.fromkeys([recorded, "substring", "strict"]) if isinstance(j, str) and j]
+        made = next((j for j in candidates if self._signature(j) == state.get("signature")), None)
+        if made is not None and not self.judge:
+            return
+        if made is not None and made != self.config.judge:
+            raise RefusalLabError(f"{checkpoint}: the unfinished attack there was judged by the {made} judge, this run "
+                                  f"by the {self.config.judge} judge; pass --judge {made} to resume it, --force to "
+                                  "start over, or choose another --out")
+        raise RefusalLabError(f"{checkpoint}: the checkpoint was made with other prompts, targets or settings; "
+                              "start a new run (another --out, or --force) instead of --resume")
 
     def _load_checkpoint(self, path) -> dict:
         from refusal import artifacts

@@ -57,11 +57,14 @@ def run_attack(
     checkpoint_name: str | None = None,
     eval_tokens: int = 64,
     progress: bool = True,
+    judge=None,
 ) -> dict:
     """Run an attack into `out`/attack and return the suffix record (also written as suffix.json).
 
     targets: one per instruction, None for the default "Sure, here is ..." targets (not needed by the
-    direction objective). resume continues from the checkpoint in the folder; force overwrites it."""
+    direction objective). resume continues from the checkpoint in the folder; force overwrites it.
+    judge: the judge of success as a Judge or a refusal.judges.JudgeConfig (with its options: device,
+    dtype, ...), which must be the one config.judge names; None loads config.judge with default options."""
     config.validate()
     if engine not in ENGINES:
         raise RefusalLabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -89,11 +92,14 @@ def run_attack(
             raise RefusalLabError("the nanogcg engine attacks one prompt; use --engine native for a prompt set")
         if resume:
             raise RefusalLabError("nanogcg runs cannot be resumed; use --engine native for resumable runs")
-    else:
-        gcg = GCG(cm, instructions, targets, config, direction)  # checks every input before anything is written
-    from refusal.judges import load_judge
+    from refusal.judges import judge_name, load_judge
 
-    judge = load_judge(config.judge)  # the success judge, loaded (or refused) before anything is written
+    judge = config.judge if judge is None else judge
+    if judge_name(judge) != config.judge:
+        raise RefusalLabError(f"the judge given ({judge_name(judge)}) is not the config's ({config.judge})")
+    if engine != "nanogcg":
+        gcg = GCG(cm, instructions, targets, config, direction, judge=judge)  # checks every input before anything is written
+    judge = load_judge(judge)  # the success judge, loaded (or refused) before anything is written (once: cached)
     artifacts.prepare_stage_dir(attack_dir, force=force, resume=resume)
     for stale in attack_dir.glob(".*.tmp"):  # the temporary file of a write that a kill interrupted
         stale.unlink(missing_ok=True)

@@ -126,7 +126,7 @@ def cmd_eval(args) -> int:
     from .data import instructions, resolve_prompts
     from .directions import check_direction, load_direction
     from .hooks import ablate_direction, add_direction
-    from .judges import add_verdicts, load_judge, verdict_rates
+    from .judges import add_verdicts, judge_config_from, load_judge, verdict_rates
     from .metrics import evaluate
     from .suffix import check_suffix_ids, load_suffix, suffix_record
 
@@ -134,7 +134,7 @@ def cmd_eval(args) -> int:
     artifacts.check_out(out, force=args.force)
     if not math.isfinite(args.coeff):
         raise RefusalLabError(f"--coeff must be a finite number, got {args.coeff}")
-    judge = load_judge(args.judge)  # a bad judge fails before the model loads
+    judge = load_judge(judge_config_from(args))  # a bad judge fails before the model loads
     prompts = resolve_prompts(args.prompts)
     suffix_text, suffix_ids = (None, None) if args.suffix is None else load_suffix(args.suffix)
     d = load_direction(args.ablate or args.actadd) if (args.ablate or args.actadd) else None
@@ -208,6 +208,7 @@ def cmd_attack(args) -> int:
     from . import artifacts
     from .data import resolve_prompts
     from .directions import load_direction
+    from .judges import judge_config_from
 
     if (args.prompt is None) == (args.prompts is None):
         raise RefusalLabError("give exactly one of --prompt TEXT or --prompts FILE")
@@ -229,6 +230,7 @@ def cmd_attack(args) -> int:
                     patience=args.patience, progressive=not args.all_prompts, allow_non_ascii=args.allow_non_ascii,
                     screen_dtype=args.screen_dtype, rescore=args.rescore, judge=args.judge)
     cfg.validate()
+    judge = judge_config_from(args)  # the judge's name in cfg; its options (device, dtype) travel beside it
     if args.objective != "target" and args.engine == "nanogcg":
         raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
     if args.engine == "nanogcg":
@@ -251,7 +253,7 @@ def cmd_attack(args) -> int:
     try:
         rec = run_attack(cm, instructions, targets, cfg, out, engine=args.engine, direction=direction,
                          direction_path=args.direction, resume=args.resume, force=args.force,
-                         checkpoint_name=args.checkpoint)
+                         checkpoint_name=args.checkpoint, judge=judge)
     except KeyboardInterrupt:
         print("refusal: interrupted; the last completed step is saved: continue with the same command and --resume",
               file=sys.stderr)
@@ -286,9 +288,9 @@ def cmd_analyze(args) -> int:
     direction = load_direction(args.direction)
     judge = None
     if args.eval_tokens:
-        from .judges import load_judge
+        from .judges import judge_config_from, load_judge
 
-        judge = load_judge(args.judge)
+        judge = load_judge(judge_config_from(args))
     cm = _load(args)
     check_direction(direction, cm)
     if ids is not None:
@@ -358,10 +360,10 @@ def cmd_run(args) -> int:
 
 
 def cmd_judge(args) -> int:
-    from .judges import JudgeConfig, judge_file
+    from .judges import judge_config_from, judge_file
 
-    rec = judge_file(args.file, JudgeConfig(name=args.judge, device=args.device, batch_size=args.batch_size),
-                     out=args.out, force=args.force)
+    config = judge_config_from(args, batch_size=args.batch_size)
+    rec = judge_file(args.file, config, out=args.out, force=args.force)
     r = rec["rates"]
     print(f"{rec['judge']} judge on {rec['n']} replies: complies {r['complies']:.1%}, refuses {r['refuses']:.1%}, "
           f"neither {r['neither']:.1%}; attack success {rec['attack_success_rate']:.1%}")
@@ -373,6 +375,8 @@ def cmd_judge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .judges import HF_FORMATS, OFF_TOPIC_THRESHOLD
+
     p = _Parser(prog="refusal", description="Refusal directions, adversarial suffixes, and how suffixes beat refusal.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
@@ -502,7 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--out", default=None, help="output .jsonl (default: FILE.judged-NAME.jsonl beside FILE)")
     j.add_argument("--force", action="store_true", help="overwrite an existing output")
     j.add_argument("--device", default=None, help="hf judges: cpu or cuda (default: cuda if present)")
+    j.add_argument("--dtype", default=None, help="hf judges: the classifier's dtype (default: float32 on CPU)")
+    j.add_argument("--trust-remote-code", action="store_true", help="hf judges: allow the classifier's own code")
     j.add_argument("--batch-size", type=_positive("--batch-size"), default=8, help="pairs per classifier pass")
+    j.add_argument("--judge-format", choices=HF_FORMATS, default="auto",
+                   help="hf judges: the classifier's prompt: auto (Llama Guard if its chat template is one, else "
+                        "HarmBench), harmbench, llamaguard")
+    j.add_argument("--max-reply-tokens", type=_positive("--max-reply-tokens"), default=512,
+                   help="hf judges: a reply is clipped to this many classifier tokens (as HarmBench does)")
+    j.add_argument("--off-topic-threshold", type=float, default=OFF_TOPIC_THRESHOLD,
+                   help=f"strict: a reply whose MiniLM cosine with its instruction is below this is off topic "
+                        f"(neither; default {OFF_TOPIC_THRESHOLD}, calibrated on harmless prompts)")
     j.set_defaults(fn=cmd_judge)
     return p
 

@@ -459,7 +459,7 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
+def quiet_loading():
     """transformers' per-weight progress bar off while a model loads (it takes a fraction of a second
     on the models here, and it would be the CLI's only output on stderr)."""
     from transformers.utils import logging as tlog
@@ -501,7 +501,7 @@ def load_causal_lm(
         kwargs["device_map"] = "auto"  # accelerate spreads large models across the GPUs present
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        with _quiet_loading():
+        with quiet_loading():
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as e:
         msg = str(e).splitlines()[0][:200]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import pandas as pd
 
 from . import artifacts
 from .data import builtin_prompts, instructions
+from .errors import RefusalLabError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,56 @@ QUICK = JobSizes(n_train=48, n_val=8, attack_prompts=3, attack_steps=9, search_w
                  n_test=24, new_tokens=32)
 
 
+def judged_eval(path: Path, judge, make) -> pd.DataFrame:
+    """One evaluation condition's replies with verdicts by `judge` (a loaded Judge): the file at `path` when
+    it is there (its replies reused; judged again, and rewritten atomically, when they were judged by another
+    judge or not at all), else make()'s replies judged and written there."""
+    from .judges import add_verdicts
+
+    path = Path(path)
+    if path.is_file():
+        df = pd.read_json(path, lines=True, dtype=False)
+        if "judge" in df and set(df.judge) == {judge.name}:
+            return df
+        log.info("%s: replies reused, judged again by the %s judge", path, judge.name)
+    else:
+        df = make()
+    add_verdicts(df, judge)  # substring_success (the paper's judge), judge, verdict, success (by the judge)
+    with artifacts.atomic_path(path) as tmp:
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    return df
+
+
+def same_success(a: dict | None, b: dict | None, tol: float = 1e-9) -> bool:
+    """Whether two {judge: {condition: rate}} tables name the same judges and conditions with the same rates."""
+    if not isinstance(a, dict) or not isinstance(b, dict) or a.keys() != b.keys():
+        return False
+    for judge, rates in a.items():
+        other = b[judge]
+        if not isinstance(rates, dict) or not isinstance(other, dict) or rates.keys() != other.keys():
+            return False
+        for k, v in rates.items():
+            try:
+                if not math.isclose(float(v), float(other[k]), rel_tol=0.0, abs_tol=tol):
+                    return False
+            except (TypeError, ValueError):
+                return False
+    return True
+
+
+def analysis_is_current(adir: Path, success: dict) -> bool:
+    """Whether `adir` holds a finished analysis (report.html and analysis.json) that states these attack
+    success rates (same_success: the same judges, conditions and rates); otherwise it is made again."""
+    adir = Path(adir)
+    if not ((adir / "report.html").is_file() and (adir / "analysis.json").is_file()):
+        return False
+    try:
+        headline = artifacts.read_json(adir / "analysis.json").get("headline") or {}
+    except (RefusalLabError, AttributeError):
+        return False
+    return isinstance(headline, dict) and "sentences" in headline and same_success(headline.get("success"), success)
+
+
 def main_job(args) -> int:
     from analysis.run import analyze
     from attacks.gcg import GCGConfig
@@ -50,7 +102,7 @@ def main_job(args) -> int:
     from .data import direction_sets
     from .directions import compute_direction, load_direction, save_direction
     from .hooks import ablate_direction, add_direction
-    from .judges import DEFAULT_JUDGE, add_verdicts, load_judge
+    from .judges import judge_config_from, load_judge
     from .metrics import evaluate
 
     t0 = time.perf_counter()
@@ -58,13 +110,12 @@ def main_job(args) -> int:
     out = Path(args.out)
     resume, force = getattr(args, "resume", False), getattr(args, "force", False)
     if resume and force:
-        from .errors import RefusalLabError
-
         raise RefusalLabError("--resume and --force contradict each other; choose one")
     artifacts.check_out(out, force=force, resume=resume,
                         fix="pass --resume to reuse its finished stages, --force to start over, or choose another --out")
     seed_everything(args.seed)
-    judge = load_judge(getattr(args, "judge", None) or DEFAULT_JUDGE)  # a bad judge fails first
+    # the judge, with the model's device, dtype and trust_remote_code (an hf: classifier): a bad judge fails first
+    judge = load_judge(judge_config_from(args))
     cm = load_model_from_options(args)  # a bad model fails here, before anything is written
     if force and out.exists():
         import shutil
@@ -92,7 +143,8 @@ def main_job(args) -> int:
                     suffix_len=sizes.suffix_len, seed=args.seed, patience=max(3, sizes.attack_steps // (2 * sizes.attack_prompts)),
                     judge=judge.name)
     with timer("attack"):
-        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=sizes.new_tokens)
+        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=sizes.new_tokens,
+                         judge=judge)
     adversarial, rand = rec["token_ids"], rec["random_token_ids"]
     print(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
           f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%}) by the "
@@ -115,19 +167,11 @@ def main_job(args) -> int:
     rows = []
     with timer("evaluation"):
         for kind, condition, prompts, suffix, ctx in conditions:
-            path = edir / f"{kind}_{condition}.jsonl"
-            if path.is_file():
-                df = pd.read_json(path, lines=True, dtype=False)
-                if "judge" not in df or set(df.judge) != {judge.name}:  # replies reused, judged again
-                    add_verdicts(df, judge)
-                    with artifacts.atomic_path(path) as tmp:
-                        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-            else:
+            def make(prompts=prompts, suffix=suffix, ctx=ctx):
                 with ctx():
-                    df = evaluate(cm, prompts, suffix, max_new_tokens=sizes.new_tokens, batch_size=args.batch_size)
-                add_verdicts(df, judge)  # substring_success, judge, verdict, success (by the judge)
-                with artifacts.atomic_path(path) as tmp:
-                    df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+                    return evaluate(cm, prompts, suffix, max_new_tokens=sizes.new_tokens, batch_size=args.batch_size)
+
+            df = judged_eval(edir / f"{kind}_{condition}.jsonl", judge, make)
             rows.append({"prompts": kind, "condition": condition, "n": len(df),
                          "refusal_rate": round(float(df.refused.mean()), 3),
                          "refusal_score": round(float(df.refusal_score.mean()), 3),
@@ -146,10 +190,8 @@ def main_job(args) -> int:
                judge.name: {name(r): r["attack_success"] for r in attacked}}
     adir = out / "analysis"
     with timer("analysis"):
-        done = (adir / "report.html").is_file() and (adir / "analysis.json").is_file()
-        numbers = artifacts.read_json(adir / "analysis.json")["headline"] if done else None
-        if done and (numbers.get("success") or {}).keys() == success.keys():  # made with the same judges
-            report = adir / "report.html"
+        if analysis_is_current(adir, success):  # made with the same judges and the same success rates
+            numbers, report = artifacts.read_json(adir / "analysis.json")["headline"], adir / "report.html"
         else:
             res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir, top_k=8,
                           batch_size=args.batch_size, success=success,

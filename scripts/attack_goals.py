@@ -1,13 +1,15 @@
 """Measure the attack goals on a model (default: the organism), on CPU or GPU.
 
-    python scripts/attack_goals.py single    [--model organism] [--prompts 5] [--steps 60] [--search-width 128]
-    python scripts/attack_goals.py universal [--model organism] [--train 16] [--steps 150] [--search-width 128]
+    python scripts/attack_goals.py single    [--model organism] [--prompts 5] [--steps 60] [--search-width 128] [--judge strict]
+    python scripts/attack_goals.py universal [--model organism] [--train 16] [--steps 150] [--search-width 128] [--judge strict]
     python scripts/attack_goals.py objectives --direction runs/paper [--prompts 3] [--steps 60]
 
 single: one suffix per unseen harmful test prompt, target objective, early stop when the greedy reply
-begins with the target; reports the steps needed and whether the judged reply (64 tokens) succeeds.
-universal: one suffix over the first N harmful training prompts (progressive), then attack success on
-the unseen harmful test prompts with the suffix, with a random suffix of the same length, and with none.
+begins with the target; reports the steps needed and whether the judged reply (64 tokens) succeeds, by
+--judge (default strict) and by the substring judge, each rate under its judge's name.
+universal: one suffix over the first N harmful training prompts (progressive, success judged by --judge),
+then attack success on the unseen harmful test prompts with the suffix, with a random suffix of the same
+length, and with none, by --judge and by the substring judge (success_rates[split][suffix][judge]).
 objectives: for the same prompts, the first step at which the judged greedy reply (48 tokens) succeeds under
 the target, direction and mixed objectives, by the substring and by the strict judge (refusal.judges); the
 target rows answer the one-prompt goal under the judged criterion (single stops on an exact target match).
@@ -32,7 +34,7 @@ from refusal.data import builtin_prompts, instructions
 from refusal.directions import load_direction
 from refusal.errors import RefusalLabError
 from refusal.judges import load_judge
-from refusal.metrics import attack_success, generate
+from refusal.metrics import generate
 from refusal.models import load_model
 
 
@@ -41,38 +43,51 @@ def _spread(items, n):
 
 
 def single(cm, args) -> dict:
+    """Per prompt: the steps to an exact target match and the judged 64-token reply, its verdict by the
+    chosen judge (args.judge) and by the substring judge; rates of both, each under its judge's name."""
+    judge = load_judge(args.judge)
     rows = []
     for ins in _spread(instructions(builtin_prompts("harmful", "test")), args.prompts):
-        cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed)
+        cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed,
+                        judge=judge.name)
         t0 = time.perf_counter()
         res = GCG(cm, [ins], [default_target(ins)], cfg).run()
-        judged = suffix_success(cm, [ins], res.token_ids, 64, progress=False)
-        rows.append(dict(prompt=ins, target_reached=res.stopped_early, steps=res.steps_run,
-                         judged_success=bool(judged.success[0]), completion=judged.completion[0],
-                         suffix=res.suffix, seconds=round(time.perf_counter() - t0, 1)))
+        judged = suffix_success(cm, [ins], res.token_ids, 64, progress=False, judge=judge)
+        rows.append(dict(prompt=ins, target_reached=res.stopped_early, steps=res.steps_run, judge=judge.name,
+                         verdict=judged.verdict[0], success={"substring": bool(judged.substring_success[0]),
+                                                             judge.name: bool(judged.success[0])},
+                         completion=judged.completion[0], suffix=res.suffix,
+                         seconds=round(time.perf_counter() - t0, 1)))
         print(json.dumps(rows[-1])[:300], flush=True)
     n = len(rows)
-    return dict(rows=rows, target_reached=sum(r["target_reached"] for r in rows) / n,
-                judged_success=sum(r["judged_success"] for r in rows) / n,
+    rates = {name: sum(r["success"][name] for r in rows) / n for name in ("substring", judge.name)}
+    return dict(rows=rows, target_reached=sum(r["target_reached"] for r in rows) / n, judge=judge.name,
+                success_rate=rates[judge.name], substring_success_rate=rates["substring"], success_rates=rates,
                 median_steps=sorted(r["steps"] for r in rows)[n // 2], search_width=args.search_width,
                 max_steps=args.steps)
 
 
 def universal(cm, args) -> dict:
+    """One suffix over the training prompts (success during the attack judged by args.judge); attack success
+    of it, a random suffix and none on the training and test prompts, by args.judge and by the substring
+    judge: success_rates[split][suffix][judge name]."""
+    judge = load_judge(args.judge)
     train = instructions(builtin_prompts("harmful", "train"))[: args.train]
     test = instructions(builtin_prompts("harmful", "test"))
     cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, seed=args.seed,
-                    patience=args.patience, success_rate=args.success_rate)
+                    patience=args.patience, success_rate=args.success_rate, judge=judge.name)
     t0 = time.perf_counter()
-    res = GCG(cm, train, [default_target(i) for i in train], cfg).run()
+    res = GCG(cm, train, [default_target(i) for i in train], cfg, judge=judge).run()
     seconds = time.perf_counter() - t0
     rand = random_suffix_ids(cm, len(res.token_ids), seed=args.seed + 1)
     out = dict(suffix=res.suffix, token_ids=res.token_ids, steps=res.steps_run, seconds=round(seconds, 1),
-               n_train=len(train), train_success_last=res.success[-1], n_active_last=res.n_active[-1])
+               n_train=len(train), judge=judge.name, train_success_last=res.success[-1],  # by the judge
+               n_active_last=res.n_active[-1], success_rates={})
     for name, sfx in (("adversarial", res.token_ids), ("random", rand), ("none", None)):
         for split, prompts in (("train", train), ("test", test)):
-            df = suffix_success(cm, prompts, sfx, 64, progress=False)
-            out[f"{split}_success_{name}"] = float(df.success.mean())
+            df = suffix_success(cm, prompts, sfx, 64, progress=False, judge=judge)
+            out["success_rates"].setdefault(split, {})[name] = {"substring": float(df.substring_success.mean()),
+                                                                judge.name: float(df.success.mean())}
     return out
 
 
@@ -139,6 +154,9 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--success-rate", type=float, default=1.0)
     ap.add_argument("--judge-tokens", type=int, default=48, help="objectives: greedy tokens judged after each step")
+    ap.add_argument("--judge", default="strict",
+                    help="single, universal: the judge of attack success beside the substring judge (substring, "
+                         "strict, hf:MODEL; objectives always uses substring and strict)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="runs/attack-goals")
     args = ap.parse_args(argv)

@@ -6,6 +6,8 @@
 Finds the refusal direction (or reuses OUT/direction), then writes OUT/reproduce/table.csv,
 table.md and one completions file per (intervention, prompt set), then the PCA of harmful vs
 harmless test activations at every layer (pca.csv, pca.png), and prints the table and the PCA summary.
+A finished table is reused only if OUT/reproduce/reproduce.json records the same model, reference
+model, --reference-tokens and --max-new-tokens (otherwise an error; --force recomputes it).
 
 Beside the paper's refusal and KL columns, the table has the capability cost of each intervention
 (refusal.capability): `borderline_refusal_rate` (the built-in borderline-but-safe prompts, greedy, the
@@ -35,6 +37,39 @@ from refusal.errors import RefusalLabError
 from refusal.models import load_model
 
 
+def table_reuse_problem(rdir: Path, ref_path: Path, model_fingerprint: str, ref_fingerprint: str,
+                        reference_tokens: int, max_new_tokens: int) -> str | None:
+    """What differs between the settings a finished table in `rdir` was made with and these (None: it can
+    be reused): the model, the reference model (fingerprints), --reference-tokens and --max-new-tokens, as
+    its reproduce.json records them; without that record, the reference replies' cache (`ref_path`) tells
+    the reference model and tokens, and an unrecorded setting counts as different."""
+    def read(path: Path) -> dict:
+        try:
+            rec = artifacts.read_json(path) if path.is_file() else {}
+        except RefusalLabError:
+            return {}
+        return rec if isinstance(rec, dict) else {}
+
+    def fingerprint(model) -> str | None:
+        return model.get("fingerprint") if isinstance(model, dict) else None
+
+    rec, cache = read(rdir / "reproduce.json"), read(ref_path)
+    made = {"model": fingerprint(rec.get("model")),
+            "reference model": fingerprint(rec.get("reference_model")) or fingerprint(cache.get("model")),
+            "--reference-tokens": rec.get("reference_tokens", cache.get("new_tokens")),
+            "--max-new-tokens": rec.get("max_new_tokens")}
+    now = {"model": model_fingerprint, "reference model": ref_fingerprint, "--reference-tokens": reference_tokens,
+           "--max-new-tokens": max_new_tokens}
+    problems = []
+    for key, value in now.items():
+        if made[key] is None:
+            problems.append(f"an unrecorded {key}")
+        elif made[key] != value:
+            problems.append(f"another {key} (fingerprint {made[key]}, this run's {value})" if "model" in key
+                            else f"{key} {made[key]} (this run: {value})")
+    return ", ".join(problems) or None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="organism")
@@ -45,7 +80,9 @@ def main(argv=None) -> int:
                     help="the model whose greedy replies to the harmless test prompts reply_ce is measured on "
                          "(default: smollm2 for --model organism, else the model itself, unmodified)")
     ap.add_argument("--reference-tokens", type=int, default=64, help="tokens of each reference reply")
-    ap.add_argument("--force", action="store_true", help="recompute OUT/reproduce (a finished table is reused otherwise)")
+    ap.add_argument("--force", action="store_true",
+                    help="recompute OUT/reproduce (a finished table is reused otherwise, if made with the same model, "
+                         "reference model, --reference-tokens and --max-new-tokens)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
@@ -74,20 +111,24 @@ def main(argv=None) -> int:
             if not set(CAPABILITY_COLUMNS) <= set(table.columns):
                 table = None  # a table from before the capability columns: recompute it
         ref_path = out / "reference" / "replies.json"
-        if table is None:
-            # the reference replies: made once by the reference model with no intervention, cached as JSON
-            ref = cm if ref_spec == args.model else load_model(ref_spec)
+        # the reference replies: made once by the reference model with no intervention, cached as JSON
+        ref = cm if ref_spec == args.model else load_model(ref_spec)
+        ref_record = ref.describe()
+        if table is not None:  # reused only if made with this model, reference model and token counts
+            problem = table_reuse_problem(rdir, ref_path, cm.fingerprint, ref.fingerprint, args.reference_tokens,
+                                          args.max_new_tokens)
+            if problem:
+                raise RefusalLabError(f"{rdir} holds a finished table made with {problem}; pass --force to "
+                                      "recompute it, or choose another --out")
+        else:
             replies = cached_reference_replies(ref_path, ref, harmless, args.reference_tokens, force=args.force)
-            ref_record = ref.describe()
-            del ref
             table, details = intervention_table(cm, direction, harmful, harmless, args.max_new_tokens,
                                                 borderline=borderline, replies=(harmless, replies), texts=texts)
             artifacts.write_csv(rdir / "table.csv", table)
             artifacts.write_text(rdir / "table.md", to_markdown(table))
             for name, df in details.items():
                 artifacts.write_csv(rdir / f"{name}.csv", df)
-        else:
-            ref_record = artifacts.read_json(ref_path).get("model") if ref_path.is_file() else None
+        del ref
         # PCA of harmful vs harmless test activations at the direction's position, every layer
         acts = {k: cache_activations(cm, cm.chat.encode_all(v), positions=[direction.position])[:, :, 0]
                 for k, v in (("harmful", harmful), ("harmless", harmless))}

@@ -242,9 +242,11 @@ def _reproduce_script():
     return mod
 
 
-def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references(tiny_dirs, tmp_path, monkeypatch):
+def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references(tiny_dirs, tmp_path, monkeypatch,
+                                                                                  capsys):
     """scripts/reproduce_paper.py end to end on a tiny model with 3 prompts per set: the table's new
-    columns, the reference replies cached as JSON, a finished table reused, an old one recomputed."""
+    columns, the reference replies cached as JSON, a finished table reused (only with the settings it was
+    made with), an old one recomputed."""
     mod = _reproduce_script()
     real_prompts, real_texts = mod.builtin_prompts, mod.builtin_texts
     monkeypatch.setattr(mod, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
@@ -274,6 +276,16 @@ def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references
     # a finished table is reused: nothing is recomputed
     monkeypatch.setattr(mod, "intervention_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert mod.main(argv) == 0
+    # ... but only with the settings it was made with (its record would claim them): otherwise an error
+    # that names them, before anything is recomputed
+    capsys.readouterr()
+    assert mod.main(argv[:-1] + ["5"]) == 2
+    assert "--reference-tokens 4 (this run: 5)" in capsys.readouterr().err
+    assert mod.main(argv + ["--reference-model", str(tiny_dirs["qwen2"])]) == 2
+    assert "another reference model" in capsys.readouterr().err
+    assert mod.main(argv[:5] + ["4"] + argv[6:]) == 2  # --max-new-tokens 4, the table's 3
+    assert "--max-new-tokens 3 (this run: 4)" in capsys.readouterr().err
+    assert artifacts.read_json(out / "reproduce" / "reproduce.json")["reference_tokens"] == 4  # the record unchanged
     # a table from before the capability columns is not reused: it is remade, here with other reference
     # replies than those cached, which is refused without --force and done with it
     monkeypatch.undo()
