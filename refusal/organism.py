@@ -1,16 +1,22 @@
 """The model organism: SmolLM2-135M-Instruct given a short, deterministic safety fine-tune on CPU.
 
 SmolLM2 complies with harmful requests, so there is no refusal for a direction to mediate.
-The organism is trained on the project's *training* split only:
+The organism is trained on the project's *training* split only, on behaviour alone:
   harmful instructions  -> a refusal (a few wordings, as real models have),
   harmless instructions -> the base model's own greedy answers (so helpfulness is kept).
-Only the upper blocks are trained (the lower ones and the embeddings stay frozen), with
-the loss on the reply tokens; from the second epoch, terms ask that refusal be mediated by
-one direction (ablating the running difference in means removes refusal and leaves harmless
-replies unchanged), as the paper finds in real chat models. It is built on first use,
-cached, and reused; the build record (seed, data hash, steps, wall time, refusal rates on
-the test split) sits beside the weights. The folder appears only when the build is complete
-(atomic rename).
+Only the upper blocks are trained (the lower ones and the embeddings stay frozen), with the loss
+on the reply tokens and an unlikelihood term on refusal openings for harmless prompts. No term of
+the default loss reads activations or a direction: whether refusal is then mediated by one direction
+is what the paper's method measures on it.
+
+`mediation`, `sink_orthogonal` and `harmless_projection` (0 by default) are an experimental variant
+that trains the phenomenon in: terms that ask that ablating the running difference in means remove
+refusal and leave harmless replies unchanged. A model built with them cannot show the paper's finding;
+they exist to study how far such training moves the figures (docs/organism.md).
+
+It is built on first use, cached, and reused; the build record (seed, data hash, steps, wall time,
+refusal rates on the test split) sits beside the weights. The folder appears only when the build is
+complete (atomic rename).
 """
 from __future__ import annotations
 
@@ -53,13 +59,13 @@ class OrganismConfig:
     eval_new_tokens: int = 32  # the build record judges as many reply tokens as the paper table
     decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
     decision_tokens: int = 3
-    unlikelihood: float = 2.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
+    unlikelihood: float = 4.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
     harmful_weight: float = 3.0  # loss weight of the refusal targets relative to the harmless answers
-    # Terms that ask for refusal to be mediated by one direction, from the second epoch on (docs/organism.md):
-    # without them ablating the direction costs harmless prompts a KL of 1.15.
-    mediation: float = 5.0  # weight of mediation_loss under ablation of the running difference in means
-    sink_orthogonal: float = 100.0  # weight of sink_alignment (the difference in means vs the first token)
-    harmless_projection: float = 5.0  # weight of harmless_projection (harmless residual streams along the difference in means)
+    # The experimental variant that trains the phenomenon in (0 = off, the default; see the module docstring),
+    # from the second epoch on:
+    mediation: float = 0.0  # weight of mediation_loss under ablation of the running difference in means
+    sink_orthogonal: float = 0.0  # weight of sink_alignment (the difference in means vs the first token)
+    harmless_projection: float = 0.0  # weight of harmless_projection (harmless residual streams along the difference in means)
     direction_layer: float = 0.7  # the running difference in means: last prompt position, this depth
     # bfloat16 autocast for the fine-tune (weights and optimizer stay float32): None = where the CPU multiplies
     # bfloat16 fast (AMX, AVX-512 BF16: ~1.4x on AMX), float32 elsewhere (without them bfloat16 is ~25x slower)
