@@ -92,8 +92,8 @@ def universal(cm, args) -> dict:
 
 
 def objectives(cm, args) -> dict:
-    """Per prompt and objective: GCG for up to args.steps steps, the greedy reply judged after every step by the
-    substring and the strict judge; the first step each judge calls a success, stopping at the strict
+    """Per prompt and objective: GCG for up to args.steps steps, the greedy reply judged after every
+    args.judge_every steps (and the last) by the substring and the strict judge; the first step each judge calls a success, stopping at the strict
     judge's first success. Every judged reply goes to OUT/objectives_replies.jsonl (prompt, completion)."""
     if not args.direction:
         raise RefusalLabError("objectives needs --direction DIR")
@@ -107,6 +107,8 @@ def objectives(cm, args) -> dict:
             first: dict[str, tuple] = {}
 
             def judge(info, ins=ins, obj=obj):
+                if (info["step"] + 1) % args.judge_every and info["step"] + 1 < args.steps:
+                    return
                 enc = cm.chat.encode(ins, cm.tokenizer(info["suffix"], add_special_tokens=False).input_ids)
                 reply = generate(cm, [enc], args.judge_tokens, progress=False)[0]
                 verdicts = {name: j.verdicts([ins], [reply])[0] for name, j in judges.items()}
@@ -154,6 +156,7 @@ def main(argv=None) -> int:
     ap.add_argument("--patience", type=int, default=0)
     ap.add_argument("--success-rate", type=float, default=1.0)
     ap.add_argument("--judge-tokens", type=int, default=48, help="objectives: greedy tokens judged after each step")
+    ap.add_argument("--judge-every", type=int, default=1, help="objectives: judge the reply every N steps (and at the last)")
     ap.add_argument("--judge", default="strict",
                     help="single, universal: the judge of attack success beside the substring judge (substring, "
                          "strict, hf:MODEL; objectives always uses substring and strict)")
