@@ -19,6 +19,7 @@ judge is written, so the labels are made blind to them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -45,11 +46,16 @@ def spread(items: list, n: int, offset: int = 0) -> list:
     return [items[(offset + i * step) % len(items)] for i in range(min(n, len(items)))]
 
 
-def objective_rows(path: Path, limit: int = 72) -> list[dict]:
+def objective_runs(path: Path) -> dict[tuple[str, str], list[dict]]:
+    """The judged replies of attack_goals.py objectives, per (prompt, objective) run, in step order."""
     runs: dict[tuple[str, str], list[dict]] = {}
     for line in path.read_text().splitlines():
         row = json.loads(line)
         runs.setdefault((row["prompt"], row["objective"]), []).append(row)
+    return runs
+
+
+def objective_rows(runs: dict[tuple[str, str], list[dict]], limit: int = 72) -> list[dict]:
     out = []
     for (prompt, objective), rows in runs.items():
         picks = {0, len(rows) // 2, len(rows) - 1}
@@ -84,10 +90,7 @@ def main(argv=None) -> int:
 
         def add(source, chosen, suffix_ids=None, suffix_text=None, ablate=False):
             encs = cm.chat.encode_all(chosen, suffix_ids)
-            if ablate:
-                with ablate_direction(cm, direction.vector):
-                    replies = generate(cm, encs, NEW_TOKENS, progress=False)
-            else:
+            with ablate_direction(cm, direction.vector) if ablate else contextlib.nullcontext():
                 replies = generate(cm, encs, NEW_TOKENS, progress=False)
             rows.extend(dict(source=source, prompt=p, completion=r, suffix=suffix_text) for p, r in zip(chosen, replies))
 
@@ -101,13 +104,11 @@ def main(argv=None) -> int:
         if "universal" in sources:
             universal = artifacts.read_json(Path(args.universal) / "attack" / "suffix.json")
             add("universal", spread(prompts, 50, 1 + args.offset), universal["token_ids"], universal["suffix"])
+        runs = objective_runs(Path(args.objectives) / "objectives_replies.jsonl") if args.objectives else {}
         if "objectives" in sources:
-            rows += objective_rows(Path(args.objectives) / "objectives_replies.jsonl")
+            rows += objective_rows(runs)
         if "transfer" in sources:
-            last: dict[tuple[str, str], dict] = {}
-            for line in (Path(args.objectives) / "objectives_replies.jsonl").read_text().splitlines():
-                row = json.loads(line)
-                last[(row["prompt"], row["objective"])] = row
+            last = {key: replies[-1] for key, replies in runs.items()}
             for k, ((prompt, objective), row) in enumerate(sorted(last.items())):
                 others = [p for p in spread(prompts, 40, k) if p != prompt][:2]
                 ids = cm.tokenizer(row["suffix"], add_special_tokens=False).input_ids
