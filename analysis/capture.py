@@ -17,7 +17,7 @@ import torch
 
 from refusal.engine import eager_attention, forward_outputs
 from refusal.chat import Encoded
-from refusal.hooks import capture_block_inputs, hooks
+from refusal.hooks import Hook, capture_hooks, hooked
 from refusal.models import ChatModel
 
 REGIONS = ("instruction", "suffix", "other")
@@ -56,10 +56,10 @@ def capture_last_position(cm: ChatModel, encs: Sequence[Encoded], batch_size: in
 
         return hook
 
-    handles = [cm.o_proj(l).register_forward_pre_hook(make(l), with_kwargs=True) for l in range(L)]
+    head_outputs = [Hook(cm.o_proj(l), make(l), "pre") for l in range(L)]
     kw = {"output_attentions": True} if attention else {}
     attn = eager_attention(cm) if attention else contextlib.nullcontext()
-    with hooks(handles), capture_block_inputs(cm, store, positions=[-1]), attn:
+    with hooked(head_outputs + capture_hooks(cm, store, positions=[-1])), attn:
         for idx, out, p in forward_outputs(cm, encs, batch_size, **kw):
             for l in range(L):
                 resid[idx, l] = store[l][:, 0]

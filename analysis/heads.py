@@ -91,14 +91,6 @@ def attention_shares(cm: ChatModel, encs: Sequence[Encoded], heads: Sequence[tup
     return shares_table(capture_last_position(cm, encs, batch_size).regions, heads)
 
 
-def attention_table(cm: ChatModel, encodings: Mapping[str, Sequence[Encoded]], heads: Sequence[tuple[int, int]],
-                    batch_size: int = 16) -> pd.DataFrame:
-    """attention_shares for every condition: DataFrame(prompt_id, condition, layer, head, instruction,
-    suffix, other)."""
-    return attention_table_from(
-        {c: capture_last_position(cm, e, batch_size).regions for c, e in encodings.items()}, heads)
-
-
 def attention_table_from(regions: Mapping[str, torch.Tensor], heads: Sequence[tuple[int, int]]) -> pd.DataFrame:
     """shares_table for every condition, from {condition: regions[prompt, layer, head, 3]}."""
     frames = []

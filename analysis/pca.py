@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from refusal.artifacts import atomic_path
+
 
 def pca(x: torch.Tensor, k: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x[n, d] -> (components[k, d], explained variance ratio[k], scores[n, k]), centred, float64."""
@@ -90,8 +92,6 @@ def plot_layer_pca(df: pd.DataFrame, path: str | Path, title: str = "") -> Path:
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     path = Path(path)
-    from refusal.artifacts import atomic_path
-
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

@@ -9,6 +9,8 @@ import torch
 
 from refusal.artifacts import atomic_path
 
+from .pca import pca
+
 PALETTE = {"harmful": "#c0392b", "random_suffix": "#e67e22", "adversarial_suffix": "#8e44ad", "harmless": "#2980b9"}
 
 
@@ -90,8 +92,6 @@ def plot_attention_shares(att: pd.DataFrame, path: str | Path) -> Path:
 def plot_pca_conditions(acts: Mapping[str, torch.Tensor], layer: int, path: str | Path) -> Path:
     """The four conditions' last-position activations at one layer, on the first two principal
     components of harmful + harmless."""
-    from .pca import pca
-
     plt, sns = _plt()
     base = torch.cat([acts[c][:, layer] for c in ("harmful", "harmless") if c in acts]).double()
     comps, ev, _ = pca(base, 2)

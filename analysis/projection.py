@@ -12,8 +12,6 @@ from refusal.activations import cache_activations
 from refusal.chat import Encoded
 from refusal.models import ChatModel
 
-CONDITIONS = ("harmful", "random_suffix", "adversarial_suffix", "harmless")
-
 
 def condition_encodings(cm: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
                         adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None) -> dict[str, list[Encoded]]:
@@ -59,8 +57,3 @@ def projection_metrics(cm: ChatModel, encodings: Mapping[str, Sequence[Encoded]]
     """The projection table for every condition, and the activations it was computed from."""
     acts = {c: last_position_activations(cm, e, batch_size) for c, e in encodings.items()}
     return projection_table(acts, direction), acts
-
-
-def mean_cosine(df: pd.DataFrame, layer: int) -> dict[str, float]:
-    """Mean cosine per condition at one layer."""
-    return df[df.layer == layer].groupby("condition").cosine.mean().to_dict()

@@ -3,13 +3,21 @@ written to runs/NAME/analysis/."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from attacks.evaluate import suffix_success
+from attacks.gcg import random_suffix_ids
 from refusal import artifacts
-from refusal.directions import Direction
+from refusal.config import option
+from refusal.data import instructions, resolve_prompts
+from refusal.directions import Direction, check_direction
+from refusal.engine import check_lengths
 from refusal.errors import RefusalLabError
+from refusal.judges import JudgeConfig, load_judge
 from refusal.models import ChatModel
+from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
 
 from .capture import capture_last_position
 from .heads import attention_table_from, contributions, heads_table, top_heads
@@ -20,12 +28,69 @@ from .report import headline_numbers, headline_sentences, success_frame, write_r
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """The analysis stage (`refusal analyze`): which prompts, how many heads, how success is judged."""
+
+    harmful: str = option("harmful:test", "harmful prompts: a file or a built-in set")
+    harmless: str = option("harmless:test", "harmless prompts: a file or a built-in set")
+    max_prompts: int | None = option(None, "use the first N prompts of each set (None: all)")
+    top_k: int = option(8, "refusal heads: the top k by direct contribution to the direction")
+    batch_size: int = option(16, "prompts per forward pass")
+    eval_tokens: int = option(48, "greedy reply tokens judged for attack success (0: not judged)")
+    judge: JudgeConfig = option(help="the judge of attack success (refusal.judges.JudgeConfig)", factory=JudgeConfig)
+    seed: int = option(0, "the random baseline suffix is drawn with seed + 1 (when the suffix's record has none)")
+
+    def validate(self) -> None:
+        for name in ("top_k", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_prompts is not None and self.max_prompts < 1:
+            raise RefusalLabError(f"max-prompts must be >= 1, got {self.max_prompts}")
+        if self.eval_tokens < 0:
+            raise RefusalLabError(f"--eval-tokens must be >= 0 (0 skips judging), got {self.eval_tokens}")
+        self.judge.validate()
+
+
+def analyze_suffix(cm: ChatModel, direction: Direction, suffix: str | Path, config: AnalysisConfig,
+                   out_dir: str | Path) -> dict:
+    """The analysis stage from artifacts: a suffix (suffix.json or its run folder, a text file, or the text)
+    against the random suffix of the same length (the one its attack record drew, else a new one), on the
+    config's prompts, with attack success judged (config.eval_tokens > 0) by the substring judge and the
+    config's; then analyze(). Returns analyze()'s result."""
+    config.validate()
+    judge = load_judge(config.judge) if config.eval_tokens else None  # a bad judge fails first
+    harmful = instructions(resolve_prompts(config.harmful, "harmful:test"))
+    harmless = instructions(resolve_prompts(config.harmless, "harmless:test"))
+    if config.max_prompts:
+        harmful, harmless = harmful[: config.max_prompts], harmless[: config.max_prompts]
+    text, ids = load_suffix(suffix)
+    check_direction(direction, cm)
+    if ids is not None:
+        check_suffix_ids(suffix, ids, cm.tokenizer)
+    adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
+    rand = (suffix_record(suffix) or {}).get("random_token_ids")
+    if rand is None:
+        rand = random_suffix_ids(cm, len(adversarial), seed=config.seed + 1)
+    check_lengths(cm, cm.chat.encode_all(harmful + harmless, adversarial), config.eval_tokens)
+    success = None
+    if judge is not None:
+        judged = {name: suffix_success(cm, harmful, sfx, config.eval_tokens, progress=False, judge=judge)
+                  for name, sfx in (("no_suffix", None), ("random_suffix", rand), ("adversarial_suffix", adversarial))}
+        # the paper's substring judge and the chosen one, side by side
+        success = {"substring": {k: float(df.substring_success.mean()) for k, df in judged.items()},
+                   judge.name: {k: float(df.success.mean()) for k, df in judged.items()}}
+    return analyze(cm, direction, harmful, harmless, adversarial, rand, out_dir, config, success=success)
+
+
 def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
             adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None, out_dir: str | Path,
-            top_k: int = 8, batch_size: int = 16, success: dict | None = None, facts: dict | None = None) -> dict:
+            config: AnalysisConfig = AnalysisConfig(), success: dict | None = None, facts: dict | None = None) -> dict:
     """Write projection.csv, heads.csv, attention.csv, the plots, report.md and report.html into out_dir;
-    return the headline numbers (and sentences). `success`: attack success rates by judge, {judge name:
-    {condition: rate}} (e.g. {"substring": {...}, "strict": {...}}), stated with their judges."""
+    return the headline numbers (and sentences). Of the config, top_k and batch_size are read. `success`:
+    attack success rates by judge, {judge name: {condition: rate}} (e.g. {"substring": {...}, "strict":
+    {...}}), stated with their judges."""
+    top_k, batch_size = config.top_k, config.batch_size
     if success is not None and (not isinstance(success, dict) or not all(isinstance(v, dict) for v in success.values())):
         raise RefusalLabError("success must map judge names to {condition: rate}, e.g. {'strict': {'no_suffix': 0.1}}")
     out_dir = Path(out_dir)

@@ -7,15 +7,22 @@ import os
 import statistics
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from refusal import artifacts
+from refusal.activations import cache_activations
+from refusal.config import as_dict, option
+from refusal.data import builtin_prompts, instructions
+from refusal.engine import forward_batches
 from refusal.errors import RefusalLabError
-from refusal.models import ChatModel
+from refusal.models import ChatModel, seed_everything
 
-from .gcg import GCG, GCGConfig
+from .gcg import GCG, GCGConfig, screening_dtype
+from .reference import require_nanogcg, run_nanogcg
 from .targets import default_target
 
 log = logging.getLogger(__name__)
@@ -108,8 +115,6 @@ def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig) 
 
 
 def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig) -> dict:
-    from .reference import run_nanogcg
-
     with PeakMemory(cm.device) as mem:
         t0 = time.perf_counter()
         res = run_nanogcg(cm, instruction, target, config)
@@ -145,8 +150,6 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, s
                   engines: Sequence[str] = ("nanogcg", "native", "native_model_precision")) -> dict:
     """Per prompt, each engine in turn with identical settings (interleaved, so that machine load hits
     them alike). Returns medians over prompts, speed-ups over nanoGCG and the per-prompt numbers."""
-    from .gcg import screening_dtype
-
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=False)
     per_prompt = []
     for i, instruction in enumerate(instructions):
@@ -189,8 +192,6 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, s
 def bench_activations(cm: ChatModel, instructions: Sequence[str], batch_size: int = 32, repeats: int = 3) -> dict:
     """cache_activations (every layer, the post-instruction positions) against a bare forward pass of the
     decoder over the same batches without hooks or copies (the limit). Best of `repeats`."""
-    from refusal.activations import cache_activations, forward_batches
-
     encs = cm.chat.encode_all(list(instructions))
 
     def bare():
@@ -215,3 +216,42 @@ def bench_activations(cm: ChatModel, instructions: Sequence[str], batch_size: in
     n_tokens = sum(len(e) for e in encs)
     return {"bare_forward_s": t_bare, "cache_activations_s": t_cache, "activation_overhead": t_cache / t_bare,
             "prompts": len(encs), "tokens": n_tokens, "tokens_per_s": n_tokens / t_cache}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`refusal bench`: the native engine against nanoGCG on the same held-out harmful prompts."""
+
+    steps: int = option(10, "GCG steps per prompt and engine")
+    prompts: int = option(5, "harmful test prompts, spread over the split")
+    seed: int = option(0, "the seed every engine starts from")
+    engines: str = option("nanogcg,native,native_model_precision",
+                          "comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 "
+                          "where fast, the best candidates rescored), native_model_precision (no screening)")
+
+    def validate(self) -> None:
+        for name in ("steps", "prompts"):
+            if int(getattr(self, name)) < 1:
+                raise RefusalLabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        engine_names(self.engines)
+
+
+def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
+              progress: Callable[[str], None] | None = None) -> dict:
+    """The bench on a loaded model, written to `out` (JSON): bench_attacks on `config.prompts` harmful test
+    prompts spread over the split, and bench_activations on the validation prompts. Returns the record."""
+    config.validate()
+    engines = engine_names(config.engines)
+    if "nanogcg" in engines:
+        require_nanogcg()
+    prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // config.prompts)][: config.prompts]
+    seed_everything(config.seed)
+    res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, progress=progress, engines=engines)
+    res.update(bench_activations(cm, instructions(builtin_prompts("harmful", "val"))
+                                 + instructions(builtin_prompts("harmless", "val"))))
+    res["model"] = cm.describe()
+    res["device"] = torch.cuda.get_device_name(cm.device) if cm.device.type == "cuda" else str(cm.device)
+    res["threads"] = torch.get_num_threads()
+    res["config"] = as_dict(config)
+    artifacts.write_json(out, artifacts.run_record(**res))
+    return res

@@ -36,22 +36,3 @@ def suffix_success(cm: ChatModel, instructions: Sequence[str], suffix: Sequence[
     encs = cm.chat.encode_all(list(instructions), suffix)
     replies = generate(cm, encs, max_new_tokens, batch_size, progress)
     return judge_replies(instructions, replies, j)
-
-
-def success_table(cm: ChatModel, instructions: Sequence[str], suffixes: dict, max_new_tokens: int = 64,
-                  batch_size: int = 16, progress: bool = True,
-                  judge: Judge | JudgeConfig | str | None = None) -> pd.DataFrame:
-    """Attack success rate of several suffixes ({name: ids, text or None}) on the same prompts: one row per
-    suffix (suffix, n, judge, success_rate by that judge, substring_success_rate, refusal_rate,
-    degenerate_rate). No instructions: a RefusalLabError (there is no rate to compute)."""
-    instructions = list(instructions)
-    if not instructions:
-        raise RefusalLabError("no instructions to measure the suffixes' attack success on")
-    j = load_judge(judge)  # loaded once, before generating
-    rows = []
-    for name, sfx in suffixes.items():
-        df = suffix_success(cm, instructions, sfx, max_new_tokens, batch_size, progress, j)
-        rows.append(dict(suffix=name, n=len(df), judge=j.name, success_rate=df.success.mean(),
-                         substring_success_rate=df.substring_success.mean(), refusal_rate=df.refused.mean(),
-                         degenerate_rate=df.degenerate.mean()))
-    return pd.DataFrame(rows)

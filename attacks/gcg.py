@@ -31,6 +31,7 @@ import base64
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,15 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from refusal.errors import RefusalLabError
+from refusal import artifacts
+from refusal.artifacts import hash_strings
+from refusal.config import option
+from refusal.directions import check_direction
 from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
+from refusal.errors import RefusalLabError
+from refusal.hooks import capture_hooks, hooked
+from refusal.judges import DEFAULT_JUDGE, check_judge_name, judge_name, load_judge
+from refusal.metrics import generate
 from refusal.models import ChatModel, fast_bf16
 
 log = logging.getLogger(__name__)
@@ -55,33 +63,34 @@ OVERHEAD_TOKENS = 600
 
 @dataclass
 class GCGConfig:
-    steps: int = 150
-    search_width: int = 128
-    topk: int = 64
-    n_replace: int = 1
-    suffix_len: int = 20
-    suffix_init: str | None = None  # text; default "x x x ... x" (suffix_len tokens)
-    objective: str = "target"
-    direction_weight: float = 1.0  # weight of the direction term in the mixed objective
-    seed: int = 0
-    allow_non_ascii: bool = False
-    filter_ids: bool = True  # drop candidates that do not re-tokenize to themselves
-    early_stop: bool = True
-    success_rate: float = 1.0  # universal: add a prompt / stop when this share of active prompts succeed
-    progressive: bool = True  # universal: start with one prompt and add them one at a time
-    patience: int = 0  # universal: add the next prompt after this many steps without one (0: never)
-    judge_tokens: int = 32  # reply tokens generated to judge success (universal, direction objective)
-    # the judge of success (refusal.judges: substring, strict, hf:MODEL): early stopping and adding prompts
-    # (universal, or no target), and the attack's success rates
-    judge: str = "strict"
-    batch_size: int | None = None  # candidates per forward pass (None: as many as memory allows)
-    reuse_suffix_cache: bool = True  # candidates reuse the cache of the unchanged start of the suffix
-    dedupe: bool = True
-    # candidates (and the token gradient) computed in this precision, the best `rescore` of them again in
-    # the model's own: "auto" = bfloat16 where the hardware multiplies it fast (CPUs with AMX or AVX-512
-    # BF16, CUDA GPUs with bf16) and the model is in float32; "model" = the model's precision throughout
-    screen_dtype: str = "auto"
-    rescore: int = 8
+    """The GCG attack (native engine; nanoGCG reads the fields it has)."""
+
+    steps: int = option(150, "optimization steps at most")
+    search_width: int = option(128, "candidate suffixes scored per step")
+    topk: int = option(64, "top-k replacement tokens per suffix position, from the token gradient")
+    n_replace: int = option(1, "suffix positions each candidate changes")
+    suffix_len: int = option(20, "suffix tokens")
+    suffix_init: str | None = option(None, "initial suffix text (None: 'x x x ... x', suffix_len tokens)")
+    objective: str = option("target", "target (cross-entropy of 'Sure, here is ...'), direction (the last "
+                                      "position's projection on the refusal direction), or mixed (their sum)")
+    direction_weight: float = option(1.0, "weight of the direction term in the mixed objective")
+    seed: int = option(0, "seed of the candidate sampling")
+    allow_non_ascii: bool = option(False, "allow suffix tokens that are not printable ASCII")
+    filter_ids: bool = option(True, "drop candidates that do not re-tokenize to themselves")
+    early_stop: bool = option(True, "stop once the attack succeeds")
+    success_rate: float = option(1.0, "universal: add the next prompt / stop when this share of active prompts succeed")
+    progressive: bool = option(True, "universal: start with one prompt and add them one at a time")
+    patience: int = option(0, "universal: add the next prompt after this many steps without one (0: only on success)")
+    judge_tokens: int = option(32, "reply tokens generated to judge success (universal, direction objective)")
+    judge: str = option(DEFAULT_JUDGE, "the judge of success (early stopping, adding prompts, the success rates): "
+                                  "substring, strict or hf:MODEL")
+    batch_size: int | None = option(None, "candidates per forward pass (None: as many as memory allows)")
+    reuse_suffix_cache: bool = option(True, "candidates reuse the cache of the unchanged start of the suffix")
+    dedupe: bool = option(True, "drop duplicate candidates")
+    screen_dtype: str = option("auto", "precision candidates are screened in, the best `rescore` scored again in "
+                                       "the model's: auto (bfloat16 where the hardware is fast at it and the model "
+                                       "is float32), model (no screening), bfloat16, float16")
+    rescore: int = option(8, "screened candidates scored again in the model's precision each step")
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -101,8 +110,8 @@ class GCGConfig:
             raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
         if self.rescore < 1:
             raise RefusalLabError(f"rescore must be >= 1, got {self.rescore}")
-        from refusal.judges import check_judge_name
-
+        if not math.isfinite(self.direction_weight) or self.direction_weight < 0:
+            raise RefusalLabError(f"--direction-weight must be a finite number >= 0, got {self.direction_weight}")
         self.judge = check_judge_name(self.judge)  # " strict " is strict, as load_judge reads it
 
 
@@ -299,8 +308,6 @@ class GCG:
         if config.suffix_len >= cm.max_context:
             raise RefusalLabError(f"--suffix-len {config.suffix_len} does not fit the model's context of {cm.max_context}")
         if direction is not None:
-            from refusal.directions import check_direction
-
             check_direction(direction, cm)
             self.r = direction.vector.to(cm.device, torch.float32)
             self.r = self.r / self.r.norm()
@@ -314,13 +321,9 @@ class GCG:
         self.judge = not (self.single and self.needs_target)
         self._judge = None
         if judge is not None:
-            from refusal.judges import judge_name
-
             if judge_name(judge) != config.judge:
                 raise RefusalLabError(f"the judge given ({judge_name(judge)}) is not the config's ({config.judge})")
         if self.judge:
-            from refusal.judges import load_judge
-
             # loaded (or a bad judge refused) before any step runs
             self._judge = load_judge(judge if judge is not None else config.judge)
         self.screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
@@ -390,20 +393,10 @@ class GCG:
             offset, T = 0, T + len(slot.before)
         kw["position_ids"] = torch.arange(offset, offset + T, device=cm.device)[None].expand(n, -1)
         last = T - n_tgt - 1  # the last prompt position (predicts the first reply token)
-        store: dict[int, torch.Tensor] = {}
-        handles = []
-        if self.needs_direction:
-            def make(layer):
-                def hook(m, a, k):
-                    h = a[0] if a else k["hidden_states"]
-                    store[layer] = h[:, last]
-                return hook
-            handles = [cm.blocks[l].register_forward_pre_hook(make(l), with_kwargs=True) for l in self.dir_layers]
-        try:
+        store: dict[int, torch.Tensor] = {}  # layer -> residual [n, d] at the last prompt position (with its graph)
+        capture = capture_hooks(cm, store, self.dir_layers, lambda: last, keep_graph=True) if self.needs_direction else []
+        with hooked(capture):
             hidden = cm.base(**kw).last_hidden_state
-        finally:
-            for h in handles:
-                h.remove()
         loss = torch.zeros(n, device=cm.device, dtype=torch.float32)
         match = torch.ones(n, dtype=torch.bool, device=cm.device)
         if self.needs_target:
@@ -498,9 +491,6 @@ class GCG:
 
     def judge_success(self, ids: Sequence[int], slots: Sequence[_Slot]) -> list[bool]:
         """Whether the judge (config.judge) says each prompt's greedy reply, with suffix `ids`, complies."""
-        from refusal.judges import load_judge
-        from refusal.metrics import generate
-
         judge = self._judge or load_judge(self.config.judge)
         encs = [self.cm.chat.encode(s.instruction, list(ids)) for s in slots]
         replies = generate(self.cm, encs, self.config.judge_tokens, batch_size=16, progress=False)
@@ -510,8 +500,6 @@ class GCG:
 
     def run(self, checkpoint: str | Path | None = None, resume: bool = False,
             on_step: Callable[[dict], None] | None = None, progress: bool = True) -> AttackResult:
-        from refusal import artifacts
-
         cfg = self.config
         tok = self.cm.tokenizer
         state = None
@@ -601,8 +589,6 @@ class GCG:
 
     def _signature(self, judge: str | None) -> str:
         """The signature with `judge` as the config's judge (None: the judge left out)."""
-        from refusal.artifacts import hash_strings
-
         cfg = config_dict(self.config)
         cfg["judge"] = judge
         cfg = comparable_config(cfg)
@@ -630,12 +616,7 @@ class GCG:
                               "start a new run (another --out, or --force) instead of --resume")
 
     def _load_checkpoint(self, path) -> dict:
-        from refusal import artifacts
-
-        try:
-            state = artifacts.read_json(path)
-        except RefusalLabError:
-            raise
+        state = artifacts.read_json(path)
         if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "rng" not in state:
             raise RefusalLabError(f"{path}: not a refusal-lab attack checkpoint; remove it or start without --resume")
         if len(state["ids"]) != self.suffix_len:

@@ -10,9 +10,12 @@ import pandas as pd
 
 from refusal import artifacts
 from refusal.errors import RefusalLabError
+from refusal.judges import judge_name, load_judge
 from refusal.models import ChatModel
 
+from .evaluate import suffix_success
 from .gcg import GCG, AttackResult, GCGConfig, comparable_config, config_dict, random_suffix_ids
+from .reference import require_nanogcg, run_nanogcg
 from .targets import default_target
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,23 @@ def steps_frame(result: AttackResult, judge: str) -> pd.DataFrame:
     })
 
 
+def check_attack(config: GCGConfig, engine: str = "native", direction=None, resume: bool = False,
+                 force: bool = False) -> None:
+    """The attack's settings, checked before a model loads: the config, the engine (nanoGCG installed, the
+    target objective only), a direction for the objectives that need one, resume or force."""
+    config.validate()
+    if engine not in ENGINES:
+        raise RefusalLabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    if engine == "nanogcg":
+        if config.objective != "target":
+            raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
+        require_nanogcg()
+    if config.objective != "target" and direction is None:
+        raise RefusalLabError(f"--objective {config.objective} needs --direction DIR (a folder made by `refusal direction`)")
+    if resume and force:
+        raise RefusalLabError("--resume and --force contradict each other; choose one")
+
+
 def run_attack(
     cm: ChatModel,
     instructions: Sequence[str],
@@ -65,9 +85,7 @@ def run_attack(
     direction objective). resume continues from the checkpoint in the folder; force overwrites it.
     judge: the judge of success as a Judge or a refusal.judges.JudgeConfig (with its options: device,
     dtype, ...), which must be the one config.judge names; None loads config.judge with default options."""
-    config.validate()
-    if engine not in ENGINES:
-        raise RefusalLabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
+    check_attack(config, engine, direction, resume, force)
     instructions = [str(i).strip() for i in instructions]
     if not instructions or any(not i for i in instructions):
         raise RefusalLabError("no prompts to attack (or an empty one)")
@@ -92,8 +110,6 @@ def run_attack(
             raise RefusalLabError("the nanogcg engine attacks one prompt; use --engine native for a prompt set")
         if resume:
             raise RefusalLabError("nanogcg runs cannot be resumed; use --engine native for resumable runs")
-    from refusal.judges import judge_name, load_judge
-
     judge = config.judge if judge is None else judge
     if judge_name(judge) != config.judge:
         raise RefusalLabError(f"the judge given ({judge_name(judge)}) is not the config's ({config.judge})")
@@ -104,13 +120,9 @@ def run_attack(
     for stale in attack_dir.glob(".*.tmp"):  # the temporary file of a write that a kill interrupted
         stale.unlink(missing_ok=True)
     if engine == "nanogcg":
-        from .reference import run_nanogcg
-
         result = run_nanogcg(cm, instructions[0], targets[0], config)
     else:
         result = gcg.run(checkpoint=ckpt, resume=resume, progress=progress)
-
-    from .evaluate import suffix_success
 
     # what the per-step success (`success`, steps.csv) was checked by
     step_judge = "none" if engine == "nanogcg" else judge.name if gcg.judge else "target_match"

@@ -1,13 +1,18 @@
 """refusal-lab: refusal directions (Arditi et al. 2024), adversarial suffixes, and how suffixes beat refusal."""
 from .errors import RefusalLabError
-from .models import ChatModel, load_model
+from .models import ChatModel
 from .data import Prompt, builtin_prompts, load_prompts
-from .directions import Direction, compute_direction, load_direction, save_direction
-from .hooks import ablate_direction, add_direction, orthogonalize
+from .directions import Direction, DirectionConfig, compute_direction, find_direction, load_direction, save_direction
+from .hooks import Hook, ablate_direction, ablation_hooks, add_direction, addition_hooks, hooked, orthogonalize
 from .metrics import evaluate, generate, is_refusal, refusal_scores
+from .judges import JudgeConfig, load_judge
+from .organism import OrganismConfig, build_organism
+from .registry import ModelConfig, load_model
 
 __all__ = [
-    "RefusalLabError", "ChatModel", "load_model", "Prompt", "builtin_prompts", "load_prompts",
-    "Direction", "compute_direction", "load_direction", "save_direction",
-    "ablate_direction", "add_direction", "orthogonalize", "evaluate", "generate", "is_refusal", "refusal_scores",
+    "RefusalLabError", "ChatModel", "ModelConfig", "load_model", "Prompt", "builtin_prompts", "load_prompts",
+    "Direction", "DirectionConfig", "compute_direction", "find_direction", "load_direction", "save_direction",
+    "Hook", "hooked", "ablation_hooks", "addition_hooks", "ablate_direction", "add_direction", "orthogonalize",
+    "evaluate", "generate", "is_refusal", "refusal_scores", "JudgeConfig", "load_judge", "OrganismConfig",
+    "build_organism",
 ]

@@ -15,8 +15,11 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Iterator
+
+from safetensors.torch import load_file, save_file
 
 from .errors import RefusalLabError
 
@@ -87,8 +90,6 @@ def write_csv(path: str | os.PathLike, df) -> Path:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
-    from safetensors.torch import save_file
-
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -96,8 +97,6 @@ def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict | None =
 
 
 def load_tensors(path: str | os.PathLike) -> dict:
-    from safetensors.torch import load_file
-
     path = Path(path)
     if not path.is_file():
         raise RefusalLabError(f"{path}: file not found")
@@ -105,10 +104,6 @@ def load_tensors(path: str | os.PathLike) -> dict:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for corrupt files
         raise RefusalLabError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def hash_strings(items: list[str]) -> str:
@@ -124,14 +119,10 @@ def versions() -> dict:
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
     for name in ("torch", "transformers", "nanogcg", "numpy", "pandas", "safetensors"):
         try:
-            from importlib.metadata import version
-
             out[name] = version(name)
         except Exception:
             out[name] = None
     try:
-        from importlib.metadata import version
-
         out["refusal-lab"] = version("refusal-lab")
     except Exception:
         out["refusal-lab"] = None

@@ -78,15 +78,15 @@ class ChatFormat:
         if text.count(_SENTINEL) != 1:
             raise RefusalLabError("the chat template does not place the user's message verbatim exactly once")
         before, after = text.split(_SENTINEL)
-        self.prefix_ids: list[int] = self._encode(before)
+        self.prefix_ids: list[int] = self.encode_text(before)
         bos = tokenizer.bos_token_id
         adds_bos = bos is not None and tokenizer("a").input_ids[:1] == [bos]
         if adds_bos and self.prefix_ids[:1] != [bos]:
             self.prefix_ids = [bos] + self.prefix_ids  # templates that rely on the tokenizer's BOS
-        self.post_ids: list[int] = self._encode(after)
+        self.post_ids: list[int] = self.encode_text(after)
         if not self.post_ids:
             raise RefusalLabError("the chat template has no tokens after the user's message (no assistant turn)")
-        self.sep_ids: list[int] = self._encode(" ")
+        self.sep_ids: list[int] = self.encode_text(" ")
         self.end_of_turn_id: int | None = self._end_of_turn()
 
     def _end_of_turn(self) -> int | None:
@@ -99,7 +99,7 @@ class ChatFormat:
             after = text.split(_SENTINEL, 1)[1]
         except Exception:
             return tok.eos_token_id
-        ids = self._encode(after.strip()) if after.strip() else []
+        ids = self.encode_text(after.strip()) if after.strip() else []
         if ids and (ids[0] in tok.all_special_ids or ids[0] in getattr(tok, "added_tokens_decoder", {})):
             return ids[0]
         return tok.eos_token_id
@@ -109,7 +109,8 @@ class ChatFormat:
         """Token ids that end a reply: the template's end of turn and the tokenizer's EOS."""
         return [i for i in dict.fromkeys([self.end_of_turn_id, self.tokenizer.eos_token_id]) if i is not None]
 
-    def _encode(self, text: str) -> list[int]:
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens, no template)."""
         if not text:
             return []
         try:
@@ -124,7 +125,7 @@ class ChatFormat:
 
     def suffix_ids(self, suffix: str) -> list[int]:
         """Token ids of a suffix given as text (tokenized on its own, as the attack optimizes it)."""
-        return self._encode(suffix)
+        return self.encode_text(suffix)
 
     def encode(self, instruction: str, suffix: Sequence[int] | str | None = None) -> Encoded:
         if not isinstance(instruction, str):
@@ -132,7 +133,7 @@ class ChatFormat:
         instruction = instruction.strip()
         if not instruction:
             raise RefusalLabError("empty instruction; every prompt needs some text")
-        instr = self._encode(instruction)
+        instr = self.encode_text(instruction)
         if not instr:
             raise RefusalLabError(f"the instruction {instruction[:40]!r} has no tokens (this tokenizer drops its "
                                   "characters); give some text")

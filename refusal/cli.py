@@ -1,17 +1,41 @@
-"""The `refusal` command: a thin layer over the library functions.
+"""The `refusal` command: a thin layer over the library. Each command turns its options into the stage's
+config dataclass (whose fields hold the defaults and their meaning, refusal.config), loads the model,
+calls the stage function a script would call, and prints what it returned.
 
 User errors print one line on stderr and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
-import math
+import signal
 import sys
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from analysis.reproduce import ReproduceConfig, reproduce_paper
+from analysis.run import AnalysisConfig, analyze_suffix
+from attacks.bench import BenchConfig, run_bench
+from attacks.gcg import GCGConfig
+from attacks.run import check_attack, run_attack
+
+from . import artifacts
+from .config import field_info
+from .data import resolve_prompts
+from .directions import DirectionConfig, find_direction, load_direction, write_orthogonalized
 from .errors import RefusalLabError
+from .evaluation import EvalConfig, run_eval
+from .judges import HF_FORMATS, JudgeConfig, judge_file, load_judge
+from .models import seed_everything
+from .organism import OrganismConfig, build_organism
+from .pipeline import JobConfig, check_job, main_job
+from .registry import NAMED_MODELS, ModelConfig, load_model
+from .suffix import load_suffix
 
 log = logging.getLogger("refusal")
 
@@ -34,61 +58,116 @@ def _positive(name: str):
     return parse
 
 
-def _model_args(p: argparse.ArgumentParser, default: str | None = None) -> None:
+def _opt(p: argparse.ArgumentParser, cls, name: str, *flags: str, **kw) -> None:
+    """An option for config field `cls.name`: its default and help come from the field (refusal.config).
+    A bool field is a switch that turns it from its default; other types are parsed as the default's type
+    (or `type=`). `flags` (default --field-name) and any argparse keyword may be given."""
+    default, help_text = field_info(cls, name)
+    flags = flags or (f"--{name.replace('_', '-')}",)
+    kw.setdefault("default", default)
+    if isinstance(default, bool):
+        kw.setdefault("action", "store_false" if default else "store_true")
+    elif "type" not in kw and "choices" not in kw and default is not None and "action" not in kw:
+        kind = type(default)
+        kw["type"] = _positive(flags[0]) if kind is int and default >= 1 and name not in ("seed", "patience") else kind
+    shown = "" if isinstance(default, bool) or default is None else f" (default: {default})"
+    kw.setdefault("help", help_text + shown)
+    p.add_argument(*flags, dest=name, **kw)
+
+
+def _config(cls, args, **changes):
+    """A config of `cls` from the parsed options named like its fields (the others keep their defaults)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return cls(**{**values, **changes})
+
+
+def _model_args(p: argparse.ArgumentParser, default: str | None = None, batch_size: int | None = 32) -> None:
+    names = ", ".join(NAMED_MODELS)
     p.add_argument("--model", required=default is None, default=default,
-                   help="smollm2, organism, a HF model folder, a hub id, or a .gguf file")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--dtype", default=None, help="auto, float32, bfloat16, float16 (default: float32 on CPU)")
-    p.add_argument("--chat-template", default=None, help="Jinja chat template (file or text) for models without one")
+                   help=f"{names}, a Hugging Face model folder, a hub id, or a .gguf file"
+                        + (f" (default: {default})" if default else ""))
+    _opt(p, ModelConfig, "device")
+    _opt(p, ModelConfig, "dtype")
+    _opt(p, ModelConfig, "chat_template")
     p.add_argument("--chat-template-kwargs", action="append", default=[], metavar="KEY=VALUE",
                    help="an option the chat template reads, e.g. enable_thinking=false (repeatable; recorded)")
-    p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code (off by default)")
-    p.add_argument("--batch-size", type=_positive("--batch-size"), default=32)
+    _opt(p, ModelConfig, "trust_remote_code")
+    if batch_size is not None:
+        p.add_argument("--batch-size", type=_positive("--batch-size"), default=batch_size,
+                       help=f"prompts per forward pass (default: {batch_size})")
 
 
 def _judge_arg(p: argparse.ArgumentParser, what: str = "attack success") -> None:
-    from .judges import DEFAULT_JUDGE
+    default, help_text = field_info(JudgeConfig, "name")
+    p.add_argument("--judge", default=default, metavar="NAME", help=f"the judge of {what}: {help_text} (default: {default})")
 
-    p.add_argument("--judge", default=DEFAULT_JUDGE, metavar="NAME",
-                   help=f"the judge of {what}: substring (the paper's list), strict (default: a broader refusal "
-                        "lexicon, degenerate text and off-topic replies are not successes), or hf:MODEL (a "
-                        "HarmBench or Llama Guard classifier: a local folder or a hub id)")
+
+def parse_template_kwargs(items: list[str]) -> dict:
+    """KEY=VALUE options for the chat template; true/false/none and numbers become what they say."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise RefusalLabError(f"--chat-template-kwargs takes KEY=VALUE (e.g. enable_thinking=false), got {item!r}")
+        low = value.strip().lower()
+        if low in ("true", "false"):
+            parsed = low == "true"
+        elif low in ("none", "null"):
+            parsed = None
+        else:
+            try:
+                parsed = int(value)
+            except ValueError:
+                try:
+                    parsed = float(value)
+                except ValueError:
+                    parsed = value
+        out[key.strip()] = parsed
+    return out
+
+
+def model_config(args) -> ModelConfig:
+    """The ModelConfig of the model options."""
+    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                       chat_template=args.chat_template,
+                       chat_template_kwargs=parse_template_kwargs(getattr(args, "chat_template_kwargs", None) or []))
+
+
+def judge_config_from(options, **overrides) -> JudgeConfig:
+    """A JudgeConfig (validated) from the options: `judge` (the name), the model options `device`, `dtype` and
+    `trust_remote_code` (an hf: classifier is loaded with them, as the model is), and, where present and not
+    None, `hf_format`, `off_topic_threshold` and `max_reply_tokens`; `overrides` set any field."""
+    def get(key, default=None):
+        value = getattr(options, key, default)
+        return default if value is None else value
+
+    fields = dict(name=get("judge", field_info(JudgeConfig, "name")[0]), device=get("device"), dtype=get("dtype"),
+                  trust_remote_code=bool(get("trust_remote_code", False)))
+    for name in ("hf_format", "off_topic_threshold", "max_reply_tokens"):
+        if get(name) is not None:
+            fields[name] = get(name)
+    fields.update(overrides)
+    config = JudgeConfig(**fields)
+    config.validate()
+    return config
 
 
 def _load(args):
-    from .models import load_model_from_options
-
-    return load_model_from_options(args)
-
-
-def _seed(seed: int) -> None:
-    from .models import seed_everything
-
-    seed_everything(seed)
+    return load_model(model_config(args))
 
 
 # ----------------------------------------------------------------------------- commands
 
 
 def cmd_direction(args) -> int:
-    from . import artifacts
-    from .data import direction_sets
-    from .directions import compute_direction, save_direction
-
     out = Path(args.out) / "direction"
     artifacts.check_out(out, force=args.force)  # fail before the slow part
-    if (args.layer is None) != (args.position is None):
-        raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
-    _seed(args.seed)
-    ht, bt, hv, bv = direction_sets(args.harmful, args.harmless, args.n_train, args.n_val, args.seed)
+    config = _config(DirectionConfig, args)
+    config.validate()
+    seed_everything(config.seed)
     cm = _load(args)
-    direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size,
-                                             score_all=args.score_all, layer=args.layer, position=args.position)
-    config = {"n_train": args.n_train, "n_val": args.n_val, "seed": args.seed, "batch_size": args.batch_size,
-              "harmful": args.harmful or "builtin", "harmless": args.harmless or "builtin",
-              "layer": args.layer, "position": args.position}
-    with artifacts.atomic_dir(out) as tmp:  # a failed or killed run never leaves a half-written direction
-        save_direction(tmp, direction, diffs, df, config=config)
+    direction = find_direction(cm, config, out)
     s = direction.meta["scores"]
     print(f"direction: layer {direction.layer}, position {direction.position} "
           f"(bypass {s['bypass']:.3f}, induce {s['induce']:.3f}, kl {s['kl']:.4f}); "
@@ -98,103 +177,39 @@ def cmd_direction(args) -> int:
 
 
 def cmd_orthogonalize(args) -> int:
-    from . import artifacts
-    from .directions import check_direction, load_direction
-    from .hooks import orthogonalize
-
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
     direction = load_direction(args.direction)  # a bad direction file fails before the model loads
-    cm = _load(args)
-    check_direction(direction, cm)
-    edited = orthogonalize(cm, direction.vector, inplace=True)
-    with artifacts.atomic_dir(out) as tmp:
-        edited.model.save_pretrained(tmp, safe_serialization=True)
-        edited.tokenizer.save_pretrained(tmp)
-        artifacts.write_json(tmp / "refusal_lab.json", artifacts.run_record(
-            edit="weight orthogonalization", base_model=cm.describe(), direction=str(args.direction),
-            direction_layer=direction.layer, direction_position=direction.position,
-            fingerprint=edited.fingerprint))
+    write_orthogonalized(_load(args), direction, out, args.direction)
     print(f"wrote the orthogonalized model to {out} (load it with --model {out})")
     return 0
 
 
 def cmd_eval(args) -> int:
-    import contextlib
-
-    from . import artifacts
-    from .data import instructions, resolve_prompts
-    from .directions import check_direction, load_direction
-    from .hooks import ablate_direction, add_direction
-    from .judges import add_verdicts, judge_config_from, load_judge, verdict_rates
-    from .metrics import evaluate
-    from .suffix import check_suffix_ids, load_suffix, suffix_record
-
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
-    if not math.isfinite(args.coeff):
-        raise RefusalLabError(f"--coeff must be a finite number, got {args.coeff}")
-    judge = load_judge(judge_config_from(args))  # a bad judge fails before the model loads
-    prompts = resolve_prompts(args.prompts)
-    suffix_text, suffix_ids = (None, None) if args.suffix is None else load_suffix(args.suffix)
-    d = load_direction(args.ablate or args.actadd) if (args.ablate or args.actadd) else None
-    cm = _load(args)
-    if suffix_ids is not None:
-        check_suffix_ids(args.suffix, suffix_ids, cm.tokenizer)
-    suffix = suffix_ids if suffix_ids is not None else suffix_text
-    check_fits(cm, instructions(prompts), suffix, args.max_new_tokens)
-    intervention, ctx = "none", contextlib.nullcontext()
-    if d is not None:
-        check_direction(d, cm)
-    if args.ablate:
-        intervention, ctx = f"ablate {args.ablate}", ablate_direction(cm, d.vector)
-    elif args.actadd:
-        intervention = f"actadd {args.actadd} coeff {args.coeff}"
-        ctx = add_direction(cm, d.mean_diff, d.layer, args.coeff)
-    with ctx:
-        df = evaluate(cm, instructions(prompts), suffix, args.max_new_tokens, args.batch_size)
-    df.insert(1, "category", [p.category for p in prompts])
-    add_verdicts(df, judge)  # substring_success (the paper's judge), judge, verdict, success (by the judge)
-    if suffix_text is not None:
-        df["suffix"] = suffix_text
-    with artifacts.atomic_path(out) as tmp:
-        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
-    rate = df.refused.mean()
-    made_on = ((suffix_record(args.suffix) or {}).get("model") or {}).get("fingerprint") if args.suffix else None
-    transfer = bool(made_on and made_on != cm.fingerprint)
-    artifacts.write_json(out.with_name(out.name + ".record.json"), artifacts.run_record(
-        model=cm.describe(), prompts=str(args.prompts), n=len(df), intervention=intervention,
-        suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=transfer,
-        refusal_rate=rate, mean_refusal_score=df.refusal_score.mean(), judge=judge.name,
-        attack_success_rate=df.success.mean(),  # by `judge`
-        attack_success_rates={"substring": df.substring_success.mean(), judge.name: df.success.mean()},
-        verdict_rates=verdict_rates(df.verdict), max_new_tokens=args.max_new_tokens))
-    by = f"substring {df.substring_success.mean():.1%}" + (
-        f", {judge.name} {df.success.mean():.1%}" if judge.name != "substring" else "")
-    print(f"refusal rate: {rate:.1%} ({int(df.refused.sum())}/{len(df)}), "
-          f"mean refusal score {df.refusal_score.mean():.3f}, attack success by judge: {by} [{intervention}]"
-          + (" (a suffix made on another model: transfer)" if transfer else ""))
+    config = _config(EvalConfig, args, judge=judge_config_from(args))
+    config.validate()
+    resolve_prompts(config.prompts)  # bad inputs fail before the model loads
+    if config.suffix is not None:
+        load_suffix(config.suffix)
+    if config.ablate or config.actadd:
+        load_direction(config.ablate or config.actadd)
+    load_judge(config.judge)  # a bad judge fails before the model loads (loaded once: run_eval reuses it)
+    rec = run_eval(_load(args), config, out)
+    rates = rec["attack_success_rates"]
+    by = f"substring {rates['substring']:.1%}" + (f", {rec['judge']} {rates[rec['judge']]:.1%}"
+                                                  if rec["judge"] != "substring" else "")
+    print(f"refusal rate: {rec['refusal_rate']:.1%} ({rec['n_refused']}/{rec['n']}), mean refusal score "
+          f"{rec['mean_refusal_score']:.3f}, attack success by judge: {by} [{rec['intervention']}]"
+          + (" (a suffix made on another model: transfer)" if rec["transfer"] else ""))
     print(f"wrote {out}")
     return 0
 
 
-def check_fits(cm, instructions, suffix, new_tokens: int) -> None:
-    """Every prompt (with its suffix) plus the tokens to generate fits the model's context: checked before
-    anything runs, so a too-long prompt is a clear error, not a failure half-way through."""
-    from .engine import check_lengths
-
-    check_lengths(cm, cm.chat.encode_all(instructions, suffix), new_tokens)
-
-
 def cmd_organism_build(args) -> int:
-    from dataclasses import replace
-
-    from .artifacts import read_json
-    from .organism import OrganismConfig, build_organism
-
-    cfg = replace(OrganismConfig(), seed=args.seed)
-    path = build_organism(cfg, force=args.force)
-    rec = read_json(path / "organism.json")
+    path = build_organism(OrganismConfig(seed=args.seed), force=args.force)
+    rec = artifacts.read_json(path / "organism.json")
     print(f"organism built in {rec['wall_time_s']:.0f}s: refuses {rec['harmful_test_refusal_rate']:.1%} of harmful "
           f"and {rec['harmless_test_refusal_rate']:.1%} of harmless test instructions")
     print(f"wrote {path} (use --model organism)")
@@ -202,14 +217,6 @@ def cmd_organism_build(args) -> int:
 
 
 def cmd_attack(args) -> int:
-    from attacks.gcg import GCGConfig
-    from attacks.run import run_attack
-
-    from . import artifacts
-    from .data import resolve_prompts
-    from .directions import load_direction
-    from .judges import judge_config_from
-
     if (args.prompt is None) == (args.prompts is None):
         raise RefusalLabError("give exactly one of --prompt TEXT or --prompts FILE")
     if args.prompt is not None:
@@ -219,39 +226,20 @@ def cmd_attack(args) -> int:
     else:
         if args.target:
             raise RefusalLabError("--target goes with --prompt; a prompt file gives targets in a 'target' column")
-        prompts = resolve_prompts(args.prompts)
-        if args.max_prompts:
-            prompts = prompts[: args.max_prompts]
+        prompts = resolve_prompts(args.prompts)[: args.max_prompts]
         instructions = [p.instruction for p in prompts]
         targets = [p.target for p in prompts] if all(p.target for p in prompts) else None
-    cfg = GCGConfig(steps=args.steps, search_width=args.search_width, topk=args.topk, n_replace=args.n_replace,
-                    suffix_len=args.suffix_len, objective=args.objective, direction_weight=args.direction_weight,
-                    seed=args.seed, early_stop=not args.no_early_stop, success_rate=args.success_rate,
-                    patience=args.patience, progressive=not args.all_prompts, allow_non_ascii=args.allow_non_ascii,
-                    screen_dtype=args.screen_dtype, rescore=args.rescore, judge=args.judge)
-    cfg.validate()
-    judge = judge_config_from(args)  # the judge's name in cfg; its options (device, dtype) travel beside it
-    if args.objective != "target" and args.engine == "nanogcg":
-        raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
-    if args.engine == "nanogcg":
-        from attacks.reference import require_nanogcg
-
-        require_nanogcg()
-    if args.objective != "target" and not args.direction:
-        raise RefusalLabError(f"--objective {args.objective} needs --direction DIR (a folder made by `refusal direction`)")
-    if args.resume and args.force:
-        raise RefusalLabError("--resume and --force contradict each other; choose one")
-    if not math.isfinite(args.direction_weight) or args.direction_weight < 0:
-        raise RefusalLabError(f"--direction-weight must be a finite number >= 0, got {args.direction_weight}")
-    out = Path(args.out)
-    attack_dir = out / "attack"
-    artifacts.check_out(attack_dir, force=args.force, resume=args.resume,
-                        fix="pass --resume to continue it, --force to overwrite it, or choose another --out")
+    config = _config(GCGConfig, args)
+    judge = judge_config_from(args)  # the judge's name in the config; its options (device, dtype) travel beside it
     direction = load_direction(args.direction) if args.direction else None
+    check_attack(config, args.engine, direction, args.resume, args.force)
+    out = Path(args.out)
+    artifacts.check_out(out / "attack", force=args.force, resume=args.resume,
+                        fix="pass --resume to continue it, --force to overwrite it, or choose another --out")
     cm = _load(args)
-    _seed(args.seed)
+    seed_everything(config.seed)
     try:
-        rec = run_attack(cm, instructions, targets, cfg, out, engine=args.engine, direction=direction,
+        rec = run_attack(cm, instructions, targets, config, out, engine=args.engine, direction=direction,
                          direction_path=args.direction, resume=args.resume, force=args.force,
                          checkpoint_name=args.checkpoint, judge=judge)
     except KeyboardInterrupt:
@@ -263,54 +251,20 @@ def cmd_attack(args) -> int:
           f"({rec['elapsed_s']:.0f}s, {rec['s_per_step']:.2f}s/step)")
     print(f"attack success on the {len(instructions)} attacked prompt(s) by the {rec.get('judge', 'substring')} judge: "
           f"{rec['success_rate']:.1%}; random suffix of the same length: {rec['random_success_rate']:.1%}")
-    print(f"wrote {attack_dir / 'suffix.json'}")
+    print(f"wrote {out / 'attack' / 'suffix.json'}")
     return 0
 
 
 def cmd_analyze(args) -> int:
-    from analysis.run import analyze
-    from attacks.gcg import random_suffix_ids
-
-    from . import artifacts
-    from .data import instructions, resolve_prompts
-    from .directions import check_direction, load_direction
-    from .suffix import check_suffix_ids, load_suffix, suffix_record
-
     out = Path(args.out) / "analysis"
     artifacts.check_out(out, force=args.force)
-    if args.eval_tokens < 0:
-        raise RefusalLabError(f"--eval-tokens must be >= 0 (0 skips judging), got {args.eval_tokens}")
-    harmful = instructions(resolve_prompts(args.prompts, "harmful:test"))
-    harmless = instructions(resolve_prompts(args.harmless, "harmless:test"))
-    if args.max_prompts:
-        harmful, harmless = harmful[: args.max_prompts], harmless[: args.max_prompts]
-    text, ids = load_suffix(args.suffix)
+    config = _config(AnalysisConfig, args, judge=judge_config_from(args))
+    config.validate()
+    load_suffix(args.suffix)  # bad files and a bad judge fail before the model loads
     direction = load_direction(args.direction)
-    judge = None
-    if args.eval_tokens:
-        from .judges import judge_config_from, load_judge
-
-        judge = load_judge(judge_config_from(args))
-    cm = _load(args)
-    check_direction(direction, cm)
-    if ids is not None:
-        check_suffix_ids(args.suffix, ids, cm.tokenizer)
-    adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
-    rand = (suffix_record(args.suffix) or {}).get("random_token_ids")
-    if rand is None:
-        rand = random_suffix_ids(cm, len(adversarial), seed=args.seed + 1)
-    check_fits(cm, harmful + harmless, adversarial, args.eval_tokens)
-    success = None
-    if args.eval_tokens:
-        from attacks.evaluate import suffix_success
-
-        judged = {name: suffix_success(cm, harmful, sfx, args.eval_tokens, progress=False, judge=judge)
-                  for name, sfx in (("no_suffix", None), ("random_suffix", rand), ("adversarial_suffix", adversarial))}
-        # the paper's substring judge and the chosen one, side by side
-        success = {"substring": {k: float(df.substring_success.mean()) for k, df in judged.items()},
-                   judge.name: {k: float(df.success.mean()) for k, df in judged.items()}}
-    res = analyze(cm, direction, harmful, harmless, adversarial, rand, out, top_k=args.top_k,
-                  batch_size=args.batch_size, success=success)
+    if config.eval_tokens:
+        load_judge(config.judge)
+    res = analyze_suffix(_load(args), direction, args.suffix, config, out)
     for s in res["numbers"]["sentences"]:
         print("- " + s)
     print(f"report: {res['report_html']} (and {res['report_md'].name})")
@@ -318,27 +272,11 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import json
-
-    from attacks.bench import bench_activations, bench_attacks, engine_names
-
-    from . import artifacts
-    from .data import builtin_prompts, instructions
-
-    engines = engine_names(args.engines)
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
-    cm = _load(args)
-    prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // args.prompts)][: args.prompts]
-    _seed(args.seed)
-    res = bench_attacks(cm, prompts, steps=args.steps, seed=args.seed, progress=lambda m: print(m, flush=True),
-                        engines=engines)
-    acts = bench_activations(cm, instructions(builtin_prompts("harmful", "val")) + instructions(builtin_prompts("harmless", "val")))
-    res.update(acts)
-    res["model"] = cm.describe()
-    res["device"] = str(cm.device) if cm.device.type != "cuda" else torch_device_name()
-    res["threads"] = __import__("torch").get_num_threads()
-    artifacts.write_json(out, artifacts.run_record(**res))
+    config = _config(BenchConfig, args)
+    config.validate()
+    res = run_bench(_load(args), config, out, progress=lambda m: print(m, flush=True))
     keys = [f"{e}_{k}" for e in res["engines"] for k in ("s_per_step", "best_loss", "time_to_success_s", "peak_mib")]
     keys = [k for k in res if k.startswith("speedup")] + keys + ["native_screen_dtype", "bare_forward_s",
                                                                   "cache_activations_s", "activation_overhead"]
@@ -347,21 +285,42 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def torch_device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name()
-
-
 def cmd_run(args) -> int:
-    from .pipeline import main_job
+    judge = judge_config_from(args)
+    config = JobConfig.quick(seed=args.seed, batch_size=args.batch_size, judge=judge, resume=args.resume,
+                             force=args.force) if args.quick else \
+        JobConfig(seed=args.seed, batch_size=args.batch_size, judge=judge, resume=args.resume, force=args.force)
+    check_job(config, args.out)  # a bad config or run folder fails before the model loads
+    load_judge(config.judge)  # so does a bad judge (loaded once: main_job reuses it)
+    cm = _load(args)
+    rec = main_job(cm, config, args.out, progress=lambda m: print(m, flush=True))
+    print()
+    for s in rec["sentences"]:
+        print("- " + s)
+    print(f"\nreport: {rec['report']}")
+    print(f"(main job done in {rec['wall_time_s']:.0f}s: {rec['timings_s']})")
+    return 0
 
-    return main_job(args)
+
+def cmd_reproduce(args) -> int:
+    config = ReproduceConfig(max_new_tokens=args.max_new_tokens, reference_tokens=args.reference_tokens,
+                             direction=DirectionConfig(seed=args.seed, batch_size=args.batch_size), force=args.force)
+    config.validate()
+    torch.manual_seed(args.seed)
+    cm = _load(args)
+    # the reference replies: by default the base model for the organism, else the model itself, unmodified
+    ref_spec = args.reference_model or ("smollm2" if args.model == "organism" else args.model)
+    reference = cm if ref_spec == args.model else load_model(replace(model_config(args), model=ref_spec))
+    with torch.no_grad():
+        rec = reproduce_paper(cm, config, args.out, reference=reference)
+    print(f"direction: layer {rec['direction']['layer']}, position {rec['direction']['position']}")
+    print(rec["table_md"])
+    print(rec["pca_summary"])
+    print(f"wrote {rec['out']}")
+    return 0
 
 
 def cmd_judge(args) -> int:
-    from .judges import judge_config_from, judge_file
-
     config = judge_config_from(args, batch_size=args.batch_size)
     rec = judge_file(args.file, config, out=args.out, force=args.force)
     r = rec["rates"]
@@ -375,45 +334,36 @@ def cmd_judge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .judges import HF_FORMATS, OFF_TOPIC_THRESHOLD
-
     p = _Parser(prog="refusal", description="Refusal directions, adversarial suffixes, and how suffixes beat refusal.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
 
     d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection)")
-    _model_args(d)
-    d.add_argument("--harmful", help="harmful prompt file (default: built-in harmful train/val splits)")
-    d.add_argument("--harmless", help="harmless prompt file (default: built-in harmless train/val splits)")
-    d.add_argument("--n-train", type=_positive("--n-train"), default=128)
-    d.add_argument("--n-val", type=_positive("--n-val"), default=16)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--layer", type=int, default=None, help="pin the direction to this layer (with --position)")
-    d.add_argument("--position", type=int, default=None,
-                   help="pin the direction to this post-instruction position, -1 the last (with --layer)")
-    d.add_argument("--score-all", action="store_true",
-                   help="compute every score of every candidate, including those the filters drop (slower)")
+    _model_args(d, batch_size=field_info(DirectionConfig, "batch_size")[0])
+    for name in ("harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
+        _opt(d, DirectionConfig, name)
+    _opt(d, DirectionConfig, "layer", type=int)
+    _opt(d, DirectionConfig, "position", type=int)
+    _opt(d, DirectionConfig, "score_all")
     d.add_argument("--out", required=True, help="run folder; writes OUT/direction/")
     d.add_argument("--force", action="store_true", help="overwrite an existing direction")
     d.set_defaults(fn=cmd_direction)
 
     o = sub.add_parser("orthogonalize", help="bake directional ablation into the weights; save a HF folder")
-    _model_args(o)
+    _model_args(o, batch_size=None)
     o.add_argument("--direction", required=True, help="run folder or its direction/ subfolder")
     o.add_argument("--out", required=True, help="folder for the edited model")
     o.add_argument("--force", action="store_true")
     o.set_defaults(fn=cmd_orthogonalize)
 
     e = sub.add_parser("eval", help="generate, judge refusal, score; optional ablation/addition/suffix")
-    _model_args(e)
-    e.set_defaults(batch_size=16)
-    e.add_argument("--prompts", required=True, help="prompt file, or a built-in set such as harmful:test")
+    _model_args(e, batch_size=field_info(EvalConfig, "batch_size")[0])
+    _opt(e, EvalConfig, "prompts", required=True, default=None)
     g = e.add_mutually_exclusive_group()
-    g.add_argument("--ablate", metavar="DIR", help="ablate this direction")
-    g.add_argument("--actadd", metavar="DIR", help="add this direction at its layer")
-    e.add_argument("--coeff", type=float, default=1.0, help="activation addition coefficient")
-    e.add_argument("--suffix", help="suffix.json, a text file, or the suffix text itself")
-    e.add_argument("--max-new-tokens", type=_positive("--max-new-tokens"), default=64)
+    _opt(g, EvalConfig, "ablate", metavar="DIR")
+    _opt(g, EvalConfig, "actadd", metavar="DIR")
+    for name in ("coeff", "suffix", "max_new_tokens"):
+        _opt(e, EvalConfig, name)
     _judge_arg(e)
     e.add_argument("--out", required=True, help="results .jsonl")
     e.add_argument("--force", action="store_true")
@@ -422,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     org = sub.add_parser("organism", help="the model organism: a safety-tuned SmolLM2")
     osub = org.add_subparsers(dest="organism_command", parser_class=_Parser, required=True)
     ob = osub.add_parser("build", help="fine-tune SmolLM2 to refuse (deterministic, CPU, a few minutes)")
-    ob.add_argument("--seed", type=int, default=0)
+    _opt(ob, OrganismConfig, "seed")
     ob.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     ob.set_defaults(fn=cmd_organism_build)
 
@@ -432,30 +382,18 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--target", help="target reply opening for --prompt (default: 'Sure, here is ...')")
     a.add_argument("--prompts", help="prompt file or built-in set (e.g. harmful:train): one universal suffix")
     a.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None, help="use the first N prompts")
-    a.add_argument("--engine", choices=("native", "nanogcg"), default="native")
-    a.add_argument("--objective", choices=("target", "direction", "mixed"), default="target")
+    a.add_argument("--engine", choices=("native", "nanogcg"), default="native",
+                   help="native (refusal-lab's engine) or nanogcg (nanoGCG 0.3.0, the target objective only)")
+    _opt(a, GCGConfig, "objective", choices=("target", "direction", "mixed"))
     a.add_argument("--direction", help="direction folder (needed by --objective direction|mixed)")
-    a.add_argument("--direction-weight", type=float, default=1.0, help="weight of the direction term in mixed")
-    a.add_argument("--steps", type=_positive("--steps"), default=150)
-    a.add_argument("--search-width", type=_positive("--search-width"), default=128)
-    a.add_argument("--topk", type=_positive("--topk"), default=64)
-    a.add_argument("--n-replace", type=_positive("--n-replace"), default=1)
-    a.add_argument("--suffix-len", type=_positive("--suffix-len"), default=20)
-    a.add_argument("--success-rate", type=float, default=1.0,
-                   help="universal: add the next prompt / stop when this share of active prompts succeed")
-    a.add_argument("--patience", type=int, default=0,
-                   help="universal: add the next prompt after this many steps without one (0: only on success)")
-    a.add_argument("--all-prompts", action="store_true", help="universal: optimize on all prompts from the start")
-    a.add_argument("--no-early-stop", action="store_true", help="run all steps even after success")
+    for name in ("direction_weight", "steps", "search_width", "topk", "n_replace", "suffix_len", "success_rate",
+                 "patience"):
+        _opt(a, GCGConfig, name)
+    _opt(a, GCGConfig, "progressive", "--all-prompts", help="universal: optimize on all prompts from the start")
+    _opt(a, GCGConfig, "early_stop", "--no-early-stop", help="run all steps even after success")
     _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
-    a.add_argument("--allow-non-ascii", action="store_true")
-    a.add_argument("--screen-dtype", default="auto",
-                   help="precision candidates are screened in; the best --rescore are scored again in the model's "
-                        "(auto, model, bfloat16, float16; auto: bfloat16 where the hardware is fast at it and the "
-                        "model is float32; model: no screening)")
-    a.add_argument("--rescore", type=_positive("--rescore"), default=8,
-                   help="screened candidates scored again in the model's precision each step")
-    a.add_argument("--seed", type=int, default=0)
+    for name in ("allow_non_ascii", "screen_dtype", "rescore", "seed"):
+        _opt(a, GCGConfig, name)
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
     a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
     a.add_argument("--out", required=True, help="run folder; writes OUT/attack/")
@@ -463,60 +401,63 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_attack)
 
     an = sub.add_parser("analyze", help="how a suffix moves the refusal direction and the refusal heads; report")
-    _model_args(an)
-    an.set_defaults(batch_size=16)
+    _model_args(an, batch_size=field_info(AnalysisConfig, "batch_size")[0])
     an.add_argument("--direction", required=True, help="direction folder")
     an.add_argument("--suffix", required=True, help="suffix.json (or its run folder), a text file, or the suffix text")
-    an.add_argument("--prompts", default=None, help="harmful prompts (default: harmful:test)")
-    an.add_argument("--harmless", default=None, help="harmless prompts (default: harmless:test)")
-    an.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None)
-    an.add_argument("--top-k", type=_positive("--top-k"), default=8)
-    an.add_argument("--eval-tokens", type=int, default=48, help="greedy tokens to judge attack success (0: skip)")
+    _opt(an, AnalysisConfig, "harmful", "--prompts")
+    _opt(an, AnalysisConfig, "harmless")
+    _opt(an, AnalysisConfig, "max_prompts", type=_positive("--max-prompts"))
+    _opt(an, AnalysisConfig, "top_k")
+    _opt(an, AnalysisConfig, "eval_tokens", type=int)
     _judge_arg(an)
-    an.add_argument("--seed", type=int, default=0)
+    _opt(an, AnalysisConfig, "seed")
     an.add_argument("--out", required=True, help="run folder; writes OUT/analysis/")
     an.add_argument("--force", action="store_true")
     an.set_defaults(fn=cmd_analyze)
 
     b = sub.add_parser("bench", help="nanoGCG vs the native engine, and activation caching vs a bare forward")
     _model_args(b, default="organism")
-    b.add_argument("--steps", type=_positive("--steps"), default=10)
-    b.add_argument("--prompts", type=_positive("--prompts"), default=5, help="number of harmful test prompts")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--engines", default="nanogcg,native,native_model_precision",
-                   help="comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 where "
-                        "fast, the best candidates rescored), native_model_precision (no screening)")
+    for name in ("steps", "prompts", "seed", "engines"):
+        _opt(b, BenchConfig, name)
     b.add_argument("--out", default="bench.json")
     b.add_argument("--force", action="store_true")
     b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job, end to end, on one model")
-    _model_args(r, default="organism")
-    r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look")
-    r.add_argument("--seed", type=int, default=0)
+    _model_args(r, default="organism", batch_size=field_info(JobConfig, "batch_size")[0])
+    r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look (JobConfig.quick())")
+    _opt(r, JobConfig, "seed")
     r.add_argument("--out", default="runs/main")
-    r.add_argument("--resume", action="store_true", help="reuse the stages already finished in OUT (and continue the attack)")
-    r.add_argument("--force", action="store_true", help="delete OUT and start over")
+    _opt(r, JobConfig, "resume")
+    _opt(r, JobConfig, "force")
     _judge_arg(r, "attack success (the attack's success checks, the evaluation, the report)")
     r.set_defaults(fn=cmd_run)
+
+    rp = sub.add_parser("reproduce", help="the paper's table: refusal and capability under each intervention, and "
+                                          "the PCA of harmful vs harmless activations")
+    _model_args(rp, default="organism", batch_size=field_info(DirectionConfig, "batch_size")[0])
+    _opt(rp, ReproduceConfig, "max_new_tokens")
+    _opt(rp, ReproduceConfig, "reference_tokens")
+    rp.add_argument("--reference-model", default=None,
+                    help="the model whose greedy replies to the harmless test prompts reply_ce is measured on "
+                         "(default: smollm2 for --model organism, else the model itself, unmodified)")
+    _opt(rp, DirectionConfig, "seed")
+    rp.add_argument("--out", default="runs/paper")
+    _opt(rp, ReproduceConfig, "force")
+    rp.set_defaults(fn=cmd_reproduce)
 
     j = sub.add_parser("judge", help="judge saved replies again (a JSONL file with prompt and completion fields)")
     j.add_argument("file", metavar="FILE.jsonl", help="replies, e.g. as `refusal eval` writes them")
     _judge_arg(j, "the replies")
     j.add_argument("--out", default=None, help="output .jsonl (default: FILE.judged-NAME.jsonl beside FILE)")
     j.add_argument("--force", action="store_true", help="overwrite an existing output")
-    j.add_argument("--device", default=None, help="hf judges: cpu or cuda (default: cuda if present)")
-    j.add_argument("--dtype", default=None, help="hf judges: the classifier's dtype (default: float32 on CPU)")
-    j.add_argument("--trust-remote-code", action="store_true", help="hf judges: allow the classifier's own code")
-    j.add_argument("--batch-size", type=_positive("--batch-size"), default=8, help="pairs per classifier pass")
-    j.add_argument("--judge-format", choices=HF_FORMATS, default="auto",
-                   help="hf judges: the classifier's prompt: auto (Llama Guard if its chat template is one, else "
-                        "HarmBench), harmbench, llamaguard")
-    j.add_argument("--max-reply-tokens", type=_positive("--max-reply-tokens"), default=512,
-                   help="hf judges: a reply is clipped to this many classifier tokens (as HarmBench does)")
-    j.add_argument("--off-topic-threshold", type=float, default=OFF_TOPIC_THRESHOLD,
-                   help=f"strict: a reply whose MiniLM cosine with its instruction is below this is off topic "
-                        f"(neither; default {OFF_TOPIC_THRESHOLD}, calibrated on harmless prompts)")
+    _opt(j, JudgeConfig, "device")
+    _opt(j, JudgeConfig, "dtype")
+    _opt(j, JudgeConfig, "trust_remote_code")
+    _opt(j, JudgeConfig, "batch_size", type=_positive("--batch-size"))
+    _opt(j, JudgeConfig, "hf_format", "--judge-format", choices=HF_FORMATS)
+    _opt(j, JudgeConfig, "max_reply_tokens")
+    _opt(j, JudgeConfig, "off_topic_threshold", type=float)
     j.set_defaults(fn=cmd_judge)
     return p
 
@@ -535,8 +476,6 @@ def _interrupt_status() -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import signal
-
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return _main(argv)
@@ -545,8 +484,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    from . import artifacts
-
     artifacts.COMMAND = ["refusal", *map(str, argv)] if argv is not None else list(sys.argv)
     args = None
     try:

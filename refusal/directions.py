@@ -22,19 +22,45 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
+from .config import as_dict, option
 from .activations import cache_activations, last_logits
 from .chat import Encoded, pad_left
-from .data import Prompt, instructions, prompt_hash
+from .data import Prompt, direction_sets, instructions, prompt_hash
 from .engine import expand_cache, plan_batches, repeat_rows, run_prefix, shared_prefix_len, with_prefix
 from .errors import RefusalLabError
-from .hooks import ablate_direction, capture_block_inputs, start_at_layer
+from .hooks import ablate_direction, capture_block_inputs, orthogonalize, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel
 
 log = logging.getLogger(__name__)
 
-KL_THRESHOLD = 0.1
+KL_THRESHOLD = 0.1  # the paper's KL filter
 PRUNE_LAYER_FRACTION = 0.8  # candidates with layer >= 0.8 * n_layers are dropped
+
+
+@dataclass(frozen=True)
+class DirectionConfig:
+    """The direction stage: difference-in-means candidates and the paper's selection."""
+
+    n_train: int = option(128, "harmful and harmless training prompts each (the difference in means)")
+    n_val: int = option(16, "harmful and harmless validation prompts each (the selection's scores)")
+    harmful: str | None = option(None, "harmful prompt file (None: the built-in harmful train/val splits)")
+    harmless: str | None = option(None, "harmless prompt file (None: the built-in harmless train/val splits)")
+    seed: int = option(0, "seed of the train/val sampling")
+    batch_size: int = option(32, "prompts per forward pass")
+    kl_threshold: float = option(KL_THRESHOLD, "selection drops candidates whose KL score exceeds this (the paper's 0.1)")
+    score_all: bool = option(False, "compute every score of every candidate, also those the filters drop (slower)")
+    layer: int | None = option(None, "pin the direction to this layer (with position); None: the paper's selection")
+    position: int | None = option(None, "pin the direction to this post-instruction position, -1 the last (with layer)")
+
+    def validate(self) -> None:
+        for name in ("n_train", "n_val", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not (isinstance(self.kl_threshold, (int, float)) and math.isfinite(self.kl_threshold) and self.kl_threshold > 0):
+            raise RefusalLabError(f"kl-threshold must be a finite number > 0, got {self.kl_threshold}")
+        if (self.layer is None) != (self.position is None):
+            raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
 
 
 @dataclass
@@ -236,18 +262,15 @@ def compute_direction(
     harmless_train: Sequence[Prompt],
     harmful_val: Sequence[Prompt],
     harmless_val: Sequence[Prompt],
-    batch_size: int = 32,
-    score_all: bool = False,
-    layer: int | None = None,
-    position: int | None = None,
+    config: DirectionConfig = DirectionConfig(),
 ) -> tuple[Direction, torch.Tensor, pd.DataFrame]:
-    """The whole pipeline: activations -> candidates -> scores -> selected direction.
+    """The whole pipeline on given prompt sets: activations -> candidates -> scores -> selected direction.
 
-    layer / position pin the choice to that candidate (the others are still scored and recorded);
-    give both, or neither for the paper's selection. Returns (direction, diffs[layer, pos, d], candidates).
-    """
-    if (layer is None) != (position is None):
-        raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
+    config.layer / config.position pin the choice to that candidate (the others are still scored and
+    recorded); config's prompt-file fields are not read here (find_direction reads them). Returns
+    (direction, diffs[layer, pos, d], candidates)."""
+    config.validate()
+    layer, position, batch_size = config.layer, config.position, config.batch_size
     if layer is not None:
         check_layer_position(cm, layer, position)
     for name, s in (("harmful train", harmful_train), ("harmless train", harmless_train),
@@ -261,12 +284,12 @@ def compute_direction(
         acts_b = cache_activations(cm, enc(harmless_train), batch_size=batch_size, desc="harmless activations")
         diffs = mean_diffs(acts_h, acts_b)  # [layer, pos, d]
     with timer("selection"):
-        df = score_candidates(cm, diffs, enc(harmful_val), enc(harmless_val), batch_size, score_all)
+        df = score_candidates(cm, diffs, enc(harmful_val), enc(harmless_val), batch_size, config.score_all)
         if layer is None:
-            df, best, how = select_candidate(df, cm.n_layers)
+            df, best, how = select_candidate(df, cm.n_layers, config.kl_threshold)
         else:
             try:
-                df, paper_best, how = select_candidate(df, cm.n_layers)
+                df, paper_best, how = select_candidate(df, cm.n_layers, config.kl_threshold)
                 how = f"the paper's selection would be layer {df.loc[paper_best, 'layer']}, position {df.loc[paper_best, 'position']}: {how}"
             except RefusalLabError as e:
                 how = f"the paper's selection found nothing: {e}"
@@ -303,6 +326,19 @@ def compute_direction(
         "timings_s": timer.seconds,
     }
     return Direction(r / r.norm(), r.clone(), layer, pos, meta), diffs, df
+
+
+def find_direction(cm: ChatModel, config: DirectionConfig, out: str | Path) -> Direction:
+    """The direction stage: the prompt sets config names (built-in splits, or files split by the seed), the
+    direction computed and selected, written atomically to `out` (direction.safetensors, direction.json
+    with the config, candidates.csv). Returns the direction."""
+    config.validate()
+    ht, bt, hv, bv = direction_sets(config.harmful, config.harmless, config.n_train, config.n_val, config.seed)
+    direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, config)
+    record = {**as_dict(config), "harmful": config.harmful or "builtin", "harmless": config.harmless or "builtin"}
+    with artifacts.atomic_dir(out) as tmp:  # a failed or killed run never leaves a half-written direction
+        save_direction(tmp, direction, diffs, df, config=record)
+    return direction
 
 
 # ----------------------------------------------------------------------------- artifacts
@@ -369,3 +405,20 @@ def check_direction(direction: Direction, cm: ChatModel) -> None:
         msg = (f"the direction was computed on another model (fingerprint {fp}, this model {cm.fingerprint}); "
                "results may not mean what you expect")
         log.warning(msg)
+
+
+def write_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path, direction_path: str | None = None) -> ChatModel:
+    """Weight orthogonalization of the loaded model (in place) against `direction`, saved atomically to
+    `out` as a Hugging Face folder (safetensors, tokenizer, refusal_lab.json naming the base model and
+    the direction) that --model accepts. Returns the edited model."""
+    check_direction(direction, cm)
+    base = cm.describe()
+    edited = orthogonalize(cm, direction.vector, inplace=True)
+    with artifacts.atomic_dir(out) as tmp:
+        edited.model.save_pretrained(tmp, safe_serialization=True)
+        edited.tokenizer.save_pretrained(tmp)
+        artifacts.write_json(tmp / "refusal_lab.json", artifacts.run_record(
+            edit="weight orthogonalization", base_model=base, direction=str(direction_path),
+            direction_layer=direction.layer, direction_position=direction.position,
+            fingerprint=edited.fingerprint))
+    return edited

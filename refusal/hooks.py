@@ -1,25 +1,62 @@
-"""Interventions on the residual stream, as context managers that always remove their hooks,
-and weight orthogonalization (the same edit baked into the weights).
+"""Interventions on the residual stream as data, and weight orthogonalization (the same edit baked into
+the weights).
 
-- directional ablation of a unit direction r: x <- x - (x.r) r at every block's residual
-  input and at every attention and MLP output, all layers and positions;
-- activation addition: x <- x + c * v at one block's input, all positions;
+An intervention is a list of `Hook`s, (module, fn) pairs with the kind of PyTorch hook each is, as in
+the paper's own code and TransformerLens; `hooked(hooks)` applies any list and always removes it.
+Every hook of the project goes through it: ablation, addition, capture, GCG's direction term and the
+analysis's per-head capture.
+
+- directional ablation of a unit direction r: x <- x - (x.r) r at every block's residual input and at
+  every attention and MLP output, all layers and positions (`ablation_hooks`, `ablate_direction`);
+- activation addition: x <- x + c * v at one block's input, all positions (`addition_hooks`, `add_direction`);
+- capture of the residual stream at block inputs (`capture_hooks`, `capture_block_inputs`);
 - weight orthogonalization: W <- W - r r^T W for every matrix writing the residual stream.
 """
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 
 from .errors import RefusalLabError
-from .models import ChatModel
+from .models import FAMILIES, ChatModel
+
+log = logging.getLogger(__name__)
 
 
-def _replace_hidden(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
-    """Apply fn to a block's hidden_states input, wherever it was passed."""
+class Hook(NamedTuple):
+    """One hook: `fn` on `module`. kind "pre": a forward pre-hook with kwargs, fn(module, args, kwargs) ->
+    (args, kwargs) or None; kind "post": a forward hook, fn(module, args, output) -> output or None."""
+
+    module: torch.nn.Module
+    fn: Callable
+    kind: str = "pre"
+
+
+@contextmanager
+def hooked(hooks: Iterable[Hook]) -> Iterator[None]:
+    """Apply every hook for the duration; all are removed on exit, whatever happens (also when registering
+    one of them fails)."""
+    handles = []
+    try:
+        for h in hooks:
+            if h.kind == "pre":
+                handles.append(h.module.register_forward_pre_hook(h.fn, with_kwargs=True))
+            elif h.kind == "post":
+                handles.append(h.module.register_forward_hook(h.fn))
+            else:
+                raise ValueError(f"unknown hook kind {h.kind!r}; use 'pre' or 'post'")
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def replace_hidden(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    """A block's arguments with fn applied to its hidden_states input, wherever it was passed."""
     if args:
         return (fn(args[0]),) + tuple(args[1:]), kwargs
     kwargs = dict(kwargs)
@@ -27,14 +64,26 @@ def _replace_hidden(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A block's hidden_states input [batch, seq, d]."""
     return args[0] if args else kwargs["hidden_states"]
 
 
-def _replace_output(output, fn):
+def replace_output(output, fn):
+    """A module's output with fn applied to the hidden states (the first element of a tuple)."""
     if isinstance(output, tuple):
         return (fn(output[0]),) + tuple(output[1:])
     return fn(output)
+
+
+def input_hook(module: torch.nn.Module, fn) -> Hook:
+    """x <- fn(x) on the hidden states entering `module` (a block)."""
+    return Hook(module, lambda m, a, k: replace_hidden(a, k, fn), "pre")
+
+
+def output_hook(module: torch.nn.Module, fn) -> Hook:
+    """y <- fn(y) on `module`'s output hidden states."""
+    return Hook(module, lambda m, a, out: replace_output(out, fn), "post")
 
 
 class _PerDevice:
@@ -70,13 +119,11 @@ def _unit(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
     return r / norm
 
 
-@contextmanager
-def hooks(handles: list) -> Iterator[None]:
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+def check_layer(cm: ChatModel, layer: int) -> int:
+    """`layer` if the model has it; a one-line error otherwise."""
+    if not isinstance(layer, int) or not 0 <= layer < cm.n_layers:
+        raise RefusalLabError(f"layer {layer} is out of range: this model has layers 0..{cm.n_layers - 1}")
+    return layer
 
 
 def _project_out(rv: _PerDevice, positions: torch.Tensor | None = None):
@@ -91,72 +138,107 @@ def _project_out(rv: _PerDevice, positions: torch.Tensor | None = None):
     return fn
 
 
-@contextmanager
-def ablate_direction(cm: ChatModel, direction: torch.Tensor, layers: Sequence[int] | None = None,
-                     positions: torch.Tensor | None = None) -> Iterator[None]:
-    """Directional ablation: remove the unit direction from every residual input and every write to the residual.
+def ablation_sites(cm: ChatModel, layers: Sequence[int] | None = None, fn=None) -> list[Hook]:
+    """fn on every residual input of the blocks `layers` (default: all) and on every write to the residual
+    stream there (attention and MLP outputs, or their post-norms)."""
+    out = []
+    for layer in range(cm.n_layers) if layers is None else [check_layer(cm, l) for l in layers]:
+        out.append(input_hook(cm.blocks[layer], fn))
+        out.extend(output_hook(mod, fn) for mod in cm.residual_writers(layer))
+    return out
 
-    The paper ablates at every layer and position (the default). For analysis, `layers` restricts it to some
-    blocks and `positions`, a 0/1 mask [batch, seq] shaped like the inputs the model will be run on, to some
-    positions."""
+
+def ablation_hooks(cm: ChatModel, direction: torch.Tensor, layers: Sequence[int] | None = None,
+                   positions: torch.Tensor | None = None) -> list[Hook]:
+    """Directional ablation of the unit `direction` as hooks: removed from every residual input and every
+    write to the residual. The paper ablates at every layer and position (the default). For analysis,
+    `layers` restricts it to some blocks and `positions`, a 0/1 mask [batch, seq] shaped like the inputs the
+    model will be run on, to some positions."""
+    if not cm.sites_checked:
+        check_ablation_sites(cm)
     rv = _PerDevice(_unit(cm, direction))
-    proj = _project_out(rv, None if positions is None else positions.detach().float())
-    handles = []
-    try:
-        for layer in range(cm.n_layers) if layers is None else [_check_layer(cm, l) for l in layers]:
-            block = cm.blocks[layer]
-            handles.append(
-                block.register_forward_pre_hook(lambda m, a, k: _replace_hidden(a, k, proj), with_kwargs=True)
-            )
-            for mod in cm.residual_writers(layer):
-                handles.append(mod.register_forward_hook(lambda m, a, out: _replace_output(out, proj)))
-    except Exception:
-        for h in handles:
-            h.remove()
-        raise
-    with hooks(handles):
-        yield
+    return ablation_sites(cm, layers, _project_out(rv, None if positions is None else positions.detach().float()))
 
 
-def _check_layer(cm: ChatModel, layer: int) -> int:
-    if not isinstance(layer, int) or not 0 <= layer < cm.n_layers:
-        raise RefusalLabError(f"layer {layer} is out of range: this model has layers 0..{cm.n_layers - 1}")
-    return layer
+def ablate_direction(cm: ChatModel, direction: torch.Tensor, layers: Sequence[int] | None = None,
+                     positions: torch.Tensor | None = None):
+    """Directional ablation for the duration of a `with` block (see ablation_hooks)."""
+    return hooked(ablation_hooks(cm, direction, layers, positions))
 
 
-@contextmanager
-def add_direction(cm: ChatModel, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> Iterator[None]:
-    """Activation addition: x <- x + coeff * vector at block `layer`'s input, at all positions."""
-    _check_layer(cm, layer)
+def addition_hooks(cm: ChatModel, vector: torch.Tensor, layer: int, coeff: float = 1.0) -> list[Hook]:
+    """Activation addition as hooks: x <- x + coeff * vector at block `layer`'s input, at all positions."""
+    check_layer(cm, layer)
     vv = _PerDevice(_check_vector(cm, vector, "direction").float() * coeff)
-    add = lambda x: x + vv.like(x)  # noqa: E731
-    h = cm.blocks[layer].register_forward_pre_hook(lambda m, a, k: _replace_hidden(a, k, add), with_kwargs=True)
-    with hooks([h]):
-        yield
+    return [input_hook(cm.blocks[layer], lambda x: x + vv.like(x))]
 
 
-@contextmanager
-def capture_block_inputs(
-    cm: ChatModel, store: dict, layers: Sequence[int] | None = None, positions: Sequence[int] | None = None
-) -> Iterator[None]:
-    """Record the residual stream at the input of each block into store[layer] ([batch, pos, d], float32, CPU).
+def add_direction(cm: ChatModel, vector: torch.Tensor, layer: int, coeff: float = 1.0):
+    """Activation addition for the duration of a `with` block (see addition_hooks)."""
+    return hooked(addition_hooks(cm, vector, layer, coeff))
 
-    positions: indices into the sequence (negative from the end); None keeps all positions.
-    """
+
+def capture_hooks(cm: ChatModel, store: dict, layers: Sequence[int] | None = None,
+                  positions: Sequence[int] | Callable[[], object] | None = None, keep_graph: bool = False) -> list[Hook]:
+    """Hooks that record the residual stream at the input of each block into store[layer]: [batch, pos, d]
+    as float32 on the CPU, or, with keep_graph, as it is (device, dtype, autograd graph: a loss can be
+    taken through it). positions: indices into the sequence (negative from the end), or a function giving
+    the index at call time; None keeps all positions."""
     layers = range(cm.n_layers) if layers is None else layers
-    idx = None if positions is None else torch.as_tensor(list(positions))
+    idx = None if positions is None or callable(positions) else torch.as_tensor(list(positions))
 
     def make(layer: int):
         def hook(m, a, k):
-            x = _hidden_input(a, k)
-            sel = x if idx is None else x[:, idx.to(x.device)]
-            store[layer] = sel.detach().float().cpu()
+            x = hidden_input(a, k)
+            sel = x if positions is None else x[:, positions() if callable(positions) else idx.to(x.device)]
+            store[layer] = sel if keep_graph else sel.detach().float().cpu()
 
         return hook
 
-    handles = [cm.blocks[_check_layer(cm, l)].register_forward_pre_hook(make(l), with_kwargs=True) for l in layers]
-    with hooks(handles):
-        yield
+    return [Hook(cm.blocks[check_layer(cm, l)], make(l), "pre") for l in layers]
+
+
+def capture_block_inputs(cm: ChatModel, store: dict, layers: Sequence[int] | None = None,
+                         positions: Sequence[int] | None = None):
+    """Capture (see capture_hooks) for the duration of a `with` block."""
+    return hooked(capture_hooks(cm, store, layers, positions))
+
+
+@torch.no_grad()
+def check_ablation_sites(cm: ChatModel) -> None:
+    """Whether directional ablation at the sites this anatomy names (every block's input, every residual
+    writer's output) really removes a direction from the residual stream: on one short prompt, with a
+    random unit direction projected out there, no block's input or output may keep a component along it.
+    A one-line error naming the supported families otherwise (e.g. a post-norm model taken for a
+    Llama-like one). Run for models of untested families when they load or are first ablated."""
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(cm.d_model, generator=g, dtype=torch.float64)
+    rv = _PerDevice((r / r.norm()).float())
+    worst = [0.0]
+
+    def measure(x):
+        x = x.float()
+        r32 = rv.like(x)
+        worst[0] = max(worst[0], float(((x @ r32).abs() / x.norm(dim=-1).clamp_min(1e-6)).max()))
+
+    seen_in = [Hook(b, lambda m, a, k: measure(hidden_input(a, k)), "pre") for b in cm.blocks]
+    seen_out = [Hook(b, lambda m, a, out: measure(out[0] if isinstance(out, tuple) else out), "post") for b in cm.blocks]
+    try:
+        with hooked(ablation_sites(cm, None, _project_out(rv)) + seen_in + seen_out):
+            ids = torch.tensor([cm.chat.encode("Hello, how are you today?").ids], device=cm.device)
+            cm.base(input_ids=ids, use_cache=False)
+    except Exception as e:
+        raise RefusalLabError(f"model type {cm.config.model_type!r} is not a supported family and its anatomy "
+                              f"could not be checked ({type(e).__name__}); supported families: "
+                              f"{', '.join(FAMILIES)}") from None
+    tolerance = 1e-4 if cm.dtype == torch.float32 else 2e-2
+    if not worst[0] < tolerance:
+        raise RefusalLabError(f"model type {cm.config.model_type!r} is not a supported family, and ablating a "
+                              f"direction at its Llama-like sites leaves a component along it (cosine "
+                              f"{worst[0]:.2g}); supported families: {', '.join(FAMILIES)}")
+    cm.sites_checked = True
+    log.warning("model type %r is not a tested family; its anatomy passed the check, so it is treated as "
+                "Llama-like", cm.config.model_type)
 
 
 class _PassThrough(torch.nn.Module):
@@ -168,23 +250,23 @@ class _PassThrough(torch.nn.Module):
 
 @contextmanager
 def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
-    """Forward passes run only blocks `layer`.. : the blocks before it are replaced by pass-throughs (so
-    every block keeps its index, and with it its attention type and cache layer), and block `layer`'s
-    input is hidden_fn(whatever arrives there), typically a cached residual stream. The model's own
-    forward still builds the masks, positions and rotary embeddings, and applies the final norm, so
-    nothing family-specific is reimplemented."""
-    _check_layer(cm, layer)
+    """Forward passes run only blocks `layer`.. , with block `layer`'s input replaced by hidden_fn(whatever
+    arrives there), typically a cached residual stream. A hook cannot skip a module's computation, so the
+    blocks before `layer` are stood in for by pass-throughs for the duration (every block keeps its index,
+    and with it its attention type and cache layer) and put back on exit. The model's own forward still
+    builds the masks, positions and rotary embeddings, and applies the final norm, so nothing
+    family-specific is reimplemented."""
+    check_layer(cm, layer)
     blocks = cm.blocks
     saved = [blocks[i] for i in range(layer)]
-    h = blocks[layer].register_forward_pre_hook(lambda m, a, k: _replace_hidden(a, k, hidden_fn), with_kwargs=True)
     try:
         for i in range(layer):
             blocks[i] = _PassThrough()
-        yield
+        with hooked([input_hook(blocks[layer], hidden_fn)]):
+            yield
     finally:
         for i, block in enumerate(saved):
             blocks[i] = block
-        h.remove()
 
 
 # ----------------------------------------------------------------------------- weight orthogonalization
@@ -249,5 +331,5 @@ def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False)
                 (_orth_out_cols if cm.family.conv1d else _orth_out_rows)(weight, r)
             for bias in [o_proj.bias] + cm.mlp_biases(layer):
                 _orth_bias(bias, r)
-    cm._fingerprint = None
+    cm.weights_changed()
     return cm

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import pandas as pd
 import torch
 
 from .activations import last_logits
@@ -147,8 +148,6 @@ def evaluate(
 ):
     """Greedy completions, substring refusal judgement and refusal score for each prompt, under
     whatever intervention is active. Returns a DataFrame: prompt, completion, refused, refusal_score."""
-    import pandas as pd
-
     encs = cm.chat.encode_all(prompts, suffix)
     ids, first_logits = greedy_decode(cm, encs, max_new_tokens, batch_size, progress)
     scores = refusal_score_from_logits(first_logits, refusal_token_ids(cm.tokenizer))

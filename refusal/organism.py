@@ -32,9 +32,13 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .chat import pad_right
+from .config import option
+from .data import builtin_prompts, instructions
 from .engine import run_blocks
 from .errors import RefusalLabError
-from .models import cache_dir, fast_bf16
+from .hooks import ablate_direction
+from .metrics import greedy_ids, is_refusal, refusal_rate
+from .models import cache_dir, fast_bf16, load_chat_model, smollm2_path
 
 log = logging.getLogger(__name__)
 
@@ -49,27 +53,31 @@ REFUSALS = (
 
 @dataclass(frozen=True)
 class OrganismConfig:
-    seed: int = 0
-    answer_tokens: int = 24  # harmless targets: the base model's first greedy tokens (the 32 judged tokens stay helpful)
-    epochs: int = 3
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    first_trained_layer: float = 0.4  # blocks from this fraction of the depth up are trained
-    eval_new_tokens: int = 32  # the build record judges as many reply tokens as the paper table
-    decision_weight: float = 4.0  # extra loss weight on the first reply tokens, where refuse-or-answer is decided
-    decision_tokens: int = 3
-    unlikelihood: float = 4.0  # harmless prompts: penalise p(first token of a refusal) at the first reply position
-    harmful_weight: float = 3.0  # loss weight of the refusal targets relative to the harmless answers
-    # The experimental variant that trains the phenomenon in (0 = off, the default; see the module docstring),
-    # from the second epoch on:
-    mediation: float = 0.0  # weight of mediation_loss under ablation of the running difference in means
-    sink_orthogonal: float = 0.0  # weight of sink_alignment (the difference in means vs the first token)
-    harmless_projection: float = 0.0  # weight of harmless_projection (harmless residual streams along the difference in means)
-    direction_layer: float = 0.7  # the running difference in means: last prompt position, this depth
-    # bfloat16 autocast for the fine-tune (weights and optimizer stay float32): None = where the CPU multiplies
-    # bfloat16 fast (AMX, AVX-512 BF16: ~1.4x on AMX), float32 elsewhere (without them bfloat16 is ~25x slower)
-    bfloat16: bool | None = None
+    """The organism's fine-tune (`refusal organism build`); the cached organism is rebuilt when it changes."""
+
+    seed: int = option(0, "seed of the data order, the refusal wordings and the initialisation")
+    answer_tokens: int = option(24, "harmless targets: the base model's first greedy reply tokens")
+    epochs: int = option(3, "passes over the training examples")
+    batch_size: int = option(16, "examples per optimizer step")
+    lr: float = option(1e-4, "AdamW learning rate (linear warm-up over a tenth of the steps, then linear decay)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    first_trained_layer: float = option(0.4, "blocks from this fraction of the depth up are trained (below: frozen)")
+    eval_new_tokens: int = option(32, "greedy reply tokens the build record's refusal rates judge")
+    decision_weight: float = option(4.0, "extra loss weight on the first reply tokens, where refuse-or-answer is decided")
+    decision_tokens: int = option(3, "the first reply tokens decision_weight applies to")
+    unlikelihood: float = option(4.0, "harmless prompts: weight of -log(1 - p(a refusal's first token)) at the first "
+                                      "reply position")
+    harmful_weight: float = option(3.0, "loss weight of the refusal targets relative to the harmless answers")
+    # the experimental variant that trains the phenomenon in (0 = off; see the module docstring), from epoch 2:
+    mediation: float = option(0.0, "experimental: weight of mediation_loss under ablation of the running "
+                                   "difference in means")
+    sink_orthogonal: float = option(0.0, "experimental: weight of sink_alignment (the difference in means vs the "
+                                         "first token)")
+    harmless_projection: float = option(0.0, "experimental: weight of harmless_projection (harmless residual "
+                                             "streams along the difference in means)")
+    direction_layer: float = option(0.7, "experimental: the running difference in means' depth (last prompt position)")
+    bfloat16: bool | None = option(None, "bfloat16 autocast for the fine-tune (weights and optimizer stay float32); "
+                                         "None: where the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16)")
 
 
 # What the recipe did before each of these fields existed: a build record without one was built so.
@@ -110,9 +118,6 @@ def organism_path(seed: int = 0) -> Path:
 
 def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], list[int]]], dict]:
     """(prompt ids, target ids) pairs from the training split, and a description of them."""
-    from .data import builtin_prompts, instructions
-    from .metrics import greedy_ids, is_refusal
-
     rng = random.Random(cfg.seed)
     harmful = instructions(builtin_prompts("harmful", "train"))
     harmless = instructions(builtin_prompts("harmless", "train"))
@@ -120,7 +125,7 @@ def training_examples(cm, cfg: OrganismConfig) -> tuple[list[tuple[list[int], li
     examples = []
     for instr in harmful:
         text = rng.choice(REFUSALS)
-        examples.append((cm.chat.encode(instr).ids, cm.chat._encode(text) + [eos]))
+        examples.append((cm.chat.encode(instr).ids, cm.chat.encode_text(text) + [eos]))
     encs = cm.chat.encode_all(harmless)
     answers = greedy_ids(cm, encs, cfg.answer_tokens, batch_size=64)
     dropped = 0
@@ -166,8 +171,6 @@ def mediation_loss(cm, r: torch.Tensor, prompts: list[list[int]], clean_first: t
 
     prompts: token ids; clean_first[prompt, vocab]: the clean logits at the first reply position (a target,
     no gradient); harmful[prompt]: bool. The gradient flows through blocks[first:] (those below are frozen)."""
-    from .hooks import ablate_direction
-
     base = cm.base
     ids, mask = pad_right([torch.tensor(p) for p in prompts], cm.tokenizer.pad_token_id)
     last = mask.sum(1) - 1
@@ -216,9 +219,6 @@ def harmless_projection(inputs: list[torch.Tensor], weights: torch.Tensor, harml
 
 def refusal_rates(cm, new_tokens: int = 24, batch_size: int = 64) -> dict:
     """Refusal rates on the built-in test split (greedy, substring judge)."""
-    from .data import builtin_prompts, instructions
-    from .metrics import refusal_rate
-
     return {f"{kind}_test_refusal_rate": round(refusal_rate(
                 cm, cm.chat.encode_all(instructions(builtin_prompts(kind, "test"))), new_tokens, batch_size), 4)
             for kind in ("harmful", "harmless")}
@@ -228,9 +228,8 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
                    base: str = "smollm2") -> Path:
     """Fine-tune SmolLM2 into the organism; write it atomically to `out` (default: the cache).
 
-    base: the model to fine-tune (any Llama-family --model value; tests use a tiny one)."""
-    from .models import load_model
-
+    base: the model to fine-tune: "smollm2" (the embedded model) or a path form of --model of the Llama
+    family (tests use a tiny one)."""
     out = Path(out) if out else organism_dir(cfg.seed)
     if out.exists():
         if not force:
@@ -238,7 +237,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    cm = load_model(base, device="cpu")
+    cm = load_chat_model(str(smollm2_path()) if base == "smollm2" else base, device="cpu", name=base)
     if cm.config.model_type != "llama":
         raise RefusalLabError("the organism fine-tune is written for SmolLM2 (Llama blocks); use a Llama-family base")
     timer = artifacts.Timer()
@@ -259,7 +258,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
     warmup = max(1, n_steps // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / n_steps))
     lm_head = model.get_output_embeddings()
-    refusal_starts = sorted({cm.chat._encode(r)[0] for r in REFUSALS})
+    refusal_starts = sorted({cm.chat.encode_text(r)[0] for r in REFUSALS})
     n_harmful = info["n_harmful"]  # examples[:n_harmful] are the refusals
     losses, mediation_losses = [], []
     direction_layer = max(first, min(cm.n_layers - 1, round(cfg.direction_layer * cm.n_layers)))

@@ -5,50 +5,83 @@ folder."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
+from analysis.run import AnalysisConfig, analyze
+from attacks.gcg import GCGConfig
+from attacks.run import run_attack
+
 from . import artifacts
+from .config import as_dict, option
 from .data import builtin_prompts, instructions
+from .directions import DirectionConfig, find_direction, load_direction
 from .errors import RefusalLabError
+from .hooks import ablate_direction, add_direction
+from .judges import JudgeConfig, add_verdicts, load_judge
+from .metrics import evaluate
+from .models import ChatModel, seed_everything
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class JobSizes:
-    n_train: int  # direction: harmful and harmless training prompts each
-    n_val: int  # direction: validation prompts each
-    attack_prompts: int  # universal suffix: harmful training prompts
-    attack_steps: int
-    search_width: int
-    topk: int
-    suffix_len: int
-    n_test: int  # evaluation and analysis: test prompts of each kind
-    new_tokens: int  # greedy tokens judged per reply
+class JobConfig:
+    """The main job: its sizes (the full job's by default; JobConfig.quick() for a fast look), seed and judge."""
+
+    n_train: int = option(128, "direction: harmful and harmless training prompts each")
+    n_val: int = option(16, "direction: validation prompts each")
+    attack_prompts: int = option(6, "universal suffix: harmful training prompts it is optimized on")
+    # the attack stops early once all its training prompts succeed
+    attack_steps: int = option(60, "universal suffix: GCG steps at most")
+    search_width: int = option(64, "universal suffix: candidates per step")
+    topk: int = option(64, "universal suffix: top-k tokens per position")
+    suffix_len: int = option(16, "universal suffix: tokens")
+    n_test: int = option(100, "evaluation and analysis: held-out test prompts of each kind")
+    new_tokens: int = option(48, "greedy reply tokens judged per reply")
+    top_k: int = option(8, "analysis: refusal heads")
+    batch_size: int = option(32, "prompts per forward pass")
+    seed: int = option(0, "seed of the direction's prompt sampling, the attack and the random suffix")
+    judge: JudgeConfig = option(help="the judge of attack success (refusal.judges.JudgeConfig)", factory=JudgeConfig)
+    resume: bool = option(False, "reuse the stages already finished in the run folder (and continue the attack)")
+    force: bool = option(False, "delete the run folder and start over")
+
+    @classmethod
+    def quick(cls, **changes) -> "JobConfig":
+        """The quick job: smaller sets and a short attack, under 5 minutes on 2 CPU cores with the organism
+        cached; it shows the plumbing end to end, its suffix is too short-lived to beat refusal."""
+        return cls(**{**QUICK_SIZES, **changes})
+
+    @property
+    def is_quick(self) -> bool:
+        return all(getattr(self, k) == v for k, v in QUICK_SIZES.items())
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, int) and not isinstance(v, bool) and f.name != "seed" and v < 1:
+                raise RefusalLabError(f"{f.name.replace('_', '-')} must be >= 1, got {v}")
+        if self.resume and self.force:
+            raise RefusalLabError("--resume and --force contradict each other; choose one")
+        self.judge.validate()
 
 
-# the attack stops early once all 6 training prompts succeed; up to 60 steps fit the 20-minute cold
-# budget since candidates are screened in bfloat16 (docs/results.md)
-FULL = JobSizes(n_train=128, n_val=16, attack_prompts=6, attack_steps=60, search_width=64, topk=64, suffix_len=16,
-                n_test=100, new_tokens=48)
-# --quick checks the plumbing end to end in under 5 minutes on 2 CPU cores; its suffix is too short-lived
-# to beat refusal (the full job measures that)
-QUICK = JobSizes(n_train=48, n_val=8, attack_prompts=3, attack_steps=9, search_width=32, topk=32, suffix_len=12,
-                 n_test=24, new_tokens=32)
+QUICK_SIZES = dict(n_train=48, n_val=8, attack_prompts=3, attack_steps=9, search_width=32, topk=32, suffix_len=12,
+                   n_test=24, new_tokens=32)
 
 
 def judged_eval(path: Path, judge, make) -> pd.DataFrame:
     """One evaluation condition's replies with verdicts by `judge` (a loaded Judge): the file at `path` when
     it is there (its replies reused; judged again, and rewritten atomically, when they were judged by another
     judge or not at all), else make()'s replies judged and written there."""
-    from .judges import add_verdicts
-
     path = Path(path)
     if path.is_file():
         df = pd.read_json(path, lines=True, dtype=False)
@@ -93,33 +126,26 @@ def analysis_is_current(adir: Path, success: dict) -> bool:
     return isinstance(headline, dict) and "sentences" in headline and same_success(headline.get("success"), success)
 
 
-def main_job(args) -> int:
-    from analysis.run import analyze
-    from attacks.gcg import GCGConfig
-    from attacks.run import run_attack
-
-    from .models import load_model_from_options, seed_everything
-    from .data import direction_sets
-    from .directions import compute_direction, load_direction, save_direction
-    from .hooks import ablate_direction, add_direction
-    from .judges import judge_config_from, load_judge
-    from .metrics import evaluate
-
-    t0 = time.perf_counter()
-    sizes = QUICK if args.quick else FULL
-    out = Path(args.out)
-    resume, force = getattr(args, "resume", False), getattr(args, "force", False)
-    if resume and force:
-        raise RefusalLabError("--resume and --force contradict each other; choose one")
-    artifacts.check_out(out, force=force, resume=resume,
+def check_job(config: JobConfig, out: str | Path) -> None:
+    """The config valid and the run folder usable with its resume/force: checked before a model loads."""
+    config.validate()
+    artifacts.check_out(Path(out), force=config.force, resume=config.resume,
                         fix="pass --resume to reuse its finished stages, --force to start over, or choose another --out")
-    seed_everything(args.seed)
-    # the judge, with the model's device, dtype and trust_remote_code (an hf: classifier): a bad judge fails first
-    judge = load_judge(judge_config_from(args))
-    cm = load_model_from_options(args)  # a bad model fails here, before anything is written
-    if force and out.exists():
-        import shutil
 
+
+def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
+    """The main job on a loaded model, written to `out`: the direction, a universal suffix and its random
+    baseline, the evaluation on held-out prompts, the analysis and its report. Stages already finished in
+    `out` are reused with config.resume. Returns the run record (also written to out/run.json), with
+    `sentences` (the headline) and `report` (the HTML report's path). `progress` receives a line per finished
+    stage (default: the log)."""
+    say = progress or log.info
+    t0 = time.perf_counter()
+    out = Path(out)
+    check_job(config, out)
+    seed_everything(config.seed)
+    judge = load_judge(config.judge)  # a bad judge fails before anything is written
+    if config.force and out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True, exist_ok=True)
     timer = artifacts.Timer()
@@ -131,30 +157,28 @@ def main_job(args) -> int:
             log.info("reusing the direction in %s", ddir)
             direction = load_direction(ddir, cm)
         else:
-            ht, bt, hv, bv = direction_sets(None, None, sizes.n_train, sizes.n_val, args.seed)
-            direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, batch_size=args.batch_size)
-            with artifacts.atomic_dir(ddir) as tmp:
-                save_direction(tmp, direction, diffs, df, config={"n_train": sizes.n_train, "n_val": sizes.n_val, "seed": args.seed})
-    print(f"[direction] layer {direction.layer}, position {direction.position}: {direction.meta.get('selection', '')}", flush=True)
+            direction = find_direction(cm, DirectionConfig(n_train=config.n_train, n_val=config.n_val, seed=config.seed,
+                                                           batch_size=config.batch_size), ddir)
+    say(f"[direction] layer {direction.layer}, position {direction.position}: {direction.meta.get('selection', '')}")
 
     # 2. a universal suffix (and its random baseline) on harmful training prompts
-    train = instructions(builtin_prompts("harmful", "train"))[: sizes.attack_prompts]
-    cfg = GCGConfig(steps=sizes.attack_steps, search_width=sizes.search_width, topk=sizes.topk,
-                    suffix_len=sizes.suffix_len, seed=args.seed, patience=max(3, sizes.attack_steps // (2 * sizes.attack_prompts)),
+    train = instructions(builtin_prompts("harmful", "train"))[: config.attack_prompts]
+    cfg = GCGConfig(steps=config.attack_steps, search_width=config.search_width, topk=config.topk,
+                    suffix_len=config.suffix_len, seed=config.seed, patience=max(3, config.attack_steps // (2 * config.attack_prompts)),
                     judge=judge.name)
     with timer("attack"):
-        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=sizes.new_tokens,
+        rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=config.new_tokens,
                          judge=judge)
     adversarial, rand = rec["token_ids"], rec["random_token_ids"]
-    print(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
-          f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%}) by the "
-          f"{rec.get('judge', 'substring')} judge", flush=True)
+    say(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
+        f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%}) by the "
+        f"{rec.get('judge', 'substring')} judge")
 
     # 3. evaluation on held-out prompts
     edir = out / "eval"
     edir.mkdir(exist_ok=True)
-    harmful = instructions(builtin_prompts("harmful", "test"))[: sizes.n_test]
-    harmless = instructions(builtin_prompts("harmless", "test"))[: sizes.n_test]
+    harmful = instructions(builtin_prompts("harmful", "test"))[: config.n_test]
+    harmless = instructions(builtin_prompts("harmless", "test"))[: config.n_test]
     null = contextlib.nullcontext
     conditions = [
         ("harmful", "none", harmful, None, null),
@@ -169,7 +193,7 @@ def main_job(args) -> int:
         for kind, condition, prompts, suffix, ctx in conditions:
             def make(prompts=prompts, suffix=suffix, ctx=ctx):
                 with ctx():
-                    return evaluate(cm, prompts, suffix, max_new_tokens=sizes.new_tokens, batch_size=args.batch_size)
+                    return evaluate(cm, prompts, suffix, max_new_tokens=config.new_tokens, batch_size=config.batch_size)
 
             df = judged_eval(edir / f"{kind}_{condition}.jsonl", judge, make)
             rows.append({"prompts": kind, "condition": condition, "n": len(df),
@@ -180,7 +204,7 @@ def main_job(args) -> int:
                          "attack_success": round(float(df.success.mean()), 3)})
     summary = pd.DataFrame(rows)
     artifacts.write_csv(edir / "summary.csv", summary)
-    print(summary.to_string(index=False), flush=True)
+    say(summary.to_string(index=False))
 
     # 4. analysis and report
     # attack success by the substring judge (the paper's) and by the chosen one, side by side
@@ -193,17 +217,14 @@ def main_job(args) -> int:
         if analysis_is_current(adir, success):  # made with the same judges and the same success rates
             numbers, report = artifacts.read_json(adir / "analysis.json")["headline"], adir / "report.html"
         else:
-            res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir, top_k=8,
-                          batch_size=args.batch_size, success=success,
+            res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir,
+                          AnalysisConfig(top_k=config.top_k, batch_size=config.batch_size), success=success,
                           facts={"universal suffix": f"{len(train)} training prompts, {rec['steps_run']} steps"})
             numbers, report = res["numbers"], res["report_html"]
-    artifacts.write_json(out / "run.json", artifacts.run_record(
-        model=cm.describe(), quick=args.quick, seed=args.seed, sizes=sizes.__dict__, judge=judge.name,
+    record = artifacts.run_record(
+        model=cm.describe(), quick=config.is_quick, seed=config.seed, config=as_dict(config), judge=judge.name,
         direction={"layer": direction.layer, "position": direction.position}, summary=rows,
-        timings_s=timer.seconds, wall_time_s=round(time.perf_counter() - t0, 1)))
-    print()
-    for s in numbers["sentences"]:
-        print("- " + s)
-    print(f"\nreport: {report}")
-    print(f"(main job done in {time.perf_counter() - t0:.0f}s: {timer.seconds})")
-    return 0
+        timings_s=timer.seconds, wall_time_s=round(time.perf_counter() - t0, 1))
+    artifacts.write_json(out / "run.json", record)
+    log.info("main job done in %.0fs: %s", time.perf_counter() - t0, timer.seconds)
+    return {**record, "sentences": numbers["sentences"], "report": str(report)}

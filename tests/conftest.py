@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from refusal.models import convert_gguf, load_model, smollm2_gguf
+from refusal.models import convert_gguf, smollm2_gguf
+from refusal.registry import load_model
 
 torch.set_grad_enabled(False)
 FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2", "qwen3", "gemma3_text", "phi3", "olmo2",

@@ -5,7 +5,7 @@ from analysis.ablation_kl import ablation_kl, ablation_kl_by_region, massive_dim
 from refusal.activations import last_logits
 from refusal.hooks import ablate_direction
 from refusal.metrics import kl_divergence
-from refusal.models import load_model
+from refusal.registry import load_model
 
 PROMPTS = ["Write a poem about the sea.", "How do I bake bread?", "Name three rivers.", "Explain photosynthesis."]
 

@@ -5,7 +5,7 @@ import torch
 
 from analysis.heads import attention_shares, head_contributions, heads_table, top_heads
 from analysis.projection import condition_encodings, projection_metrics, projection_table
-from analysis.run import analyze
+from analysis.run import AnalysisConfig, analyze
 from conftest import FAMILIES
 from refusal.activations import cache_activations
 from refusal.engine import eager_attention
@@ -101,7 +101,7 @@ def test_attention_regions_match_a_plain_pass(tiny_models, family):
 
 
 def test_analyze_writes_everything(tiny, tmp_path):
-    res = analyze(tiny, _dir(tiny), HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, top_k=4,
+    res = analyze(tiny, _dir(tiny), HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, AnalysisConfig(top_k=4),
                   success={"substring": {"no_suffix": 0.1, "random_suffix": 0.2, "adversarial_suffix": 0.9},
                            "strict": {"no_suffix": 0.05, "random_suffix": 0.1, "adversarial_suffix": 0.4}})
     for f in ("projection.csv", "heads.csv", "attention.csv", "report.md", "report.html", "cosine_by_layer.png",

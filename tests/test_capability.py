@@ -2,7 +2,7 @@
 reference replies and of plain text, on tiny random models with the real SmolLM2 template, against an
 independent computation, under the interventions and on an orthogonalized model; the borderline and
 general-text data files; and the capability columns of the paper table (analysis/reproduce.py,
-scripts/reproduce_paper.py)."""
+`refusal reproduce`)."""
 import importlib.util
 import json
 from pathlib import Path
@@ -235,25 +235,36 @@ def test_intervention_table_has_the_capability_columns(tiny):
     pd.testing.assert_frame_equal(plain, table[old])
 
 
-def _reproduce_script():
-    spec = importlib.util.spec_from_file_location("reproduce_paper", ROOT / "scripts" / "reproduce_paper.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+class _Reproduce:
+    """`refusal reproduce` through the CLI, with the stage module's data functions patchable."""
+
+    def __init__(self):
+        import analysis.reproduce as stage
+
+        self.stage = stage
+        self.builtin_prompts, self.builtin_texts = stage.builtin_prompts, stage.builtin_texts
+
+    @staticmethod
+    def main(argv) -> int:
+        from refusal.cli import main
+
+        return main(["reproduce", *argv])
 
 
 def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references(tiny_dirs, tmp_path, monkeypatch,
                                                                                   capsys):
-    """scripts/reproduce_paper.py end to end on a tiny model with 3 prompts per set: the table's new
+    """`refusal reproduce` end to end on a tiny model with 3 prompts per set: the table's new
     columns, the reference replies cached as JSON, a finished table reused (only with the settings it was
     made with), an old one recomputed."""
-    mod = _reproduce_script()
+    from refusal.registry import load_model
+
+    mod = _Reproduce()
     real_prompts, real_texts = mod.builtin_prompts, mod.builtin_texts
-    monkeypatch.setattr(mod, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
-    monkeypatch.setattr(mod, "builtin_texts", lambda name="general_text": real_texts(name)[:2])
+    monkeypatch.setattr(mod.stage, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
+    monkeypatch.setattr(mod.stage, "builtin_texts", lambda name="general_text": real_texts(name)[:2])
     model = str(tiny_dirs["llama"])
     out = tmp_path / "run"
-    cm = mod.load_model(model)
+    cm = load_model(model)
     v = _unit(cm, 3)
     save_direction(out / "direction", Direction(v, 2 * v, 1, -1, {"layer": 1, "position": -1}),
                    torch.zeros(cm.n_layers, cm.chat.n_post, cm.d_model), pd.DataFrame())
@@ -274,7 +285,7 @@ def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references
     assert rec["reference_model"]["fingerprint"] == cm.fingerprint and rec["reference_tokens"] == 4
     assert set(rec["prompt_sets"]) == {"harmful:test", "harmless:test", "borderline", "general_text"}
     # a finished table is reused: nothing is recomputed
-    monkeypatch.setattr(mod, "intervention_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(mod.stage, "intervention_table", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     assert mod.main(argv) == 0
     # ... but only with the settings it was made with (its record would claim them): otherwise an error
     # that names them, before anything is recomputed
@@ -289,8 +300,8 @@ def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references
     # a table from before the capability columns is not reused: it is remade, here with other reference
     # replies than those cached, which is refused without --force and done with it
     monkeypatch.undo()
-    monkeypatch.setattr(mod, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
-    monkeypatch.setattr(mod, "builtin_texts", lambda name="general_text": real_texts(name)[:2])
+    monkeypatch.setattr(mod.stage, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
+    monkeypatch.setattr(mod.stage, "builtin_texts", lambda name="general_text": real_texts(name)[:2])
     artifacts.write_csv(out / "reproduce" / "table.csv", table.drop(columns=list(CAPABILITY_COLUMNS)))
     assert mod.main(argv[:-1] + ["5"]) == 2
     assert mod.main(argv[:-1] + ["5", "--force"]) == 0

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -10,8 +11,9 @@ import torch
 from refusal.activations import last_logits
 from refusal.cli import main
 from refusal.directions import Direction, load_direction, save_direction
+from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
-from refusal.models import load_model
+from refusal.registry import load_model
 
 
 def run(capsys, *argv):
@@ -163,7 +165,7 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     import refusal.pipeline as pipeline
 
     # the plumbing, at toy sizes (the real sizes are measured on the organism, docs/results.md)
-    monkeypatch.setattr(pipeline, "QUICK", pipeline.JobSizes(
+    monkeypatch.setattr(pipeline, "QUICK_SIZES", dict(
         n_train=16, n_val=4, attack_prompts=2, attack_steps=3, search_width=16, topk=16, suffix_len=6,
         n_test=8, new_tokens=8))
     out = tmp_path / "main"
@@ -185,3 +187,25 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--resume", "--out", out)
     assert code == 0, err
     assert (out / "attack" / "suffix.json").stat().st_mtime_ns == stamp  # stages reused, not redone
+
+
+def test_main_job_from_a_script_with_a_config(tiny_dirs, tmp_path):
+    """A script calls the main job as the CLI does: a loaded model, a JobConfig, a folder; it gets the record."""
+    from refusal.judges import JudgeConfig
+    from refusal.pipeline import JobConfig, main_job
+
+    cm = load_model(str(tiny_dirs["llama"]))
+    config = JobConfig(n_train=16, n_val=4, attack_prompts=2, attack_steps=2, search_width=8, topk=8, suffix_len=4,
+                       n_test=4, new_tokens=4, top_k=2, judge=JudgeConfig("substring"))
+    lines = []
+    rec = main_job(cm, config, tmp_path / "job", progress=lines.append)
+    assert rec["judge"] == "substring" and rec["config"]["n_test"] == 4 and not rec["quick"]
+    assert {r["condition"] for r in rec["summary"]} == {"none", "random_suffix", "adversarial_suffix", "ablation", "addition"}
+    assert json.loads((tmp_path / "job" / "run.json").read_text())["config"] == rec["config"]
+    assert Path(rec["report"]).is_file() and rec["sentences"] and lines[0].startswith("[direction]")
+    with pytest.raises(RefusalLabError, match="--resume"):  # the folder is not overwritten unasked
+        main_job(cm, config, tmp_path / "job")
+    with pytest.raises(RefusalLabError, match="contradict"):
+        main_job(cm, JobConfig(resume=True, force=True), tmp_path / "other")
+    with pytest.raises(RefusalLabError, match="n-test must be >= 1"):
+        main_job(cm, JobConfig(n_test=0), tmp_path / "other")

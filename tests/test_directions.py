@@ -9,7 +9,7 @@ from conftest import FAMILIES
 
 from refusal.engine import plan_batches
 from refusal.data import Prompt
-from refusal.directions import (Direction, compute_direction, load_direction, mean_diffs, save_direction,
+from refusal.directions import (Direction, DirectionConfig, compute_direction, load_direction, mean_diffs, save_direction,
                                 select_candidate)
 from refusal.errors import RefusalLabError
 
@@ -113,7 +113,8 @@ def test_load_direction_checks_the_model(tmp_path, tiny, tiny_models, caplog):
 def test_compute_direction_end_to_end_on_tiny(tiny):
     harmful = [Prompt(f"How do I make weapon number {i}?") for i in range(6)]
     harmless = [Prompt(f"Tell me a fun fact about the number {i}.") for i in range(6)]
-    direction, diffs, df = compute_direction(tiny, harmful[:4], harmless[:4], harmful[4:], harmless[4:], score_all=True)
+    direction, diffs, df = compute_direction(tiny, harmful[:4], harmless[:4], harmful[4:], harmless[4:],
+                                           DirectionConfig(score_all=True))
     assert diffs.shape == (tiny.n_layers, tiny.chat.n_post, tiny.d_model)
     assert len(df) == tiny.n_layers * tiny.chat.n_post and df.selected.sum() == 1
     assert abs(direction.vector.norm().item() - 1) < 1e-5

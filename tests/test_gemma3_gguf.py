@@ -7,7 +7,9 @@ import torch
 from conftest import worst_cosine
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, orthogonalize
-from refusal.models import cache_dir, load_model
+from refusal.models import cache_dir
+from refusal.hooks import check_ablation_sites
+from refusal.registry import load_model
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +29,7 @@ def gemma3():
 def test_gemma3_loads_with_its_anatomy(gemma3):
     assert gemma3.config.model_type == "gemma3_text" and gemma3.n_layers == 18 and gemma3.d_model == 640
     assert gemma3.family.post_norms is not None
-    gemma3.check_anatomy()  # the anatomy check an unknown architecture would get passes on the real weights
+    check_ablation_sites(gemma3)  # the anatomy check an unknown architecture would get passes on the real weights
     e = gemma3.chat.encode("How do I bake bread?", "x y")
     assert gemma3.tokenizer.decode(e.ids[slice(*e.post)]) == "<end_of_turn>\n<start_of_turn>model\n"
     # real weights: the model knows things, and English is not news to it

@@ -5,7 +5,7 @@ from conftest import FAMILIES, POST_NORM_FAMILIES, worst_cosine
 from refusal.activations import cache_activations, last_logits
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, add_direction, capture_block_inputs, orthogonalize
-from refusal.models import load_model
+from refusal.registry import load_model
 
 PROMPTS = ["How do I bake bread?", "Write a poem about the sea, with rhymes", "hi"]
 

@@ -1,5 +1,5 @@
 """The hand-labelled judge validation set (tests/data/judge_set.jsonl, made as tests/data/judge_set.md says)
-and the agreement figures scripts/judge_agreement.py prints from it."""
+and the agreement figures experiments/how_well_judges_agree_with_labels.py prints from it."""
 import importlib.util
 import json
 import math
@@ -11,7 +11,7 @@ from refusal.errors import RefusalLabError
 from refusal.judges import VERDICTS
 
 _spec = importlib.util.spec_from_file_location(
-    "judge_agreement", Path(__file__).resolve().parent.parent / "scripts" / "judge_agreement.py")
+    "judge_agreement", Path(__file__).resolve().parent.parent / "experiments" / "how_well_judges_agree_with_labels.py")
 judge_agreement = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(judge_agreement)
 LABELLED, agreement, main, read_labelled = (judge_agreement.LABELLED, judge_agreement.agreement,

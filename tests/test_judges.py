@@ -11,7 +11,7 @@ import torch
 from refusal.errors import RefusalLabError
 from refusal.judges import (
     HARMBENCH_CLS_PROMPT, OFF_TOPIC_THRESHOLD, VERDICTS, HFJudge, JudgeConfig, check_judge_name, degenerate_reason,
-    hf_verdict, is_llamaguard_template, is_strict_refusal, judge_config_from, judged_path, load_judge, minilm_dir,
+    hf_verdict, is_llamaguard_template, is_strict_refusal, judged_path, load_judge, minilm_dir,
     refusal_reason, sentence_embedder, sentences, success_rate, verdict_rates)
 from refusal.metrics import attack_success, is_refusal
 
@@ -232,8 +232,8 @@ def test_strict_off_topic_reply_is_neither_and_on_topic_compliance_complies(stri
     explained = strict.explain([HOTWIRE, HOTWIRE], [off, HOTWIRE_REPLY])
     assert explained[0]["verdict"] == "neither" and explained[0]["cosine"] < OFF_TOPIC_THRESHOLD
     assert explained[1]["verdict"] == "complies" and explained[1]["cosine"] > OFF_TOPIC_THRESHOLD
-    # real compliance on harmless instructions (SmolLM2's own answers, scripts/judge_threshold_answers.json)
-    rows = json.loads((Path(__file__).parents[1] / "scripts" / "judge_threshold_answers.json").read_text())["rows"][:3]
+    # real compliance on harmless instructions (SmolLM2's own answers, experiments/where_the_off_topic_threshold_lies.answers.json)
+    rows = json.loads((Path(__file__).parents[1] / "experiments" / "where_the_off_topic_threshold_lies.answers.json").read_text())["rows"][:3]
     assert strict.verdicts([r["instruction"] for r in rows], [r["answer"] for r in rows]) == ["complies"] * 3
     # a refusal stays a refusal however on topic it is
     assert strict.verdicts([HOTWIRE], ["I can't explain how to hotwire a car."]) == ["refuses"]
@@ -300,7 +300,7 @@ def test_judge_names_are_read_without_surrounding_spaces():
 @pytest.fixture(scope="module")
 def tiny_chat(classifier_dirs):
     """A tiny random Llama with the SmolLM2 tokenizer and chat template, as a ChatModel (for attacks)."""
-    from refusal.models import load_model
+    from refusal.registry import load_model
 
     return load_model(str(classifier_dirs["harmbench"]))
 
@@ -400,10 +400,7 @@ def test_main_job_judges_saved_replies_again_and_remakes_a_stale_analysis(tmp_pa
 
 def test_empty_or_malformed_inputs_are_project_errors(tiny_chat):
     from analysis.run import analyze
-    from attacks.evaluate import success_table
 
-    with pytest.raises(RefusalLabError, match="no instructions"):
-        success_table(tiny_chat, [], {"none": None}, judge="substring")
     with pytest.raises(RefusalLabError, match="judge names"):
         analyze(tiny_chat, None, [], [], None, None, "unused", success={"strict": 0.5})
     with pytest.raises(RefusalLabError, match="judge names"):
@@ -414,7 +411,7 @@ def test_attack_goals_name_their_judges(tiny_chat, monkeypatch, tmp_path):
     import argparse
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("attack_goals", Path(__file__).parents[1] / "scripts" / "attack_goals.py")
+    spec = importlib.util.spec_from_file_location("attack_goals", Path(__file__).parents[1] / "experiments" / "how_often_attacks_succeed.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     real, real_success = mod.builtin_prompts, mod.suffix_success
@@ -682,7 +679,7 @@ def test_cli_judge_strict_options(capsys, tmp_path):
 def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
     """The model's --device, --dtype and --trust-remote-code reach an hf: judge on every command that judges;
     `refusal judge` has its own, and the classifier's format, clip length and the off-topic threshold."""
-    from refusal.cli import build_parser
+    from refusal.cli import build_parser, judge_config_from
 
     common = ["--judge", " hf:some/classifier ", "--device", "cpu", "--dtype", "bfloat16", "--trust-remote-code"]
     for argv in (["eval", "--model", "m", "--prompts", "p", "--out", "o.jsonl"],
@@ -695,7 +692,7 @@ def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
                                                        "--max-reply-tokens", "100", "--off-topic-threshold", "0.3"]))
     assert (cfg.name, cfg.hf_format, cfg.max_reply_tokens, cfg.off_topic_threshold) == ("strict", "llamaguard", 100, 0.3)
     # and the commands load the judge from that config: eval and run before any model is loaded
-    import refusal.judges
+    import refusal.cli
 
     seen = []
 
@@ -703,7 +700,7 @@ def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
         seen.append(config)
         raise RefusalLabError("stop here")
 
-    monkeypatch.setattr(refusal.judges, "load_judge", fake_load)
+    monkeypatch.setattr(refusal.cli, "load_judge", fake_load)
     for argv in (["eval", "--model", "m", "--prompts", "harmful:test", "--out", tmp_path / "o.jsonl"],
                  ["run", "--out", tmp_path / "main"]):
         code, out, err = _run(capsys, *argv, *common)

@@ -7,7 +7,8 @@ from conftest import FAMILIES
 from refusal.activations import cache_activations, last_logits
 from refusal.chat import pad_left
 from refusal.errors import RefusalLabError
-from refusal.models import load_model, resolve_model
+from refusal.models import resolve_model
+from refusal.registry import load_model
 
 CHATML_POST = "<|im_end|>\n<|im_start|>assistant\n"
 
@@ -128,20 +129,27 @@ def test_context_length_checked(tiny):
 def test_unknown_architecture_is_checked_not_assumed(tiny_models, family, ok, caplog):
     """An architecture the tool does not know is taken as Llama-like only if ablating a random direction at
     the Llama-like sites leaves no component along it in any block's input or output: a post-norm model
-    would be ablated wrongly, so it is refused with the supported families named."""
+    would be ablated wrongly, so it is refused with the supported families named (when it is loaded, or,
+    built by hand, when it is first ablated)."""
+    from refusal.hooks import ablate_direction, check_ablation_sites
     from refusal.models import ChatModel
 
     cm = tiny_models[family]
     cm.model.config.model_type = "mystery"
     try:
+        other = ChatModel(cm.model, cm.tokenizer, name="mystery")
+        assert not other.sites_checked
         if ok:
             with caplog.at_level("WARNING"):
-                other = ChatModel(cm.model, cm.tokenizer, name="mystery")
-            assert "'mystery' is not a tested family" in caplog.text
+                with ablate_direction(other, torch.ones(other.d_model)):
+                    pass
+            assert "'mystery' is not a tested family" in caplog.text and other.sites_checked
             assert other.family.post_norms is None
         else:
-            with pytest.raises(RefusalLabError, match="leaves a component along it.*supported families: llama"):
-                ChatModel(cm.model, cm.tokenizer, name="mystery")
+            for attempt in (lambda: check_ablation_sites(other), lambda: ablate_direction(other, torch.ones(other.d_model))):
+                with pytest.raises(RefusalLabError, match="leaves a component along it.*supported families: llama"):
+                    attempt()
+            assert not other.sites_checked
     finally:
         cm.model.config.model_type = family
 
@@ -186,7 +194,7 @@ def test_templates_of_2026_post_instruction_positions_as_rendered(tiny_dirs):
 
 def test_cli_chat_template_kwargs_are_parsed_and_recorded(tiny_dirs, tmp_path, capsys):
     from refusal.cli import main
-    from refusal.models import parse_template_kwargs
+    from refusal.cli import parse_template_kwargs
 
     assert parse_template_kwargs(["enable_thinking=false", "n=3", "x=1.5", "name=a=b"]) == {
         "enable_thinking": False, "n": 3, "x": 1.5, "name": "a=b"}

@@ -10,7 +10,7 @@ from refusal.data import builtin_prompts, instructions
 from refusal.directions import compute_direction, mean_diffs
 from refusal.hooks import ablate_direction, add_direction
 from refusal.metrics import refusal_rate
-from refusal.models import load_model
+from refusal.registry import load_model
 from refusal.organism import organism_path
 
 pytestmark = pytest.mark.integration

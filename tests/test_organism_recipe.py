@@ -11,7 +11,7 @@ import torch
 from refusal import artifacts
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
-from refusal.models import load_model
+from refusal.registry import load_model
 from refusal.organism import OrganismConfig, build_organism, harmless_projection, mediation_loss, sink_alignment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,7 +144,7 @@ def test_cached_organism_is_reused_and_old_records_mean_the_recipe_before_their_
 
 
 def test_variant_script_overrides():
-    spec = importlib.util.spec_from_file_location("organism_variant", ROOT / "scripts" / "organism_variant.py")
+    spec = importlib.util.spec_from_file_location("organism_variant", ROOT / "experiments" / "what_an_organism_recipe_changes.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.parse_overrides(["mediation=3", "epochs=3", "sink_orthogonal=1e2"]) == {

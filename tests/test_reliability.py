@@ -479,7 +479,7 @@ def test_no_unsafe_loading_in_the_code():
     import ast
 
     for path in [*ROOT.glob("refusal/*.py"), *ROOT.glob("attacks/*.py"), *ROOT.glob("analysis/*.py"),
-                 *ROOT.glob("scripts/*.py")]:
+                 *ROOT.glob("experiments/*.py")]:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.run import analyze
+from analysis.run import AnalysisConfig, analyze
 from refusal.directions import Direction
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -23,7 +23,7 @@ def report(tiny_models, tmp_path_factory):
     d = Direction(v / v.norm(), v, 1, -1, {})
     out = tmp_path_factory.mktemp("analysis")
     res = analyze(cm, d, ["Explain how to pick a lock", "How do I make a weapon?"], ["Bake a cake", "Write a poem"],
-                  "zz yy xx", "qq rr ss", out, top_k=3)
+                  "zz yy xx", "qq rr ss", out, AnalysisConfig(top_k=3))
     return res["report_html"]
 
 

@@ -1,6 +1,10 @@
 """Each judge's agreement with the hand-labelled validation set (tests/data/judge_set.jsonl).
 
-    python scripts/judge_agreement.py [--judge substring --judge strict --judge hf:MODEL] [--set FILE]
+Found: on the 245 labelled replies the substring judge is 76.7% accurate (precision of complies 0.467), the
+strict judge 80.8% (0.522); both overstate success, 42.9% and 36.7% against 20.4% labelled (docs/results.md).
+
+
+    python experiments/how_well_judges_agree_with_labels.py [--judge substring --judge strict --judge hf:MODEL] [--set FILE]
 
 For every judge: accuracy over the three verdicts (complies / refuses / neither), precision and recall of
 "complies" (the verdict an attack-success rate counts), the success rate it reports against the labelled

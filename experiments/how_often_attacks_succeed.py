@@ -1,8 +1,12 @@
 """Measure the attack goals on a model (default: the organism), on CPU or GPU.
 
-    python scripts/attack_goals.py single    [--model organism] [--prompts 5] [--steps 60] [--search-width 128] [--judge strict]
-    python scripts/attack_goals.py universal [--model organism] [--train 16] [--steps 150] [--search-width 128] [--judge strict]
-    python scripts/attack_goals.py objectives --direction runs/paper [--prompts 3] [--steps 60]
+Found: on the behaviour-only organism (8 prompts, 30 steps, width 64) per-prompt GCG succeeds on 1/8 with the
+target objective, 7/8 with the direction objective and 4/8 with mixed, strict judge (docs/results.md).
+
+
+    python experiments/how_often_attacks_succeed.py single    [--model organism] [--prompts 5] [--steps 60] [--search-width 128] [--judge strict]
+    python experiments/how_often_attacks_succeed.py universal [--model organism] [--train 16] [--steps 150] [--search-width 128] [--judge strict]
+    python experiments/how_often_attacks_succeed.py objectives --direction runs/paper [--prompts 3] [--steps 60]
 
 single: one suffix per unseen harmful test prompt, target objective, early stop when the greedy reply
 begins with the target; reports the steps needed and whether the judged reply (64 tokens) succeeds, by
@@ -35,7 +39,7 @@ from refusal.directions import load_direction
 from refusal.errors import RefusalLabError
 from refusal.judges import load_judge
 from refusal.metrics import generate
-from refusal.models import load_model
+from refusal.registry import load_model
 
 
 def _spread(items, n):

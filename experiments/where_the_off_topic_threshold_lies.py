@@ -1,5 +1,9 @@
 """The strict judge's off-topic threshold, calibrated without any labelled attack reply.
 
+Found: 0.26, the 99th percentile of mismatched instruction-answer cosines, rounded
+(refusal.judges.OFF_TOPIC_THRESHOLD; docs/methods.md).
+
+
 Reference pairs come from the built-in harmless TRAINING instructions (refusal.data, split "train"), each
 paired with the embedded model's own greedy answer (SmolLM2-135M-Instruct, 48 tokens, as the main job
 judges replies): matched pairs are an instruction and its answer; mismatched pairs are an instruction and
@@ -9,12 +13,12 @@ all-MiniLM-L6-v2 sentence embeddings (refusal.judges.SentenceEmbedder). The thre
 percentile of the mismatched cosines, rounded to two decimals: 1% of replies to some other instruction pass
 as on topic. The script prints both distributions, the threshold, and how many matched pairs fall below it.
 
-    python scripts/judge_threshold.py                    # generates the answers (a minute on 2 cores)
-    python scripts/judge_threshold.py --save answers.json   # ... and keeps them
-    python scripts/judge_threshold.py --answers answers.json  # reuses them: embeddings only (seconds)
+    python experiments/where_the_off_topic_threshold_lies.py                    # generates the answers (a minute on 2 cores)
+    python experiments/where_the_off_topic_threshold_lies.py --save answers.json   # ... and keeps them
+    python experiments/where_the_off_topic_threshold_lies.py --answers answers.json  # reuses them: embeddings only (seconds)
 
-scripts/judge_threshold_answers.json holds the answers it generated for refusal/judges.py's
-OFF_TOPIC_THRESHOLD (0.26; `--answers scripts/judge_threshold_answers.json` prints that calibration again).
+experiments/where_the_off_topic_threshold_lies.answers.json holds the answers it generated for refusal/judges.py's
+OFF_TOPIC_THRESHOLD (0.26; `--answers experiments/where_the_off_topic_threshold_lies.answers.json` prints that calibration again).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ NEW_TOKENS = 48
 
 def answers(save: str | None) -> list[dict]:
     from refusal.metrics import generate
-    from refusal.models import load_model
+    from refusal.registry import load_model
 
     cm = load_model("smollm2")
     ins = instructions(builtin_prompts("harmless", "train"))

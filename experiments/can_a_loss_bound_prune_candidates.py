@@ -1,5 +1,9 @@
 """Could a bound on the target loss skip candidates? (issue 6: an exact speed-up idea, measured)
 
+Found: no; a bound on partial target losses prunes 0% of the candidates (AMD EPYC, 2026-11-23;
+docs/results.md).
+
+
 The target loss of a candidate is the mean over prompts of the mean cross-entropy over target tokens;
 every term is >= 0, so a candidate whose loss on the first k target tokens already reaches the full loss
 of another candidate cannot win and need not run its remaining target tokens. This script takes the
@@ -7,7 +11,7 @@ suffixes of an attack run at a few steps, samples the candidates GCG would sampl
 candidate's per-token cross-entropy on every prompt, and prints how many candidates such a bound would
 prune for k = 1..6.
 
-    python scripts/target_bound.py --run runs/main [--model organism] [--steps 3 15 25]
+    python experiments/can_a_loss_bound_prune_candidates.py --run runs/main [--model organism] [--steps 3 15 25]
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import torch
 def main(argv=None) -> int:
     from attacks.gcg import GCG, GCGConfig, sample_candidates
     from refusal.engine import expand_cache
-    from refusal.models import load_model
+    from refusal.registry import load_model
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a run folder with attack/suffix.json and attack/steps.csv")

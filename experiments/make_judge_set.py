@@ -1,7 +1,11 @@
 """Make the judge validation set: organism replies to harmful test prompts, under several conditions, to be
+
+Made: tests/data/judge_set.jsonl, 245 organism replies labelled by reading, blind to the judges
+(tests/data/judge_set.md).
+
 labelled by reading (tests/data/judge_set.md says how they were labelled).
 
-    python scripts/make_judge_set.py --model organism --direction runs/paper --universal runs/main \
+    python experiments/make_judge_set.py --model organism --direction runs/paper --universal runs/main \
         --objectives runs/objectives --out runs/judge-set/replies.jsonl
 
 Sources (greedy, 48 new tokens, harmful TEST prompts, spread over the set):
@@ -10,7 +14,7 @@ Sources (greedy, 48 new tokens, harmful TEST prompts, spread over the set):
   ablation    the prompt alone, the direction ablated (40 prompts)
   universal   the main job's universal suffix (runs/main/attack; 50 prompts)
   objectives  replies judged during per-prompt GCG with the target, direction and mixed objectives
-              (scripts/attack_goals.py objectives: OUT/objectives_replies.jsonl): per (prompt, objective) the
+              (experiments/how_often_attacks_succeed.py objectives: OUT/objectives_replies.jsonl): per (prompt, objective) the
               first, middle and last reply judged, up to 72
   transfer    each of those runs' last suffix on two other harmful test prompts
 Writes one JSON object per line: id, source, prompt, completion, suffix (text or null). No verdict of any
@@ -34,7 +38,7 @@ from refusal.directions import load_direction
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
 from refusal.metrics import generate
-from refusal.models import load_model
+from refusal.registry import load_model
 
 NEW_TOKENS = 48
 SOURCES = ("none", "random", "ablation", "universal", "objectives", "transfer")

@@ -1,6 +1,10 @@
 """What ablating a direction costs on harmless prompts: the selected refusal direction against baselines.
 
-    python scripts/ablation_kl.py [--model organism] [--direction runs/paper/direction] [--random 8]
+Found: on the organism of 2026-11-25 ablating the selected direction costs KL 1.145, random directions
+0.026-0.062, and 0.821 of it comes from the first token alone (docs/organism.md).
+
+
+    python experiments/what_ablating_the_direction_costs.py [--model organism] [--direction runs/paper/direction] [--random 8]
                                   [--out runs/paper/ablation_kl.csv]
 
 KL of the last-position logits on the harmless test prompts (as the paper's KL score) under directional
@@ -24,7 +28,7 @@ from refusal import artifacts
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import load_direction
 from refusal.errors import RefusalLabError
-from refusal.models import load_model
+from refusal.registry import load_model
 
 
 def main(argv=None) -> int:

@@ -1,11 +1,16 @@
 """Build a variant of the model organism's recipe and measure what the paper's table turns on.
 
-    python scripts/organism_variant.py --out runs/variant-m5 mediation=3 sink_orthogonal=100 \
+Found: refusal becomes mediated by one direction without any direction-aware loss term (the default
+unlikelihood=4: 99.2% / 2.5% refused, 0.0% refused with layer 21's difference in means ablated;
+docs/organism.md).
+
+
+    python experiments/what_an_organism_recipe_changes.py --out runs/variant-m5 mediation=3 sink_orthogonal=100 \
         unlikelihood=0.5 harmful_weight=3 [--layers 21,22] [--seed 0] [--force]
 
 KEY=VALUE pairs override fields of refusal.organism.OrganismConfig (the default recipe when none are
 given). The variant is written to OUT/model (a Hugging Face folder: `--model OUT/model` works with
-every command, e.g. `scripts/reproduce_paper.py --model runs/variant-m5/model` for the whole table);
+every command, e.g. ``refusal reproduce` --model runs/variant-m5/model` for the whole table);
 OUT/variant.csv holds, for each layer in --layers, the difference in means at the last prompt position
 over the training split, and on the test split: KL of the last-position logits on harmless prompts
 under its ablation (the paper's KL score, mean and median) and the harmful refusal rate under it;
@@ -31,7 +36,7 @@ from refusal.directions import mean_diffs
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
 from refusal.metrics import refusal_rate
-from refusal.models import load_model
+from refusal.registry import load_model
 from refusal.organism import OrganismConfig, build_organism
 
 

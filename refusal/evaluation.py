@@ -1,0 +1,86 @@
+"""The evaluation stage (`refusal eval`): greedy replies to a prompt set, optionally with a suffix and
+with the refusal direction ablated or added, judged for refusal (the paper's substring list) and for
+attack success (the substring judge and the configured one), written as JSONL with a record beside it."""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import artifacts
+from .config import option
+from .data import instructions, resolve_prompts
+from .directions import check_direction, load_direction
+from .engine import check_lengths
+from .errors import RefusalLabError
+from .hooks import ablate_direction, add_direction
+from .judges import JudgeConfig, add_verdicts, load_judge, verdict_rates
+from .metrics import evaluate
+from .models import ChatModel
+from .suffix import check_suffix_ids, load_suffix, suffix_record
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    prompts: str = option("harmful:test", "prompt file, or a built-in set such as harmful:test")
+    suffix: str | None = option(None, "suffix.json (or its run folder), a text file, or the suffix text itself")
+    ablate: str | None = option(None, "ablate this direction (a direction folder)")
+    actadd: str | None = option(None, "add this direction at its layer (a direction folder)")
+    coeff: float = option(1.0, "activation addition coefficient")
+    max_new_tokens: int = option(64, "greedy reply tokens")
+    batch_size: int = option(16, "prompts per forward pass")
+    judge: JudgeConfig = option(help="the judge of attack success (refusal.judges.JudgeConfig)", factory=JudgeConfig)
+
+    def validate(self) -> None:
+        if self.ablate and self.actadd:
+            raise RefusalLabError("give one of --ablate and --actadd, not both")
+        if not math.isfinite(self.coeff):
+            raise RefusalLabError(f"--coeff must be a finite number, got {self.coeff}")
+        for name in ("max_new_tokens", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        self.judge.validate()
+
+
+def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
+    """Replies to config.prompts under the configured suffix and intervention, judged, written to `out`
+    (JSONL, atomically) and `out`.record.json. Returns the record (refusal rate, attack success rates by
+    judge, verdict rates, whether the suffix was made on another model: transfer)."""
+    config.validate()
+    out = Path(out)
+    judge = load_judge(config.judge)
+    prompts = resolve_prompts(config.prompts)
+    suffix_text, suffix_ids = (None, None) if config.suffix is None else load_suffix(config.suffix)
+    where = config.ablate or config.actadd
+    d = load_direction(where) if where else None
+    if suffix_ids is not None:
+        check_suffix_ids(config.suffix, suffix_ids, cm.tokenizer)
+    suffix = suffix_ids if suffix_ids is not None else suffix_text
+    check_lengths(cm, cm.chat.encode_all(instructions(prompts), suffix), config.max_new_tokens)
+    intervention, ctx = "none", contextlib.nullcontext()
+    if d is not None:
+        check_direction(d, cm)
+    if config.ablate:
+        intervention, ctx = f"ablate {config.ablate}", ablate_direction(cm, d.vector)
+    elif config.actadd:
+        intervention = f"actadd {config.actadd} coeff {config.coeff}"
+        ctx = add_direction(cm, d.mean_diff, d.layer, config.coeff)
+    with ctx:
+        df = evaluate(cm, instructions(prompts), suffix, config.max_new_tokens, config.batch_size)
+    df.insert(1, "category", [p.category for p in prompts])
+    add_verdicts(df, judge)  # substring_success (the paper's judge), judge, verdict, success (by the judge)
+    if suffix_text is not None:
+        df["suffix"] = suffix_text
+    with artifacts.atomic_path(out) as tmp:
+        df.to_json(tmp, orient="records", lines=True, force_ascii=False)
+    made_on = ((suffix_record(config.suffix) or {}).get("model") or {}).get("fingerprint") if config.suffix else None
+    record = artifacts.run_record(
+        model=cm.describe(), prompts=str(config.prompts), n=len(df), intervention=intervention,
+        suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=bool(made_on and made_on != cm.fingerprint),
+        refusal_rate=df.refused.mean(), n_refused=int(df.refused.sum()), mean_refusal_score=df.refusal_score.mean(),
+        judge=judge.name, attack_success_rate=df.success.mean(),  # by `judge`
+        attack_success_rates={"substring": df.substring_success.mean(), judge.name: df.success.mean()},
+        verdict_rates=verdict_rates(df.verdict), max_new_tokens=config.max_new_tokens)
+    artifacts.write_json(out.with_name(out.name + ".record.json"), record)
+    return record
