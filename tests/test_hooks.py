@@ -156,3 +156,37 @@ def test_orthogonalized_model_saves_and_reloads(tiny, tmp_path):
         ablated = last_logits(tiny, encs)
     assert (last_logits(again, encs) - ablated).abs().max() < 1e-4
     assert again.fingerprint != tiny.fingerprint
+
+
+def test_interventions_are_hook_lists_applied_by_one_context_manager(tiny):
+    """ablation_hooks lists a pre-hook on every block and a post-hook on each of its two residual writers;
+    addition one pre-hook; hooked() applies any concatenation of them and removes all of it on exit, after an
+    error in the block, and when registering one of them fails half-way."""
+    from refusal.hooks import Hook, ablation_hooks, addition_hooks, capture_hooks, hooked
+
+    r = _direction(tiny)
+    abl = ablation_hooks(tiny, r)
+    assert all(isinstance(h, Hook) for h in abl) and len(abl) == 3 * tiny.n_layers
+    assert [h.module for h in abl if h.kind == "pre"] == list(tiny.blocks)
+    assert {h.module for h in abl if h.kind == "post"} == {m for l in range(tiny.n_layers) for m in tiny.residual_writers(l)}
+    add = addition_hooks(tiny, r, 1, 2.0)
+    assert len(add) == 1 and add[0].module is tiny.blocks[1] and add[0].kind == "pre"
+    store = {}
+    encs = tiny.chat.encode_all(PROMPTS)
+    n0 = _n_hooks(tiny)
+    with hooked(abl + capture_hooks(tiny, store, positions=[-1])):
+        assert _n_hooks(tiny) == n0 + len(abl) + tiny.n_layers
+        ablated = last_logits(tiny, encs)
+    assert _n_hooks(tiny) == n0
+    with ablate_direction(tiny, r):  # the context manager is the same list, applied
+        assert torch.equal(last_logits(tiny, encs), ablated)
+    unit = r / r.norm()
+    assert max(float((x[:, 0] @ unit).abs().max()) for x in store.values()) < 1e-4  # captured after ablation
+    with pytest.raises(ZeroDivisionError):
+        with hooked(abl):
+            1 / 0
+    assert _n_hooks(tiny) == n0
+    with pytest.raises(ValueError, match="unknown hook kind"):
+        with hooked(abl + [Hook(tiny.blocks[0], lambda *a: None, "sideways")]):
+            pass
+    assert _n_hooks(tiny) == n0

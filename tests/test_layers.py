@@ -143,3 +143,12 @@ def test_no_private_name_crosses_modules():
                 if owners:
                     bad.append(f"{mod}:{node.lineno}: uses {node.attr}, private to {', '.join(owners)}")
     assert not bad, "\n".join(bad)
+
+
+def test_only_the_hooks_module_registers_hooks():
+    """Every hook goes through refusal.hooks.hooked (interventions are lists of Hook): no other module
+    registers one on a model itself."""
+    mods = modules()
+    bad = [f"{m}" for m, p in mods.items() if m != "refusal.hooks"
+           and ("register_forward_pre_hook" in p.read_text() or "register_forward_hook" in p.read_text())]
+    assert bad == []

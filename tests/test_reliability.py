@@ -1,4 +1,4 @@
-"""Reliability (issue 7): every CLI command meets bad input with one clear line and exit status 2,
+"""Reliability: every CLI command meets bad input with one clear line and exit status 2,
 writes nothing half-way, survives SIGKILL and Ctrl-C, reproduces itself, loads safely, and does not
 crash on random bytes or Unicode. All on the tiny random Llama with the real tokenizer."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -596,3 +597,26 @@ def test_fuzz_prompt_loaders_and_chat_formatting(tmp_path, tiny):
     f.write_text(line)
     attempt(lambda: load_and_format(f))
     assert outcomes["ok"] > 50 and outcomes["error"] > 50, outcomes
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_atomic_writes_keep_the_permissions_a_plain_write_gets(tmp_path, umask):
+    """Artifacts written through the atomic helpers get 0666 / 0777 less the umask, as a plain write would:
+    not the temporary file's 0600 (a run folder shared with a group stays readable to it)."""
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        (tmp_path / "plain_dir").mkdir()
+        artifacts.write_text(tmp_path / "a.txt", "x")
+        artifacts.write_json(tmp_path / "a.json", {"a": 1})
+        artifacts.save_tensors(tmp_path / "a.safetensors", {"t": torch.zeros(2)})
+        with artifacts.atomic_dir(tmp_path / "stage") as tmp:
+            artifacts.write_text(tmp / "inner.txt", "x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(plain) == 0o666 & ~umask
+    for name in ("a.txt", "a.json", "a.safetensors", "stage/inner.txt"):
+        assert mode(tmp_path / name) == mode(plain), name
+    assert mode(tmp_path / "stage") == mode(tmp_path / "plain_dir") == 0o777 & ~umask
