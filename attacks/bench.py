@@ -27,7 +27,7 @@ from .targets import default_target
 
 log = logging.getLogger(__name__)
 
-BENCH_CONFIG = GCGConfig(search_width=128, topk=64, suffix_len=20, n_replace=1, early_stop=False)
+BENCH_CONFIG = GCGConfig(early_stop=False)  # the attack's defaults, every step run
 
 
 class PeakMemory:

@@ -82,7 +82,8 @@ def _config(cls, args, **changes):
     return cls(**{**values, **changes})
 
 
-def _model_args(p: argparse.ArgumentParser, default: str | None = None, batch_size: int | None = 32) -> None:
+def _model_args(p: argparse.ArgumentParser, default: str | None = None, batch_size: int | None = None) -> None:
+    """The model options (ModelConfig's fields), and --batch-size (prompts per pass) when the stage has one."""
     names = ", ".join(NAMED_MODELS)
     p.add_argument("--model", required=default is None, default=default,
                    help=f"{names}, a Hugging Face model folder, a hub id, or a .gguf file"
@@ -378,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("attack", help="optimize an adversarial suffix (GCG) for one prompt or a prompt set")
     _model_args(a)
+    _opt(a, GCGConfig, "batch_size", type=_positive("--batch-size"))
     a.add_argument("--prompt", help="one instruction to attack")
     a.add_argument("--target", help="target reply opening for --prompt (default: 'Sure, here is ...')")
     a.add_argument("--prompts", help="prompt file or built-in set (e.g. harmful:train): one universal suffix")

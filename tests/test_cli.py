@@ -209,3 +209,37 @@ def test_main_job_from_a_script_with_a_config(tiny_dirs, tmp_path):
         main_job(cm, JobConfig(resume=True, force=True), tmp_path / "other")
     with pytest.raises(RefusalLabError, match="n-test must be >= 1"):
         main_job(cm, JobConfig(n_test=0), tmp_path / "other")
+
+
+def test_cli_defaults_are_the_configs_defaults():
+    """Every option named like a field of its command's config defaults to that field's default (the options
+    are built from the dataclasses, so a default is written once)."""
+    import dataclasses
+
+    from analysis.reproduce import ReproduceConfig
+    from analysis.run import AnalysisConfig
+    from attacks.bench import BenchConfig
+    from attacks.gcg import GCGConfig
+    from refusal.cli import build_parser
+    from refusal.directions import DirectionConfig
+    from refusal.evaluation import EvalConfig
+    from refusal.judges import JudgeConfig
+    from refusal.pipeline import JobConfig
+    from refusal.registry import ModelConfig
+
+    cases = [(["direction", "--model", "m", "--out", "o"], [DirectionConfig, ModelConfig]),
+             (["eval", "--model", "m", "--prompts", "p", "--out", "o"], [EvalConfig, ModelConfig]),
+             (["attack", "--model", "m", "--prompt", "x", "--out", "o"], [GCGConfig, ModelConfig]),
+             (["analyze", "--model", "m", "--direction", "d", "--suffix", "s", "--out", "o"], [AnalysisConfig]),
+             (["bench"], [BenchConfig]), (["run"], [JobConfig]), (["reproduce"], [ReproduceConfig]),
+             (["judge", "f.jsonl"], [JudgeConfig])]
+    checked = 0
+    for argv, classes in cases:
+        args = vars(build_parser().parse_args(argv))
+        for cls in classes:
+            for f in dataclasses.fields(cls):
+                if f.name in args and f.name not in ("model", "prompts", "judge") and f.default is not dataclasses.MISSING:
+                    assert args[f.name] == f.default, (argv[0], cls.__name__, f.name, args[f.name], f.default)
+                    checked += 1
+        assert args.get("judge", "strict") == JudgeConfig().name
+    assert checked >= 45
