@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -107,4 +107,31 @@ def plot_pca_conditions(acts: Mapping[str, torch.Tensor], layer: int, path: str 
     ax.set_xlabel(f"PC1 ({float(ev[0]):.0%} of variance)")
     ax.set_ylabel(f"PC2 ({float(ev[1]):.0%} of variance)")
     ax.set_title(f"Last-position activations at layer {layer}")
+    return _save(fig, path)
+
+
+def plot_loss_vs_time(traces: Mapping[str, Sequence[Sequence[Sequence[float]]]], path: str | Path) -> Path:
+    """Best loss so far against wall time, one line per engine: at every time the median over prompts of
+    the best loss reached by then (a prompt that stopped keeps its last value); each prompt's own trace
+    faint behind. traces: {engine: [one [[seconds, best loss], ...] list per prompt]}."""
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    colors = dict(zip(traces, sns.color_palette("deep", len(traces))))
+    end = max((t[-1][0] for runs in traces.values() for t in runs if t), default=1.0)
+    grid = [end * i / 200 for i in range(201)]
+    for engine, runs in traces.items():
+        runs = [t for t in runs if t]
+        for t in runs:
+            ax.step([x for x, _ in t], [y for _, y in t], where="post", color=colors[engine], alpha=0.15, lw=0.8)
+        xs, ys = [], []
+        for g in grid:
+            seen = [next((y for x, y in reversed(t) if x <= g), None) for t in runs]
+            seen = sorted(v for v in seen if v is not None)
+            if len(seen) == len(runs) and seen:
+                xs.append(g)
+                ys.append(seen[len(seen) // 2] if len(seen) % 2 else 0.5 * (seen[len(seen) // 2 - 1] + seen[len(seen) // 2]))
+        ax.plot(xs, ys, color=colors[engine], lw=2, label=engine)
+    ax.set_xlabel("wall time (s)")
+    ax.set_ylabel("best loss so far (median over prompts)")
+    ax.legend()
     return _save(fig, path)

@@ -13,21 +13,24 @@ from typing import Callable, Sequence
 
 import torch
 
+from analysis.plots import plot_loss_vs_time
 from refusal import artifacts
 from refusal.activations import cache_activations
 from refusal.config import as_dict, option
 from refusal.data import builtin_prompts, instructions
 from refusal.engine import forward_batches
 from refusal.errors import RefusalLabError
+from refusal.judges import load_judge
+from refusal.metrics import generate
 from refusal.models import ChatModel, seed_everything
 
-from .gcg import GCG, GCGConfig, screening_dtype
+from .gcg import GCG, AttackResult, GCGConfig, screening_dtype
 from .reference import require_nanogcg, run_nanogcg
 from .targets import default_target
 
 log = logging.getLogger(__name__)
 
-BENCH_CONFIG = GCGConfig(early_stop=False)  # the attack's defaults, every step run
+BENCH_CONFIG = GCGConfig()  # the attack's defaults
 
 
 class PeakMemory:
@@ -78,53 +81,70 @@ def _sync(cm: ChatModel) -> None:
 
 
 @torch.no_grad()
-def _first_success_steps(cm: ChatModel, instruction: str, target: str, suffixes: Sequence[str]) -> int | None:
-    """First step whose suffix (text) makes the greedy reply begin with the target (teacher-forced)."""
+def target_matches(cm: ChatModel, instruction: str, target: str, suffixes: Sequence[str]) -> list[bool]:
+    """For each suffix (text): whether the greedy reply to the instruction with it begins with the target
+    (teacher-forced: one forward pass per suffix, no generation)."""
     tgt = cm.tokenizer(target, add_special_tokens=False).input_ids
-    for step, s in enumerate(suffixes):
+    out = []
+    for s in suffixes:
         enc = cm.chat.encode(instruction, cm.tokenizer(s, add_special_tokens=False).input_ids)
         ids = torch.tensor([enc.ids + tgt], device=cm.device)
         logits = cm.model(input_ids=ids).logits[0, -len(tgt) - 1:-1]
-        if logits.argmax(-1).tolist() == tgt:
-            return step
+        out.append(logits.argmax(-1).tolist() == tgt)
+    return out
+
+
+def first_success_step(cm: ChatModel, instruction: str, target: str, suffixes: Sequence[str], judge,
+                       judge_tokens: int) -> int | None:
+    """The first step whose suffix succeeds by the bench's rule, the native engine's `target+judge` check:
+    the greedy reply begins with the target (free to check, so checked first) and the judge says the reply
+    (`judge_tokens` greedy tokens) complies. None if no step does."""
+    for step, ok in enumerate(target_matches(cm, instruction, target, suffixes)):
+        if ok:
+            enc = cm.chat.encode(instruction, cm.tokenizer(suffixes[step], add_special_tokens=False).input_ids)
+            reply = generate(cm, [enc], judge_tokens, progress=False)
+            if judge.verdicts([instruction], reply)[0] == "complies":
+                return step
     return None
 
 
-def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig) -> dict:
-    times = []
-    last = [time.perf_counter()]
+def _engine_row(res: AttackResult, setup_s: float, first: int | None, budget_steps: int, peak_mib: float) -> dict:
+    """What the bench keeps of one engine's run on one prompt. step_times are seconds since the engine
+    began (its setup included); a prompt that never succeeds costs the whole budget's time."""
+    times = [setup_s + t for t in res.step_times] if res.step_times else []
+    total = times[-1] if times else setup_s + res.elapsed_s
+    per_step = (total - setup_s) / max(1, res.steps_run)
+    best = [min(res.losses[: i + 1]) for i in range(len(res.losses))]
+    return dict(s_per_step=per_step, steps_run=res.steps_run, setup_s=setup_s, best_loss=min(res.losses),
+                losses=res.losses, trace=[[round(t, 3), round(l, 5)] for t, l in zip(times, best)],
+                first_success_step=first, success=first is not None,
+                time_to_success_s=times[first] if first is not None else None,
+                budget_time_s=setup_s + per_step * budget_steps, peak_mib=peak_mib, suffix=res.suffix)
 
-    def tick(info):
+
+def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None) -> dict:
+    """The native engine on one prompt, stopping at the first success by the target+judge check."""
+    config = replace(config, success_check="target+judge")
+    with PeakMemory(cm.device) as mem:
         _sync(cm)
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
-    with PeakMemory(cm.device) as mem:
         t0 = time.perf_counter()
-        g = GCG(cm, [instruction], [target], config)
-        last[0] = time.perf_counter()
-        setup = last[0] - t0
-        res = g.run(on_step=tick, progress=False)
-        total = time.perf_counter() - t0
+        g = GCG(cm, [instruction], [target], config, judge=judge)
+        setup = time.perf_counter() - t0
+        res = g.run(progress=False)
+        _sync(cm)
     first = next((i for i, ok in enumerate(res.success) if ok >= 1.0), None)
-    return dict(s_per_step=total / res.steps_run, step_times=times, setup_s=setup, best_loss=min(res.losses),
-                losses=res.losses, first_success_step=first,
-                time_to_success_s=None if first is None else setup + sum(times[: first + 1]), peak_mib=mem.peak_mib,
-                suffix=res.suffix)
+    return _engine_row(res, setup, first, config.steps, mem.peak_mib)
 
 
-def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig) -> dict:
+def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None) -> dict:
+    """nanoGCG on one prompt at its best (prefix cache, its own early stop on the target match); its steps'
+    suffixes are checked afterwards by the native engine's target+judge rule (that time is not counted)."""
     with PeakMemory(cm.device) as mem:
-        t0 = time.perf_counter()
         res = run_nanogcg(cm, instruction, target, config)
         _sync(cm)
-        total = time.perf_counter() - t0
-    first = _first_success_steps(cm, instruction, target, res.suffixes)
-    per = total / res.steps_run
-    return dict(s_per_step=per, best_loss=min(res.losses), losses=res.losses, first_success_step=first,
-                time_to_success_s=None if first is None else per * (first + 1), peak_mib=mem.peak_mib,
-                suffix=res.suffix)
+    first = first_success_step(cm, instruction, target, res.suffixes, load_judge(judge or config.judge),
+                               config.judge_tokens)
+    return _engine_row(res, 0.0, first, config.steps, mem.peak_mib)
 
 
 ENGINES = {
@@ -145,12 +165,30 @@ def engine_names(text: str) -> list[str]:
     return names
 
 
-def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, seed: int = 0,
+def summarize(rows: Sequence[dict]) -> dict:
+    """An engine's figures over prompts: medians (time to success: a prompt that never succeeded counts as
+    its budget's time), the success rate within the budget, the peak memory."""
+    med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+    return dict(
+        s_per_step=med([r["s_per_step"] for r in rows]),
+        time_to_success_s=med([r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]),
+        success_rate=sum(r["success"] for r in rows) / len(rows),
+        successes=sum(r["success"] for r in rows),
+        best_loss=med([r["best_loss"] for r in rows]),
+        steps_run=med([r["steps_run"] for r in rows]),
+        peak_mib=max(r["peak_mib"] for r in rows),
+    )
+
+
+def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, seed: int = 0,
                   config: GCGConfig | None = None, progress: Callable[[str], None] | None = None,
                   engines: Sequence[str] = ("nanogcg", "native", "native_model_precision")) -> dict:
-    """Per prompt, each engine in turn with identical settings (interleaved, so that machine load hits
-    them alike). Returns medians over prompts, speed-ups over nanoGCG and the per-prompt numbers."""
-    config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=False)
+    """Per prompt, each engine in turn with identical settings and step budget (interleaved, so that machine
+    load hits them alike), each stopping at its own first success. Returns, under `engines`, each engine's
+    summarize() figures; `time_to_success_speedup` (nanoGCG's median time to success over the native
+    engine's) and the s/step speed-ups beside it; the per-prompt rows."""
+    config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True)
+    judge = load_judge(config.judge)  # loaded once, before any engine runs
     per_prompt = []
     for i, instruction in enumerate(instructions):
         target = default_target(instruction)
@@ -158,32 +196,32 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 10, s
         for name in engines:
             fn, cfg = ENGINES[name](config)
             torch.manual_seed(seed)
-            r = fn(cm, instruction, target, cfg)
+            r = fn(cm, instruction, target, cfg, judge=judge)
             row[name] = r
             if progress:
-                progress(f"[{i + 1}/{len(instructions)}] {name}: {r['s_per_step']:.2f} s/step, best loss {r['best_loss']:.3f}")
+                ok = f"success at step {r['first_success_step']} ({r['time_to_success_s']:.0f} s)" if r["success"] \
+                    else f"no success in {r['steps_run']} steps"
+                progress(f"[{i + 1}/{len(instructions)}] {name}: {r['s_per_step']:.2f} s/step, {ok}, "
+                         f"best loss {r['best_loss']:.3f}")
         per_prompt.append(row)
 
-    def med(engine, key):
-        vals = [p[engine][key] for p in per_prompt if p[engine][key] is not None]
-        return statistics.median(vals) if vals else None
-
-    out = {"engines": list(engines)}
-    for e in engines:
-        for key in ("s_per_step", "best_loss", "time_to_success_s"):
-            out[f"{e}_{key}"] = med(e, key)
-        out[f"{e}_successes"] = sum(p[e]["first_success_step"] is not None for p in per_prompt)
-        out[f"{e}_peak_mib"] = max(p[e]["peak_mib"] for p in per_prompt)
+    out = {"engines": {e: summarize([p[e] for p in per_prompt]) for e in engines}}
+    for e, figures in out["engines"].items():  # the flat keys of earlier bench records, beside
+        for key in ("s_per_step", "best_loss", "time_to_success_s", "peak_mib", "successes"):
+            out[f"{e}_{key}"] = figures[key]
     if "nanogcg" in engines:
+        ref = out["engines"]["nanogcg"]
         for e in engines:
             if e != "nanogcg":
-                key = "speedup" if e == "native" else f"speedup_{e}"
-                out[key] = out["nanogcg_s_per_step"] / out[f"{e}_s_per_step"]
+                suffix = "" if e == "native" else f"_{e}"
+                out[f"speedup{suffix}"] = ref["s_per_step"] / out["engines"][e]["s_per_step"]
+                out[f"time_to_success_speedup{suffix}"] = ref["time_to_success_s"] / out["engines"][e]["time_to_success_s"]
     screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
     out["native_screen_dtype"] = str(screen).replace("torch.", "") if screen is not None else "none (model precision)"
     out["settings"] = dict(steps=steps, seed=seed, search_width=config.search_width, topk=config.topk,
                            suffix_len=config.suffix_len, n_replace=config.n_replace, rescore=config.rescore,
-                           prompts=len(instructions))
+                           prompts=len(instructions), judge=judge.name, judge_tokens=config.judge_tokens,
+                           success="the greedy reply begins with the target and the judge says it complies")
     out["per_prompt"] = per_prompt
     return out
 
@@ -220,38 +258,46 @@ def bench_activations(cm: ChatModel, instructions: Sequence[str], batch_size: in
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """`refusal bench`: the native engine against nanoGCG on the same held-out harmful prompts."""
+    """`refusal bench`: the engines side by side on the same held-out harmful prompts, time to success."""
 
-    steps: int = option(10, "GCG steps per prompt and engine")
-    prompts: int = option(5, "harmful test prompts, spread over the split")
+    steps: int = option(100, "step budget per prompt and engine")
+    prompts: int = option(10, "harmful test prompts, spread over the split")
     seed: int = option(0, "the seed every engine starts from")
     engines: str = option("nanogcg,native,native_model_precision",
                           "comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 "
                           "where fast, the best candidates rescored), native_model_precision (no screening)")
+    attack: GCGConfig = option(help="the attack settings every engine runs with (its judge and judge_tokens "
+                                    "judge success)", factory=GCGConfig)
 
     def validate(self) -> None:
         for name in ("steps", "prompts"):
             if int(getattr(self, name)) < 1:
                 raise RefusalLabError(f"{name} must be >= 1, got {getattr(self, name)}")
         engine_names(self.engines)
+        self.attack.validate()
 
 
 def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
               progress: Callable[[str], None] | None = None) -> dict:
-    """The bench on a loaded model, written to `out` (JSON): bench_attacks on `config.prompts` harmful test
-    prompts spread over the split, and bench_activations on the validation prompts. Returns the record."""
+    """The bench on a loaded model, written to `out` (JSON) with the plot of best loss against wall time
+    beside it (OUT_loss_vs_time.png): bench_attacks on `config.prompts` harmful test prompts spread over the
+    split, and bench_activations on the validation prompts. Returns the record."""
     config.validate()
     engines = engine_names(config.engines)
     if "nanogcg" in engines:
         require_nanogcg()
     prompts = instructions(builtin_prompts("harmful", "test"))[:: max(1, 120 // config.prompts)][: config.prompts]
     seed_everything(config.seed)
-    res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, progress=progress, engines=engines)
+    res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, config=config.attack, progress=progress,
+                        engines=engines)
     res.update(bench_activations(cm, instructions(builtin_prompts("harmful", "val"))
                                  + instructions(builtin_prompts("harmless", "val"))))
     res["model"] = cm.describe()
     res["device"] = torch.cuda.get_device_name(cm.device) if cm.device.type == "cuda" else str(cm.device)
     res["threads"] = torch.get_num_threads()
     res["config"] = as_dict(config)
+    out = Path(out)
+    res["plot"] = str(plot_loss_vs_time({e: [p[e]["trace"] for p in res["per_prompt"]] for e in engines},
+                                        out.with_name(out.stem + "_loss_vs_time.png")))
     artifacts.write_json(out, artifacts.run_record(**res))
     return res

@@ -54,6 +54,7 @@ from refusal.models import ChatModel, fast_bf16
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("target", "direction", "mixed")
+SUCCESS_CHECKS = ("target+judge", "judge", "target")
 SCREEN_DTYPES = ("auto", "model", "bfloat16", "float16")
 CHECKPOINT_VERSION = 1
 # a forward pass costs about as much as this many extra tokens (measured on CPU: small passes are
@@ -81,7 +82,11 @@ class GCGConfig:
     success_rate: float = option(1.0, "universal: add the next prompt / stop when this share of active prompts succeed")
     progressive: bool = option(True, "universal: start with one prompt and add them one at a time")
     patience: int = option(0, "universal: add the next prompt after this many steps without one (0: only on success)")
-    judge_tokens: int = option(32, "reply tokens generated to judge success (universal, direction objective)")
+    success_check: str = option("target+judge", "a step's success per prompt: target+judge (the greedy reply begins "
+                                                "with the target, checked for free, and then the judge says it "
+                                                "complies), judge (the judge alone, every step), target (the "
+                                                "target match alone); without a target: the judge")
+    judge_tokens: int = option(32, "reply tokens generated for the judge")
     judge: str = option(DEFAULT_JUDGE, "the judge of success (early stopping, adding prompts, the success rates): "
                                   "substring, strict or hf:MODEL")
     batch_size: int | None = option(None, "candidates per forward pass (None: as many as memory allows)")
@@ -106,6 +111,11 @@ class GCGConfig:
             raise RefusalLabError(f"batch size must be >= 1, got {self.batch_size}")
         if self.patience < 0:
             raise RefusalLabError(f"patience must be >= 0, got {self.patience}")
+        if self.success_check not in SUCCESS_CHECKS:
+            raise RefusalLabError(f"unknown success check {self.success_check!r}; use one of {', '.join(SUCCESS_CHECKS)}")
+        if self.success_check == "target" and self.objective == "direction":
+            raise RefusalLabError("the target success check needs a target; the direction objective has none: use "
+                                  "--success-check judge")
         if self.screen_dtype not in SCREEN_DTYPES:
             raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
         if self.rescore < 1:
@@ -129,6 +139,7 @@ class AttackResult:
     stopped_early: bool
     elapsed_s: float
     success_flags: list[bool] = field(default_factory=list)  # of the best suffix, per prompt (active ones)
+    step_times: list[float] = field(default_factory=list)  # per step: seconds since the start when it ended
 
 
 # ----------------------------------------------------------------------------- precision
@@ -316,9 +327,11 @@ class GCG:
             self.dir_scale = scale if scale > 0 else 1.0
         self.slots = [_Slot(self, i, t) for i, t in zip(instructions, targets)]
         self.single = len(self.slots) == 1
-        # success of one prompt with a target: its greedy reply begins with the target (teacher-forced);
-        # otherwise (universal, or no target): the judge (config.judge) says the greedy reply complies
-        self.judge = not (self.single and self.needs_target)
+        # a step's success per prompt (config.success_check): the target match (teacher-forced, computed with
+        # the candidates' losses: free), the judge's verdict on the greedy reply, or the judge's verdict only
+        # where the target matched; without a target, the judge's verdict
+        self.check = config.success_check if self.needs_target else "judge"
+        self.judge = self.check != "target"  # whether the judge is consulted
         self._judge = None
         if judge is not None:
             if judge_name(judge) != config.judge:
@@ -541,10 +554,14 @@ class GCG:
                             log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
                     best_i, loss, target_match = self.best_candidate(ids, cands, active)
                     ids = cands[best_i].clone()
-                if self.judge:
+                if self.check == "target":
+                    flags = list(target_match)
+                elif self.check == "judge":
                     flags = self.judge_success(ids.tolist(), active)
-                else:
-                    flags = target_match
+                else:  # the judge reads only the replies that begin with the target
+                    matched = [s for s, m in zip(active, target_match) if m]
+                    verdicts = iter(self.judge_success(ids.tolist(), matched) if matched else [])
+                    flags = [bool(m) and next(verdicts) for m in target_match]
                 rate = sum(flags) / len(flags)
                 step = state["step"]
                 state["losses"].append(loss)
@@ -564,6 +581,7 @@ class GCG:
                     state["n_active"] += 1
                     state["last_add"] = step + 1
                 state["elapsed"] = time.perf_counter() - t0
+                state.setdefault("times", []).append(round(state["elapsed"], 4))
                 state["rng"] = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
                 if checkpoint is not None:
                     artifacts.write_json(checkpoint, state)
@@ -579,7 +597,7 @@ class GCG:
             suffix=tok.decode(best["ids"]), token_ids=best["ids"], best_loss=best["loss"], best_step=best["step"],
             losses=state["losses"], success=state["success"], n_active=state["n_active_hist"],
             suffixes=state["suffixes"], steps_run=state["step"], stopped_early=bool(state["done"]),
-            elapsed_s=state["elapsed"], success_flags=best["flags"])
+            elapsed_s=state["elapsed"], success_flags=best["flags"], step_times=state.get("times", []))
 
     def signature(self) -> str:
         """A hash of everything that decides the run's course except the number of steps: the judge only

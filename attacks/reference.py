@@ -103,7 +103,8 @@ def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = T
 def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
                 use_prefix_cache: bool = True) -> AttackResult:
     """One prompt, target objective. The suffix follows the instruction after a space, as in the native
-    engine; the chat template is the model's own."""
+    engine; the chat template is the model's own. The result's step_times are the wall times (since the
+    start) at which each of nanoGCG's steps ended."""
     require_nanogcg()
     import nanogcg
 
@@ -114,19 +115,32 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
     init_text = cm.tokenizer.decode(init_ids)
     logging.getLogger("nanogcg").setLevel(logging.WARNING)
     model = PrefixCacheModel(cm.model) if use_prefix_cache else cm.model
+    starts: list[float] = []
+
+    from nanogcg.gcg import GCG as NanoGCG
+
+    class TimedGCG(NanoGCG):
+        """nanoGCG's GCG, noting when each step begins (its token gradient is a step's first work)."""
+
+        def compute_token_gradient(self, optim_ids):
+            starts.append(time.perf_counter())
+            return super().compute_token_gradient(optim_ids)
+
     deterministic = torch.are_deterministic_algorithms_enabled()
     t0 = time.perf_counter()
     try:
         with torch.enable_grad():
-            res = nanogcg.run(model, cm.tokenizer, [{"role": "user", "content": instruction + " {optim_str}"}],
-                              target, nanogcg_config(config, init_text, use_prefix_cache))
+            gcg = TimedGCG(model, cm.tokenizer, nanogcg_config(config, init_text, use_prefix_cache))
+            res = gcg.run([{"role": "user", "content": instruction + " {optim_str}"}], target)
     finally:  # nanogcg turns deterministic algorithms on for the whole process when seeded
         torch.use_deterministic_algorithms(deterministic)
-    elapsed = time.perf_counter() - t0
+    end = time.perf_counter()
+    elapsed = end - t0
+    step_ends = [t - t0 for t in starts[1:len(res.losses)]] + [elapsed]
     best = res.losses.index(min(res.losses))
     ids = cm.tokenizer(res.best_string, add_special_tokens=False).input_ids
     return AttackResult(
         suffix=res.best_string, token_ids=list(ids), best_loss=float(res.best_loss), best_step=best,
         losses=[float(x) for x in res.losses], success=[float("nan")] * len(res.losses),
         n_active=[1] * len(res.losses), suffixes=list(res.strings), steps_run=len(res.losses),
-        stopped_early=len(res.losses) < config.steps, elapsed_s=elapsed)
+        stopped_early=len(res.losses) < config.steps, elapsed_s=elapsed, step_times=step_ends)

@@ -32,8 +32,8 @@ def checkpoint_path(attack_dir: Path, name: str | None = None) -> Path:
 
 def steps_frame(result: AttackResult, judge: str) -> pd.DataFrame:
     """One row per step; `success_rate` is the share of active prompts that `judge` names the check of: a
-    judge's name (its verdict on the greedy reply), or "target_match" (one prompt with a target: the greedy
-    reply begins with the target), or "none" (nanogcg: not checked)."""
+    judge's name (its verdict on the greedy reply), "target_match" (the greedy reply begins with the target),
+    "target_match+NAME" (both), or "none" (nanogcg: not checked)."""
     best = pd.Series(result.losses).cummin() if result.losses else pd.Series(dtype=float)
     return pd.DataFrame({
         "step": range(len(result.losses)),
@@ -125,7 +125,8 @@ def run_attack(
         result = gcg.run(checkpoint=ckpt, resume=resume, progress=progress)
 
     # what the per-step success (`success`, steps.csv) was checked by
-    step_judge = "none" if engine == "nanogcg" else judge.name if gcg.judge else "target_match"
+    step_judge = ("none" if engine == "nanogcg" else "target_match" if gcg.check == "target" else
+                  judge.name if gcg.check == "judge" else f"target_match+{judge.name}")
 
     rand_ids = random_suffix_ids(cm, len(result.token_ids), seed=config.seed + 1, allow_non_ascii=config.allow_non_ascii)
     judged = suffix_success(cm, instructions, result.token_ids, eval_tokens, progress=False, judge=judge)
