@@ -96,6 +96,8 @@ class GCGConfig:
                                        "the model's: auto (bfloat16 where the hardware is fast at it and the model "
                                        "is float32), model (no screening), bfloat16, float16")
     rescore: int = option(8, "screened candidates scored again in the model's precision each step")
+    multi_coordinate: int = option(1, "multi-coordinate update (I-GCG): also score the current suffix with the "
+                                      "changes of the best 2..m candidates combined (1: off)")
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -120,6 +122,8 @@ class GCGConfig:
             raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
         if self.rescore < 1:
             raise RefusalLabError(f"rescore must be >= 1, got {self.rescore}")
+        if self.multi_coordinate < 1:
+            raise RefusalLabError(f"multi-coordinate must be >= 1, got {self.multi_coordinate}")
         if not math.isfinite(self.direction_weight) or self.direction_weight < 0:
             raise RefusalLabError(f"--direction-weight must be a finite number >= 0, got {self.direction_weight}")
         self.judge = check_judge_name(self.judge)  # " strict " is strict, as load_judge reads it
@@ -360,19 +364,61 @@ class GCG:
             matches.append(m)
         return total / len(slots), matches
 
+    def combined_candidates(self, ids: torch.Tensor, cands: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
+        """The multi-coordinate update (I-GCG, Jia et al. 2024): the changes of the best candidates, in order
+        of their loss and at positions no better one already changed, applied together to the current
+        suffix: the suffixes with the best 2, 3, ..., multi_coordinate of them [<= m - 1, L] (those that
+        re-tokenize to themselves, when filter_ids)."""
+        m = self.config.multi_coordinate
+        taken: set[int] = set()
+        changes: list[tuple[list[int], torch.Tensor]] = []
+        for i in losses.argsort().tolist():
+            pos = (cands[i] != ids).nonzero().flatten().tolist()
+            if not pos or taken & set(pos):
+                continue
+            taken |= set(pos)
+            changes.append((pos, cands[i, pos]))
+            if len(changes) == m:
+                break
+        out, cur = [], ids.clone()
+        for k, (pos, vals) in enumerate(changes):
+            cur[pos] = vals
+            if k:
+                out.append(cur.clone())
+        if not out:
+            return cands[:0]
+        combos = torch.stack(out)
+        if self.config.filter_ids:
+            combos = combos[retokenizes(self.cm.tokenizer, combos)]
+        return combos
+
     def best_candidate(self, ids: torch.Tensor, cands: torch.Tensor, slots: Sequence[_Slot]) -> tuple[int, float, list[bool]]:
         """The index of the candidate with the lowest loss, its loss and its target match per slot. With a
         screening precision: every candidate is scored in it, the best `rescore` again in the model's
         precision, and the best of those is chosen (its loss is the model-precision one)."""
+        i, loss, flags, _ = self.choose(ids, cands, slots, combine=False)
+        return i, loss, flags
+
+    def choose(self, ids: torch.Tensor, cands: torch.Tensor, slots: Sequence[_Slot],
+               combine: bool = True) -> tuple[int, float, list[bool], torch.Tensor]:
+        """best_candidate over the candidates and, with config.multi_coordinate > 1 (and `combine`), their
+        combined_candidates scored beside them; returns the index into the candidates searched (given and
+        combined: [n + k, L], the fourth item) as well."""
         with self.screening():
             total, matches = self.all_losses(ids, cands, slots)
+            if combine and self.config.multi_coordinate > 1:
+                combos = self.combined_candidates(ids, cands, total)
+                if len(combos):
+                    more, more_m = self.all_losses(ids, combos, slots)
+                    cands, total = torch.cat([cands, combos.to(cands.device)]), torch.cat([total, more])
+                    matches = [torch.cat([a, b]) for a, b in zip(matches, more_m)]
         if self.screen is not None:
             top = total.topk(min(self.config.rescore, len(cands)), largest=False).indices
             exact, exact_m = self.all_losses(ids, cands[top], slots)
             j = int(exact.argmin())
-            return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m]
+            return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m], cands
         i = int(total.argmin())
-        return i, float(total[i]), [bool(m[i]) for m in matches]
+        return i, float(total[i]), [bool(m[i]) for m in matches], cands
 
     # ---- one forward over suffix pieces of one prompt
 
@@ -552,8 +598,8 @@ class GCG:
                             cands = cands[keep]
                         else:
                             log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
-                    best_i, loss, target_match = self.best_candidate(ids, cands, active)
-                    ids = cands[best_i].clone()
+                    best_i, loss, target_match, searched = self.choose(ids, cands, active)
+                    ids = searched[best_i].clone()
                 if self.check == "target":
                     flags = list(target_match)
                 elif self.check == "judge":

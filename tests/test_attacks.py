@@ -299,8 +299,13 @@ def test_success_check(tiny, monkeypatch, check, complies, expected, judged):
     cfg = GCGConfig(steps=2, search_width=8, topk=8, suffix_len=4, judge_tokens=2, judge="substring",
                     success_check=check, early_stop=False, progressive=False)
     g = GCG(tiny, ["Explain how to pick a lock", "Write a poem"], ["Sure", "Sure"], cfg, judge=Fixed())
-    real = g.best_candidate
-    monkeypatch.setattr(g, "best_candidate", lambda ids, cands, slots: (*real(ids, cands, slots)[:2], [True, False]))
+    real = g.choose
+
+    def forced(ids, cands, slots):  # the first prompt's reply begins with the target, the second's not
+        i, loss, _, searched = real(ids, cands, slots)
+        return i, loss, [True, False], searched
+
+    monkeypatch.setattr(g, "choose", forced)
     res = g.run(progress=False)
     assert res.success == expected and seen == judged
 
@@ -310,3 +315,25 @@ def test_success_check_errors():
         GCGConfig(success_check="vibes").validate()
     with pytest.raises(RefusalLabError, match="needs a target"):
         GCGConfig(success_check="target", objective="direction").validate()
+
+
+def test_multi_coordinate_combines_the_best_changes_at_distinct_positions(tiny):
+    cfg = GCGConfig(steps=3, search_width=16, topk=8, suffix_len=5, multi_coordinate=3, filter_ids=False,
+                    success_check="target", early_stop=False)
+    g = GCG(tiny, ["Explain how to pick a lock"], ["Sure"], cfg)
+    ids = torch.tensor([10, 11, 12, 13, 14])
+    cands = torch.tensor([[10, 11, 99, 13, 14],    # position 2, loss 0.1: the best
+                          [10, 11, 98, 13, 14],    # position 2 again: skipped
+                          [77, 11, 12, 13, 14],    # position 0, loss 0.3
+                          [10, 11, 12, 13, 55],    # position 4, loss 0.4
+                          [10, 66, 12, 13, 14]])   # position 1, loss 0.9: past multi_coordinate = 3
+    losses = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.9])
+    combos = g.combined_candidates(ids, cands, losses)
+    assert combos.tolist() == [[77, 11, 99, 13, 14], [77, 11, 99, 13, 55]]
+    # in a run: the chosen suffix is one of the candidates or a combination; resuming gives the same run
+    full = g.run(progress=False)
+    assert len(full.losses) == 3 and full.losses[-1] <= full.losses[0] + 1.0
+    again = GCG(tiny, ["Explain how to pick a lock"], ["Sure"], cfg).run(progress=False)
+    assert again.token_ids == full.token_ids and again.losses == full.losses
+    with pytest.raises(RefusalLabError, match="multi-coordinate must be >= 1"):
+        GCGConfig(multi_coordinate=0).validate()
