@@ -96,7 +96,7 @@ class GCGConfig:
                                        "the model's: auto (bfloat16 where the hardware is fast at it and the model "
                                        "is float32), model (no screening), bfloat16, float16")
     rescore: int = option(8, "screened candidates scored again in the model's precision each step")
-    multi_coordinate: int = option(1, "multi-coordinate update (I-GCG): also score the current suffix with the "
+    multi_coordinate: int = option(8, "multi-coordinate update (I-GCG): also score the current suffix with the "
                                       "changes of the best 2..m candidates combined (1: off)")
 
     def validate(self) -> None:
