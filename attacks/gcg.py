@@ -54,7 +54,7 @@ from refusal.models import ChatModel, fast_bf16
 log = logging.getLogger(__name__)
 
 OBJECTIVES = ("target", "direction", "mixed")
-SUCCESS_CHECKS = ("target+judge", "judge", "target")
+SUCCESS_CHECKS = ("auto", "target+judge", "judge", "target")
 SCREEN_DTYPES = ("auto", "model", "bfloat16", "float16")
 CHECKPOINT_VERSION = 1
 # a forward pass costs about as much as this many extra tokens (measured on CPU: small passes are
@@ -82,10 +82,11 @@ class GCGConfig:
     success_rate: float = option(1.0, "universal: add the next prompt / stop when this share of active prompts succeed")
     progressive: bool = option(True, "universal: start with one prompt and add them one at a time")
     patience: int = option(0, "universal: add the next prompt after this many steps without one (0: only on success)")
-    success_check: str = option("target+judge", "a step's success per prompt: target+judge (the greedy reply begins "
-                                                "with the target, checked for free, and then the judge says it "
-                                                "complies), judge (the judge alone, every step), target (the "
-                                                "target match alone); without a target: the judge")
+    success_check: str = option("auto", "a step's success per prompt: target+judge (the greedy reply begins with "
+                                        "the target, checked for free, and then the judge says it complies), "
+                                        "judge (the judge alone, every step), target (the target match alone), "
+                                        "auto (target+judge for one prompt, judge for several); without a "
+                                        "target: the judge")
     judge_tokens: int = option(32, "reply tokens generated for the judge")
     judge: str = option(DEFAULT_JUDGE, "the judge of success (early stopping, adding prompts, the success rates): "
                                   "substring, strict or hf:MODEL")
@@ -334,7 +335,10 @@ class GCG:
         # a step's success per prompt (config.success_check): the target match (teacher-forced, computed with
         # the candidates' losses: free), the judge's verdict on the greedy reply, or the judge's verdict only
         # where the target matched; without a target, the judge's verdict
-        self.check = config.success_check if self.needs_target else "judge"
+        check = config.success_check
+        if check == "auto":  # several prompts: every reply judged, so that prompts are added as they comply
+            check = "target+judge" if len(instructions) == 1 else "judge"
+        self.check = check if self.needs_target else "judge"
         self.judge = self.check != "target"  # whether the judge is consulted
         self._judge = None
         if judge is not None:
