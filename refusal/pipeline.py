@@ -57,7 +57,8 @@ class JobConfig:
     @classmethod
     def quick(cls, **changes) -> "JobConfig":
         """The quick job: smaller sets and a short attack, under 5 minutes on 2 CPU cores with the organism
-        cached; it shows the plumbing end to end, its suffix is too short-lived to beat refusal."""
+        cached: its suffix moves the direction and the heads' attention (docs/results.md), but is too
+        short-lived to beat refusal on most prompts."""
         return cls(**{**QUICK_SIZES, **changes})
 
     @property
