@@ -15,7 +15,7 @@ import pandas as pd
 from refusal import artifacts
 from refusal.activations import cache_activations, last_logits
 from refusal.capability import capability_row, cached_reference_replies
-from refusal.config import as_dict, option
+from refusal.config import as_dict, option, require_positive
 from refusal.data import builtin_prompts, builtin_texts, instructions, prompt_hash, text_hash
 from refusal.directions import Direction, DirectionConfig, find_direction, load_direction
 from refusal.errors import RefusalLabError
@@ -104,9 +104,7 @@ class ReproduceConfig:
                                 "reference model, reference_tokens and max_new_tokens)")
 
     def validate(self) -> None:
-        for name in ("max_new_tokens", "reference_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "max_new_tokens", "reference_tokens")
         self.direction.validate()
 
 

@@ -10,7 +10,7 @@ from typing import Sequence
 from attacks.evaluate import suffix_success
 from attacks.gcg import random_suffix_ids
 from refusal import artifacts
-from refusal.config import option
+from refusal.config import option, require_positive
 from refusal.data import instructions, resolve_prompts
 from refusal.directions import Direction, check_direction
 from refusal.engine import check_lengths
@@ -42,9 +42,7 @@ class AnalysisConfig:
     seed: int = option(0, "the random baseline suffix is drawn with seed + 1 (when the suffix's record has none)")
 
     def validate(self) -> None:
-        for name in ("top_k", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "top_k", "batch_size")
         if self.max_prompts is not None and self.max_prompts < 1:
             raise RefusalLabError(f"max-prompts must be >= 1, got {self.max_prompts}")
         if self.eval_tokens < 0:

@@ -16,7 +16,7 @@ import torch
 from analysis.plots import plot_loss_vs_time
 from refusal import artifacts
 from refusal.activations import cache_activations
-from refusal.config import as_dict, option
+from refusal.config import as_dict, option, require_positive
 from refusal.data import builtin_prompts, instructions
 from refusal.engine import forward_batches
 from refusal.errors import RefusalLabError
@@ -270,9 +270,7 @@ class BenchConfig:
                                     "judge success)", factory=GCGConfig)
 
     def validate(self) -> None:
-        for name in ("steps", "prompts"):
-            if int(getattr(self, name)) < 1:
-                raise RefusalLabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "steps", "prompts")
         engine_names(self.engines)
         self.attack.validate()
 

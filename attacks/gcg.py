@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from refusal import artifacts
 from refusal.artifacts import hash_strings
-from refusal.config import option
+from refusal.config import option, require_positive
 from refusal.directions import check_direction
 from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
 from refusal.errors import RefusalLabError
@@ -103,9 +103,7 @@ class GCGConfig:
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise RefusalLabError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        for name in ("steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens"):
-            if int(getattr(self, name)) < 1:
-                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens")
         if self.n_replace > self.suffix_len:
             raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
         if not 0 < self.success_rate <= 1:

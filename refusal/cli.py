@@ -69,7 +69,7 @@ def _opt(p: argparse.ArgumentParser, cls, name: str, *flags: str, **kw) -> None:
         kw.setdefault("action", "store_false" if default else "store_true")
     elif "type" not in kw and "choices" not in kw and default is not None and "action" not in kw:
         kind = type(default)
-        kw["type"] = _positive(flags[0]) if kind is int and default >= 1 and name not in ("seed", "patience") else kind
+        kw["type"] = _positive(flags[0]) if kind is int and default >= 1 else kind
     shown = "" if isinstance(default, bool) or default is None else f" (default: {default})"
     kw.setdefault("help", help_text + shown)
     p.add_argument(*flags, dest=name, **kw)

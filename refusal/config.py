@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .errors import RefusalLabError
+
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with its default (or a factory for a mutable default) and its meaning."""
@@ -31,3 +33,11 @@ def config_rows(cls) -> list[tuple[str, Any, str]]:
 def as_dict(config) -> dict:
     """A config as a JSON-able dict (the records written beside each artifact)."""
     return dataclasses.asdict(config)
+
+
+def require_positive(config, *names: str) -> None:
+    """A one-line error for the first of the config's fields `names` below 1 (counts and sizes)."""
+    for name in names:
+        value = getattr(config, name)
+        if int(value) < 1:
+            raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {value}")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .config import as_dict, option
+from .config import as_dict, option, require_positive
 from .activations import cache_activations, last_logits
 from .chat import Encoded, pad_left
 from .data import Prompt, direction_sets, instructions, prompt_hash
@@ -54,9 +54,7 @@ class DirectionConfig:
     position: int | None = option(None, "pin the direction to this post-instruction position, -1 the last (with layer)")
 
     def validate(self) -> None:
-        for name in ("n_train", "n_val", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "n_train", "n_val", "batch_size")
         if not (isinstance(self.kl_threshold, (int, float)) and math.isfinite(self.kl_threshold) and self.kl_threshold > 0):
             raise RefusalLabError(f"kl-threshold must be a finite number > 0, got {self.kl_threshold}")
         if (self.layer is None) != (self.position is None):

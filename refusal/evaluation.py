@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import artifacts
-from .config import option
+from .config import option, require_positive
 from .data import instructions, resolve_prompts
 from .directions import check_direction, load_direction
 from .engine import check_lengths
@@ -37,9 +37,7 @@ class EvalConfig:
             raise RefusalLabError("give one of --ablate and --actadd, not both")
         if not math.isfinite(self.coeff):
             raise RefusalLabError(f"--coeff must be a finite number, got {self.coeff}")
-        for name in ("max_new_tokens", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "max_new_tokens", "batch_size")
         self.judge.validate()
 
 
