@@ -103,7 +103,8 @@ class GCGConfig:
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise RefusalLabError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        require_positive(self, "steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens")
+        require_positive(self, "steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens", "rescore",
+                         "multi_coordinate")
         if self.n_replace > self.suffix_len:
             raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
         if not 0 < self.success_rate <= 1:
@@ -119,10 +120,6 @@ class GCGConfig:
                                   "--success-check judge")
         if self.screen_dtype not in SCREEN_DTYPES:
             raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
-        if self.rescore < 1:
-            raise RefusalLabError(f"rescore must be >= 1, got {self.rescore}")
-        if self.multi_coordinate < 1:
-            raise RefusalLabError(f"multi-coordinate must be >= 1, got {self.multi_coordinate}")
         if not math.isfinite(self.direction_weight) or self.direction_weight < 0:
             raise RefusalLabError(f"--direction-weight must be a finite number >= 0, got {self.direction_weight}")
         self.judge = check_judge_name(self.judge)  # " strict " is strict, as load_judge reads it
