@@ -21,7 +21,7 @@ import torch
 from analysis.reproduce import ReproduceConfig, reproduce_paper
 from analysis.run import AnalysisConfig, analyze_suffix
 from attacks.bench import BenchConfig, run_bench
-from attacks.gcg import GCGConfig
+from attacks.gcg import SUCCESS_CHECKS, GCGConfig
 from attacks.run import check_attack, run_attack
 
 from . import artifacts
@@ -395,8 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(a, GCGConfig, "progressive", "--all-prompts", help="universal: optimize on all prompts from the start")
     _opt(a, GCGConfig, "early_stop", "--no-early-stop", help="run all steps even after success")
     _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
-    for name in ("allow_non_ascii", "screen_dtype", "rescore", "seed"):
+    for name in ("allow_non_ascii", "screen_dtype", "rescore", "multi_coordinate", "seed"):
         _opt(a, GCGConfig, name)
+    _opt(a, GCGConfig, "success_check", choices=SUCCESS_CHECKS)
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
     a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
     a.add_argument("--out", required=True, help="run folder; writes OUT/attack/")
