@@ -226,6 +226,61 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
     return out
 
 
+# universal attacks: the native engine against the GCG paper's algorithm run by the same engine (nanoGCG
+# attacks one prompt at a time); the paper's: one coordinate per step, the lowest loss chosen, every
+# candidate at the model's precision
+UNIVERSAL_ENGINES = {
+    "native": lambda config: config,
+    "gcg_paper": lambda config: replace(config, multi_coordinate=1, prefer_target_match=False, target_loss="ce",
+                                        screen_dtype="model"),
+}
+
+
+def bench_universal(cm: ChatModel, train: Sequence[str], test: Sequence[str], steps: int, rate: float = 1.0,
+                    seed: int = 0, config: GCGConfig | None = None, engines: Sequence[str] = ("native", "gcg_paper"),
+                    progress: Callable[[str], None] | None = None, judge=None) -> dict:
+    """Per engine: one suffix for the `train` prompts (added one at a time, judged every step), stopping once
+    `rate` of all of them succeed; the wall time until then (the whole budget's when it never gets there);
+    and the best suffix's success on the unseen `test` prompts (greedy replies of config.judge_tokens tokens,
+    config.judge's verdicts; `judge`: that judge, loaded, if given)."""
+    config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True, success_rate=rate,
+                     success_check="judge", progressive=True,
+                     patience=max(3, steps // (2 * len(train))))
+    judge = load_judge(judge if judge is not None else config.judge)
+    out = {}
+    for name in engines:
+        cfg = UNIVERSAL_ENGINES[name](config)
+        torch.manual_seed(seed)
+        with PeakMemory(cm.device) as mem:
+            _sync(cm)
+            t0 = time.perf_counter()
+            res = GCG(cm, list(train), [default_target(p) for p in train], cfg, judge=judge).run(progress=False)
+            _sync(cm)
+            wall = time.perf_counter() - t0
+        reached = next((i for i, (r, n) in enumerate(zip(res.success, res.n_active))
+                        if n == len(train) and r >= rate), None)
+        setup = wall - res.elapsed_s
+        per_step = res.elapsed_s / max(1, res.steps_run)
+        encs = [cm.chat.encode(p, res.token_ids) for p in test]
+        replies = generate(cm, encs, config.judge_tokens, batch_size=16, progress=False)
+        test_ok = [v == "complies" for v in judge.verdicts(list(test), replies)]
+        out[name] = dict(
+            s_per_step=per_step, steps_run=res.steps_run, reached_rate=reached is not None,
+            time_to_rate_s=setup + (res.step_times[reached] if reached is not None else per_step * steps),
+            train_success_rate=res.success[res.best_step], test_success_rate=sum(test_ok) / len(test_ok),
+            best_loss=res.best_loss, peak_mib=mem.peak_mib, suffix=res.suffix,
+            trace=[[round(setup + t, 3), r, n] for t, r, n in zip(res.step_times, res.success, res.n_active)])
+        if progress:
+            got = f"{rate:.0%} of {len(train)} at step {reached}" if reached is not None else f"not {rate:.0%} in {steps} steps"
+            progress(f"[universal] {name}: {per_step:.2f} s/step, {got} ({out[name]['time_to_rate_s']:.0f} s), "
+                     f"{out[name]['test_success_rate']:.0%} of {len(test)} unseen prompts")
+    figures = {"engines": out, "train_prompts": len(train), "test_prompts": len(test), "rate": rate,
+               "steps": steps, "judge": judge.name, "judge_tokens": config.judge_tokens}
+    if "native" in out and "gcg_paper" in out:
+        figures["time_to_rate_speedup"] = out["gcg_paper"]["time_to_rate_s"] / out["native"]["time_to_rate_s"]
+    return figures
+
+
 @torch.no_grad()
 def bench_activations(cm: ChatModel, instructions: Sequence[str], batch_size: int = 32, repeats: int = 3) -> dict:
     """cache_activations (every layer, the post-instruction positions) against a bare forward pass of the
@@ -266,12 +321,20 @@ class BenchConfig:
     engines: str = option("nanogcg,native,native_model_precision",
                           "comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 "
                           "where fast, the best candidates rescored), native_model_precision (no screening)")
+    universal: int = option(0, "universal attacks too: training prompts (6-16; 0: none), one suffix for them by the "
+                               "native engine and by the GCG paper's algorithm, then scored on the test prompts")
+    universal_rate: float = option(1.0, "universal: the share of training prompts that must succeed")
+    universal_steps: int = option(60, "universal: the step budget")
     attack: GCGConfig = option(help="the attack settings every engine runs with (its judge and judge_tokens "
                                     "judge success)", factory=GCGConfig)
 
     def validate(self) -> None:
-        require_positive(self, "steps", "prompts")
+        require_positive(self, "steps", "prompts", "universal_steps")
         engine_names(self.engines)
+        if self.universal and not 2 <= self.universal <= 60:
+            raise RefusalLabError(f"--universal takes 2 to 60 training prompts (or 0: none), got {self.universal}")
+        if not 0 < self.universal_rate <= 1:
+            raise RefusalLabError(f"--universal-rate must be in (0, 1], got {self.universal_rate}")
         self.attack.validate()
 
 
@@ -288,6 +351,10 @@ def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
     seed_everything(config.seed)
     res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, config=config.attack, progress=progress,
                         engines=engines)
+    if config.universal:
+        res["universal"] = bench_universal(cm, instructions(builtin_prompts("harmful", "train"))[: config.universal],
+                                           prompts, config.universal_steps, config.universal_rate, config.seed,
+                                           config.attack, progress=progress)
     res.update(bench_activations(cm, instructions(builtin_prompts("harmful", "val"))
                                  + instructions(builtin_prompts("harmless", "val"))))
     res["model"] = cm.describe()

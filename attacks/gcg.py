@@ -56,10 +56,14 @@ log = logging.getLogger(__name__)
 OBJECTIVES = ("target", "direction", "mixed")
 SUCCESS_CHECKS = ("auto", "target+judge", "judge", "target")
 SCREEN_DTYPES = ("auto", "model", "bfloat16", "float16")
+TARGET_LOSSES = ("ce", "cw")
+CW_MARGIN = 1.0  # the cw loss of a target token stops falling once its logit leads every other by this
 CHECKPOINT_VERSION = 1
-# a forward pass costs about as much as this many extra tokens (measured on CPU: small passes are
-# inefficient); used to decide how candidates are bucketed
-OVERHEAD_TOKENS = 600
+# a forward pass costs about as much as this many extra tokens; used to decide how candidates are
+# bucketed. CPU: measured on SmolLM2-135M on 2 cores (a 1-row pass of 42 tokens takes as long as about
+# 80 tokens in a large pass; planning with 64 made a width-128 step 20% faster than with 600, 256 was in
+# between). CUDA: launches cost more than tokens (not measured).
+OVERHEAD_TOKENS = {"cpu": 64, "cuda": 600}
 
 
 @dataclass
@@ -74,6 +78,9 @@ class GCGConfig:
     suffix_init: str | None = option(None, "initial suffix text (None: 'x x x ... x', suffix_len tokens)")
     objective: str = option("target", "target (cross-entropy of 'Sure, here is ...'), direction (the last "
                                       "position's projection on the refusal direction), or mixed (their sum)")
+    target_loss: str = option("ce", "the target term: ce (cross-entropy of the target tokens, as GCG) or cw (Faster-GCG's "
+                                    "margin loss: how far the best other token's logit leads the target's, floored "
+                                    "at -1)")
     direction_weight: float = option(1.0, "weight of the direction term in the mixed objective")
     seed: int = option(0, "seed of the candidate sampling")
     allow_non_ascii: bool = option(False, "allow suffix tokens that are not printable ASCII")
@@ -87,6 +94,8 @@ class GCGConfig:
                                         "judge (the judge alone, every step), target (the target match alone), "
                                         "auto (target+judge for one prompt, judge for several); without a "
                                         "target: the judge")
+    prefer_target_match: bool = option(True, "choose the lowest-loss candidate whose greedy reply begins with the "
+                                             "target (on every active prompt) over a lower-loss one whose does not")
     judge_tokens: int = option(32, "reply tokens generated for the judge")
     judge: str = option(DEFAULT_JUDGE, "the judge of success (early stopping, adding prompts, the success rates): "
                                   "substring, strict or hf:MODEL")
@@ -118,6 +127,8 @@ class GCGConfig:
         if self.success_check == "target" and self.objective == "direction":
             raise RefusalLabError("the target success check needs a target; the direction objective has none: use "
                                   "--success-check judge")
+        if self.target_loss not in TARGET_LOSSES:
+            raise RefusalLabError(f"unknown target loss {self.target_loss!r}; use one of {', '.join(TARGET_LOSSES)}")
         if self.screen_dtype not in SCREEN_DTYPES:
             raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
         if not math.isfinite(self.direction_weight) or self.direction_weight < 0:
@@ -412,12 +423,27 @@ class GCG:
                     cands, total = torch.cat([cands, combos.to(cands.device)]), torch.cat([total, more])
                     matches = [torch.cat([a, b]) for a, b in zip(matches, more_m)]
         if self.screen is not None:
-            top = total.topk(min(self.config.rescore, len(cands)), largest=False).indices
+            k = min(self.config.rescore, len(cands))
+            top = total.topk(k, largest=False).indices
+            if self.config.prefer_target_match:  # the best screened candidates that match the target, rescored too
+                matched = torch.stack(matches).all(0).nonzero().flatten()
+                matched = matched[total[matched].argsort()[:k]]
+                top = torch.cat([top, matched[~torch.isin(matched, top)]])
             exact, exact_m = self.all_losses(ids, cands[top], slots)
-            j = int(exact.argmin())
+            j = self.pick(exact, exact_m)
             return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m], cands
-        i = int(total.argmin())
+        i = self.pick(total, matches)
         return i, float(total[i]), [bool(m[i]) for m in matches], cands
+
+    def pick(self, losses: torch.Tensor, matches: list[torch.Tensor]) -> int:
+        """The index of the lowest loss [n]; with config.prefer_target_match, the lowest among the candidates
+        whose greedy reply begins with the target on every prompt (matches: one [n] bool per prompt), when
+        there is one."""
+        if self.config.prefer_target_match and self.needs_target:
+            matched = torch.stack(matches).all(0)
+            if matched.any():
+                return int(torch.where(matched, losses, torch.full_like(losses, float("inf"))).argmin())
+        return int(losses.argmin())
 
     # ---- one forward over suffix pieces of one prompt
 
@@ -461,9 +487,13 @@ class GCG:
             h = hidden[:, last:T - 1].reshape(n * n_tgt, -1)  # 2-D: one matmul, not a batched one
             logits = cm.logits_from_hidden(h).float().view(n, n_tgt, -1)  # [n, n_tgt, vocab]
             tgt = slot.target_t[None].expand(n, -1)
-            # cross-entropy as logsumexp - target logit: the same numbers without writing log-softmax out
-            ce = torch.logsumexp(logits, -1) - logits.gather(-1, tgt[..., None])[..., 0]
-            loss = loss + ce.mean(1)
+            tgt_logit = logits.gather(-1, tgt[..., None])[..., 0]  # [n, n_tgt]
+            if self.config.target_loss == "cw":  # the margin of the best other token over the target's
+                other = logits.scatter(-1, tgt[..., None], float("-inf")).amax(-1)
+                per_token = (other - tgt_logit).clamp_min(-CW_MARGIN)
+            else:  # cross-entropy as logsumexp - target logit: the same numbers without writing log-softmax out
+                per_token = torch.logsumexp(logits, -1) - tgt_logit
+            loss = loss + per_token.mean(1)
             match = (logits.argmax(-1) == tgt).all(1)
         if self.needs_direction:
             proj = torch.stack([store[l].float() @ self.r for l in self.dir_layers], 1).mean(1) / self.dir_scale
@@ -537,7 +567,8 @@ class GCG:
             groups.setdefault(p, []).append(i)
         ps = sorted(groups)
         cap = bs * (L + tail) if self.config.batch_size else max_tokens
-        for gi, gj in self.plan_buckets(ps, [len(groups[p]) for p in ps], L, tail, OVERHEAD_TOKENS, cap):
+        for gi, gj in self.plan_buckets(ps, [len(groups[p]) for p in ps], L, tail,
+                                              OVERHEAD_TOKENS.get(cm.device.type, 600), cap):
             p = ps[gi]
             idx = torch.tensor([i for q in ps[gi:gj] for i in groups[q]])
             for j in range(0, len(idx), bs):

@@ -397,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
     for name in ("allow_non_ascii", "screen_dtype", "rescore", "multi_coordinate", "seed"):
         _opt(a, GCGConfig, name)
+    _opt(a, GCGConfig, "target_loss", choices=("ce", "cw"))
+    _opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
+         help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
     _opt(a, GCGConfig, "success_check", choices=SUCCESS_CHECKS)
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
     a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
@@ -422,10 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time to jailbreak: the native engine vs nanoGCG on held-out prompts, and "
                                      "activation caching vs a bare forward")
     _model_args(b, default="organism")
-    for name in ("steps", "prompts", "seed", "engines"):
-        _opt(b, BenchConfig, name)
-    for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "judge_tokens"):
+    for name in ("steps", "prompts", "seed", "engines", "universal", "universal_rate", "universal_steps"):
+        _opt(b, BenchConfig, name, **({"type": int} if name == "universal" else {}))
+    for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens"):
         _opt(b, GCGConfig, name)
+    _opt(b, GCGConfig, "target_loss", choices=("ce", "cw"))
     _judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")
     b.add_argument("--out", default="bench.json")
     b.add_argument("--force", action="store_true")

@@ -395,16 +395,98 @@ def _refuse_remote_code(folder: Path) -> None:
                               "you trust it: pass --trust-remote-code")
 
 
+# bfloat16 counts as fast on a CPU when its matrix products run at least this many times float32's
+BF16_SPEEDUP_NEEDED = 1.3
+
+
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are much faster than float32 here: CPUs with AMX or AVX-512 BF16
-    (on a 2-core Sapphire Rapids, 2.8 TFLOPS against 0.18), CUDA GPUs that support bf16."""
+    """Whether bfloat16 matrix products are much faster than float32 here. CUDA: the GPU supports bf16.
+    CPU: only where the CPU has bfloat16 instructions (AMX or AVX-512 BF16), and there measured, since the
+    instructions alone do not make it fast (a 2-core Sapphire Rapids with AMX: 2.8 TFLOPS against 0.18;
+    a 2-core Xeon with AVX-512 BF16 but no AMX: 133 GFLOP/s against 161). The measurement (about a second)
+    is made once per machine, torch version and thread count, and kept in the project cache."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cpu = getattr(torch, "cpu", None)
-        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-        return any(getattr(cpu, c, lambda: False)() for c in checks)
-    return False
+    if device.type != "cpu":
+        return False
+    cpu = getattr(torch, "cpu", None)
+    if not any(getattr(cpu, c, lambda: False)() for c in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
+        return False
+    return cpu_bf16_speedup() >= BF16_SPEEDUP_NEEDED
+
+
+_BF16_SPEEDUP: dict[str, float] = {}
+
+
+def cpu_bf16_speedup() -> float:
+    """bfloat16 matrix-product throughput over float32's on this CPU (best of 5, a [512, 1024] x [1024, 1024]
+    product, the size of a small model's projections), measured once and cached in the project cache
+    (`cpu-bf16.json`, keyed by the CPU, torch version and thread count)."""
+    import platform
+    import time
+
+    from . import artifacts
+
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    key = (f"{_cpu_name()}|{platform.machine()}|{'AMX' if amx else 'no AMX'}|torch {torch.__version__}|"
+           f"{torch.get_num_threads()} threads")
+    if key in _BF16_SPEEDUP:
+        return _BF16_SPEEDUP[key]
+    path = cache_dir() / "cpu-bf16.json"
+    try:
+        known = artifacts.read_json(path) if path.is_file() else {}
+    except RefusalLabError:
+        known = {}
+    if not isinstance(known, dict):
+        known = {}
+    if isinstance(known.get(key), (int, float)):
+        _BF16_SPEEDUP[key] = float(known[key])
+        return _BF16_SPEEDUP[key]
+
+    def best_time(dtype: torch.dtype) -> float:
+        g = torch.Generator().manual_seed(0)
+        a = torch.randn(512, 1024, generator=g).to(dtype)
+        b = torch.randn(1024, 1024, generator=g).to(dtype)
+        a @ b  # warm up
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            for _ in range(4):
+                a @ b
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    speedup = best_time(torch.float32) / best_time(torch.bfloat16)
+    _BF16_SPEEDUP[key] = speedup
+    known[key] = round(speedup, 3)
+    try:
+        artifacts.write_json(path, known)
+    except OSError as e:  # a read-only cache: measured again next time
+        log.debug("could not keep the bfloat16 measurement in %s: %s", path, e)
+    log.info("bfloat16 matrix products run %.2fx float32's on this CPU", speedup)
+    return speedup
+
+
+def _cpu_name() -> str:
+    """The CPU's model name, family and model number (Linux; several CPUs share one model name), or the
+    platform's processor string."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                k = k.strip()
+                if k in ("model name", "cpu family", "model") and k not in fields:
+                    fields[k] = v.strip()
+                if not k:  # the first processor's block ends
+                    break
+    except OSError:
+        pass
+    if fields:
+        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    import platform
+
+    return platform.processor() or "unknown cpu"
 
 
 @contextlib.contextmanager

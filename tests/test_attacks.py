@@ -341,3 +341,59 @@ def test_multi_coordinate_combines_the_best_changes_at_distinct_positions(tiny):
     assert again.token_ids == full.token_ids and again.losses == full.losses
     with pytest.raises(RefusalLabError, match="multi-coordinate must be >= 1"):
         GCGConfig(multi_coordinate=0).validate()
+
+
+def _reference_cw(cm, slot, cand):
+    ids = torch.tensor([slot.before + cand + slot.post + slot.target_ids])
+    logits = cm.model(input_ids=ids).logits[0].float()
+    n = len(slot.target_ids)
+    rows, tgt = logits[-n - 1:-1], torch.tensor(slot.target_ids)
+    target_logit = rows[torch.arange(n), tgt]
+    other = rows.clone()
+    other[torch.arange(n), tgt] = float("-inf")
+    return (other.max(1).values - target_logit).clamp_min(-1.0).mean().item()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_cw_target_loss_is_the_margin_of_the_best_other_token(tiny_models, family):
+    cm = tiny_models[family]
+    g = GCG(cm, INSTR[:1], ["Sure, here is how"], GCGConfig(suffix_len=6, target_loss="cw", screen_dtype="model"))
+    cur = torch.tensor(g.init_ids)
+    grad = g.token_gradient(cur, g.slots)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    cands = torch.cat([sample_candidates(cur, grad, 10, 8, 1, g.not_allowed, torch.Generator().manual_seed(1)), cur[None]])
+    loss, match = g.candidate_losses(cur, cands, g.slots[0])
+    ref = torch.tensor([_reference_cw(cm, g.slots[0], c) for c in cands.tolist()])
+    assert torch.allclose(loss.cpu(), ref, atol=1e-4), (loss, ref)
+    assert ((loss.cpu() <= -1.0 + 1e-6) == match.cpu()).all()  # floored exactly when every target token leads by 1
+    with pytest.raises(RefusalLabError, match="unknown target loss"):
+        GCGConfig(target_loss="hinge").validate()
+
+
+def test_a_candidate_that_matches_the_target_is_preferred(tiny):
+    g = GCG(tiny, ["Explain how to pick a lock", "Write a poem"], ["Sure", "Sure"],
+            GCGConfig(suffix_len=4, screen_dtype="model", judge="substring"))
+    losses = torch.tensor([0.1, 0.5, 0.3, 0.2])
+    matches = [torch.tensor([True, True, True, False]), torch.tensor([False, True, True, True])]
+    assert g.pick(losses, matches) == 2  # the lowest loss among those matching on both prompts
+    assert g.pick(losses, [torch.zeros(4, dtype=torch.bool)] * 2) == 0  # none matches: the lowest loss
+    g.config.prefer_target_match = False
+    assert g.pick(losses, matches) == 0
+
+
+def test_bf16_speed_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
+    import refusal.models as models
+
+    monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_BF16_SPEEDUP", {})
+    first = models.cpu_bf16_speedup()
+    assert first > 0
+    kept = json.loads((tmp_path / "cpu-bf16.json").read_text())
+    assert list(kept.values()) == [round(first, 3)] and "threads" in next(iter(kept))
+    key = next(iter(kept))
+    (tmp_path / "cpu-bf16.json").write_text(json.dumps({key: 9.0}))
+    monkeypatch.setattr(models, "_BF16_SPEEDUP", {})
+    assert models.cpu_bf16_speedup() == 9.0  # read back, not measured again
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert models.fast_bf16(torch.device("cpu")) is False  # no bfloat16 instructions: never fast
