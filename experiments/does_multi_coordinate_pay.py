@@ -6,7 +6,8 @@ per step; it is on by default (docs/results.md#time-to-jailbreak-2026-12-02).
 
     python experiments/does_multi_coordinate_pay.py [--model organism] [--prompts 3] [--steps 15] [--search-width 64]
 
-One suffix per prompt (every 24th of harmful:test, default targets), the target objective, every step
+One suffix per prompt (the first of harmful:val, default targets; the figures in docs/results.md were made on
+every 24th of harmful:test, which overlaps the bench's prompts: the prompts are validation ones since), the target objective, every step
 run (no early stop, success by the target match alone), with multi_coordinate 1 and 8; prints s/step and the
 best loss after a third, two thirds and all of the steps.
 """
@@ -28,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--search-width", type=int, default=64)
     args = ap.parse_args(argv)
     cm = load_model(args.model)
-    test = instructions(builtin_prompts("harmful", "test"))[::24][: args.prompts]
+    test = instructions(builtin_prompts("harmful", "val"))[: args.prompts]
     marks = sorted({max(1, args.steps // 3), max(1, 2 * args.steps // 3), args.steps})
     for m in (1, 8):
         for i, p in enumerate(test):

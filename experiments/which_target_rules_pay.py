@@ -1,7 +1,10 @@
 """Which rules of the target objective shorten the time to a jailbreak: preferring a candidate whose reply
 begins with the target, and Faster-GCG's margin (cw) loss instead of cross-entropy?
 
-Found: see docs/results.md#time-to-jailbreak-2026-12-02 (the figures, the machine and the decision).
+Found: on 3 harmful validation prompts of the organism (width 64, 25 steps, 2-core Xeon without AMX) no arm
+succeeds; cw gets more of the target's tokens right sooner (4/4/4 tokens by step 25 against 4/0/3; by step
+17, 4/0/4 against 0/0/0) at a like best cross-entropy: an option (`--target-loss cw`), not the default,
+until it is shown to shorten the time to success (docs/results.md#time-to-jailbreak-on-a-xeon-without-amx-2026-12-02).
 
     python experiments/which_target_rules_pay.py [--model organism] [--prompts 3] [--steps 25] [--search-width 64]
         [--arms ce+prefer,cw+prefer]

@@ -14,15 +14,18 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import artifacts
 from .chat import ChatFormat
 from .errors import RefusalLabError
 
@@ -422,11 +425,6 @@ def cpu_bf16_speedup() -> float:
     """bfloat16 matrix-product throughput over float32's on this CPU (best of 5, a [512, 1024] x [1024, 1024]
     product, the size of a small model's projections), measured once and cached in the project cache
     (`cpu-bf16.json`, keyed by the CPU, torch version and thread count)."""
-    import platform
-    import time
-
-    from . import artifacts
-
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     key = (f"{_cpu_name()}|{platform.machine()}|{'AMX' if amx else 'no AMX'}|torch {torch.__version__}|"
            f"{torch.get_num_threads()} threads")
@@ -484,8 +482,6 @@ def _cpu_name() -> str:
         pass
     if fields:
         return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-    import platform
-
     return platform.processor() or "unknown cpu"
 
 
