@@ -62,7 +62,7 @@ CHECKPOINT_VERSION = 1
 # a forward pass costs about as much as this many extra tokens; used to decide how candidates are
 # bucketed. CPU: measured on SmolLM2-135M on 2 cores (a 1-row pass of 42 tokens takes as long as about
 # 80 tokens in a large pass; planning with 64 made a width-128 step 20% faster than with 600, 256 was in
-# between). CUDA: launches cost more than tokens (not measured).
+# between). CUDA (and other accelerators): launches cost more than tokens (not measured).
 OVERHEAD_TOKENS = {"cpu": 64, "cuda": 600}
 
 
@@ -568,7 +568,7 @@ class GCG:
         ps = sorted(groups)
         cap = bs * (L + tail) if self.config.batch_size else max_tokens
         for gi, gj in self.plan_buckets(ps, [len(groups[p]) for p in ps], L, tail,
-                                              OVERHEAD_TOKENS.get(cm.device.type, 600), cap):
+                                              OVERHEAD_TOKENS.get(cm.device.type, OVERHEAD_TOKENS["cuda"]), cap):
             p = ps[gi]
             idx = torch.tensor([i for q in ps[gi:gj] for i in groups[q]])
             for j in range(0, len(idx), bs):

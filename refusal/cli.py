@@ -21,7 +21,7 @@ import torch
 from analysis.reproduce import ReproduceConfig, reproduce_paper
 from analysis.run import AnalysisConfig, analyze_suffix
 from attacks.bench import BenchConfig, run_bench
-from attacks.gcg import SUCCESS_CHECKS, GCGConfig
+from attacks.gcg import SUCCESS_CHECKS, TARGET_LOSSES, GCGConfig
 from attacks.run import check_attack, run_attack
 
 from . import artifacts
@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
     for name in ("allow_non_ascii", "screen_dtype", "rescore", "multi_coordinate", "seed"):
         _opt(a, GCGConfig, name)
-    _opt(a, GCGConfig, "target_loss", choices=("ce", "cw"))
+    _opt(a, GCGConfig, "target_loss", choices=TARGET_LOSSES)
     _opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
          help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
     _opt(a, GCGConfig, "success_check", choices=SUCCESS_CHECKS)
@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         _opt(b, BenchConfig, name, **({"type": int} if name == "universal" else {}))
     for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens"):
         _opt(b, GCGConfig, name)
-    _opt(b, GCGConfig, "target_loss", choices=("ce", "cw"))
+    _opt(b, GCGConfig, "target_loss", choices=TARGET_LOSSES)
     _judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")
     b.add_argument("--out", default="bench.json")
     b.add_argument("--force", action="store_true")
