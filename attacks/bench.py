@@ -24,8 +24,8 @@ from refusal.judges import load_judge
 from refusal.metrics import generate
 from refusal.models import ChatModel, seed_everything
 
-from .gcg import GCG, AttackResult, GCGConfig, screening_dtype
-from .reference import require_nanogcg, run_nanogcg
+from .gcg import GCG, AttackResult, GCGConfig, load_draft, screening_dtype
+from .reference import check_probe_sampling, require_nanogcg, run_nanogcg
 from .targets import default_target
 
 log = logging.getLogger(__name__)
@@ -122,25 +122,30 @@ def _engine_row(res: AttackResult, setup_s: float, first: int | None, budget_ste
                 budget_time_s=setup_s + per_step * budget_steps, peak_mib=peak_mib, suffix=res.suffix)
 
 
-def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None) -> dict:
-    """The native engine on one prompt, stopping at the first success by the target+judge check."""
+def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None, draft=None) -> dict:
+    """The native engine on one prompt, stopping at the first success by the target+judge check (with the
+    draft model `draft`, loaded, when config.draft_model names one)."""
     config = replace(config, success_check="target+judge")
     with PeakMemory(cm.device) as mem:
         _sync(cm)
         t0 = time.perf_counter()
-        g = GCG(cm, [instruction], [target], config, judge=judge)
+        g = GCG(cm, [instruction], [target], config, judge=judge, draft=draft if config.draft_model else None)
         setup = time.perf_counter() - t0
         res = g.run(progress=False)
         _sync(cm)
     first = next((i for i, ok in enumerate(res.success) if ok >= 1.0), None)
-    return _engine_row(res, setup, first, config.steps, mem.peak_mib)
+    row = _engine_row(res, setup, first, config.steps, mem.peak_mib)
+    if res.agreement:
+        row["draft_agreement"] = statistics.median(res.agreement)
+    return row
 
 
-def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None) -> dict:
-    """nanoGCG on one prompt at its best (prefix cache, its own early stop on the target match); its steps'
-    suffixes are checked afterwards by the native engine's target+judge rule (that time is not counted)."""
+def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None, draft=None) -> dict:
+    """nanoGCG on one prompt at its best (prefix cache, its own early stop on the target match; with the
+    native engine's draft model, its own probe sampling with that draft); its steps' suffixes are checked
+    afterwards by the native engine's target+judge rule (that time is not counted)."""
     with PeakMemory(cm.device) as mem:
-        res = run_nanogcg(cm, instruction, target, config)
+        res = run_nanogcg(cm, instruction, target, config, draft=draft if config.draft_model else None)
         _sync(cm)
     first = first_success_step(cm, instruction, target, res.suffixes, load_judge(judge or config.judge),
                                config.judge_tokens)
@@ -191,6 +196,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
     engine's) and the s/step speed-ups beside it; the per-prompt rows."""
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True)
     judge = load_judge(config.judge)  # loaded once, before any engine runs
+    # probe sampling: one draft model, loaded once, for every engine (nanoGCG's probe sampling too)
+    draft = load_draft(cm, config.draft_model) if config.draft_model else None
     per_prompt = []
     for i, instruction in enumerate(instructions):
         target = default_target(instruction)
@@ -198,7 +205,7 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
         for name in engines:
             fn, cfg = ENGINES[name](config)
             torch.manual_seed(seed)
-            r = fn(cm, instruction, target, cfg, judge=judge)
+            r = fn(cm, instruction, target, cfg, judge=judge, draft=draft)
             row[name] = r
             if progress:
                 ok = f"success at step {r['first_success_step']} ({r['time_to_success_s']:.0f} s)" if r["success"] \
@@ -223,7 +230,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
     out["settings"] = dict(steps=steps, seed=seed, search_width=config.search_width, topk=config.topk,
                            suffix_len=config.suffix_len, n_replace=config.n_replace, rescore=config.rescore,
                            multi_coordinate=config.multi_coordinate, target_loss=config.target_loss,
-                           prefer_target_match=config.prefer_target_match,
+                           prefer_target_match=config.prefer_target_match, draft_model=config.draft_model,
+                           probe_r=config.probe_r, probe_sampling_factor=config.probe_sampling_factor,
                            prompts=len(instructions), judge=judge.name, judge_tokens=config.judge_tokens,
                            success="the greedy reply begins with the target and the judge says it complies")
     out["per_prompt"] = per_prompt
@@ -251,6 +259,7 @@ def bench_universal(cm: ChatModel, train: Sequence[str], test: Sequence[str], st
                      success_check="judge", progressive=True,
                      patience=max(3, steps // (2 * len(train))))
     judge = load_judge(judge if judge is not None else config.judge)
+    draft = load_draft(cm, config.draft_model) if config.draft_model else None
     out = {}
     for name in engines:
         cfg = UNIVERSAL_ENGINES[name](config)
@@ -258,7 +267,8 @@ def bench_universal(cm: ChatModel, train: Sequence[str], test: Sequence[str], st
         with PeakMemory(cm.device) as mem:
             _sync(cm)
             t0 = time.perf_counter()
-            res = GCG(cm, list(train), [default_target(p) for p in train], cfg, judge=judge).run(progress=False)
+            res = GCG(cm, list(train), [default_target(p) for p in train], cfg, judge=judge,
+                      draft=draft if cfg.draft_model else None).run(progress=False)
             _sync(cm)
             wall = time.perf_counter() - t0
         reached = next((i for i, (r, n) in enumerate(zip(res.success, res.n_active))
@@ -279,7 +289,8 @@ def bench_universal(cm: ChatModel, train: Sequence[str], test: Sequence[str], st
             progress(f"[universal] {name}: {per_step:.2f} s/step, {got} ({out[name]['time_to_rate_s']:.0f} s), "
                      f"{out[name]['test_success_rate']:.0%} of {len(test)} unseen prompts")
     figures = {"engines": out, "train_prompts": len(train), "test_prompts": len(test), "rate": rate,
-               "steps": steps, "judge": judge.name, "judge_tokens": config.judge_tokens}
+               "steps": steps, "judge": judge.name, "judge_tokens": config.judge_tokens,
+               "draft_model": config.draft_model}
     if "native" in out and "gcg_paper" in out:
         figures["time_to_rate_speedup"] = out["gcg_paper"]["time_to_rate_s"] / out["native"]["time_to_rate_s"]
     return figures
@@ -341,6 +352,8 @@ class BenchConfig:
         if not 0 < self.universal_rate <= 1:
             raise RefusalLabError(f"--universal-rate must be in (0, 1], got {self.universal_rate}")
         self.attack.validate()
+        if self.attack.draft_model is not None and "nanogcg" in engine_names(self.engines):
+            check_probe_sampling(self.attack)
 
 
 def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,

@@ -50,6 +50,7 @@ from refusal.hooks import capture_hooks, hooked
 from refusal.judges import DEFAULT_JUDGE, check_judge_name, judge_name, load_judge
 from refusal.metrics import generate
 from refusal.models import ChatModel, fast_bf16
+from refusal.registry import NAMED_MODELS, load_model, resolve
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +109,26 @@ class GCGConfig:
     rescore: int = option(8, "screened candidates scored again in the model's precision each step")
     multi_coordinate: int = option(8, "multi-coordinate update (I-GCG): also score the current suffix with the "
                                       "changes of the best 2..m candidates combined (1: off)")
+    draft_model: str | None = option(None, "probe sampling (Zhao et al. 2024): a smaller model with the same "
+                                           "tokenizer scores every candidate, the attacked model only a random "
+                                           "probe set and the draft's best; None: off")
+    probe_r: int = option(8, "probe sampling: the draft's best (1 - agreement) * width / r candidates are "
+                             "scored on the attacked model")
+    probe_sampling_factor: int = option(16, "probe sampling: width / this random candidates form the probe set")
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise RefusalLabError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
         require_positive(self, "steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens", "rescore",
-                         "multi_coordinate")
+                         "multi_coordinate", "probe_r", "probe_sampling_factor")
+        if self.draft_model is not None and self.objective != "target":
+            raise RefusalLabError(f"probe sampling (--draft-model) scores candidates by the target loss; it needs "
+                                  f"--objective target, not {self.objective}")
+        if self.draft_model is not None and self.draft_model not in NAMED_MODELS:
+            try:  # a draft that is no model form fails here, before any model loads
+                resolve(self.draft_model)
+            except RefusalLabError as e:
+                raise RefusalLabError(f"--draft-model: {e}") from None
         if self.n_replace > self.suffix_len:
             raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
         if not 0 < self.success_rate <= 1:
@@ -151,6 +166,7 @@ class AttackResult:
     elapsed_s: float
     success_flags: list[bool] = field(default_factory=list)  # of the best suffix, per prompt (active ones)
     step_times: list[float] = field(default_factory=list)  # per step: seconds since the start when it ended
+    agreement: list[float] = field(default_factory=list)  # probe sampling, per step: the draft's rank agreement
 
 
 # ----------------------------------------------------------------------------- precision
@@ -269,6 +285,26 @@ def sample_candidates(ids: torch.Tensor, grad: torch.Tensor, search_width: int, 
 # ----------------------------------------------------------------------------- the engine
 
 
+def load_draft(cm: ChatModel, spec: str | ChatModel) -> ChatModel:
+    """The draft model of probe sampling (any --model form, or a loaded ChatModel), on the attacked model's
+    device and in its precision; it must share the attacked model's tokenizer (candidates are token ids)."""
+    draft = spec if isinstance(spec, ChatModel) else load_model(spec, device=str(cm.device), dtype=cm.dtype)
+    if draft.tokenizer.get_vocab() != cm.tokenizer.get_vocab():
+        raise RefusalLabError(f"the draft model {draft.name} has another tokenizer than {cm.name}; probe sampling needs "
+                              "a draft of the same family (the same vocabulary)")
+    return draft
+
+
+def rank_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation of two loss vectors [n] (0 when n < 2 or either is constant)."""
+    if len(a) < 2:
+        return 0.0
+    ra, rb = (x.float().argsort().argsort().float() for x in (a.cpu(), b.cpu()))
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = float(ra.norm() * rb.norm())
+    return float((ra * rb).sum()) / den if den > 0 and not (a == a[0]).all() and not (b == b[0]).all() else 0.0
+
+
 class _Slot:
     """One prompt: the fixed token pieces around the suffix, the target, and the cache of the text
     before the suffix."""
@@ -301,9 +337,10 @@ class GCG:
     """The GCG loop over one or more prompts (one suffix for all of them)."""
 
     def __init__(self, cm: ChatModel, instructions: Sequence[str], targets: Sequence[str | None] | None,
-                 config: GCGConfig, direction=None, judge=None):
+                 config: GCGConfig, direction=None, judge=None, draft: ChatModel | None = None):
         """judge: the judge of success (a Judge, a refusal.judges.JudgeConfig carrying its options such as
-        device and dtype, or a name); it must be the one config.judge names (default: loaded from that name)."""
+        device and dtype, or a name); it must be the one config.judge names (default: loaded from that name).
+        draft: the draft model of probe sampling, loaded (default: loaded from config.draft_model)."""
         config.validate()
         if not instructions:
             raise RefusalLabError("no prompts to attack")
@@ -355,6 +392,16 @@ class GCG:
             self._judge = load_judge(judge if judge is not None else config.judge)
         self.screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
         self._screen_weights = low_precision_weights(cm.model, self.screen) if self.screen is not None else {}
+        # probe sampling: the same prompts and targets on the draft model, which only scores candidates
+        self.draft = None
+        if config.draft_model is not None or draft is not None:
+            if not self.needs_target or config.objective != "target":
+                raise RefusalLabError("probe sampling (a draft model) needs --objective target")
+            draft = load_draft(cm, draft if draft is not None else config.draft_model)
+            if config.draft_model is None:  # the draft named in the config, so in the run's signature
+                self.config = config = dataclasses.replace(config, draft_model=draft.name)
+            self.draft = GCG(draft, instructions, targets, dataclasses.replace(
+                config, draft_model=None, success_check="target", multi_coordinate=1), direction=None)
 
     def screening(self):
         """The context candidates and the token gradient are computed in (the screening precision, or
@@ -409,13 +456,46 @@ class GCG:
         i, loss, flags, _ = self.choose(ids, cands, slots, combine=False)
         return i, loss, flags
 
+    def probe_sampled_losses(self, ids: torch.Tensor, cands: torch.Tensor, slots: Sequence[_Slot],
+                             gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Probe sampling (Zhao et al. 2024, as nanoGCG 0.3.0 does it): the draft model scores every
+        candidate [n, L]; the attacked model a random probe set of n // probe_sampling_factor of them and
+        the draft's best max(1, (1 - alpha) * n / probe_r), where alpha = (1 + Spearman's rho) / 2 is the
+        draft's rank agreement with the attacked model on the probe set. Returns the candidates the
+        attacked model scored [k, L], their mean losses [k] and target matches (one [k] per slot), in the
+        current precision; the agreement (rho) is kept in self.last_agreement."""
+        cfg, n = self.config, len(cands)
+        index = {id(s): i for i, s in enumerate(self.slots)}
+        draft_slots = [self.draft.slots[index[id(s)]] for s in slots]
+        with self.draft.screening():
+            draft_loss, _ = self.draft.all_losses(ids, cands, draft_slots)
+        draft_loss = draft_loss.to(self.cm.device)
+        perm = torch.randperm(n, generator=gen if gen is not None else torch.Generator().manual_seed(cfg.seed))
+        probe = perm[: max(1, n // cfg.probe_sampling_factor)].to(self.cm.device)
+        probe_loss, probe_m = self.all_losses(ids, cands[probe], slots)
+        rho = rank_agreement(probe_loss, draft_loss[probe])
+        alpha = (1 + rho) / 2
+        k = max(1, min(n, int((1 - alpha) * n / cfg.probe_r)))
+        best = draft_loss.topk(k, largest=False).indices
+        best = best[~torch.isin(best, probe)]
+        self.last_agreement = rho
+        if not len(best):
+            return cands[probe], probe_loss, probe_m
+        best_loss, best_m = self.all_losses(ids, cands[best], slots)
+        return (cands[torch.cat([probe, best])], torch.cat([probe_loss, best_loss]),
+                [torch.cat([a, b]) for a, b in zip(probe_m, best_m)])
+
     def choose(self, ids: torch.Tensor, cands: torch.Tensor, slots: Sequence[_Slot],
-               combine: bool = True) -> tuple[int, float, list[bool], torch.Tensor]:
-        """best_candidate over the candidates and, with config.multi_coordinate > 1 (and `combine`), their
-        combined_candidates scored beside them; returns the index into the candidates searched (given and
-        combined: [n + k, L], the fourth item) as well."""
+               combine: bool = True, gen: torch.Generator | None = None) -> tuple[int, float, list[bool], torch.Tensor]:
+        """best_candidate over the candidates (with a draft model: over those probe sampling keeps) and, with
+        config.multi_coordinate > 1 (and `combine`), their combined_candidates scored beside them; returns
+        the index into the candidates searched (scored and combined: [k, L], the fourth item) as well.
+        gen: the generator of probe sampling's probe set."""
         with self.screening():
-            total, matches = self.all_losses(ids, cands, slots)
+            if self.draft is not None:
+                cands, total, matches = self.probe_sampled_losses(ids, cands, slots, gen)
+            else:
+                total, matches = self.all_losses(ids, cands, slots)
             if combine and self.config.multi_coordinate > 1:
                 combos = self.combined_candidates(ids, cands, total)
                 if len(combos):
@@ -628,7 +708,9 @@ class GCG:
                             cands = cands[keep]
                         else:
                             log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
-                    best_i, loss, target_match, searched = self.choose(ids, cands, active)
+                    best_i, loss, target_match, searched = self.choose(ids, cands, active, gen=gen)
+                    if self.draft is not None:
+                        state.setdefault("agreement", []).append(round(self.last_agreement, 4))
                     ids = searched[best_i].clone()
                 if self.check == "target":
                     flags = list(target_match)
@@ -673,7 +755,8 @@ class GCG:
             suffix=tok.decode(best["ids"]), token_ids=best["ids"], best_loss=best["loss"], best_step=best["step"],
             losses=state["losses"], success=state["success"], n_active=state["n_active_hist"],
             suffixes=state["suffixes"], steps_run=state["step"], stopped_early=bool(state["done"]),
-            elapsed_s=state["elapsed"], success_flags=best["flags"], step_times=state.get("times", []))
+            elapsed_s=state["elapsed"], success_flags=best["flags"], step_times=state.get("times", []),
+            agreement=state.get("agreement", []))
 
     def signature(self) -> str:
         """A hash of everything that decides the run's course except the number of steps: the judge only
@@ -691,6 +774,8 @@ class GCG:
             cfg.pop("judge", None)
         items = [repr(sorted(cfg.items())), repr(self.init_ids), self.cm.fingerprint]
         items += [f"{s.instruction}\x00{s.target}" for s in self.slots]
+        if self.draft is not None:
+            items.append(f"draft {self.draft.cm.fingerprint}")
         return hash_strings(items)
 
     def _check_resumable(self, state: dict, checkpoint) -> None:
@@ -730,4 +815,7 @@ def comparable_config(cfg: dict) -> dict:
     cfg = dict(cfg)
     if cfg.get("judge", "substring") == "substring":
         cfg.pop("judge", None)
+    if cfg.get("draft_model") is None:  # without a draft (and in runs from before probe sampling)
+        for key in ("draft_model", "probe_r", "probe_sampling_factor"):
+            cfg.pop(key, None)
     return cfg

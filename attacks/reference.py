@@ -27,7 +27,7 @@ from refusal.engine import expand_cache
 from refusal.errors import RefusalLabError
 from refusal.models import ChatModel
 
-from .gcg import AttackResult, GCGConfig, initial_suffix_ids
+from .gcg import AttackResult, GCGConfig, initial_suffix_ids, load_draft
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,14 @@ def require_nanogcg() -> None:
         if importlib.util.find_spec(name) is None:
             raise RefusalLabError(f"the nanogcg engine needs nanoGCG 0.3.0, which is not installed; install it with "
                                   f"`{NANOGCG_INSTALL}` (or `make setup`)")
+
+
+def check_probe_sampling(config: GCGConfig) -> None:
+    """nanoGCG's probe sampling needs a probe set that stays 2 or more candidates after its filters (its rank
+    correlation is NaN below that): search_width // probe_sampling_factor at least 4."""
+    if config.search_width // config.probe_sampling_factor < 4:
+        raise RefusalLabError(f"nanoGCG's probe sampling needs a probe set of 4 or more candidates: --search-width "
+                              f"at least 4 x --probe-sampling-factor ({4 * config.probe_sampling_factor})")
 
 
 class StoredPrefix:
@@ -90,10 +98,16 @@ class PrefixCacheModel:
         return out
 
 
-def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = True):
+def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = True, draft: ChatModel | None = None):
+    """nanoGCG's config for ours; with a draft model, its probe sampling with our r and sampling factor."""
     import nanogcg
 
-    return nanogcg.GCGConfig(
+    probe = None
+    if draft is not None:
+        probe = nanogcg.ProbeSamplingConfig(
+            draft_model=PrefixCacheModel(draft.model) if use_prefix_cache else draft.model,
+            draft_tokenizer=draft.tokenizer, r=config.probe_r, sampling_factor=config.probe_sampling_factor)
+    return nanogcg.GCGConfig(probe_sampling_config=probe,
         num_steps=config.steps, optim_str_init=init_text, search_width=config.search_width,
         batch_size=config.batch_size, topk=config.topk, n_replace=config.n_replace,
         early_stop=config.early_stop, use_prefix_cache=use_prefix_cache, allow_non_ascii=config.allow_non_ascii,
@@ -101,16 +115,20 @@ def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = T
 
 
 def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
-                use_prefix_cache: bool = True) -> AttackResult:
+                use_prefix_cache: bool = True, draft: ChatModel | None = None) -> AttackResult:
     """One prompt, target objective. The suffix follows the instruction after a space, as in the native
     engine; the chat template is the model's own. The result's step_times are the wall times (since the
-    start) at which each of nanoGCG's steps ended."""
+    start) at which each of nanoGCG's steps ended. With config.draft_model (or a loaded `draft`), nanoGCG's
+    own probe sampling with that draft."""
     require_nanogcg()
     import nanogcg
 
     config.validate()
     if config.objective != "target":
         raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
+    if draft is not None or config.draft_model is not None:
+        check_probe_sampling(config)
+        draft = load_draft(cm, draft if draft is not None else config.draft_model)
     init_ids = initial_suffix_ids(cm, config.suffix_len, config.suffix_init)
     init_text = cm.tokenizer.decode(init_ids)
     logging.getLogger("nanogcg").setLevel(logging.WARNING)
@@ -130,7 +148,7 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
     t0 = time.perf_counter()
     try:
         with torch.enable_grad():
-            gcg = TimedGCG(model, cm.tokenizer, nanogcg_config(config, init_text, use_prefix_cache))
+            gcg = TimedGCG(model, cm.tokenizer, nanogcg_config(config, init_text, use_prefix_cache, draft))
             res = gcg.run([{"role": "user", "content": instruction + " {optim_str}"}], target)
     finally:  # nanogcg turns deterministic algorithms on for the whole process when seeded
         torch.use_deterministic_algorithms(deterministic)

@@ -15,7 +15,7 @@ from refusal.models import ChatModel
 
 from .evaluate import suffix_success
 from .gcg import GCG, AttackResult, GCGConfig, comparable_config, config_dict, random_suffix_ids
-from .reference import require_nanogcg, run_nanogcg
+from .reference import check_probe_sampling, require_nanogcg, run_nanogcg
 from .targets import default_target
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,8 @@ def check_attack(config: GCGConfig, engine: str = "native", direction=None, resu
         if config.objective != "target":
             raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
         require_nanogcg()
+        if config.draft_model is not None:
+            check_probe_sampling(config)
     if config.objective != "target" and direction is None:
         raise RefusalLabError(f"--objective {config.objective} needs --direction DIR (a folder made by `refusal direction`)")
     if resume and force:

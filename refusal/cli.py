@@ -397,6 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
     _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
     for name in ("allow_non_ascii", "screen_dtype", "rescore", "multi_coordinate", "seed"):
         _opt(a, GCGConfig, name)
+    for name in ("draft_model", "probe_r", "probe_sampling_factor"):
+        _opt(a, GCGConfig, name)
     _opt(a, GCGConfig, "target_loss", choices=TARGET_LOSSES)
     _opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
          help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
@@ -427,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(b, default="organism")
     for name in ("steps", "prompts", "seed", "engines", "universal", "universal_rate", "universal_steps"):
         _opt(b, BenchConfig, name, **({"type": int} if name == "universal" else {}))
-    for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens"):
+    for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens",
+                 "draft_model", "probe_r", "probe_sampling_factor"):
         _opt(b, GCGConfig, name)
     _opt(b, GCGConfig, "target_loss", choices=TARGET_LOSSES)
     _judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")

@@ -397,3 +397,100 @@ def test_bf16_speed_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     assert models.fast_bf16(torch.device("cpu")) is False  # no bfloat16 instructions: never fast
+
+
+# ---- probe sampling (a draft model)
+
+def _candidates(g: GCG, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.tensor(g.init_ids)
+    grad = g.token_gradient(ids, g.slots).float()
+    cands = sample_candidates(ids, grad, n, 16, 1, g.not_allowed, torch.Generator().manual_seed(0))
+    return ids, torch.unique(cands, dim=0)
+
+
+def test_probe_sampling_with_the_model_as_its_own_draft_finds_the_best_candidate(tiny):
+    """A draft that is the attacked model agrees with it perfectly (rho = 1), so probe sampling scores the
+    probe set and the draft's single best, which is the best of all candidates."""
+    cfg = GCGConfig(search_width=64, topk=16, suffix_len=6, screen_dtype="model")
+    plain = GCG(tiny, INSTR[:1], ["Sure, here is"], cfg)
+    probed = GCG(tiny, INSTR[:1], ["Sure, here is"], cfg, draft=tiny)
+    assert probed.config.draft_model == tiny.name  # named in the run's signature
+    ids, cands = _candidates(plain)
+    i, loss, _, searched = plain.choose(ids, cands, plain.slots, combine=False)
+    j, ploss, _, psearched = probed.choose(ids, cands, probed.slots, combine=False,
+                                           gen=torch.Generator().manual_seed(1))
+    assert probed.last_agreement == pytest.approx(1.0)
+    assert len(psearched) <= len(cands) // 16 + 1 < len(cands)
+    assert ploss == pytest.approx(loss, abs=1e-6) and torch.equal(psearched[j], searched[i])
+
+
+def test_probe_sampling_scores_the_probe_set_and_the_drafts_best(tiny_models, monkeypatch):
+    target, draft = tiny_models["llama"], tiny_models["qwen2"]
+    cfg = GCGConfig(search_width=64, topk=16, suffix_len=6, screen_dtype="model", probe_r=4)
+    g = GCG(target, INSTR[:1], ["Sure, here is"], cfg, draft=draft)
+    ids, cands = _candidates(g)
+    scored = []
+    real = GCG.candidate_losses
+
+    def counting(self, current, c, slot):
+        if self is g:
+            scored.append(len(c))
+        return real(self, current, c, slot)
+
+    monkeypatch.setattr(GCG, "candidate_losses", counting)
+    j, loss, _, searched = g.choose(ids, cands, g.slots, combine=False, gen=torch.Generator().manual_seed(1))
+    n = len(cands)
+    alpha = (1 + g.last_agreement) / 2
+    assert -1 <= g.last_agreement <= 1
+    assert scored[0] == n // 16  # the probe set, then the draft's best that are not in it
+    assert sum(scored) == len(searched) <= n // 16 + max(1, int((1 - alpha) * n / 4))
+    monkeypatch.setattr(GCG, "candidate_losses", real)
+    exact, _ = GCG(target, INSTR[:1], ["Sure, here is"], cfg).all_losses(ids, searched, g.slots)
+    assert loss == pytest.approx(float(exact.min()), abs=1e-5)  # the best of what the attacked model scored
+    # the draft's own losses rank the candidates it kept first
+    dl, _ = g.draft.all_losses(ids, cands, g.draft.slots)
+    kept = searched[n // 16:]
+    assert all(any(torch.equal(k, c) for c in cands[dl.argsort()[:len(kept) + n // 16]]) for k in kept)
+
+
+def test_probe_sampling_run_resumes_and_refuses_what_it_cannot_do(tiny_models, tmp_path, monkeypatch):
+    target, draft = tiny_models["llama"], tiny_models["qwen2"]
+    cfg = GCGConfig(steps=4, search_width=32, topk=16, suffix_len=5, early_stop=False, success_check="target",
+                    screen_dtype="model", probe_sampling_factor=8)
+    full = GCG(target, INSTR, ["Sure, here is", "Sure"], cfg, draft=draft).run(progress=False)
+    assert len(full.agreement) == 4
+    ck = tmp_path / "checkpoint.json"
+
+    def kill(info):
+        if info["step"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GCG(target, INSTR, ["Sure, here is", "Sure"], cfg, draft=draft).run(checkpoint=ck, on_step=kill, progress=False)
+    resumed = GCG(target, INSTR, ["Sure, here is", "Sure"], cfg, draft=draft).run(checkpoint=ck, resume=True,
+                                                                                progress=False)
+    assert resumed.token_ids == full.token_ids and resumed.losses == full.losses
+    with pytest.raises(RefusalLabError, match="other prompts"):  # another draft is another run
+        GCG(target, INSTR, ["Sure, here is", "Sure"], cfg, draft=tiny_models["mistral"]).run(
+            checkpoint=ck, resume=True, progress=False)
+    with pytest.raises(RefusalLabError, match="--objective target"):
+        GCGConfig(draft_model="smollm2", objective="mixed").validate()
+    with pytest.raises(RefusalLabError, match="--draft-model: unknown model"):
+        GCGConfig(draft_model=str(tmp_path / "nothing")).validate()
+    monkeypatch.setattr(draft.tokenizer, "get_vocab", lambda: {"a": 0})
+    with pytest.raises(RefusalLabError, match="another tokenizer"):
+        GCG(target, INSTR, ["Sure", "Sure"], cfg, draft=draft)
+
+
+def test_nanogcg_probe_sampling_with_the_prefix_cache_gives_the_losses_of_no_cache(tiny_models):
+    from attacks.reference import run_nanogcg
+
+    target, draft = tiny_models["llama"], tiny_models["qwen2"]
+    cfg = GCGConfig(steps=3, search_width=64, topk=8, suffix_len=6, early_stop=False)
+    torch.manual_seed(0)
+    cached = run_nanogcg(target, INSTR[0], "Sure, here is", cfg, use_prefix_cache=True, draft=draft)
+    torch.manual_seed(0)
+    plain = run_nanogcg(target, INSTR[0], "Sure, here is", cfg, use_prefix_cache=False, draft=draft)
+    assert cached.losses == pytest.approx(plain.losses, abs=1e-4) and cached.suffixes == plain.suffixes
+    with pytest.raises(RefusalLabError, match="probe set of 4"):
+        run_nanogcg(target, INSTR[0], "Sure", GCGConfig(steps=1, search_width=32), draft=draft)
