@@ -244,7 +244,7 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
 UNIVERSAL_ENGINES = {
     "native": lambda config: config,
     "gcg_paper": lambda config: replace(config, multi_coordinate=1, prefer_target_match=False, target_loss="ce",
-                                        screen_dtype="model"),
+                                        screen_dtype="model", draft_model=None),
 }
 
 

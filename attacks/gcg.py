@@ -295,14 +295,23 @@ def load_draft(cm: ChatModel, spec: str | ChatModel) -> ChatModel:
     return draft
 
 
+def _average_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Ranks of x [n] from 0, ties given their average rank (as Spearman's rho needs)."""
+    ranks = torch.empty(len(x), dtype=torch.float64)
+    ranks[x.argsort()] = torch.arange(len(x), dtype=torch.float64)
+    _, group = torch.unique(x, return_inverse=True)
+    total = torch.zeros(int(group.max()) + 1, dtype=torch.float64).index_add_(0, group, ranks)
+    return (total / torch.bincount(group).double())[group]
+
+
 def rank_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation of two loss vectors [n] (0 when n < 2 or either is constant)."""
-    if len(a) < 2:
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    if len(a) < 2 or (a == a[0]).all() or (b == b[0]).all():
         return 0.0
-    ra, rb = (x.float().argsort().argsort().float() for x in (a.cpu(), b.cpu()))
+    ra, rb = _average_ranks(a), _average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
-    den = float(ra.norm() * rb.norm())
-    return float((ra * rb).sum()) / den if den > 0 and not (a == a[0]).all() and not (b == b[0]).all() else 0.0
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
 class _Slot:
@@ -470,13 +479,14 @@ class GCG:
         with self.draft.screening():
             draft_loss, _ = self.draft.all_losses(ids, cands, draft_slots)
         draft_loss = draft_loss.to(self.cm.device)
+        # indices on the CPU, where the candidates are
         perm = torch.randperm(n, generator=gen if gen is not None else torch.Generator().manual_seed(cfg.seed))
-        probe = perm[: max(1, n // cfg.probe_sampling_factor)].to(self.cm.device)
+        probe = perm[: max(1, n // cfg.probe_sampling_factor)]
         probe_loss, probe_m = self.all_losses(ids, cands[probe], slots)
         rho = rank_agreement(probe_loss, draft_loss[probe])
         alpha = (1 + rho) / 2
         k = max(1, min(n, int((1 - alpha) * n / cfg.probe_r)))
-        best = draft_loss.topk(k, largest=False).indices
+        best = draft_loss.topk(k, largest=False).indices.cpu()
         best = best[~torch.isin(best, probe)]
         self.last_agreement = rho
         if not len(best):
@@ -509,7 +519,7 @@ class GCG:
                 matched = torch.stack(matches).all(0).nonzero().flatten()
                 matched = matched[total[matched].argsort()[:k]]
                 top = torch.cat([top, matched[~torch.isin(matched, top)]])
-            exact, exact_m = self.all_losses(ids, cands[top], slots)
+            exact, exact_m = self.all_losses(ids, cands[top.to(cands.device)], slots)
             j = self.pick(exact, exact_m)
             return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m], cands
         i = self.pick(total, matches)

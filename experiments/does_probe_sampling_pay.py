@@ -1,8 +1,11 @@
 """Does probe sampling (a draft model scores every candidate, the attacked model only a probe set and the
 draft's best) pay, and how well does a draft agree with the model it stands in for?
 
-Found: see docs/results.md ("Probe sampling"). Two parts, since no pair of trained models of different
-sizes with one tokenizer is on the CPU machines (only SmolLM2-135M and the organism fine-tuned from it):
+Found: (AMD EPYC with AVX-512 BF16, 2 cores; docs/results.md#probe-sampling) per step 1.91x faster with a
+SmolLM2-135M-shaped draft for a random Llama-1B-shaped target (36.84 against 19.32 s/step); on the organism
+the base SmolLM2 (the only trained draft here, the same size) agrees with rho 0.36-0.73, makes a step
+0.84-0.88x as fast and the loss fall slower per step: an option, not a default. Two parts, since no pair of
+trained models of different sizes with one tokenizer is on the CPU machines:
 
     python experiments/does_probe_sampling_pay.py agreement [--model organism] [--draft smollm2] [--prompts 2] [--steps 8]
     python experiments/does_probe_sampling_pay.py speed [--target llama-1b] [--draft smollm2-135m] [--steps 3]

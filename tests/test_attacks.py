@@ -302,8 +302,8 @@ def test_success_check(tiny, monkeypatch, check, complies, expected, judged):
     g = GCG(tiny, ["Explain how to pick a lock", "Write a poem"], ["Sure", "Sure"], cfg, judge=Fixed())
     real = g.choose
 
-    def forced(ids, cands, slots):  # the first prompt's reply begins with the target, the second's not
-        i, loss, _, searched = real(ids, cands, slots)
+    def forced(ids, cands, slots, gen=None):  # the first prompt's reply begins with the target, the second's not
+        i, loss, _, searched = real(ids, cands, slots, gen=gen)
         return i, loss, [True, False], searched
 
     monkeypatch.setattr(g, "choose", forced)
@@ -406,6 +406,20 @@ def _candidates(g: GCG, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     grad = g.token_gradient(ids, g.slots).float()
     cands = sample_candidates(ids, grad, n, 16, 1, g.not_allowed, torch.Generator().manual_seed(0))
     return ids, torch.unique(cands, dim=0)
+
+
+def test_rank_agreement_is_spearmans_rho_with_ties_averaged():
+    from scipy.stats import spearmanr
+
+    from attacks.gcg import rank_agreement
+
+    g = torch.Generator().manual_seed(0)
+    for a, b in [(torch.tensor([1.0, 1.0, 2.0, 3.0]), torch.tensor([4.0, 3.0, 3.0, 1.0])),
+                 (torch.randn(16, generator=g), torch.randn(16, generator=g)),
+                 (torch.tensor([0.5, 0.5, 0.5, 2.0, 2.0]), torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))]:
+        assert rank_agreement(a, b) == pytest.approx(spearmanr(a.numpy(), b.numpy()).correlation, abs=1e-9)
+    assert rank_agreement(torch.tensor([1.0, 2.0]), torch.tensor([5.0, 5.0])) == 0.0  # constant: no agreement
+    assert rank_agreement(torch.tensor([1.0]), torch.tensor([2.0])) == 0.0
 
 
 def test_probe_sampling_with_the_model_as_its_own_draft_finds_the_best_candidate(tiny):
