@@ -14,7 +14,7 @@ $(STAMP): $(PY) pyproject.toml Makefile
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned: the CPU build on local disk (a loose torch pulls a multi-GB CUDA build)
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,ray]"
 	# nanoGCG 0.3.0, the reference engine, as its own step: it declares transformers<=4.47.1 but its code
 	# runs on transformers 5, so its declared requirements are not resolved (of them it imports only scipy)
 	$(PIP) install --quiet scipy

@@ -135,3 +135,43 @@ def plot_loss_vs_time(traces: Mapping[str, Sequence[Sequence[Sequence[float]]]],
     ax.set_ylabel("best loss so far (median over prompts)")
     ax.legend()
     return _save(fig, path)
+
+
+OBJECTIVE_COLORS = {"target": "#8e44ad", "direction": "#c0392b", "mixed": "#2980b9"}
+
+
+def plot_sweep_success(by: pd.DataFrame, path: str | Path, judge: str) -> Path:
+    """A sweep's attack success on the unseen prompts per model (x) and objective (colour), each suffix on its
+    own model; the no-suffix rate as a black line over each model. by: model, objective, attack_success
+    (mean over the suffixes), and no_suffix where measured."""
+    plt, sns = _plt()
+    models = list(dict.fromkeys(by.model))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(models) + 2), 4))
+    hue_order = [o for o in OBJECTIVE_COLORS if o in set(by.objective)]
+    sns.barplot(data=by, x="model", y="attack_success", hue="objective", hue_order=hue_order, order=models,
+                palette=OBJECTIVE_COLORS, errorbar=None, ax=ax)
+    if "no_suffix" in by:
+        for i, m in enumerate(models):
+            base = by[by.model == m].no_suffix.dropna()
+            if len(base):
+                ax.hlines(float(base.iloc[0]), i - 0.4, i + 0.4, color="black", lw=2,
+                          label="no suffix" if i == 0 else None)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("model")
+    ax.set_ylabel(f"attack success ({judge} judge)")
+    ax.set_title("Attack success on unseen prompts")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_transfer(matrix: pd.DataFrame, path: str | Path, judge: str) -> Path:
+    """The transfer matrix as a heat map: rows the model a suffix was made on, columns the model it is
+    evaluated on, cells the mean attack success on the unseen prompts."""
+    plt, sns = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * matrix.shape[1] + 2), max(3.0, 0.9 * matrix.shape[0] + 1.5)))
+    sns.heatmap(matrix.astype(float), annot=True, fmt=".0%", vmin=0, vmax=1, cmap="viridis", cbar_kws={"label": judge},
+                ax=ax)
+    ax.set_xlabel("evaluated on")
+    ax.set_ylabel("suffix made on")
+    ax.set_title("Transfer of suffixes between models")
+    return _save(fig, path)

@@ -36,6 +36,7 @@ from .organism import OrganismConfig, build_organism
 from .pipeline import JobConfig, check_job, main_job
 from .registry import NAMED_MODELS, ModelConfig, load_model
 from .suffix import load_suffix
+from .sweep import EXECUTORS, SweepConfig, load_sweep_config, run_sweep, sweep_config
 
 log = logging.getLogger("refusal")
 
@@ -304,6 +305,57 @@ def cmd_run(args) -> int:
     return 0
 
 
+# the sweep's grid options: (flag, SweepConfig field, argparse keywords); a list field's flag is repeatable
+SWEEP_OPTIONS = [
+    ("--model", "models", dict(action="append")),
+    ("--prompts", "prompts", dict(action="append")),
+    ("--per-prompt", "per_prompt", dict(action="store_const", const=True)),
+    ("--max-prompts", "max_prompts", dict(type=_positive("--max-prompts"))),
+    ("--engine", "engines", dict(action="append", choices=("native", "nanogcg"))),
+    ("--objective", "objectives", dict(action="append", choices=("target", "direction", "mixed"))),
+    ("--seed", "seeds", dict(action="append", type=int)),
+    ("--steps", "steps", dict(type=_positive("--steps"))),
+    ("--search-width", "search_width", dict(type=_positive("--search-width"))),
+    ("--suffix-len", "suffix_len", dict(type=_positive("--suffix-len"))),
+    ("--topk", "topk", dict(type=_positive("--topk"))),
+    ("--no-early-stop", "early_stop", dict(action="store_const", const=False)),
+    ("--eval-prompts", "eval_prompts", {}),
+    ("--eval-max-prompts", "eval_max_prompts", dict(type=_positive("--eval-max-prompts"))),
+    ("--eval-tokens", "eval_tokens", dict(type=_positive("--eval-tokens"))),
+    ("--no-transfer", "transfer", dict(action="store_const", const=False)),
+    ("--analysis", "analysis", dict(action="store_const", const=True)),
+    ("--direction", "direction", {}),
+    ("--judge", "judge", dict(metavar="NAME")),
+    ("--device", "device", {}),
+    ("--dtype", "dtype", {}),
+    ("--batch-size", "batch_size", dict(type=_positive("--batch-size"))),
+    ("--cpus-per-task", "cpus_per_task", dict(type=_positive("--cpus-per-task"))),
+    ("--gpus-per-task", "gpus_per_task", dict(type=float)),
+    ("--retries", "retries", dict(type=int)),
+]
+
+
+def cmd_sweep(args) -> int:
+    given = {name: getattr(args, name) for _, name, _ in SWEEP_OPTIONS if getattr(args, name) is not None}
+    config = load_sweep_config(args.config, given) if args.config else sweep_config(given, where="the command line")
+    if not config.models:
+        raise RefusalLabError("no model to sweep: give --model M (repeatable) or `models` in the --config file")
+    res = run_sweep(config, args.out, executor=args.executor, address=args.address, resume=args.resume,
+                    force=args.force, say=lambda m: print(m, flush=True))
+    print()
+    for s in res["sentences"]:
+        print("- " + s)
+    if len(res["transfer"]):
+        print("\ntransfer (attack success on the unseen prompts; rows: the suffix's model, columns: evaluated on):")
+        print(res["transfer"].to_string(float_format=lambda v: f"{v:.1%}"))
+    for tid, err in res["failed"].items():
+        print(f"failed: {tid}: {err}")
+    out = Path(args.out)
+    print(f"\n{res['n_tasks']} tasks on {res['executor']} in {res['wall_s']:.0f}s (the tasks' own time: "
+          f"{res['task_s_sum']:.0f}s); wrote {out / 'summary.csv'}, {out / 'transfer.csv'}, {res['report']}")
+    return 1 if res["failed"] else 0
+
+
 def cmd_reproduce(args) -> int:
     config = ReproduceConfig(max_new_tokens=args.max_new_tokens, reference_tokens=args.reference_tokens,
                              direction=DirectionConfig(seed=args.seed, batch_size=args.batch_size), force=args.force)
@@ -448,6 +500,22 @@ def build_parser() -> argparse.ArgumentParser:
     _judge_arg(r, "attack success (the attack's success checks, the evaluation, the report)")
     r.set_defaults(fn=cmd_run)
 
+    sw = sub.add_parser("sweep", help="many attacks (models x prompt sets x settings x seeds) as Ray tasks, with "
+                                      "transfer evaluations, gathered into summary.csv and report.html")
+    sw.add_argument("--config", help="a TOML file of SweepConfig's keys (options given here override it)")
+    for flag, name, kw in SWEEP_OPTIONS:
+        default, help_text = field_info(SweepConfig, name)
+        shown = f" (default: {list(default) if isinstance(default, tuple) else default})" if default not in (None, ()) else ""
+        sw.add_argument(flag, dest=name, default=None, help=help_text + ("; repeatable" if kw.get("action") == "append"
+                                                                         else "") + shown, **kw)
+    sw.add_argument("--executor", choices=EXECUTORS, default="auto",
+                    help="ray (Ray tasks), local (one after another in this process), auto (Ray where installed)")
+    sw.add_argument("--address", default=None, help="join this Ray cluster (default: start an embedded local Ray)")
+    sw.add_argument("--resume", action="store_true", help="reuse the finished tasks in OUT and run the rest")
+    sw.add_argument("--force", action="store_true", help="delete OUT and start over")
+    sw.add_argument("--out", required=True, help="the sweep's folder: tasks/, summary.csv, transfer.csv, report.html")
+    sw.set_defaults(fn=cmd_sweep)
+
     rp = sub.add_parser("reproduce", help="the paper's table: refusal and capability under each intervention, and "
                                           "the PCA of harmful vs harmless activations")
     _model_args(rp, default="organism", batch_size=field_info(DirectionConfig, "batch_size")[0])
@@ -516,7 +584,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"refusal: error: {e.filename or ''}: {e.strerror}; check the path and its permissions", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resumable = getattr(args, "command", None) == "run"
+        resumable = getattr(args, "command", None) in ("run", "sweep")
         print("refusal: interrupted; nothing half-written is left" +
               ("; finished stages and the attack's last step are kept: rerun with --resume" if resumable else ""),
               file=sys.stderr)

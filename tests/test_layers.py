@@ -18,7 +18,7 @@ LAYERS = [
     {"refusal.metrics", "refusal.directions", "refusal.judges", "refusal.capability", "refusal.organism",
      "refusal.evaluation", "refusal.registry"},
     {"attacks.*", "analysis.*"},
-    {"refusal.pipeline"},
+    {"refusal.pipeline", "refusal.sweep"},
     {"refusal.cli"},
 ]
 # what a function may import lazily: optional or heavy third-party packages

@@ -1,0 +1,684 @@
+"""Sweeps (`refusal sweep`): models x prompt sets (or single behaviours) x attack settings x seeds, every
+suffix evaluated on unseen prompts on its own model and on every other model of the sweep (transfer),
+optionally analysed; the grid is expanded into tasks, each a plain library call (find_direction,
+run_attack, run_eval, analyze_suffix) writing its own folder under OUT/tasks/, run on Ray (an embedded
+local Ray, or a cluster with an address) or, without Ray, one after another in this process; then
+gathered into OUT/summary.csv (one row per task), OUT/transfer.csv (suffix's model x target model) and
+OUT/report.html.
+
+Nothing is lost: a task's result.json is written last, and a finished task is reused on resume; a task
+whose worker dies is retried by Ray and its attack continues from its checkpoint (run_attack(resume=True)),
+ending with the suffix an uninterrupted run gives; a task that fails is listed with its error and the
+tasks that need it are skipped, the others go on."""
+from __future__ import annotations
+
+import dataclasses
+import gc
+import itertools
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from analysis.plots import plot_sweep_success, plot_transfer
+from analysis.report import write_report
+from analysis.run import AnalysisConfig, analyze_suffix
+from attacks.gcg import OBJECTIVES, GCGConfig
+from attacks.run import ENGINES, check_attack, run_attack
+
+from . import artifacts
+from .config import as_dict, field_info, option
+from .data import resolve_prompts
+from .directions import DirectionConfig, find_direction, load_direction
+from .errors import RefusalLabError
+from .evaluation import EvalConfig, run_eval
+from .judges import JudgeConfig
+from .models import seed_everything
+from .registry import NAMED_MODELS, ModelConfig, load_model, resolve
+
+log = logging.getLogger(__name__)
+
+EXECUTORS = ("auto", "ray", "local")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """A sweep's grid and evaluations. The grid fields (models, prompts, engines, objectives, steps,
+    search_width, suffix_len, seeds) take lists; every combination is one attack."""
+
+    models: tuple[str, ...] = option((), "the models attacked (any --model form); every suffix is evaluated on each")
+    prompts: tuple[str, ...] = option(("harmful:train",), "the prompt sets attacked: files or built-in sets")
+    max_prompts: int = option(6, "the first N prompts of each set")
+    per_prompt: bool = option(False, "one attack per prompt (single behaviours) instead of one universal suffix per set")
+    engines: tuple[str, ...] = option(("native",), "attack engines: native, nanogcg (one prompt per attack: per_prompt)")
+    objectives: tuple[str, ...] = option(("target",), "attack objectives: target, direction, mixed")
+    steps: tuple[int, ...] = option((60,), "GCG steps at most")
+    search_width: tuple[int, ...] = option((64,), "candidate suffixes per step")
+    suffix_len: tuple[int, ...] = option((16,), "suffix tokens")
+    seeds: tuple[int, ...] = option((0,), "attack seeds (the random baseline suffix uses seed + 1)")
+    topk: int = option(64, "top-k replacement tokens per suffix position")
+    early_stop: bool = option(True, "stop an attack once it succeeds (False: every attack runs all its steps)")
+    eval_prompts: str = option("harmful:test", "the unseen prompts every suffix is evaluated on")
+    eval_max_prompts: int = option(50, "the first N of the unseen prompts")
+    eval_tokens: int = option(48, "greedy reply tokens judged per reply")
+    transfer: bool = option(True, "evaluate every suffix on every other model of the sweep too (the transfer matrix)")
+    analysis: bool = option(False, "analyze each suffix on its model: cosine with the direction, the refusal heads")
+    direction: str | None = option(None, "a direction folder (one model only); otherwise a direction task per model "
+                                         "finds it, where an objective or the analysis needs it")
+    direction_search: DirectionConfig = option(help="the direction tasks' settings (refusal.directions.DirectionConfig)",
+                                               factory=DirectionConfig)
+    judge: str = option(field_info(JudgeConfig, "name")[0], "the judge of attack success: substring, strict or hf:MODEL")
+    device: str | None = option(None, "cpu or cuda (None: cuda if present)")
+    dtype: str | None = option(None, "the models' dtype (None: float32 on CPU, the checkpoint's on GPU)")
+    batch_size: int = option(16, "prompts per forward pass in the evaluations")
+    cpus_per_task: int = option(1, "CPU cores a task takes (its torch threads); the local runner uses all cores")
+    gpus_per_task: float | None = option(None, "GPUs a task takes (None: 1 where the cluster has GPUs, else 0)")
+    retries: int = option(3, "times Ray runs a task again after its worker dies (killed, out of memory, node lost)")
+
+    def validate(self) -> None:
+        """One-line errors for an empty grid, an unknown model, engine or objective, a value out of range, and
+        combinations no attack can run."""
+        for name in ("models", "prompts", "engines", "objectives", "steps", "search_width", "suffix_len", "seeds"):
+            values = getattr(self, name)
+            if not values:
+                raise RefusalLabError(f"the sweep's grid is empty: give at least one value of {name}")
+            if len(set(values)) != len(values):
+                raise RefusalLabError(f"{name} lists a value twice: {list(values)}")
+        for m in self.models:
+            if not isinstance(m, str) or not m.strip():
+                raise RefusalLabError(f"models: {m!r} is not a model")
+            if m not in NAMED_MODELS:
+                resolve(m)  # an unknown name or a path that is no model fails here
+        for e in self.engines:
+            if e not in ENGINES:
+                raise RefusalLabError(f"unknown engine {e!r}; use {', '.join(ENGINES)}")
+        for o in self.objectives:
+            if o not in OBJECTIVES:
+                raise RefusalLabError(f"unknown objective {o!r}; use {', '.join(OBJECTIVES)}")
+        for name in ("steps", "search_width", "suffix_len"):
+            for v in getattr(self, name):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise RefusalLabError(f"{name} must be integers >= 1, got {v!r}")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                raise RefusalLabError(f"seeds must be integers >= 0, got {s!r}")
+        for name in ("max_prompts", "topk", "eval_max_prompts", "eval_tokens", "batch_size", "cpus_per_task"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RefusalLabError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise RefusalLabError(f"retries must be an integer >= 0, got {self.retries!r}")
+        if self.gpus_per_task is not None and not (0 <= float(self.gpus_per_task) <= 64):
+            raise RefusalLabError(f"gpus-per-task must be between 0 and 64, got {self.gpus_per_task}")
+        if "nanogcg" in self.engines:
+            if not self.per_prompt and self.max_prompts > 1:
+                raise RefusalLabError("the nanogcg engine attacks one prompt at a time: set per_prompt (--per-prompt) "
+                                      "or max_prompts = 1")
+            if set(self.objectives) != {"target"}:
+                raise RefusalLabError("the nanogcg engine optimizes the target objective only: sweep nanogcg and the "
+                                      "other objectives separately")
+        if self.direction is not None and len(self.models) != 1:
+            raise RefusalLabError("--direction belongs to one model; with several, each gets a direction task")
+        self.direction_search.validate()
+        JudgeConfig(name=self.judge).validate()
+
+    @property
+    def needs_direction(self) -> bool:
+        return self.analysis or any(o != "target" for o in self.objectives)
+
+
+# ----------------------------------------------------------------------------- config files
+
+_TUPLES = {f.name for f in dataclasses.fields(SweepConfig) if isinstance(f.default, tuple)}
+# the command line's singular names for the grid's lists, also accepted in a config file
+ALIASES = {"model": "models", "engine": "engines", "objective": "objectives", "seed": "seeds"}
+
+
+def sweep_config(values: dict[str, Any], where: str = "the sweep") -> SweepConfig:
+    """A SweepConfig from a dict (a parsed TOML file, or the command line's options): a scalar is accepted
+    for any list field, a [direction_search] table sets DirectionConfig's fields; an unknown key or a value
+    of the wrong type is a one-line error naming the accepted keys."""
+    names = {f.name: f for f in dataclasses.fields(SweepConfig)}
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = ALIASES.get(key, key).replace("-", "_")
+        if name not in names:
+            raise RefusalLabError(f"{where}: unknown key {key!r}; the keys are {', '.join(names)}")
+        default = field_info(SweepConfig, name)[0]
+        if name == "direction_search":
+            if not isinstance(value, dict):
+                raise RefusalLabError(f"{where}: direction_search must be a table of DirectionConfig's fields")
+            known = {f.name for f in dataclasses.fields(DirectionConfig)}
+            bad = set(value) - known
+            if bad:
+                raise RefusalLabError(f"{where}: unknown direction_search key {sorted(bad)[0]!r}; the keys are "
+                                      f"{', '.join(sorted(known))}")
+            value = DirectionConfig(**value)
+        elif name in _TUPLES:
+            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
+            kind = type(default[0]) if default else str
+            if any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
+                raise RefusalLabError(f"{where}: {key} takes {kind.__name__} values, got {list(value)!r}")
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise RefusalLabError(f"{where}: {key} takes true or false, got {value!r}")
+        elif default is not None and not isinstance(value, type(default)) and not (
+                isinstance(default, float) and isinstance(value, int)):
+            raise RefusalLabError(f"{where}: {key} takes a {type(default).__name__}, got {value!r}")
+        out[name] = value
+    return SweepConfig(**out)
+
+
+def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
+    """A sweep's TOML file (keys: SweepConfig's fields), with `overrides` (the command line's options) on top."""
+    path = Path(path)
+    if not path.is_file():
+        raise RefusalLabError(f"{path}: sweep config not found; give a TOML file (see the README's Sweeps section)")
+    try:
+        values = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise RefusalLabError(f"{path}: not a valid TOML file ({e})") from None
+    return sweep_config({**values, **(overrides or {})}, where=str(path))
+
+
+# ----------------------------------------------------------------------------- the grid, as tasks
+
+
+@dataclass(frozen=True)
+class Task:
+    """One library call: `spec` is JSON (kind, model, settings, paths relative to the sweep folder); `deps`
+    are the ids of the tasks whose outputs it reads."""
+
+    id: str
+    kind: str
+    deps: tuple[str, ...]
+    spec: dict
+
+
+def slug(text: str, keep: int = 40) -> str:
+    """A folder-safe short name: a model's or prompt set's name (a path's last part)."""
+    text = Path(str(text).rstrip("/")).name or str(text)
+    text = re.sub(r"\.(jsonl?|csv|txt|gguf)$", "", text)
+    return (re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "x")[:keep]
+
+
+def model_keys(models: tuple[str, ...]) -> dict[str, str]:
+    """A short unique key per model (its slug; numbered where two slugs agree)."""
+    keys: dict[str, str] = {}
+    for i, m in enumerate(models):
+        k = slug(m)
+        keys[m] = k if k not in keys.values() else f"{k}{i}"
+    return keys
+
+
+def expand(config: SweepConfig) -> list[Task]:
+    """The tasks of a sweep, each after the tasks it needs: per model a direction task (where an objective or
+    the analysis needs the direction and none is given) and a no-suffix baseline evaluation; per grid point an
+    attack, its evaluations (its own model, and every other model when config.transfer), and its analysis."""
+    config.validate()
+    keys = model_keys(config.models)
+    mcfg = {m: as_dict(ModelConfig(model=m, device=config.device, dtype=config.dtype)) for m in config.models}
+    judge = as_dict(JudgeConfig(name=config.judge, device=config.device, dtype=config.dtype))
+    evals = dict(prompts="prompts/eval.jsonl", max_new_tokens=config.eval_tokens, batch_size=config.batch_size, judge=judge)
+    tasks: list[Task] = []
+    direction_of: dict[str, tuple[str, str | None]] = {}  # model -> (direction folder, the task that makes it)
+    for m in config.models:
+        if config.needs_direction:
+            if config.direction is not None:
+                direction_of[m] = (str(Path(config.direction).resolve()), None)
+            else:
+                tid = f"direction-{keys[m]}"
+                tasks.append(Task(tid, "direction", (), dict(model=mcfg[m], config=as_dict(config.direction_search))))
+                direction_of[m] = (f"tasks/{tid}/direction", tid)
+        tasks.append(Task(f"eval-none-on-{keys[m]}", "eval", (), dict(model=mcfg[m], source=None, suffix=None, **evals)))
+
+    resolve_prompts(config.eval_prompts)  # a bad file fails here, before any task
+    behaviours: list[tuple[str, str, list[str], list[str | None] | None]] = []  # key, set, instructions, targets
+    for spec in config.prompts:
+        prompts = resolve_prompts(spec)[: config.max_prompts]
+        groups = [[p] for p in prompts] if config.per_prompt else [prompts]
+        for i, group in enumerate(groups):
+            key = slug(spec) + (f"-p{i}" if config.per_prompt else "")
+            targets = [p.target for p in group] if all(p.target for p in group) else None
+            behaviours.append((key, spec, [p.instruction for p in group], targets))
+
+    grid = itertools.product(config.models, behaviours, config.engines, config.objectives, config.steps,
+                             config.search_width, config.suffix_len, config.seeds)
+    for m, (bkey, pset, instructions, targets), engine, objective, steps, width, slen, seed in grid:
+        point = f"{keys[m]}-{bkey}-{engine}-{objective}-n{steps}-w{width}-l{slen}-s{seed}"
+        aid = f"attack-{point}"
+        gcg = GCGConfig(steps=steps, search_width=width, topk=config.topk, suffix_len=slen, seed=seed,
+                        objective=objective, judge=config.judge, judge_tokens=min(32, config.eval_tokens),
+                        early_stop=config.early_stop,
+                        patience=max(3, steps // (2 * len(instructions))) if len(instructions) > 1 else 0)
+        direction, dtask = direction_of.get(m, (None, None)) if objective != "target" else (None, None)
+        tasks.append(Task(aid, "attack", (dtask,) if dtask else (), dict(
+            model=mcfg[m], prompt_set=pset, behaviour=bkey, instructions=instructions, targets=targets, engine=engine,
+            config=as_dict(gcg), direction=direction, judge=judge, eval_tokens=config.eval_tokens)))
+        suffix = f"tasks/{aid}/attack/suffix.json"
+        for target in config.models:
+            if target == m or config.transfer:
+                tasks.append(Task(f"eval-{point}-on-{keys[target]}", "eval", (aid,),
+                                  dict(model=mcfg[target], source=m, suffix=suffix, **evals)))
+        if config.analysis:
+            direction, dtask = direction_of[m]
+            tasks.append(Task(f"analysis-{point}", "analysis", (aid,) + ((dtask,) if dtask else ()), dict(
+                model=mcfg[m], suffix=suffix, direction=direction, config=as_dict(AnalysisConfig(
+                    max_prompts=config.eval_max_prompts, batch_size=config.batch_size, eval_tokens=0)))))
+    for t in tasks:
+        t.spec.update(id=t.id, kind=t.kind)
+    return tasks
+
+
+# ----------------------------------------------------------------------------- one task (in a worker)
+
+_LOADED: dict[str, Any] = {}  # the model this process loaded last, kept for the next task of the same model
+
+
+def worker_model(model: dict) -> tuple[Any, float]:
+    """The model of a task's ModelConfig dict, loaded once per process (a new model replaces the old one);
+    returns (model, seconds spent loading: 0 when it was already loaded)."""
+    key = json.dumps(model, sort_keys=True)
+    if key in _LOADED:
+        return _LOADED[key], 0.0
+    _LOADED.clear()
+    gc.collect()
+    t0 = time.perf_counter()
+    _LOADED[key] = load_model(ModelConfig(**model))
+    return _LOADED[key], time.perf_counter() - t0
+
+
+def _at(run_dir: Path, path: str | None) -> str | None:
+    return None if path is None else str(run_dir / path)
+
+
+def _direction_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
+    ddir = folder / "direction"
+    d = load_direction(ddir, cm) if (ddir / "direction.safetensors").is_file() else \
+        find_direction(cm, DirectionConfig(**spec["config"]), ddir)
+    return dict(layer=d.layer, position=d.position)
+
+
+def _attack_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
+    config = GCGConfig(**spec["config"])
+    direction = load_direction(_at(run_dir, spec["direction"]), cm) if spec["direction"] else None
+    seed_everything(config.seed)
+    nano = spec["engine"] == "nanogcg"  # not resumable: a retried nanoGCG attack starts again
+    rec = run_attack(cm, spec["instructions"], spec["targets"], config, folder, engine=spec["engine"],
+                     direction=direction, direction_path=spec["direction"], resume=not nano, force=nano,
+                     eval_tokens=spec["eval_tokens"], progress=False, judge=JudgeConfig(**spec["judge"]))
+    return dict(suffix=rec["suffix"], train_success=rec["success_rate"], train_random_success=rec["random_success_rate"],
+                best_loss=rec["best_loss"], steps_run=rec["steps_run"], s_per_step=rec["s_per_step"],
+                attack_s=rec["elapsed_s"], n_prompts=len(rec["prompts"]))
+
+
+def _eval_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
+    config = EvalConfig(prompts=_at(run_dir, spec["prompts"]), suffix=_at(run_dir, spec["suffix"]),
+                        max_new_tokens=spec["max_new_tokens"], batch_size=spec["batch_size"],
+                        judge=JudgeConfig(**spec["judge"]))
+    rec = run_eval(cm, config, folder / "replies.jsonl")
+    return dict(n_eval=rec["n"], attack_success=rec["attack_success_rate"],
+                attack_success_substring=rec["attack_success_rates"]["substring"], refusal_rate=rec["refusal_rate"])
+
+
+def _analysis_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
+    direction = load_direction(_at(run_dir, spec["direction"]), cm)
+    config = AnalysisConfig(**{**spec["config"], "judge": JudgeConfig(**spec["config"]["judge"])})
+    res = analyze_suffix(cm, direction, _at(run_dir, spec["suffix"]), config, folder / "analysis")
+    n = res["numbers"]
+    cos, share = n["cosine_at_layer"], n["suffix_attention_share"]
+    return dict(layer=n["layer"], cosine_harmful=cos.get("harmful"), cosine_adversarial=cos.get("adversarial_suffix"),
+                cosine_random=cos.get("random_suffix"), cosine_harmless=cos.get("harmless"),
+                heads_suffix_share_adversarial=share.get("adversarial_suffix"),
+                heads_suffix_share_random=share.get("random_suffix"))
+
+
+KINDS: dict[str, Callable] = {"direction": _direction_task, "attack": _attack_task, "eval": _eval_task,
+                              "analysis": _analysis_task}
+
+
+def run_task(spec: dict, run_dir: str, threads: int | None = None) -> dict:
+    """Run one task of a sweep (what a Ray worker calls): append this attempt to its attempts.log, load its
+    model (kept in this process for the next task), make the library call into OUT/tasks/ID/, and write
+    result.json last. `threads`: torch threads (a task's CPU cores)."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "tasks" / spec["id"]
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "attempts.log", "a", encoding="utf-8") as f:  # one line per attempt; a kill leaves it
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    if threads:
+        torch.set_num_threads(int(threads))
+    t0 = time.perf_counter()
+    cm, load_s = worker_model(spec["model"])
+    t1 = time.perf_counter()
+    out = KINDS[spec["kind"]](cm, spec, run_dir, folder)
+    result = dict(id=spec["id"], kind=spec["kind"], status="done", **out, load_s=round(load_s, 3),
+                  task_s=round(time.perf_counter() - t1, 3), wall_s=round(time.perf_counter() - t0, 3),
+                  attempts=len((folder / "attempts.log").read_text(encoding="utf-8").splitlines()),
+                  host=socket.gethostname(), pid=os.getpid(), spec=spec)
+    artifacts.write_json(folder / "result.json", result)
+    return result
+
+
+# ----------------------------------------------------------------------------- runners
+
+
+def failure_message(e: BaseException) -> str:
+    """A failed task's error in one line: the task's own exception (not Ray's wrapper), or the worker's death."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, BaseException):
+        e = cause
+    name = type(e).__name__
+    if "WorkerCrashed" in name or "NodeDied" in name or "OutOfMemory" in name:
+        return f"{name}: the task's worker died (killed, out of memory or node lost) on every attempt"
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{name}: {first}"[:400]
+
+
+class LocalRunner:
+    """Runs each task when it is submitted, in this process (the fallback without Ray)."""
+
+    name = "local"
+
+    def __init__(self, config: SweepConfig):
+        self.done: list[tuple[str, dict | None, BaseException | None]] = []
+
+    def submit(self, task: Task, run_dir: Path) -> None:
+        try:
+            self.done.append((task.id, run_task(task.spec, str(run_dir)), None))
+        except (RefusalLabError, RuntimeError, ValueError, OSError, KeyError, TypeError, MemoryError) as e:
+            log.debug("task %s failed", task.id, exc_info=True)
+            self.done.append((task.id, None, e))
+
+    def pending(self) -> int:
+        return len(self.done)
+
+    def wait(self) -> list[tuple[str, dict | None, BaseException | None]]:
+        done, self.done = self.done, []
+        return done
+
+    def close(self) -> None:
+        pass
+
+
+class RayRunner:
+    """Runs tasks as Ray tasks: the embedded local Ray (sized to this machine's cores and GPUs) or the
+    cluster at `address`. A task takes config.cpus_per_task cores and, where the cluster has GPUs, one GPU
+    (config.gpus_per_task); a task whose worker dies is run again up to config.retries times."""
+
+    name = "ray"
+
+    def __init__(self, config: SweepConfig, address: str | None = None):
+        import ray
+
+        self.ray = ray
+        self.started = not ray.is_initialized()
+        if self.started:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the embedded Ray is this user's, on this machine
+            kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                      configure_logging=False)
+            if address is None:
+                kw["object_store_memory"] = 256 * 2 ** 20  # tasks pass small JSON; their outputs go to the run folder
+            ray.init(address=address, **kw)
+        gpus = config.gpus_per_task
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
+        self.options = dict(num_cpus=config.cpus_per_task, num_gpus=gpus, max_retries=config.retries,
+                            retry_exceptions=False)
+        self.threads = config.cpus_per_task
+        self.remote = ray.remote(run_task)
+        self.refs: dict[Any, str] = {}
+
+    def submit(self, task: Task, run_dir: Path) -> None:
+        ref = self.remote.options(name=task.id, **self.options).remote(task.spec, str(run_dir), self.threads)
+        self.refs[ref] = task.id
+
+    def pending(self) -> int:
+        return len(self.refs)
+
+    def wait(self) -> list[tuple[str, dict | None, BaseException | None]]:
+        """The tasks that have finished (at least one: it waits for the first)."""
+        first, rest = self.ray.wait(list(self.refs), num_returns=1)
+        more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0) if rest else ([], [])
+        out = []
+        for ref in first + more:
+            tid = self.refs.pop(ref)
+            try:
+                out.append((tid, self.ray.get(ref), None))
+            except Exception as e:  # the task's exception (wrapped by Ray) or its worker's death
+                out.append((tid, None, e))
+        return out
+
+    def close(self) -> None:
+        if self.started:
+            self.ray.shutdown()
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+
+def check_sweep(config: SweepConfig, out: str | Path, resume: bool = False, force: bool = False,
+                executor: str = "auto") -> list[Task]:
+    """The config, the run folder and the executor checked, and the grid expanded, before any task starts."""
+    if resume and force:
+        raise RefusalLabError("--resume and --force contradict each other; choose one")
+    if executor not in EXECUTORS:
+        raise RefusalLabError(f"unknown executor {executor!r}; use {', '.join(EXECUTORS)}")
+    if executor == "ray" and not ray_available():
+        raise RefusalLabError("Ray is not installed; pip install 'refusal-lab[ray]' (make setup installs it), or "
+                              "use --executor local")
+    out = Path(out)
+    artifacts.check_out(out, force=force, resume=resume,
+                        fix="pass --resume to reuse its finished tasks, --force to start over, or choose another --out")
+    for engine in config.engines:
+        check_attack(GCGConfig(objective="target"), engine)  # nanoGCG installed where it is swept
+    tasks = expand(config)
+    if resume and (out / "sweep.json").is_file():
+        before = artifacts.read_json(out / "sweep.json").get("config")
+        if before != json.loads(json.dumps(as_dict(config))):
+            raise RefusalLabError(f"{out} holds a sweep with other settings; pass --force to start over or choose "
+                                  "another --out")
+    return tasks
+
+
+def run_sweep(config: SweepConfig, out: str | Path, executor: str = "auto", address: str | None = None,
+              resume: bool = False, force: bool = False, progress: bool = True,
+              say: Callable[[str], None] | None = None) -> dict:
+    """Run a sweep into `out` and gather it: returns the sweep record (also out/sweep.json) with `summary`
+    (the DataFrame of summary.csv), `transfer` (transfer.csv's matrix), `report` (report.html's path) and
+    `failed` (task id -> error). executor: ray (Ray must be installed), local (one task after another in
+    this process), auto (Ray where installed). resume reuses the tasks whose result.json is there."""
+    say = say or log.info
+    t0 = time.perf_counter()
+    out = Path(out)
+    tasks = check_sweep(config, out, resume, force, executor)
+    if force and out.exists():
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    eval_prompts = resolve_prompts(config.eval_prompts)[: config.eval_max_prompts]
+    with artifacts.atomic_path(out / "prompts" / "eval.jsonl") as tmp:
+        tmp.write_text("".join(json.dumps({"instruction": p.instruction, "category": p.category}) + "\n"
+                               for p in eval_prompts), encoding="utf-8")
+    use_ray = executor == "ray" or (executor == "auto" and ray_available())
+    if not use_ray:
+        say(f"Ray is not installed (pip install 'refusal-lab[ray]'): running the {len(tasks)} tasks one after another "
+            "in this process" if executor == "auto" else f"running the {len(tasks)} tasks one after another in this process")
+    artifacts.write_json(out / "sweep.json", artifacts.run_record(
+        config=as_dict(config), executor="ray" if use_ray else "local", address=address,
+        tasks=[{"id": t.id, "kind": t.kind, "deps": list(t.deps)} for t in tasks]))
+
+    results: dict[str, dict] = {}
+    for t in tasks:  # finished tasks of an earlier run of this sweep
+        path = out / "tasks" / t.id / "result.json"
+        if resume and path.is_file():
+            try:
+                rec = artifacts.read_json(path)
+            except RefusalLabError:
+                continue
+            if rec.get("spec") == json.loads(json.dumps(t.spec)):
+                results[t.id] = {**rec, "status": "reused"}
+    if results:
+        say(f"reusing {len(results)} finished tasks of {len(tasks)}")
+
+    runner = (RayRunner(config, address) if use_ray else LocalRunner(config))
+    submitted: set[str] = set()
+    bar = tqdm(total=len(tasks), initial=len(results), desc="sweep", unit="task", disable=not progress)
+    try:
+        last_model = None
+        while True:
+            ready = []
+            for t in tasks:  # in order: a task's dependencies come before it
+                if t.id in results or t.id in submitted:
+                    continue
+                failed = [d for d in t.deps if d in results and results[d]["status"] == "failed"]
+                if failed:
+                    results[t.id] = {"id": t.id, "kind": t.kind, "status": "failed", "spec": t.spec,
+                                     "error": f"skipped: it needs task {failed[0]}, which failed"}
+                    bar.update()
+                elif all(d in results for d in t.deps):
+                    ready.append(t)
+            # the tasks of one model together (the model loaded last first): a worker keeps its model loaded
+            ready.sort(key=lambda t: (t.spec["model"]["model"] != last_model, t.spec["model"]["model"]))
+            for t in ready:
+                runner.submit(t, out)
+                submitted.add(t.id)
+                last_model = t.spec["model"]["model"]
+            if not runner.pending():
+                break
+            for tid, rec, err in runner.wait():
+                if err is not None:
+                    task = next(t for t in tasks if t.id == tid)
+                    rec = {"id": tid, "kind": task.kind, "status": "failed", "spec": task.spec,
+                           "error": failure_message(err)}
+                    log.warning("task %s failed: %s", tid, rec["error"])
+                results[tid] = rec
+                bar.update()
+    finally:
+        bar.close()
+        runner.close()
+    gathered = gather(config, tasks, results, out)
+    failed = {tid: r["error"] for tid, r in results.items() if r["status"] == "failed"}
+    record = artifacts.run_record(
+        config=as_dict(config), executor=runner.name, address=address, n_tasks=len(tasks),
+        n_done=sum(r["status"] == "done" for r in results.values()),
+        n_reused=sum(r["status"] == "reused" for r in results.values()), n_failed=len(failed), failed=failed,
+        tasks=[{"id": t.id, "kind": t.kind, "deps": list(t.deps)} for t in tasks],
+        wall_s=round(time.perf_counter() - t0, 3),
+        task_s_sum=round(sum(float(r.get("wall_s") or 0) for r in results.values() if r["status"] == "done"), 3))
+    artifacts.write_json(out / "sweep.json", record)
+    return {**record, **gathered, "failed": failed}
+
+
+# ----------------------------------------------------------------------------- gathering
+
+SETTINGS = ("model", "target_model", "prompt_set", "behaviour", "engine", "objective", "steps", "search_width",
+            "suffix_len", "seed", "judge")
+
+
+def task_row(result: dict) -> dict:
+    """A summary row: the task's settings (from its spec), status, error, success rates and timings."""
+    spec = result.get("spec") or {}
+    gcg = spec.get("config") or {}
+    source = spec.get("source") if spec.get("kind") == "eval" else (spec.get("model") or {}).get("model")
+    row = dict(task=result["id"], kind=result.get("kind", spec.get("kind")), status=result["status"],
+               error=result.get("error", ""),
+               model=source if spec.get("kind") == "eval" else (spec.get("model") or {}).get("model"),
+               target_model=(spec.get("model") or {}).get("model") if spec.get("kind") == "eval" else None,
+               prompt_set=spec.get("prompt_set"), behaviour=spec.get("behaviour"), engine=spec.get("engine"),
+               objective=gcg.get("objective") if spec.get("kind") == "attack" else None,
+               steps=gcg.get("steps"), search_width=gcg.get("search_width"), suffix_len=gcg.get("suffix_len"),
+               seed=gcg.get("seed"), judge=(spec.get("judge") or {}).get("name"))
+    if spec.get("kind") == "eval" and source is None:
+        row["model"] = row["target_model"]
+    skip = {"id", "kind", "status", "spec", "error", "host", "pid"}
+    row.update({k: v for k, v in result.items() if k not in skip and k not in row})
+    return row
+
+
+def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out: Path) -> dict:
+    """summary.csv (one row per task; an evaluation row carries its attack's settings), transfer.csv (mean
+    attack success on the unseen prompts: the suffix's model x the target model) and report.html."""
+    rows = {t.id: task_row(results[t.id]) for t in tasks}
+    attack_of = {t.id: t.deps[0] for t in tasks if t.kind in ("eval", "analysis") and t.deps}
+    for tid, aid in attack_of.items():  # an evaluation or analysis row carries its attack's settings
+        if aid in rows and rows[aid]["kind"] == "attack":
+            for k in ("prompt_set", "behaviour", "engine", "objective", "steps", "search_width", "suffix_len", "seed"):
+                rows[tid][k] = rows[aid][k]
+    summary = pd.DataFrame(list(rows.values()))
+    artifacts.write_csv(out / "summary.csv", summary)
+
+    ok = summary[summary.status.isin(["done", "reused"])]
+    evals = ok[(ok.kind == "eval") & ok.objective.notna()] if "objective" in ok else ok.iloc[:0]
+    if len(evals):
+        transfer = evals.pivot_table(index="model", columns="target_model", values="attack_success", aggfunc="mean")
+        transfer.index.name, transfer.columns.name = "suffix_model", "target_model"
+    else:
+        transfer = pd.DataFrame()
+    artifacts.write_csv(out / "transfer.csv", transfer.reset_index() if len(transfer) else transfer)
+
+    own = evals[evals.model == evals.target_model] if len(evals) else evals
+    by = (own.groupby(["model", "objective"]).attack_success.agg(["mean", "count"]).reset_index()
+          .rename(columns={"mean": "attack_success", "count": "suffixes"}) if len(own) else pd.DataFrame())
+    base = ok[(ok.kind == "eval") & ok.objective.isna()][["model", "attack_success"]] if len(ok) else pd.DataFrame()
+    if len(by) and len(base):
+        by = by.merge(base.rename(columns={"attack_success": "no_suffix"}), on="model", how="left")
+    analysed = ok[ok.kind == "analysis"] if len(ok) else ok
+    if len(by) and len(analysed):  # the cosine at the direction's layer: harmful minus with the suffix
+        drop = (analysed.cosine_harmful - analysed.cosine_adversarial).groupby(
+            [analysed.model, analysed.objective]).mean().rename("cosine_drop").reset_index()
+        by = by.merge(drop, on=["model", "objective"], how="left")
+    plots = {}
+    if len(by):
+        plots["Attack success on unseen prompts by model and objective"] = plot_sweep_success(
+            by, out / "success_by_model.png", config.judge)
+    if len(transfer):
+        plots["Transfer: attack success of a model's suffixes on each model"] = plot_transfer(
+            transfer, out / "transfer.png", config.judge)
+    failed = summary[summary.status == "failed"][["task", "error"]]
+    n_ok = len(ok)
+    sentences = [f"{len(summary)} tasks: {n_ok} done ({int((summary.status == 'reused').sum())} reused from an earlier "
+                 f"run), {len(failed)} failed."]
+    for r in by.itertuples(index=False) if len(by) else []:
+        no = getattr(r, "no_suffix", float("nan"))
+        drop = getattr(r, "cosine_drop", float("nan"))
+        sentences.append(f"On {r.model}, {r.suffixes} suffix(es) of the {r.objective} objective succeed on "
+                         f"{r.attack_success:.1%} of the unseen prompts on average by the {config.judge} judge "
+                         f"(no suffix: {no:.1%})" + (f"; they lower the cosine with the direction at its layer by "
+                                                     f"{drop:.3f}" if drop == drop else "") + ".")
+    if len(transfer) > 1 or (len(transfer) and transfer.shape[1] > 1):
+        for src in transfer.index:
+            others = [f"{t} {transfer.loc[src, t]:.1%}" for t in transfer.columns if t != src and transfer.loc[src, t] == transfer.loc[src, t]]
+            if others:
+                own_rate = transfer.loc[src].get(src, float("nan"))
+                sentences.append(f"Suffixes made on {src} (own model {own_rate:.1%}) transfer to " + ", ".join(others) + ".")
+    columns = [c for c in ("task", "status", "model", "target_model", "behaviour", "engine", "objective", "seed",
+                           "train_success", "attack_success", "attack_success_substring", "cosine_harmful",
+                           "cosine_adversarial", "cosine_random", "wall_s", "attempts") if c in summary]
+    tables = {"Success by model and objective": by, "Transfer matrix": transfer.reset_index() if len(transfer) else transfer,
+              "Failed tasks": failed, "Tasks": summary[columns]}
+    facts = {"models": ", ".join(config.models), "prompt sets": ", ".join(config.prompts),
+             "unseen prompts": f"{config.eval_prompts} (first {config.eval_max_prompts}), {config.eval_tokens} reply tokens",
+             "judge": config.judge}
+    _, report = write_report(out, "refusal-lab sweep", sentences, plots, {k: v for k, v in tables.items() if len(v)},
+                             facts)
+    return {"summary": summary, "transfer": transfer, "by_model": by, "report": str(report), "sentences": sentences}
