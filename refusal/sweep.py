@@ -119,7 +119,11 @@ class SweepConfig:
                 raise RefusalLabError(f"{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
             raise RefusalLabError(f"retries must be an integer >= 0, got {self.retries!r}")
-        if self.gpus_per_task is not None and not (0 <= float(self.gpus_per_task) <= 64):
+        for name in ("direction", "device", "dtype"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise RefusalLabError(f"{name} takes a string, got {getattr(self, name)!r}")
+        if self.gpus_per_task is not None and (isinstance(self.gpus_per_task, bool) or not isinstance(
+                self.gpus_per_task, (int, float)) or not 0 <= self.gpus_per_task <= 64):
             raise RefusalLabError(f"gpus-per-task must be between 0 and 64, got {self.gpus_per_task}")
         if "nanogcg" in self.engines:
             if not self.per_prompt and self.max_prompts > 1:
@@ -214,7 +218,7 @@ def slug(text: str, keep: int = 40) -> str:
 
 
 def model_keys(models: tuple[str, ...]) -> dict[str, str]:
-    """A short unique key per model (its slug; numbered where two slugs agree)."""
+    """A short unique key per model or prompt set (its slug; numbered where two slugs agree)."""
     keys: dict[str, str] = {}
     for i, m in enumerate(models):
         k = slug(m)
@@ -243,16 +247,21 @@ def expand(config: SweepConfig) -> list[Task]:
                 direction_of[m] = (f"tasks/{tid}/direction", tid)
         tasks.append(Task(f"eval-none-on-{keys[m]}", "eval", (), dict(model=mcfg[m], source=None, suffix=None, **evals)))
 
-    resolve_prompts(config.eval_prompts)  # a bad file fails here, before any task
     behaviours: list[tuple[str, str, list[str], list[str | None] | None]] = []  # key, set, instructions, targets
+    set_keys = model_keys(config.prompts)  # a short unique name per prompt set
     for spec in config.prompts:
         prompts = resolve_prompts(spec)[: config.max_prompts]
         groups = [[p] for p in prompts] if config.per_prompt else [prompts]
         for i, group in enumerate(groups):
-            key = slug(spec) + (f"-p{i}" if config.per_prompt else "")
+            key = set_keys[spec] + (f"-p{i}" if config.per_prompt else "")
             targets = [p.target for p in group] if all(p.target for p in group) else None
             behaviours.append((key, spec, [p.instruction for p in group], targets))
 
+    unseen = {p.instruction for p in resolve_prompts(config.eval_prompts)[: config.eval_max_prompts]}
+    seen = sorted({i for _, _, ins, _ in behaviours for i in ins} & unseen)
+    if seen:
+        raise RefusalLabError(f"{len(seen)} attacked prompt(s) are among the evaluation prompts ({seen[0][:60]!r}); "
+                              "evaluate on prompts the attacks do not see (eval_prompts)")
     grid = itertools.product(config.models, behaviours, config.engines, config.objectives, config.steps,
                              config.search_width, config.suffix_len, config.seeds)
     for m, (bkey, pset, instructions, targets), engine, objective, steps, width, slen, seed in grid:
@@ -275,7 +284,8 @@ def expand(config: SweepConfig) -> list[Task]:
             direction, dtask = direction_of[m]
             tasks.append(Task(f"analysis-{point}", "analysis", (aid,) + ((dtask,) if dtask else ()), dict(
                 model=mcfg[m], suffix=suffix, direction=direction, config=as_dict(AnalysisConfig(
-                    max_prompts=config.eval_max_prompts, batch_size=config.batch_size, eval_tokens=0)))))
+                    harmful="prompts/eval.jsonl", max_prompts=config.eval_max_prompts, batch_size=config.batch_size,
+                    eval_tokens=0)))))
     for t in tasks:
         t.spec.update(id=t.id, kind=t.kind)
     return tasks
@@ -334,7 +344,8 @@ def _eval_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
 
 def _analysis_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
     direction = load_direction(_at(run_dir, spec["direction"]), cm)
-    config = AnalysisConfig(**{**spec["config"], "judge": JudgeConfig(**spec["config"]["judge"])})
+    config = AnalysisConfig(**{**spec["config"], "harmful": _at(run_dir, spec["config"]["harmful"]),
+                               "judge": JudgeConfig(**spec["config"]["judge"])})
     res = analyze_suffix(cm, direction, _at(run_dir, spec["suffix"]), config, folder / "analysis")
     n = res["numbers"]
     cos, share = n["cosine_at_layer"], n["suffix_attention_share"]
@@ -490,9 +501,11 @@ def check_sweep(config: SweepConfig, out: str | Path, resume: bool = False, forc
     out = Path(out)
     artifacts.check_out(out, force=force, resume=resume,
                         fix="pass --resume to reuse its finished tasks, --force to start over, or choose another --out")
+    tasks = expand(config)
     for engine in config.engines:
         check_attack(GCGConfig(objective="target"), engine)  # nanoGCG installed where it is swept
-    tasks = expand(config)
+    if config.direction is not None and config.needs_direction:
+        load_direction(config.direction)  # a bad direction folder fails before any task
     if resume and (out / "sweep.json").is_file():
         before = artifacts.read_json(out / "sweep.json").get("config")
         if before != json.loads(json.dumps(as_dict(config))):

@@ -244,6 +244,7 @@ def test_a_failing_task_stops_nothing_else(tiny_dirs, prompts, tmp_path, capsys)
     (["--model", "{m}", "--model", "{m}"], "lists a value twice"),
     (["--model", "{m}", "--model", "smollm2", "--direction", "x", "--objective", "mixed"], "one model"),
     (["--model", "{m}", "--prompts", "/no/such/file.txt"], "prompt file not found"),
+    (["--model", "{m}", "--prompts", "harmful:test", "--eval-prompts", "harmful:test"], "among the evaluation prompts"),
     (["--config", "{toml_bad_key}"], "unknown key 'stepz'"),
     (["--config", "{toml_bad_type}"], "steps takes int values"),
     (["--config", "{toml_empty}"], "grid is empty"),
@@ -283,3 +284,22 @@ def test_sweep_report_renders_in_chromium(local_sweep, tmp_path):
                           (out / "report.html").as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert 'data-plots-loaded="2"' in dom.stdout and "Transfer matrix" in dom.stdout
+
+
+def test_docs_list_every_field_with_its_default_and_their_example_runs(tmp_path):
+    import dataclasses
+    import re
+
+    from refusal.config import field_info
+    from test_readme import shown
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "sweeps.md").read_text(encoding="utf-8")
+    table = dict(re.findall(r"^\| `(\w+)` \| (.+?) \| ", doc, re.M))
+    for f in dataclasses.fields(SweepConfig):
+        assert table.get(f.name) == shown(field_info(SweepConfig, f.name)[0]), f.name
+    example = re.search(r"```toml\n(.*?)```", doc, re.S).group(1)
+    (tmp_path / "sweep.toml").write_text(example)
+    cfg = load_sweep_config(tmp_path / "sweep.toml")
+    kinds = pd.Series([t.kind for t in expand(cfg)]).value_counts().to_dict()
+    # 2 models x 2 objectives x 3 seeds attacks, each evaluated on both models; the mixed ones need directions
+    assert kinds == {"direction": 2, "eval": 2 + 24, "attack": 12}
