@@ -99,8 +99,9 @@ def _table_md(df: pd.DataFrame, max_rows: int = 20) -> str:
 
 
 def write_report(out_dir: str | Path, title: str, sentences: list[str], plots: dict[str, Path],
-                 tables: dict[str, pd.DataFrame], facts: dict[str, str]) -> tuple[Path, Path]:
-    """report.md (plots linked by file name) and report.html (plots embedded) in out_dir."""
+                 tables: dict[str, pd.DataFrame], facts: dict[str, str], max_rows: int = 20) -> tuple[Path, Path]:
+    """report.md (plots linked by file name) and report.html (plots embedded) in out_dir; each table's first
+    max_rows rows (a note says how many there are when it has more)."""
     out_dir = Path(out_dir)
     md = [f"# {title}", ""]
     md += [f"- **{k}**: {v}" for k, v in facts.items()] + [""]
@@ -108,7 +109,8 @@ def write_report(out_dir: str | Path, title: str, sentences: list[str], plots: d
     for name, p in plots.items():
         md += [f"## {name}", "", f"![{name}]({Path(p).name})", ""]
     for name, df in tables.items():
-        md += [f"## {name}", "", _table_md(df), ""]
+        md += [f"## {name}", "", _table_md(df, max_rows), ""] + ([f"(the first {max_rows} of {len(df)} rows)", ""]
+                                                                 if len(df) > max_rows else [])
     md_path = artifacts.write_text(out_dir / "report.md", "\n".join(md))
 
     esc = html.escape
@@ -127,7 +129,9 @@ def write_report(out_dir: str | Path, title: str, sentences: list[str], plots: d
         data = base64.b64encode(Path(p).read_bytes()).decode()
         parts.append(f"<h2>{esc(name)}</h2><img class='plot' alt='{esc(name)}' src='data:image/png;base64,{data}'>")
     for name, df in tables.items():
-        parts.append(f"<h2>{esc(name)}</h2>" + df.head(20).to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
+        parts.append(f"<h2>{esc(name)}</h2>" + df.head(max_rows).to_html(index=False, float_format=lambda v: f"{v:.4f}",
+                                                                         border=0)
+                     + (f"<p>(the first {max_rows} of {len(df)} rows)</p>" if len(df) > max_rows else ""))
     # a self-check a browser (or the test) can read: how many plots decoded
     parts.append("<script>window.addEventListener('load',function(){var n=0;document.querySelectorAll('img.plot')"
                  ".forEach(function(i){if(i.complete&&i.naturalWidth>0)n++});document.body.setAttribute("

@@ -21,8 +21,8 @@ import torch
 from analysis.reproduce import ReproduceConfig, reproduce_paper
 from analysis.run import AnalysisConfig, analyze_suffix
 from attacks.bench import BenchConfig, run_bench
-from attacks.gcg import SUCCESS_CHECKS, TARGET_LOSSES, GCGConfig
-from attacks.run import check_attack, run_attack
+from attacks.gcg import OBJECTIVES, SUCCESS_CHECKS, TARGET_LOSSES, GCGConfig
+from attacks.run import ENGINES, check_attack, run_attack
 
 from . import artifacts
 from .config import field_info
@@ -309,10 +309,11 @@ def cmd_run(args) -> int:
 SWEEP_OPTIONS = [
     ("--model", "models", dict(action="append")),
     ("--prompts", "prompts", dict(action="append")),
-    ("--per-prompt", "per_prompt", dict(action="store_const", const=True)),
+    ("--per-prompt", "per_prompt", dict(action="append_const", const=True)),
+    ("--universal", "per_prompt", dict(action="append_const", const=False)),
     ("--max-prompts", "max_prompts", dict(type=_positive("--max-prompts"))),
-    ("--engine", "engines", dict(action="append", choices=("native", "nanogcg"))),
-    ("--objective", "objectives", dict(action="append", choices=("target", "direction", "mixed"))),
+    ("--engine", "engines", dict(action="append", choices=ENGINES)),
+    ("--objective", "objectives", dict(action="append", choices=OBJECTIVES)),
     ("--seed", "seeds", dict(action="append", type=int)),
     ("--steps", "steps", dict(type=_positive("--steps"))),
     ("--search-width", "search_width", dict(type=_positive("--search-width"))),
@@ -505,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--config", help="a TOML file of SweepConfig's keys (options given here override it)")
     for flag, name, kw in SWEEP_OPTIONS:
         default, help_text = field_info(SweepConfig, name)
+        if flag in ("--per-prompt", "--universal"):
+            help_text = "one attack per prompt (single behaviours); with --universal, both" if flag == "--per-prompt" \
+                else "one universal suffix per prompt set (the default; with --per-prompt, both)"
+            default = None
         shown = f" (default: {list(default) if isinstance(default, tuple) else default})" if default not in (None, ()) else ""
         sw.add_argument(flag, dest=name, default=None, help=help_text + ("; repeatable" if kw.get("action") == "append"
                                                                          else "") + shown, **kw)

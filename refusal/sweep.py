@@ -45,11 +45,16 @@ from .errors import RefusalLabError
 from .evaluation import EvalConfig, run_eval
 from .judges import JudgeConfig
 from .models import seed_everything
+from .pipeline import JobConfig
 from .registry import NAMED_MODELS, ModelConfig, load_model, resolve
 
 log = logging.getLogger(__name__)
 
 EXECUTORS = ("auto", "ray", "local")
+
+
+def _JOB(name: str):  # noqa: N802 -- the main job's default, which a sweep's attacks share
+    return field_info(JobConfig, name)[0]
 
 
 @dataclass(frozen=True)
@@ -59,19 +64,20 @@ class SweepConfig:
 
     models: tuple[str, ...] = option((), "the models attacked (any --model form); every suffix is evaluated on each")
     prompts: tuple[str, ...] = option(("harmful:train",), "the prompt sets attacked: files or built-in sets")
-    max_prompts: int = option(6, "the first N prompts of each set")
-    per_prompt: bool = option(False, "one attack per prompt (single behaviours) instead of one universal suffix per set")
+    max_prompts: int = option(_JOB("attack_prompts"), "the first N prompts of each set")
+    per_prompt: tuple[bool, ...] = option((False,), "false: one universal suffix per set; true: one attack per prompt "
+                                                     "(single behaviours); [false, true]: both")
     engines: tuple[str, ...] = option(("native",), "attack engines: native, nanogcg (one prompt per attack: per_prompt)")
     objectives: tuple[str, ...] = option(("target",), "attack objectives: target, direction, mixed")
-    steps: tuple[int, ...] = option((60,), "GCG steps at most")
-    search_width: tuple[int, ...] = option((64,), "candidate suffixes per step")
-    suffix_len: tuple[int, ...] = option((16,), "suffix tokens")
+    steps: tuple[int, ...] = option((_JOB("attack_steps"),), "GCG steps at most")
+    search_width: tuple[int, ...] = option((_JOB("search_width"),), "candidate suffixes per step")
+    suffix_len: tuple[int, ...] = option((_JOB("suffix_len"),), "suffix tokens")
     seeds: tuple[int, ...] = option((0,), "attack seeds (the random baseline suffix uses seed + 1)")
-    topk: int = option(64, "top-k replacement tokens per suffix position")
+    topk: int = option(_JOB("topk"), "top-k replacement tokens per suffix position")
     early_stop: bool = option(True, "stop an attack once it succeeds (False: every attack runs all its steps)")
     eval_prompts: str = option("harmful:test", "the unseen prompts every suffix is evaluated on")
     eval_max_prompts: int = option(50, "the first N of the unseen prompts")
-    eval_tokens: int = option(48, "greedy reply tokens judged per reply")
+    eval_tokens: int = option(_JOB("new_tokens"), "greedy reply tokens judged per reply")
     transfer: bool = option(True, "evaluate every suffix on every other model of the sweep too (the transfer matrix)")
     analysis: bool = option(False, "analyze each suffix on its model: cosine with the direction, the refusal heads")
     direction: str | None = option(None, "a direction folder (one model only); otherwise a direction task per model "
@@ -81,7 +87,7 @@ class SweepConfig:
     judge: str = option(field_info(JudgeConfig, "name")[0], "the judge of attack success: substring, strict or hf:MODEL")
     device: str | None = option(None, "cpu or cuda (None: cuda if present)")
     dtype: str | None = option(None, "the models' dtype (None: float32 on CPU, the checkpoint's on GPU)")
-    batch_size: int = option(16, "prompts per forward pass in the evaluations")
+    batch_size: int = option(field_info(EvalConfig, "batch_size")[0], "prompts per forward pass in the evaluations")
     cpus_per_task: int = option(1, "CPU cores a task takes (its torch threads); the local runner uses all cores")
     gpus_per_task: float | None = option(None, "GPUs a task takes (None: 1 where the cluster has GPUs, else 0)")
     retries: int = option(3, "times Ray runs a task again after its worker dies (killed, out of memory, node lost)")
@@ -89,8 +95,11 @@ class SweepConfig:
     def validate(self) -> None:
         """One-line errors for an empty grid, an unknown model, engine or objective, a value out of range, and
         combinations no attack can run."""
-        for name in ("models", "prompts", "engines", "objectives", "steps", "search_width", "suffix_len", "seeds"):
+        for name in ("models", "prompts", "per_prompt", "engines", "objectives", "steps", "search_width", "suffix_len",
+                     "seeds"):
             values = getattr(self, name)
+            if not isinstance(values, (tuple, list)):
+                raise RefusalLabError(f"{name} takes a list of values, e.g. ({values!r},), got {values!r}")
             if not values:
                 raise RefusalLabError(f"the sweep's grid is empty: give at least one value of {name}")
             if len(set(values)) != len(values):
@@ -126,7 +135,7 @@ class SweepConfig:
                 self.gpus_per_task, (int, float)) or not 0 <= self.gpus_per_task <= 64):
             raise RefusalLabError(f"gpus-per-task must be between 0 and 64, got {self.gpus_per_task}")
         if "nanogcg" in self.engines:
-            if not self.per_prompt and self.max_prompts > 1:
+            if False in self.per_prompt and self.max_prompts > 1:
                 raise RefusalLabError("the nanogcg engine attacks one prompt at a time: set per_prompt (--per-prompt) "
                                       "or max_prompts = 1")
             if set(self.objectives) != {"target"}:
@@ -149,6 +158,24 @@ _TUPLES = {f.name for f in dataclasses.fields(SweepConfig) if isinstance(f.defau
 ALIASES = {"model": "models", "engine": "engines", "objective": "objectives", "seed": "seeds"}
 
 
+def _check_type(cls, name: str, value: Any, where: str) -> None:
+    """A one-line error when `value` is not of the type of cls.name's default, or of its annotation where the
+    default is None (an int for a float field is fine)."""
+    default = field_info(cls, name)[0]
+    if default is None:
+        kind = str(next(f.type for f in dataclasses.fields(cls) if f.name == name)).split("|")[0].strip()
+        default = {"int": 0, "float": 0.0, "str": ""}.get(kind, "")
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, type(default)) and not isinstance(value, bool)
+    if not ok:
+        kind = "true or false" if isinstance(default, bool) else f"a {type(default).__name__}"
+        raise RefusalLabError(f"{where} takes {kind}, got {value!r}")
+
+
 def sweep_config(values: dict[str, Any], where: str = "the sweep") -> SweepConfig:
     """A SweepConfig from a dict (a parsed TOML file, or the command line's options): a scalar is accepted
     for any list field, a [direction_search] table sets DirectionConfig's fields; an unknown key or a value
@@ -168,18 +195,17 @@ def sweep_config(values: dict[str, Any], where: str = "the sweep") -> SweepConfi
             if bad:
                 raise RefusalLabError(f"{where}: unknown direction_search key {sorted(bad)[0]!r}; the keys are "
                                       f"{', '.join(sorted(known))}")
+            for k, v in value.items():
+                if v is not None:
+                    _check_type(DirectionConfig, k, v, f"{where}: direction_search.{k}")
             value = DirectionConfig(**value)
         elif name in _TUPLES:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
             kind = type(default[0]) if default else str
-            if any(not isinstance(v, kind) or isinstance(v, bool) for v in value):
+            if any(not isinstance(v, kind) or isinstance(v, bool) != (kind is bool) for v in value):
                 raise RefusalLabError(f"{where}: {key} takes {kind.__name__} values, got {list(value)!r}")
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise RefusalLabError(f"{where}: {key} takes true or false, got {value!r}")
-        elif default is not None and not isinstance(value, type(default)) and not (
-                isinstance(default, float) and isinstance(value, int)):
-            raise RefusalLabError(f"{where}: {key} takes a {type(default).__name__}, got {value!r}")
+        elif value is not None:
+            _check_type(SweepConfig, name, value, f"{where}: {key}")
         out[name] = value
     return SweepConfig(**out)
 
@@ -249,11 +275,11 @@ def expand(config: SweepConfig) -> list[Task]:
 
     behaviours: list[tuple[str, str, list[str], list[str | None] | None]] = []  # key, set, instructions, targets
     set_keys = model_keys(config.prompts)  # a short unique name per prompt set
-    for spec in config.prompts:
+    for spec, per_prompt in itertools.product(config.prompts, config.per_prompt):
         prompts = resolve_prompts(spec)[: config.max_prompts]
-        groups = [[p] for p in prompts] if config.per_prompt else [prompts]
+        groups = [[p] for p in prompts] if per_prompt else [prompts]
         for i, group in enumerate(groups):
-            key = set_keys[spec] + (f"-p{i}" if config.per_prompt else "")
+            key = set_keys[spec] + (f"-p{i}" if per_prompt else "")
             targets = [p.target for p in group] if all(p.target for p in group) else None
             behaviours.append((key, spec, [p.instruction for p in group], targets))
 
@@ -268,7 +294,7 @@ def expand(config: SweepConfig) -> list[Task]:
         point = f"{keys[m]}-{bkey}-{engine}-{objective}-n{steps}-w{width}-l{slen}-s{seed}"
         aid = f"attack-{point}"
         gcg = GCGConfig(steps=steps, search_width=width, topk=config.topk, suffix_len=slen, seed=seed,
-                        objective=objective, judge=config.judge, judge_tokens=min(32, config.eval_tokens),
+                        objective=objective, judge=config.judge, judge_tokens=min(field_info(GCGConfig, "judge_tokens")[0], config.eval_tokens),
                         early_stop=config.early_stop,
                         patience=max(3, steps // (2 * len(instructions))) if len(instructions) > 1 else 0)
         direction, dtask = direction_of.get(m, (None, None)) if objective != "target" else (None, None)
@@ -325,16 +351,23 @@ def _attack_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
     direction = load_direction(_at(run_dir, spec["direction"]), cm) if spec["direction"] else None
     seed_everything(config.seed)
     nano = spec["engine"] == "nanogcg"  # not resumable: a retried nanoGCG attack starts again
+    ckpt = folder / "attack" / "checkpoint.json"
+    resumed_from = 0 if nano or not ckpt.is_file() else int(artifacts.read_json(ckpt).get("step", 0))
     rec = run_attack(cm, spec["instructions"], spec["targets"], config, folder, engine=spec["engine"],
                      direction=direction, direction_path=spec["direction"], resume=not nano, force=nano,
                      eval_tokens=spec["eval_tokens"], progress=False, judge=JudgeConfig(**spec["judge"]))
     return dict(suffix=rec["suffix"], train_success=rec["success_rate"], train_random_success=rec["random_success_rate"],
                 best_loss=rec["best_loss"], steps_run=rec["steps_run"], s_per_step=rec["s_per_step"],
-                attack_s=rec["elapsed_s"], n_prompts=len(rec["prompts"]))
+                attack_s=rec["elapsed_s"], n_prompts=len(rec["prompts"]), resumed_from_step=resumed_from)
 
 
 def _eval_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
-    config = EvalConfig(prompts=_at(run_dir, spec["prompts"]), suffix=_at(run_dir, spec["suffix"]),
+    suffix = _at(run_dir, spec["suffix"])
+    if suffix is not None and spec["source"] != spec["model"]["model"]:
+        # on another model the suffix is its text, tokenized by that model's tokenizer (token ids are the
+        # source's vocabulary)
+        suffix = str(artifacts.write_text(folder / "suffix.txt", artifacts.read_json(suffix)["suffix"]))
+    config = EvalConfig(prompts=_at(run_dir, spec["prompts"]), suffix=suffix,
                         max_new_tokens=spec["max_new_tokens"], batch_size=spec["batch_size"],
                         judge=JudgeConfig(**spec["judge"]))
     rec = run_eval(cm, config, folder / "replies.jsonl")
@@ -392,7 +425,7 @@ def failure_message(e: BaseException) -> str:
     if isinstance(cause, BaseException):
         e = cause
     name = type(e).__name__
-    if "WorkerCrashed" in name or "NodeDied" in name or "OutOfMemory" in name:
+    if any(k in name for k in ("WorkerCrashed", "NodeDied", "OutOfMemory", "ActorDied", "ActorUnavailable")):
         return f"{name}: the task's worker died (killed, out of memory or node lost) on every attempt"
     first = (str(e).strip().splitlines() or [""])[0]
     return f"{name}: {first}"[:400]
@@ -409,7 +442,7 @@ class LocalRunner:
     def submit(self, task: Task, run_dir: Path) -> None:
         try:
             self.done.append((task.id, run_task(task.spec, str(run_dir)), None))
-        except (RefusalLabError, RuntimeError, ValueError, OSError, KeyError, TypeError, MemoryError) as e:
+        except Exception as e:  # a failed task is recorded; the others go on
             log.debug("task %s failed", task.id, exc_info=True)
             self.done.append((task.id, None, e))
 
@@ -424,40 +457,93 @@ class LocalRunner:
         pass
 
 
+class TaskWorker:
+    """A Ray actor: one process holding its share of the cluster (config.cpus_per_task cores, one GPU where
+    there are GPUs) for the whole sweep, running one task at a time and keeping the model it loaded last."""
+
+    def run(self, spec: dict, run_dir: str, threads: int | None) -> dict:
+        return run_task(spec, run_dir, threads)
+
+
 class RayRunner:
-    """Runs tasks as Ray tasks: the embedded local Ray (sized to this machine's cores and GPUs) or the
-    cluster at `address`. A task takes config.cpus_per_task cores and, where the cluster has GPUs, one GPU
-    (config.gpus_per_task); a task whose worker dies is run again up to config.retries times."""
+    """Runs tasks on Ray: the embedded local Ray (sized to this machine's cores and GPUs) or the cluster at
+    `address`. As many TaskWorker actors as the cluster's resources hold (at most one per task) take the
+    tasks; a ready task goes to an idle worker that holds its model where there is one. A worker that dies
+    (killed, out of memory, node lost) is restarted and its task run again, up to config.retries times."""
 
     name = "ray"
 
-    def __init__(self, config: SweepConfig, address: str | None = None):
+    def __init__(self, config: SweepConfig, address: str | None, n_tasks: int):
         import ray
 
         self.ray = ray
         self.started = not ray.is_initialized()
         if self.started:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # the embedded Ray is this user's, on this machine
             kw = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                       configure_logging=False)
-            if address is None:
-                kw["object_store_memory"] = 256 * 2 ** 20  # tasks pass small JSON; their outputs go to the run folder
-            ray.init(address=address, **kw)
-        gpus = config.gpus_per_task
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
-        self.options = dict(num_cpus=config.cpus_per_task, num_gpus=gpus, max_retries=config.retries,
-                            retry_exceptions=False)
+            if address is None:  # a new local Ray of this user's, on this machine
+                os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+                kw.update(address="local", object_store_memory=256 * 2 ** 20)  # tasks pass small JSON
+            else:
+                kw.update(address=address)
+            try:
+                ray.init(**kw)
+            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+                raise RefusalLabError(f"Ray did not start{f' at {address}' if address else ''}: "
+                                      f"{(str(e).strip().splitlines() or [''])[0][:200]}; check --address") from None
+        try:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            total = ray.cluster_resources()
+            gpus = config.gpus_per_task
+            if gpus is None:
+                gpus = 1 if total.get("GPU", 0) >= 1 else 0
+            if not any(n.get("CPU", 0) >= config.cpus_per_task and n.get("GPU", 0) >= gpus for n in nodes):
+                raise RefusalLabError(f"no Ray node has {config.cpus_per_task} CPU(s) and {gpus} GPU(s) for a task "
+                                      f"(the largest: {max((n.get('CPU', 0) for n in nodes), default=0):g} CPUs, "
+                                      f"{max((n.get('GPU', 0) for n in nodes), default=0):g} GPUs); lower "
+                                      "--cpus-per-task / --gpus-per-task")
+            slots = int(total.get("CPU", 0) // config.cpus_per_task)
+            if gpus:
+                slots = min(slots, int(total.get("GPU", 0) // gpus))
+            self.actor = ray.remote(TaskWorker).options(num_cpus=config.cpus_per_task, num_gpus=gpus,
+                                                        max_restarts=config.retries,
+                                                        max_task_retries=config.retries)
+            self.workers = [self.actor.remote() for _ in range(max(1, min(slots, n_tasks)))]
+        except BaseException:
+            self.close()
+            raise
         self.threads = config.cpus_per_task
-        self.remote = ray.remote(run_task)
-        self.refs: dict[Any, str] = {}
+        self.idle = list(range(len(self.workers)))
+        self.holds: dict[int, str] = {}  # worker -> the model it loaded last
+        self.queue: list[Task] = []
+        self.refs: dict[Any, tuple[str, int]] = {}  # running: ref -> (task id, worker)
+        self.run_dir: Path | None = None
 
     def submit(self, task: Task, run_dir: Path) -> None:
-        ref = self.remote.options(name=task.id, **self.options).remote(task.spec, str(run_dir), self.threads)
-        self.refs[ref] = task.id
+        self.run_dir = run_dir
+        self.queue.append(task)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        """Queued tasks to idle workers: a task of the model a worker holds; else a task of a model no worker
+        holds (to a worker without a model where there is one); else the first task."""
+        model_of = lambda t: t.spec["model"]["model"]  # noqa: E731
+        while self.queue and self.idle:
+            pair = next(((w, t) for w in self.idle for t in self.queue if self.holds.get(w) == model_of(t)), None)
+            if pair is None:
+                held = set(self.holds.values())
+                task = next((t for t in self.queue if model_of(t) not in held), self.queue[0])
+                pair = (next((w for w in self.idle if w not in self.holds), self.idle[0]), task)
+            w, task = pair
+            model = model_of(task)
+            self.queue.remove(task)
+            self.idle.remove(w)
+            self.holds[w] = model
+            ref = self.workers[w].run.remote(task.spec, str(self.run_dir), self.threads)
+            self.refs[ref] = (task.id, w)
 
     def pending(self) -> int:
-        return len(self.refs)
+        return len(self.refs) + len(self.queue)
 
     def wait(self) -> list[tuple[str, dict | None, BaseException | None]]:
         """The tasks that have finished (at least one: it waits for the first)."""
@@ -465,14 +551,21 @@ class RayRunner:
         more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0) if rest else ([], [])
         out = []
         for ref in first + more:
-            tid = self.refs.pop(ref)
+            tid, w = self.refs.pop(ref)
             try:
                 out.append((tid, self.ray.get(ref), None))
             except Exception as e:  # the task's exception (wrapped by Ray) or its worker's death
                 out.append((tid, None, e))
+                if isinstance(e, self.ray.exceptions.RayActorError):  # restarts used up: a fresh worker
+                    self.workers[w] = self.actor.remote()
+                    self.holds.pop(w, None)
+            self.idle.append(w)
+        self._dispatch()
         return out
 
     def close(self) -> None:
+        for w in getattr(self, "workers", []):
+            self.ray.kill(w)
         if self.started:
             self.ray.shutdown()
 
@@ -487,9 +580,16 @@ def ray_available() -> bool:
 
 # ----------------------------------------------------------------------------- the sweep
 
+# settings that change where and how often tasks run, not what they compute: another machine may resume
+RESOURCES = ("cpus_per_task", "gpus_per_task", "retries")
+
+
+def _results_config(config: SweepConfig) -> dict:
+    return {k: v for k, v in json.loads(json.dumps(as_dict(config))).items() if k not in RESOURCES}
+
 
 def check_sweep(config: SweepConfig, out: str | Path, resume: bool = False, force: bool = False,
-                executor: str = "auto") -> list[Task]:
+                executor: str = "auto", address: str | None = None) -> list[Task]:
     """The config, the run folder and the executor checked, and the grid expanded, before any task starts."""
     if resume and force:
         raise RefusalLabError("--resume and --force contradict each other; choose one")
@@ -498,6 +598,8 @@ def check_sweep(config: SweepConfig, out: str | Path, resume: bool = False, forc
     if executor == "ray" and not ray_available():
         raise RefusalLabError("Ray is not installed; pip install 'refusal-lab[ray]' (make setup installs it), or "
                               "use --executor local")
+    if address is not None and (executor == "local" or not ray_available()):
+        raise RefusalLabError("--address needs Ray: pip install 'refusal-lab[ray]' and --executor ray or auto")
     out = Path(out)
     artifacts.check_out(out, force=force, resume=resume,
                         fix="pass --resume to reuse its finished tasks, --force to start over, or choose another --out")
@@ -506,9 +608,13 @@ def check_sweep(config: SweepConfig, out: str | Path, resume: bool = False, forc
         check_attack(GCGConfig(objective="target"), engine)  # nanoGCG installed where it is swept
     if config.direction is not None and config.needs_direction:
         load_direction(config.direction)  # a bad direction folder fails before any task
+    if config.needs_direction and config.direction is None:
+        for name in ("harmful", "harmless"):
+            if getattr(config.direction_search, name):
+                resolve_prompts(getattr(config.direction_search, name))
     if resume and (out / "sweep.json").is_file():
-        before = artifacts.read_json(out / "sweep.json").get("config")
-        if before != json.loads(json.dumps(as_dict(config))):
+        before = artifacts.read_json(out / "sweep.json").get("config") or {}
+        if {k: v for k, v in before.items() if k not in RESOURCES} != _results_config(config):
             raise RefusalLabError(f"{out} holds a sweep with other settings; pass --force to start over or choose "
                                   "another --out")
     return tasks
@@ -523,41 +629,61 @@ def run_sweep(config: SweepConfig, out: str | Path, executor: str = "auto", addr
     this process), auto (Ray where installed). resume reuses the tasks whose result.json is there."""
     say = say or log.info
     t0 = time.perf_counter()
-    out = Path(out)
-    tasks = check_sweep(config, out, resume, force, executor)
-    if force and out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    eval_prompts = resolve_prompts(config.eval_prompts)[: config.eval_max_prompts]
-    with artifacts.atomic_path(out / "prompts" / "eval.jsonl") as tmp:
-        tmp.write_text("".join(json.dumps({"instruction": p.instruction, "category": p.category}) + "\n"
-                               for p in eval_prompts), encoding="utf-8")
+    out = Path(out).resolve()  # tasks on other nodes join paths to it
+    tasks = check_sweep(config, out, resume, force, executor, address)
     use_ray = executor == "ray" or (executor == "auto" and ray_available())
     if not use_ray:
         say(f"Ray is not installed (pip install 'refusal-lab[ray]'): running the {len(tasks)} tasks one after another "
             "in this process" if executor == "auto" else f"running the {len(tasks)} tasks one after another in this process")
-    artifacts.write_json(out / "sweep.json", artifacts.run_record(
-        config=as_dict(config), executor="ray" if use_ray else "local", address=address,
-        tasks=[{"id": t.id, "kind": t.kind, "deps": list(t.deps)} for t in tasks]))
+    runner = RayRunner(config, address, len(tasks)) if use_ray else LocalRunner(config)  # Ray's errors before any write
+    try:
+        if force and out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        eval_prompts = resolve_prompts(config.eval_prompts)[: config.eval_max_prompts]
+        with artifacts.atomic_path(out / "prompts" / "eval.jsonl") as tmp:
+            tmp.write_text("".join(json.dumps({"instruction": p.instruction, "category": p.category}) + "\n"
+                                   for p in eval_prompts), encoding="utf-8")
+        artifacts.write_json(out / "sweep.json", artifacts.run_record(
+            config=as_dict(config), executor=runner.name, address=address,
+            tasks=[{"id": t.id, "kind": t.kind, "deps": list(t.deps)} for t in tasks]))
 
-    results: dict[str, dict] = {}
-    for t in tasks:  # finished tasks of an earlier run of this sweep
-        path = out / "tasks" / t.id / "result.json"
-        if resume and path.is_file():
-            try:
-                rec = artifacts.read_json(path)
-            except RefusalLabError:
-                continue
-            if rec.get("spec") == json.loads(json.dumps(t.spec)):
-                results[t.id] = {**rec, "status": "reused"}
-    if results:
-        say(f"reusing {len(results)} finished tasks of {len(tasks)}")
+        results: dict[str, dict] = {}
+        for t in tasks:  # finished tasks of an earlier run of this sweep
+            path = out / "tasks" / t.id / "result.json"
+            if resume and path.is_file():
+                try:
+                    rec = artifacts.read_json(path)
+                except RefusalLabError:
+                    continue
+                if rec.get("spec") == json.loads(json.dumps(t.spec)):
+                    results[t.id] = {**rec, "status": "reused"}
+        if results:
+            say(f"reusing {len(results)} finished tasks of {len(tasks)}")
+        run_tasks(tasks, results, runner, out, progress)
+    finally:
+        runner.close()
+    gathered = gather(config, tasks, results, out)
+    failed = {tid: r["error"] for tid, r in results.items() if r["status"] == "failed"}
+    record = artifacts.run_record(
+        config=as_dict(config), executor=runner.name, address=address, n_tasks=len(tasks),
+        n_done=sum(r["status"] == "done" for r in results.values()),
+        n_reused=sum(r["status"] == "reused" for r in results.values()), n_failed=len(failed), failed=failed,
+        tasks=[{"id": t.id, "kind": t.kind, "deps": list(t.deps)} for t in tasks],
+        wall_s=round(time.perf_counter() - t0, 3),
+        task_s_sum=round(sum(float(r.get("wall_s") or 0) for r in results.values() if r["status"] == "done"), 3))
+    artifacts.write_json(out / "sweep.json", record)
+    return {**record, **gathered, "failed": failed}
 
-    runner = (RayRunner(config, address) if use_ray else LocalRunner(config))
+
+def run_tasks(tasks: list[Task], results: dict[str, dict], runner, out: Path, progress: bool = True) -> None:
+    """Run every task not in `results` once the tasks it needs are done, recording each result (or its
+    failure, and the tasks skipped because of it) in `results`, with a progress bar over the tasks."""
+    by_id = {t.id: t for t in tasks}
     submitted: set[str] = set()
     bar = tqdm(total=len(tasks), initial=len(results), desc="sweep", unit="task", disable=not progress)
+    last_model = None
     try:
-        last_model = None
         while True:
             ready = []
             for t in tasks:  # in order: a task's dependencies come before it
@@ -580,26 +706,13 @@ def run_sweep(config: SweepConfig, out: str | Path, executor: str = "auto", addr
                 break
             for tid, rec, err in runner.wait():
                 if err is not None:
-                    task = next(t for t in tasks if t.id == tid)
-                    rec = {"id": tid, "kind": task.kind, "status": "failed", "spec": task.spec,
+                    rec = {"id": tid, "kind": by_id[tid].kind, "status": "failed", "spec": by_id[tid].spec,
                            "error": failure_message(err)}
                     log.warning("task %s failed: %s", tid, rec["error"])
                 results[tid] = rec
                 bar.update()
     finally:
         bar.close()
-        runner.close()
-    gathered = gather(config, tasks, results, out)
-    failed = {tid: r["error"] for tid, r in results.items() if r["status"] == "failed"}
-    record = artifacts.run_record(
-        config=as_dict(config), executor=runner.name, address=address, n_tasks=len(tasks),
-        n_done=sum(r["status"] == "done" for r in results.values()),
-        n_reused=sum(r["status"] == "reused" for r in results.values()), n_failed=len(failed), failed=failed,
-        tasks=[{"id": t.id, "kind": t.kind, "deps": list(t.deps)} for t in tasks],
-        wall_s=round(time.perf_counter() - t0, 3),
-        task_s_sum=round(sum(float(r.get("wall_s") or 0) for r in results.values() if r["status"] == "done"), 3))
-    artifacts.write_json(out / "sweep.json", record)
-    return {**record, **gathered, "failed": failed}
 
 
 # ----------------------------------------------------------------------------- gathering
@@ -611,18 +724,20 @@ SETTINGS = ("model", "target_model", "prompt_set", "behaviour", "engine", "objec
 def task_row(result: dict) -> dict:
     """A summary row: the task's settings (from its spec), status, error, success rates and timings."""
     spec = result.get("spec") or {}
-    gcg = spec.get("config") or {}
+    gcg = (spec.get("config") or {}) if spec.get("kind") == "attack" else {}
     source = spec.get("source") if spec.get("kind") == "eval" else (spec.get("model") or {}).get("model")
     row = dict(task=result["id"], kind=result.get("kind", spec.get("kind")), status=result["status"],
                error=result.get("error", ""),
                model=source if spec.get("kind") == "eval" else (spec.get("model") or {}).get("model"),
                target_model=(spec.get("model") or {}).get("model") if spec.get("kind") == "eval" else None,
                prompt_set=spec.get("prompt_set"), behaviour=spec.get("behaviour"), engine=spec.get("engine"),
-               objective=gcg.get("objective") if spec.get("kind") == "attack" else None,
+               objective=gcg.get("objective"),
                steps=gcg.get("steps"), search_width=gcg.get("search_width"), suffix_len=gcg.get("suffix_len"),
-               seed=gcg.get("seed"), judge=(spec.get("judge") or {}).get("name"))
+               seed=gcg.get("seed"), judge=gcg.get("judge"))
     if spec.get("kind") == "eval" and source is None:
         row["model"] = row["target_model"]
+    if spec.get("kind") == "eval":
+        row["judge"] = (spec.get("judge") or {}).get("name")
     skip = {"id", "kind", "status", "spec", "error", "host", "pid"}
     row.update({k: v for k, v in result.items() if k not in skip and k not in row})
     return row
@@ -638,6 +753,9 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
             for k in ("prompt_set", "behaviour", "engine", "objective", "steps", "search_width", "suffix_len", "seed"):
                 rows[tid][k] = rows[aid][k]
     summary = pd.DataFrame(list(rows.values()))
+    for c in ("attack_success", "cosine_harmful", "cosine_adversarial"):  # the columns read below, also when no
+        if c not in summary:                                             # task of their kind finished
+            summary[c] = float("nan")
     artifacts.write_csv(out / "summary.csv", summary)
 
     ok = summary[summary.status.isin(["done", "reused"])]
@@ -647,7 +765,8 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
         transfer.index.name, transfer.columns.name = "suffix_model", "target_model"
     else:
         transfer = pd.DataFrame()
-    artifacts.write_csv(out / "transfer.csv", transfer.reset_index() if len(transfer) else transfer)
+    artifacts.write_csv(out / "transfer.csv", transfer.reset_index() if len(transfer) else
+                        pd.DataFrame(columns=["suffix_model"]))
 
     own = evals[evals.model == evals.target_model] if len(evals) else evals
     by = (own.groupby(["model", "objective"]).attack_success.agg(["mean", "count"]).reset_index()
@@ -676,7 +795,7 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
         drop = getattr(r, "cosine_drop", float("nan"))
         sentences.append(f"On {r.model}, {r.suffixes} suffix(es) of the {r.objective} objective succeed on "
                          f"{r.attack_success:.1%} of the unseen prompts on average by the {config.judge} judge "
-                         f"(no suffix: {no:.1%})" + (f"; they lower the cosine with the direction at its layer by "
+                         + (f" (no suffix: {no:.1%})" if no == no else "") + (f"; they lower the cosine with the direction at its layer by "
                                                      f"{drop:.3f}" if drop == drop else "") + ".")
     if len(transfer) > 1 or (len(transfer) and transfer.shape[1] > 1):
         for src in transfer.index:
@@ -693,5 +812,5 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
              "unseen prompts": f"{config.eval_prompts} (first {config.eval_max_prompts}), {config.eval_tokens} reply tokens",
              "judge": config.judge}
     _, report = write_report(out, "refusal-lab sweep", sentences, plots, {k: v for k, v in tables.items() if len(v)},
-                             facts)
+                             facts, max_rows=10_000)
     return {"summary": summary, "transfer": transfer, "by_model": by, "report": str(report), "sentences": sentences}

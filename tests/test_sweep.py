@@ -70,6 +70,11 @@ def local_sweep(tiny_dirs, prompts, tmp_path_factory, one_thread):
     return out, res, said
 
 
+def grid_of(res: dict) -> SweepConfig:
+    """The SweepConfig a sweep record was made with."""
+    return sweep_config({k: v for k, v in res["config"].items()})
+
+
 def test_expand_makes_every_task_after_the_tasks_it_needs(tiny_dirs, prompts):
     cfg = grid(tiny_dirs, prompts, objectives=("target", "mixed"), analysis=True)
     tasks = expand(cfg)
@@ -85,7 +90,7 @@ def test_expand_makes_every_task_after_the_tasks_it_needs(tiny_dirs, prompts):
             assert bool(t.deps) == (t.spec["config"]["objective"] == "mixed")
     assert len({t.id for t in tasks}) == len(tasks)
     # per prompt: one attack per behaviour; no transfer: evaluations on the attack's own model only
-    per = expand(grid(tiny_dirs, prompts, per_prompt=True, transfer=False, seeds=(0,)))
+    per = expand(grid(tiny_dirs, prompts, per_prompt=(True,), transfer=False, seeds=(0,)))
     assert [t.spec["instructions"] for t in per if t.kind == "attack"] == [[p] for p in PROMPTS.split("\n")[:2]] * 2
     assert all(t.spec["source"] in (None, t.spec["model"]["model"]) for t in per if t.kind == "eval")
 
@@ -116,6 +121,12 @@ def test_sequential_sweep_gathers_summary_transfer_and_report(local_sweep):
             assert (folder / "replies.jsonl").is_file()
     # a worker keeps its model between the tasks of that model: far fewer loads than tasks
     assert (summary.load_s > 0).sum() <= 4
+    # on another model a suffix is evaluated as its text (tokenized by that model's tokenizer)
+    for t in expand(grid_of(res)):
+        if t.kind == "eval" and t.spec["source"] not in (None, t.spec["model"]["model"]):
+            made = json.loads((out / t.spec["suffix"]).read_text())["suffix"]
+            assert (out / "tasks" / t.id / "suffix.txt").read_text() == made
+            assert set(pd.read_json(out / "tasks" / t.id / "replies.jsonl", lines=True).suffix) == {made}
     html = (out / "report.html").read_text()
     assert html.count("class='plot'") == 2 and "Transfer matrix" in html
 
@@ -171,14 +182,16 @@ def test_ray_sweep_retries_a_killed_worker_and_matches_the_sequential_run(ray_lo
     summary = pd.read_csv(out / "summary.csv")
     assert set(summary.status) == {"done"} and res["executor"] == "ray" and not res["failed"]
     row = summary.set_index("task").loc[victim.id]
-    assert row.attempts == 2  # killed once, retried, resumed from its checkpoint
+    assert row.attempts == 2 and row.resumed_from_step >= killed[0] >= 2  # killed, retried, resumed mid-way
+    assert (summary[summary.task != victim.id].attempts == 1).all()
     same = lambda df: df[SAME].reset_index(drop=True)  # noqa: E731
     pd.testing.assert_frame_equal(same(summary), same(pd.read_csv(tmp_path / "ref" / "summary.csv")))
     a = artifacts.read_json(out / "tasks" / victim.id / "attack" / "suffix.json")
     b = artifacts.read_json(tmp_path / "ref" / "tasks" / victim.id / "attack" / "suffix.json")
     assert a["token_ids"] == b["token_ids"] and a["losses"] == b["losses"]
     # and the Ray run of the short grid gives the sequential runner's summary
-    run_sweep(grid(tiny_dirs, prompts), tmp_path / "short", executor="ray", progress=False)
+    short = run_sweep(grid(tiny_dirs, prompts), tmp_path / "short", executor="ray", progress=False)["summary"]
+    assert (short.load_s > 0).sum() <= len(short) // 2  # workers keep their models between tasks
     pd.testing.assert_frame_equal(same(pd.read_csv(tmp_path / "short" / "summary.csv")),
                                   same(pd.read_csv(local_dir / "summary.csv")))
 
@@ -194,14 +207,16 @@ def test_resume_after_the_driver_is_killed_reuses_finished_tasks(local_sweep, ti
     assert load_sweep_config(toml) == cfg
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "refusal.cli", "sweep", "--config", str(toml), "--executor", "ray", "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
     t0 = time.time()
     while len(list(out.glob("tasks/*/result.json"))) < 3 and proc.poll() is None and time.time() - t0 < 240:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
     proc.wait()
+    log.close()
     finished = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("tasks/*/result.json")}
-    assert 3 <= len(finished) < 14
+    assert 3 <= len(finished) < 14, (tmp_path / "driver.log").read_text()[-2000:]
     assert main(["sweep", "--config", str(toml), "--executor", "ray", "--out", str(out)]) == 2  # no --resume: refused
     assert main(["sweep", "--config", str(toml), "--executor", "ray", "--resume", "--out", str(out)]) == 0
     for tid, mtime in finished.items():  # reused, not run again
