@@ -498,7 +498,7 @@ class RayRunner:
             if gpus is None:
                 gpus = 1 if total.get("GPU", 0) >= 1 else 0
             if not any(n.get("CPU", 0) >= config.cpus_per_task and n.get("GPU", 0) >= gpus for n in nodes):
-                raise RefusalLabError(f"no Ray node has {config.cpus_per_task} CPU(s) and {gpus} GPU(s) for a task "
+                raise RefusalLabError(f"no Ray node has {config.cpus_per_task} CPU(s) and {gpus:g} GPU(s) for a task "
                                       f"(the largest: {max((n.get('CPU', 0) for n in nodes), default=0):g} CPUs, "
                                       f"{max((n.get('GPU', 0) for n in nodes), default=0):g} GPUs); lower "
                                       "--cpus-per-task / --gpus-per-task")

@@ -93,6 +93,15 @@ def test_expand_makes_every_task_after_the_tasks_it_needs(tiny_dirs, prompts):
     per = expand(grid(tiny_dirs, prompts, per_prompt=(True,), transfer=False, seeds=(0,)))
     assert [t.spec["instructions"] for t in per if t.kind == "attack"] == [[p] for p in PROMPTS.split("\n")[:2]] * 2
     assert all(t.spec["source"] in (None, t.spec["model"]["model"]) for t in per if t.kind == "eval")
+    both = expand(sweep_config({"models": [str(tiny_dirs["llama"])], "prompts": [str(prompts)], "per_prompt": [False, True]}))
+    assert sorted(len(t.spec["instructions"]) for t in both if t.kind == "attack") == [1, 1, 2]
+
+
+def test_resources_no_node_has_are_a_one_line_error_before_anything_is_written(ray_local, tiny_dirs, prompts,
+                                                                             tmp_path):
+    with pytest.raises(RefusalLabError, match="no Ray node has 1 CPU.s. and 1 GPU"):
+        run_sweep(grid(tiny_dirs, prompts, gpus_per_task=1.0), tmp_path / "out", executor="ray", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 def test_sequential_sweep_gathers_summary_transfer_and_report(local_sweep):
@@ -260,6 +269,7 @@ def test_a_failing_task_stops_nothing_else(tiny_dirs, prompts, tmp_path, capsys)
     (["--model", "{m}", "--model", "smollm2", "--direction", "x", "--objective", "mixed"], "one model"),
     (["--model", "{m}", "--prompts", "/no/such/file.txt"], "prompt file not found"),
     (["--model", "{m}", "--prompts", "harmful:test", "--eval-prompts", "harmful:test"], "among the evaluation prompts"),
+    (["--model", "{m}", "--address", "ray://nowhere:1", "--executor", "local"], "--address needs Ray"),
     (["--config", "{toml_bad_key}"], "unknown key 'stepz'"),
     (["--config", "{toml_bad_type}"], "steps takes int values"),
     (["--config", "{toml_empty}"], "grid is empty"),
