@@ -147,9 +147,12 @@ def plot_sweep_success(by: pd.DataFrame, path: str | Path, judge: str) -> Path:
     plt, sns = _plt()
     models = list(dict.fromkeys(by.model))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.8 * len(models) + 2), 4))
-    hue_order = [o for o in OBJECTIVE_COLORS if o in set(by.objective)]
+    hue_order = sorted(set(by.objective), key=lambda o: (list(OBJECTIVE_COLORS).index(o.split(",")[0])
+                                                          if o.split(",")[0] in OBJECTIVE_COLORS else 9, o))
+    extra = iter(sns.color_palette("deep", len(hue_order)))
+    palette = {o: OBJECTIVE_COLORS[o] if o in OBJECTIVE_COLORS else next(extra) for o in hue_order}
     sns.barplot(data=by, x="model", y="attack_success", hue="objective", hue_order=hue_order, order=models,
-                palette=OBJECTIVE_COLORS, errorbar=None, ax=ax)
+                palette=palette, errorbar=None, ax=ax)
     if "no_suffix" in by:
         for i, m in enumerate(models):
             base = by[by.model == m].no_suffix.dropna()

@@ -299,7 +299,8 @@ def expand(config: SweepConfig) -> list[Task]:
                         patience=max(3, steps // (2 * len(instructions))) if len(instructions) > 1 else 0)
         direction, dtask = direction_of.get(m, (None, None)) if objective != "target" else (None, None)
         tasks.append(Task(aid, "attack", (dtask,) if dtask else (), dict(
-            model=mcfg[m], prompt_set=pset, behaviour=bkey, instructions=instructions, targets=targets, engine=engine,
+            model=mcfg[m], prompt_set=pset, behaviour=bkey, mode="per prompt" if bkey != set_keys[pset] else "universal",
+            instructions=instructions, targets=targets, engine=engine,
             config=as_dict(gcg), direction=direction, judge=judge, eval_tokens=config.eval_tokens)))
         suffix = f"tasks/{aid}/attack/suffix.json"
         for target in config.models:
@@ -717,10 +718,6 @@ def run_tasks(tasks: list[Task], results: dict[str, dict], runner, out: Path, pr
 
 # ----------------------------------------------------------------------------- gathering
 
-SETTINGS = ("model", "target_model", "prompt_set", "behaviour", "engine", "objective", "steps", "search_width",
-            "suffix_len", "seed", "judge")
-
-
 def task_row(result: dict) -> dict:
     """A summary row: the task's settings (from its spec), status, error, success rates and timings."""
     spec = result.get("spec") or {}
@@ -730,7 +727,8 @@ def task_row(result: dict) -> dict:
                error=result.get("error", ""),
                model=source if spec.get("kind") == "eval" else (spec.get("model") or {}).get("model"),
                target_model=(spec.get("model") or {}).get("model") if spec.get("kind") == "eval" else None,
-               prompt_set=spec.get("prompt_set"), behaviour=spec.get("behaviour"), engine=spec.get("engine"),
+               prompt_set=spec.get("prompt_set"), behaviour=spec.get("behaviour"), mode=spec.get("mode"),
+               engine=spec.get("engine"),
                objective=gcg.get("objective"),
                steps=gcg.get("steps"), search_width=gcg.get("search_width"), suffix_len=gcg.get("suffix_len"),
                seed=gcg.get("seed"), judge=gcg.get("judge"))
@@ -750,7 +748,8 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
     attack_of = {t.id: t.deps[0] for t in tasks if t.kind in ("eval", "analysis") and t.deps}
     for tid, aid in attack_of.items():  # an evaluation or analysis row carries its attack's settings
         if aid in rows and rows[aid]["kind"] == "attack":
-            for k in ("prompt_set", "behaviour", "engine", "objective", "steps", "search_width", "suffix_len", "seed"):
+            for k in ("prompt_set", "behaviour", "mode", "engine", "objective", "steps", "search_width", "suffix_len",
+                      "seed"):
                 rows[tid][k] = rows[aid][k]
     summary = pd.DataFrame(list(rows.values()))
     for c in ("attack_success", "cosine_harmful", "cosine_adversarial"):  # the columns read below, also when no
@@ -769,6 +768,8 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
                         pd.DataFrame(columns=["suffix_model"]))
 
     own = evals[evals.model == evals.target_model] if len(evals) else evals
+    if len(own) and own["mode"].nunique() > 1:  # universal and per-prompt suffixes apart
+        own = own.assign(objective=own.objective + ", " + own["mode"])
     by = (own.groupby(["model", "objective"]).attack_success.agg(["mean", "count"]).reset_index()
           .rename(columns={"mean": "attack_success", "count": "suffixes"}) if len(own) else pd.DataFrame())
     base = ok[(ok.kind == "eval") & ok.objective.isna()][["model", "attack_success"]] if len(ok) else pd.DataFrame()
@@ -776,6 +777,8 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
         by = by.merge(base.rename(columns={"attack_success": "no_suffix"}), on="model", how="left")
     analysed = ok[ok.kind == "analysis"] if len(ok) else ok
     if len(by) and len(analysed):  # the cosine at the direction's layer: harmful minus with the suffix
+        if analysed["mode"].nunique() > 1:
+            analysed = analysed.assign(objective=analysed.objective + ", " + analysed["mode"])
         drop = (analysed.cosine_harmful - analysed.cosine_adversarial).groupby(
             [analysed.model, analysed.objective]).mean().rename("cosine_drop").reset_index()
         by = by.merge(drop, on=["model", "objective"], how="left")
@@ -794,16 +797,19 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
         no = getattr(r, "no_suffix", float("nan"))
         drop = getattr(r, "cosine_drop", float("nan"))
         sentences.append(f"On {r.model}, {r.suffixes} suffix(es) of the {r.objective} objective succeed on "
-                         f"{r.attack_success:.1%} of the unseen prompts on average by the {config.judge} judge "
-                         + (f" (no suffix: {no:.1%})" if no == no else "") + (f"; they lower the cosine with the direction at its layer by "
-                                                     f"{drop:.3f}" if drop == drop else "") + ".")
+                         f"{r.attack_success:.1%} of the unseen prompts on average by the {config.judge} judge"
+                         + (f" (no suffix: {no:.1%})" if no == no else "")
+                         + (f"; they lower the cosine with the direction at its layer by {drop:.3f}" if drop == drop else "")
+                         + ".")
     if len(transfer) > 1 or (len(transfer) and transfer.shape[1] > 1):
         for src in transfer.index:
-            others = [f"{t} {transfer.loc[src, t]:.1%}" for t in transfer.columns if t != src and transfer.loc[src, t] == transfer.loc[src, t]]
+            others = [f"{t} {transfer.loc[src, t]:.1%}" for t in transfer.columns
+                      if t != src and transfer.loc[src, t] == transfer.loc[src, t]]
             if others:
                 own_rate = transfer.loc[src].get(src, float("nan"))
-                sentences.append(f"Suffixes made on {src} (own model {own_rate:.1%}) transfer to " + ", ".join(others) + ".")
-    columns = [c for c in ("task", "status", "model", "target_model", "behaviour", "engine", "objective", "seed",
+                sentences.append(f"Suffixes made on {src} (own model {own_rate:.1%}) transfer to "
+                                 + ", ".join(others) + ".")
+    columns = [c for c in ("task", "status", "model", "target_model", "behaviour", "mode", "engine", "objective", "seed",
                            "train_success", "attack_success", "attack_success_substring", "cosine_harmful",
                            "cosine_adversarial", "cosine_random", "wall_s", "attempts") if c in summary]
     tables = {"Success by model and objective": by, "Transfer matrix": transfer.reset_index() if len(transfer) else transfer,
