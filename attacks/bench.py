@@ -24,7 +24,7 @@ from refusal.judges import load_judge
 from refusal.metrics import generate
 from refusal.models import ChatModel, seed_everything
 
-from .gcg import GCG, AttackResult, GCGConfig, load_draft, screening_dtype
+from .gcg import GCG, AttackResult, GCGConfig, load_draft, screening_dtype, universal_patience
 from .reference import check_probe_sampling, require_nanogcg, run_nanogcg
 from .targets import default_target
 
@@ -257,7 +257,7 @@ def bench_universal(cm: ChatModel, train: Sequence[str], test: Sequence[str], st
     config.judge's verdicts; `judge`: that judge, loaded, if given)."""
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True, success_rate=rate,
                      success_check="judge", progressive=True,
-                     patience=max(3, steps // (2 * len(train))))
+                     patience=universal_patience(steps, len(train)))
     judge = load_judge(judge if judge is not None else config.judge)
     draft = load_draft(cm, config.draft_model) if config.draft_model else None
     out = {}

@@ -248,6 +248,12 @@ def initial_suffix_ids(cm: ChatModel, length: int, init: str | None = None) -> l
     return list(ids)
 
 
+def universal_patience(steps: int, n_prompts: int) -> int:
+    """The patience of a universal attack: its steps shared among its prompts, half each (at least 3), so that
+    every prompt is added within the budget even when none succeeds."""
+    return max(3, steps // (2 * n_prompts))
+
+
 def random_suffix_ids(cm: ChatModel, length: int, seed: int = 0, allow_non_ascii: bool = False,
                       tries: int = 1000) -> list[int]:
     """A random suffix of `length` tokens drawn uniformly from the tokens the attack may use, one that

@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from analysis.run import AnalysisConfig, analyze
-from attacks.gcg import GCGConfig
+from attacks.gcg import GCGConfig, universal_patience
 from attacks.run import run_attack
 
 from . import artifacts
@@ -165,7 +165,7 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
     # 2. a universal suffix (and its random baseline) on harmful training prompts
     train = instructions(builtin_prompts("harmful", "train"))[: config.attack_prompts]
     cfg = GCGConfig(steps=config.attack_steps, search_width=config.search_width, topk=config.topk,
-                    suffix_len=config.suffix_len, seed=config.seed, patience=max(3, config.attack_steps // (2 * config.attack_prompts)),
+                    suffix_len=config.suffix_len, seed=config.seed, patience=universal_patience(config.attack_steps, config.attack_prompts),
                     judge=judge.name)
     with timer("attack"):
         rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=config.new_tokens,

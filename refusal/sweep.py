@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from analysis.plots import plot_sweep_success, plot_transfer
 from analysis.report import write_report
 from analysis.run import AnalysisConfig, analyze_suffix
-from attacks.gcg import OBJECTIVES, GCGConfig
+from attacks.gcg import OBJECTIVES, GCGConfig, universal_patience
 from attacks.run import ENGINES, check_attack, run_attack
 
 from . import artifacts
@@ -243,7 +243,7 @@ def slug(text: str, keep: int = 40) -> str:
     return (re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_") or "x")[:keep]
 
 
-def model_keys(models: tuple[str, ...]) -> dict[str, str]:
+def short_keys(models: tuple[str, ...]) -> dict[str, str]:
     """A short unique key per model or prompt set (its slug; numbered where two slugs agree)."""
     keys: dict[str, str] = {}
     for i, m in enumerate(models):
@@ -257,7 +257,7 @@ def expand(config: SweepConfig) -> list[Task]:
     the analysis needs the direction and none is given) and a no-suffix baseline evaluation; per grid point an
     attack, its evaluations (its own model, and every other model when config.transfer), and its analysis."""
     config.validate()
-    keys = model_keys(config.models)
+    keys = short_keys(config.models)
     mcfg = {m: as_dict(ModelConfig(model=m, device=config.device, dtype=config.dtype)) for m in config.models}
     judge = as_dict(JudgeConfig(name=config.judge, device=config.device, dtype=config.dtype))
     evals = dict(prompts="prompts/eval.jsonl", max_new_tokens=config.eval_tokens, batch_size=config.batch_size, judge=judge)
@@ -274,7 +274,7 @@ def expand(config: SweepConfig) -> list[Task]:
         tasks.append(Task(f"eval-none-on-{keys[m]}", "eval", (), dict(model=mcfg[m], source=None, suffix=None, **evals)))
 
     behaviours: list[tuple[str, str, list[str], list[str | None] | None]] = []  # key, set, instructions, targets
-    set_keys = model_keys(config.prompts)  # a short unique name per prompt set
+    set_keys = short_keys(config.prompts)  # a short unique name per prompt set
     for spec, per_prompt in itertools.product(config.prompts, config.per_prompt):
         prompts = resolve_prompts(spec)[: config.max_prompts]
         groups = [[p] for p in prompts] if per_prompt else [prompts]
@@ -296,7 +296,7 @@ def expand(config: SweepConfig) -> list[Task]:
         gcg = GCGConfig(steps=steps, search_width=width, topk=config.topk, suffix_len=slen, seed=seed,
                         objective=objective, judge=config.judge, judge_tokens=min(field_info(GCGConfig, "judge_tokens")[0], config.eval_tokens),
                         early_stop=config.early_stop,
-                        patience=max(3, steps // (2 * len(instructions))) if len(instructions) > 1 else 0)
+                        patience=universal_patience(steps, len(instructions)) if len(instructions) > 1 else 0)
         direction, dtask = direction_of.get(m, (None, None)) if objective != "target" else (None, None)
         tasks.append(Task(aid, "attack", (dtask,) if dtask else (), dict(
             model=mcfg[m], prompt_set=pset, behaviour=bkey, mode="per prompt" if bkey != set_keys[pset] else "universal",
@@ -437,7 +437,7 @@ class LocalRunner:
 
     name = "local"
 
-    def __init__(self, config: SweepConfig):
+    def __init__(self):
         self.done: list[tuple[str, dict | None, BaseException | None]] = []
 
     def submit(self, task: Task, run_dir: Path) -> None:
@@ -636,7 +636,7 @@ def run_sweep(config: SweepConfig, out: str | Path, executor: str = "auto", addr
     if not use_ray:
         say(f"Ray is not installed (pip install 'refusal-lab[ray]'): running the {len(tasks)} tasks one after another "
             "in this process" if executor == "auto" else f"running the {len(tasks)} tasks one after another in this process")
-    runner = RayRunner(config, address, len(tasks)) if use_ray else LocalRunner(config)  # Ray's errors before any write
+    runner = RayRunner(config, address, len(tasks)) if use_ray else LocalRunner()  # Ray's errors before any write
     try:
         if force and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
