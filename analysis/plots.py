@@ -137,6 +137,27 @@ def plot_loss_vs_time(traces: Mapping[str, Sequence[Sequence[Sequence[float]]]],
     return _save(fig, path)
 
 
+def plot_success_curves(curves: Mapping[str, Mapping], path: str | Path) -> Path:
+    """The attacker's curves: per engine, the share of prompts broken against wall time (left) and against
+    the attacked model's tokens (right). curves: {engine: {"time_s": [...], "tokens": [...], "prompts": n}},
+    the sorted costs at which its prompts were broken."""
+    plt, sns = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = dict(zip(curves, sns.color_palette("deep", len(curves))))
+    for ax, key, label in ((axes[0], "time_s", "wall time (s)"), (axes[1], "tokens", "tokens (forward + backward)")):
+        end = max((c[key][-1] for c in curves.values() if c[key]), default=1.0)
+        for engine, c in curves.items():
+            n = max(1, c["prompts"])
+            xs = [0.0] + list(c[key]) + [end * 1.05]
+            ys = [0.0] + [(i + 1) / n for i in range(len(c[key]))] + [len(c[key]) / n]
+            ax.step(xs, ys, where="post", color=colors[engine], lw=2, label=f"{engine} ({len(c[key])}/{n})")
+        ax.set_xlabel(label)
+        ax.set_ylabel("share of prompts broken")
+        ax.set_ylim(0, 1.02)
+        ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
 OBJECTIVE_COLORS = {"target": "#8e44ad", "direction": "#c0392b", "mixed": "#2980b9"}
 
 

@@ -115,6 +115,8 @@ class GCGConfig:
     probe_r: int = option(8, "probe sampling: the draft's best (1 - agreement) * width / r candidates are "
                              "scored on the attacked model")
     probe_sampling_factor: int = option(16, "probe sampling: width / this random candidates form the probe set")
+    max_time_s: float | None = option(None, "stop once a step ends this many seconds after the attack began (None: "
+                                            "the step budget alone); the steps before it are the same as without it")
 
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -135,6 +137,8 @@ class GCGConfig:
             raise RefusalLabError(f"success rate must be in (0, 1], got {self.success_rate}")
         if self.batch_size is not None and self.batch_size < 1:
             raise RefusalLabError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_time_s is not None and not (math.isfinite(self.max_time_s) and self.max_time_s > 0):
+            raise RefusalLabError(f"--max-time-s must be a number of seconds > 0, got {self.max_time_s}")
         if self.patience < 0:
             raise RefusalLabError(f"patience must be >= 0, got {self.patience}")
         if self.success_check not in SUCCESS_CHECKS:
@@ -167,6 +171,46 @@ class AttackResult:
     success_flags: list[bool] = field(default_factory=list)  # of the best suffix, per prompt (active ones)
     step_times: list[float] = field(default_factory=list)  # per step: seconds since the start when it ended
     agreement: list[float] = field(default_factory=list)  # probe sampling, per step: the draft's rank agreement
+    # per step: seconds in each of STEP_PARTS (a part an engine does not have is 0), the rest of the step last
+    profile: list[list[float]] = field(default_factory=list)
+
+
+# the parts a step's wall time is split into (steps.csv, the bench): the token gradient, candidate scoring
+# (forward passes over candidates, rescoring and combined candidates included), success checking
+# (generating replies and judging them); "other" (sampling, filtering, bookkeeping) is the rest of the step
+STEP_PARTS = ("gradient", "scoring", "check")
+
+
+class StepClock:
+    """Wall time of the parts of a step. `part` names the part running now (None between parts), so that a
+    counter of tokens can attribute them; `take` returns the seconds per part since the last take."""
+
+    def __init__(self, device: torch.device, on_take: Callable[[], None] | None = None):
+        self.cuda = device.type == "cuda"
+        self.part: str | None = None
+        self.seconds = dict.fromkeys(STEP_PARTS, 0.0)
+        self.on_take = on_take  # called at every step's end (take): a token counter's mark
+
+    @contextlib.contextmanager
+    def timing(self, part: str):
+        if self.cuda:
+            torch.cuda.synchronize()
+        t0, self.part = time.perf_counter(), part
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[part] += time.perf_counter() - t0
+            self.part = None
+
+    def take(self, step_s: float) -> list[float]:
+        """[gradient, scoring, check, other] seconds of a step that took `step_s`; the clock starts again."""
+        parts = [self.seconds[p] for p in STEP_PARTS]
+        self.seconds = dict.fromkeys(STEP_PARTS, 0.0)
+        if self.on_take is not None:
+            self.on_take()
+        return [round(x, 4) for x in parts + [max(0.0, step_s - sum(parts))]]
 
 
 # ----------------------------------------------------------------------------- precision
@@ -352,8 +396,10 @@ class GCG:
     """The GCG loop over one or more prompts (one suffix for all of them)."""
 
     def __init__(self, cm: ChatModel, instructions: Sequence[str], targets: Sequence[str | None] | None,
-                 config: GCGConfig, direction=None, judge=None, draft: ChatModel | None = None):
-        """judge: the judge of success (a Judge, a refusal.judges.JudgeConfig carrying its options such as
+                 config: GCGConfig, direction=None, judge=None, draft: ChatModel | None = None,
+                 clock: StepClock | None = None):
+        """clock: the StepClock the steps are timed on (default: a new one).
+        judge: the judge of success (a Judge, a refusal.judges.JudgeConfig carrying its options such as
         device and dtype, or a name); it must be the one config.judge names (default: loaded from that name).
         draft: the draft model of probe sampling, loaded (default: loaded from config.draft_model)."""
         config.validate()
@@ -389,6 +435,7 @@ class GCG:
             scale = float(direction.mean_diff.float().norm())
             self.dir_scale = scale if scale > 0 else 1.0
         self.slots = [_Slot(self, i, t) for i, t in zip(instructions, targets)]
+        self.clock = clock or StepClock(cm.device)
         self.single = len(self.slots) == 1
         # a step's success per prompt (config.success_check): the target match (teacher-forced, computed with
         # the candidates' losses: free), the judge's verdict on the greedy reply, or the judge's verdict only
@@ -710,8 +757,9 @@ class GCG:
         t0 = time.perf_counter() - state["elapsed"]
         try:
             while state["step"] < cfg.steps and not state["done"]:
+                step_start = time.perf_counter()
                 active = self.slots[: state["n_active"]]
-                with self.screening():
+                with self.clock.timing("gradient"), self.screening():
                     grad = self.token_gradient(ids, active).float()
                 with torch.no_grad():
                     cands = sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
@@ -724,18 +772,20 @@ class GCG:
                             cands = cands[keep]
                         else:
                             log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
-                    best_i, loss, target_match, searched = self.choose(ids, cands, active, gen=gen)
+                    with self.clock.timing("scoring"):
+                        best_i, loss, target_match, searched = self.choose(ids, cands, active, gen=gen)
                     if self.draft is not None:
                         state.setdefault("agreement", []).append(round(self.last_agreement, 4))
                     ids = searched[best_i].clone()
-                if self.check == "target":
-                    flags = list(target_match)
-                elif self.check == "judge":
-                    flags = self.judge_success(ids.tolist(), active)
-                else:  # the judge reads only the replies that begin with the target
-                    matched = [s for s, m in zip(active, target_match) if m]
-                    verdicts = iter(self.judge_success(ids.tolist(), matched) if matched else [])
-                    flags = [bool(m) and next(verdicts) for m in target_match]
+                with self.clock.timing("check"):
+                    if self.check == "target":
+                        flags = list(target_match)
+                    elif self.check == "judge":
+                        flags = self.judge_success(ids.tolist(), active)
+                    else:  # the judge reads only the replies that begin with the target
+                        matched = [s for s, m in zip(active, target_match) if m]
+                        verdicts = iter(self.judge_success(ids.tolist(), matched) if matched else [])
+                        flags = [bool(m) and next(verdicts) for m in target_match]
                 rate = sum(flags) / len(flags)
                 step = state["step"]
                 state["losses"].append(loss)
@@ -756,6 +806,7 @@ class GCG:
                     state["last_add"] = step + 1
                 state["elapsed"] = time.perf_counter() - t0
                 state.setdefault("times", []).append(round(state["elapsed"], 4))
+                state.setdefault("profile", []).append(self.clock.take(time.perf_counter() - step_start))
                 state["rng"] = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
                 if checkpoint is not None:
                     artifacts.write_json(checkpoint, state)
@@ -764,6 +815,8 @@ class GCG:
                 if on_step is not None:
                     on_step(dict(step=step, loss=loss, success=rate, n_active=len(active), suffix=text,
                                  elapsed_s=state["elapsed"]))
+                if cfg.max_time_s is not None and state["elapsed"] >= cfg.max_time_s:
+                    break
         finally:
             bar.close()
         best = state["best"]
@@ -772,7 +825,7 @@ class GCG:
             losses=state["losses"], success=state["success"], n_active=state["n_active_hist"],
             suffixes=state["suffixes"], steps_run=state["step"], stopped_early=bool(state["done"]),
             elapsed_s=state["elapsed"], success_flags=best["flags"], step_times=state.get("times", []),
-            agreement=state.get("agreement", []))
+            agreement=state.get("agreement", []), profile=state.get("profile", []))
 
     def signature(self) -> str:
         """A hash of everything that decides the run's course except the number of steps: the judge only
@@ -786,6 +839,7 @@ class GCG:
         cfg["judge"] = judge
         cfg = comparable_config(cfg)
         cfg.pop("steps")
+        cfg.pop("max_time_s", None)  # a time limit ends a run; it does not change its steps
         if judge is None:
             cfg.pop("judge", None)
         items = [repr(sorted(cfg.items())), repr(self.init_ids), self.cm.fingerprint]
@@ -831,6 +885,8 @@ def comparable_config(cfg: dict) -> dict:
     cfg = dict(cfg)
     if cfg.get("judge", "substring") == "substring":
         cfg.pop("judge", None)
+    if cfg.get("max_time_s") is None:  # without a time limit (and in runs from before it)
+        cfg.pop("max_time_s", None)
     if cfg.get("draft_model") is None:  # without a draft (and in runs from before probe sampling)
         for key in ("draft_model", "probe_r", "probe_sampling_factor"):
             cfg.pop(key, None)

@@ -27,7 +27,7 @@ from refusal.engine import expand_cache
 from refusal.errors import RefusalLabError
 from refusal.models import ChatModel
 
-from .gcg import AttackResult, GCGConfig, initial_suffix_ids, load_draft
+from .gcg import AttackResult, GCGConfig, StepClock, initial_suffix_ids, load_draft
 
 log = logging.getLogger(__name__)
 
@@ -115,11 +115,15 @@ def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = T
 
 
 def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
-                use_prefix_cache: bool = True, draft: ChatModel | None = None) -> AttackResult:
+                use_prefix_cache: bool = True, draft: ChatModel | None = None,
+                clock: StepClock | None = None) -> AttackResult:
     """One prompt, target objective. The suffix follows the instruction after a space, as in the native
     engine; the chat template is the model's own. The result's step_times are the wall times (since the
-    start) at which each of nanoGCG's steps ended. With config.draft_model (or a loaded `draft`), nanoGCG's
-    own probe sampling with that draft."""
+    start) at which each of nanoGCG's steps ended, its profile each step's split into the token gradient,
+    candidate scoring (its early stop's target match included: it has no other success check) and the
+    rest, timed on `clock` (a new one if None). With config.max_time_s, the run stops at the end of the
+    first step that ends after it. With config.draft_model (or a loaded `draft`), nanoGCG's own probe
+    sampling with that draft."""
     require_nanogcg()
     import nanogcg
 
@@ -133,16 +137,40 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
     init_text = cm.tokenizer.decode(init_ids)
     logging.getLogger("nanogcg").setLevel(logging.WARNING)
     model = PrefixCacheModel(cm.model) if use_prefix_cache else cm.model
+    clock = clock or StepClock(cm.device)
     starts: list[float] = []
+    profile: list[list[float]] = []
 
     from nanogcg.gcg import GCG as NanoGCG
 
     class TimedGCG(NanoGCG):
-        """nanoGCG's GCG, noting when each step begins (its token gradient is a step's first work)."""
+        """nanoGCG's GCG, noting when each step begins (its token gradient is a step's first work), timing its
+        gradient and its scoring, and ending the run after the step in which the time limit passes."""
 
         def compute_token_gradient(self, optim_ids):
-            starts.append(time.perf_counter())
-            return super().compute_token_gradient(optim_ids)
+            now = time.perf_counter()
+            if starts:
+                profile.append(clock.take(now - starts[-1]))
+            starts.append(now)
+            with clock.timing("gradient"):
+                return super().compute_token_gradient(optim_ids)
+
+        def _over_time(self):
+            if config.max_time_s is not None and time.perf_counter() - t0 >= config.max_time_s:
+                self.stop_flag = True  # read at the end of the step, as its early stop is
+
+        # the parameter names are nanoGCG's: its batch-size decorator reads them
+        def _compute_candidates_loss_original(self, search_batch_size, input_embeds):
+            with clock.timing("scoring"):
+                loss = super()._compute_candidates_loss_original(search_batch_size, input_embeds)
+            self._over_time()
+            return loss
+
+        def _compute_candidates_loss_probe_sampling(self, search_batch_size, input_embeds, sampled_ids):
+            with clock.timing("scoring"):
+                out = super()._compute_candidates_loss_probe_sampling(search_batch_size, input_embeds, sampled_ids)
+            self._over_time()
+            return out
 
     deterministic = torch.are_deterministic_algorithms_enabled()
     t0 = time.perf_counter()
@@ -153,6 +181,8 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
     finally:  # nanogcg turns deterministic algorithms on for the whole process when seeded
         torch.use_deterministic_algorithms(deterministic)
     end = time.perf_counter()
+    if starts:
+        profile.append(clock.take(end - starts[-1]))
     elapsed = end - t0
     step_ends = [t - t0 for t in starts[1:len(res.losses)]] + [elapsed]
     best = res.losses.index(min(res.losses))
@@ -161,4 +191,5 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
         suffix=res.best_string, token_ids=list(ids), best_loss=float(res.best_loss), best_step=best,
         losses=[float(x) for x in res.losses], success=[float("nan")] * len(res.losses),
         n_active=[1] * len(res.losses), suffixes=list(res.strings), steps_run=len(res.losses),
-        stopped_early=len(res.losses) < config.steps, elapsed_s=elapsed, step_times=step_ends)
+        stopped_early=len(res.losses) < config.steps, elapsed_s=elapsed, step_times=step_ends,
+        profile=profile[: len(res.losses)])

@@ -14,7 +14,7 @@ from refusal.judges import judge_name, load_judge
 from refusal.models import ChatModel
 
 from .evaluate import suffix_success
-from .gcg import GCG, AttackResult, GCGConfig, comparable_config, config_dict, random_suffix_ids
+from .gcg import STEP_PARTS, GCG, AttackResult, GCGConfig, comparable_config, config_dict, random_suffix_ids
 from .reference import check_probe_sampling, require_nanogcg, run_nanogcg
 from .targets import default_target
 
@@ -35,6 +35,9 @@ def steps_frame(result: AttackResult, judge: str) -> pd.DataFrame:
     judge's name (its verdict on the greedy reply), "target_match" (the greedy reply begins with the target),
     "target_match+NAME" (both), or "none" (nanogcg: not checked)."""
     best = pd.Series(result.losses).cummin() if result.losses else pd.Series(dtype=float)
+    n = len(result.losses)
+    profile = result.profile if len(result.profile) == n else [[float("nan")] * (len(STEP_PARTS) + 1)] * n
+    parts = {f"{p}_s": [row[i] for row in profile] for i, p in enumerate(STEP_PARTS + ("other",))}
     return pd.DataFrame({
         "step": range(len(result.losses)),
         "loss": result.losses,
@@ -43,6 +46,7 @@ def steps_frame(result: AttackResult, judge: str) -> pd.DataFrame:
         "success_rate": result.success,
         "judge": judge,
         "suffix": result.suffixes,
+        **parts,  # the step's wall time split into the token gradient, candidate scoring, success checking, the rest
     })
 
 

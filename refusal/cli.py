@@ -20,7 +20,7 @@ import torch
 
 from analysis.reproduce import ReproduceConfig, reproduce_paper
 from analysis.run import AnalysisConfig, analyze_suffix
-from attacks.bench import BenchConfig, run_bench
+from attacks.bench import BenchConfig, check_bench_out, rows_path, run_bench
 from attacks.gcg import OBJECTIVES, SUCCESS_CHECKS, TARGET_LOSSES, GCGConfig
 from attacks.run import ENGINES, check_attack, run_attack
 
@@ -275,16 +275,20 @@ def cmd_analyze(args) -> int:
 
 def cmd_bench(args) -> int:
     out = Path(args.out)
-    artifacts.check_out(out, force=args.force)
+    check_bench_out(out, resume=args.resume, force=args.force)
     config = _config(BenchConfig, args, attack=_config(GCGConfig, args, judge=args.judge))
     config.validate()
-    res = run_bench(_load(args), config, out, progress=lambda m: print(m, flush=True))
-    keys = [k for k in res if k.startswith(("speedup", "time_to_success_speedup"))]
+    res = run_bench(_load(args), config, out, progress=lambda m: print(m, flush=True), resume=args.resume)
+    keys = [k for k in res if k.startswith(("speedup", "time_to_success_speedup", "time_to_asr_speedup",
+                                            "tokens_to_asr_speedup"))]
     keys += ["native_screen_dtype", "bare_forward_s", "cache_activations_s", "activation_overhead"]
     rounded = lambda v: round(v, 4) if isinstance(v, float) else v  # noqa: E731
     print(json.dumps({"engines": {e: {k: rounded(v) for k, v in f.items()} for e, f in res["engines"].items()},
                       **{k: rounded(res[k]) for k in keys}}, indent=1))
-    print(f"wrote {out} and {res['plot']}")
+    for k, note in res.get("speedup_notes", {}).items():
+        if res.get(k) is None:
+            print(f"{k}: none ({note})")
+    print(f"wrote {out}, {rows_path(out)}, {res['plot']} and {res['success_plot']}")
     return 0
 
 
@@ -453,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("draft_model", "probe_r", "probe_sampling_factor"):
         _opt(a, GCGConfig, name)
     _opt(a, GCGConfig, "target_loss", choices=TARGET_LOSSES)
+    _opt(a, GCGConfig, "max_time_s", type=float)
     _opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
          help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
     _opt(a, GCGConfig, "success_check", choices=SUCCESS_CHECKS)
@@ -480,7 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time to jailbreak: the native engine vs nanoGCG on held-out prompts, and "
                                      "activation caching vs a bare forward")
     _model_args(b, default="organism")
-    for name in ("steps", "prompts", "seed", "engines", "universal", "universal_rate", "universal_steps"):
+    for name in ("steps", "max_time_s", "prompts", "prompts_from", "seed", "engines", "universal", "universal_rate",
+                 "universal_steps"):
         _opt(b, BenchConfig, name, **({"type": int} if name == "universal" else {}))
     for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens",
                  "draft_model", "probe_r", "probe_sampling_factor"):
@@ -488,6 +494,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(b, GCGConfig, "target_loss", choices=TARGET_LOSSES)
     _judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")
     b.add_argument("--out", default="bench.json")
+    b.add_argument("--resume", action="store_true", help="continue the bench at --out: run only the (prompt, engine) "
+                                                          "rows its rows file lacks (a larger --prompts adds prompts)")
     b.add_argument("--force", action="store_true")
     b.set_defaults(fn=cmd_bench)
 

@@ -333,3 +333,71 @@ def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False)
                 _orth_bias(bias, r)
     cm.weights_changed()
     return cm
+
+
+class TokenCounter:
+    """Tokens a decoder runs, counted by a forward pre-hook on `module` (a model's base decoder, which its
+    causal LM, generation and the attacks all call): batch rows x positions of every call, so that a
+    position served from a key/value cache counts once. `part()` names the work running now (None:
+    "other"); tokens are kept per part. A call made with gradients on, on embeddings that need them, is
+    one that a token gradient backpropagates through: its tokens count as backward tokens as well (a
+    forward hook cannot see the backward pass itself). Use as a context manager; the hook is removed on
+    exit."""
+
+    def __init__(self, module: torch.nn.Module, part: Callable[[], str | None] = lambda: None):
+        self.module, self.part = module, part
+        self.forward: dict[str, int] = {}
+        self.backward: dict[str, int] = {}
+        self.marks: list[int] = []  # tokens (forward and backward) at each mark(): the bench marks every step's end
+        self.counting = True
+        self._hooks = None
+
+    def mark(self) -> None:
+        self.marks.append(self.tokens)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Nothing counted for the duration (work the measured attack does not do)."""
+        was, self.counting = self.counting, False
+        try:
+            yield
+        finally:
+            self.counting = was
+
+    def _count(self, module, args, kwargs):
+        if not self.counting:
+            return None
+        x = kwargs.get("input_ids")
+        if x is None:
+            x = kwargs.get("inputs_embeds")
+        if x is None and args:
+            x = args[0]
+        if isinstance(x, torch.Tensor) and x.dim() >= 2:
+            n = int(x.shape[0]) * int(x.shape[1])
+            key = self.part() or "other"
+            self.forward[key] = self.forward.get(key, 0) + n
+            if torch.is_grad_enabled() and x.requires_grad:
+                self.backward[key] = self.backward.get(key, 0) + n
+        return None
+
+    @property
+    def forward_tokens(self) -> int:
+        return sum(self.forward.values())
+
+    @property
+    def backward_tokens(self) -> int:
+        return sum(self.backward.values())
+
+    @property
+    def tokens(self) -> int:
+        """Forward and backward tokens together."""
+        return self.forward_tokens + self.backward_tokens
+
+    def __enter__(self):
+        self._hooks = hooked([Hook(self.module, self._count, "pre")])
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        return False

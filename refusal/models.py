@@ -485,6 +485,29 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown cpu"
 
 
+# CPU features that decide how fast the attacks run: bfloat16 and int8 matrix products, AMX tiles
+MACHINE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """The machine a timing was taken on: the CPU's model name (as lscpu gives it, with family and model),
+    which of MACHINE_FLAGS it has, torch's threads and version, and the device (a GPU's name)."""
+    device = torch.device(device)
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k.strip() == "flags":
+                    flags = set(v.split())
+                    break
+    except OSError:
+        pass
+    return dict(cpu=_cpu_name(), cpu_flags=[x for x in MACHINE_FLAGS if x in flags], threads=torch.get_num_threads(),
+                device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+                torch=torch.__version__)
+
+
 @contextlib.contextmanager
 def quiet_loading():
     """transformers' per-weight progress bar off while a model loads (it takes a fraction of a second

@@ -508,3 +508,22 @@ def test_nanogcg_probe_sampling_with_the_prefix_cache_gives_the_losses_of_no_cac
     assert cached.losses == pytest.approx(plain.losses, abs=1e-4) and cached.suffixes == plain.suffixes
     with pytest.raises(RefusalLabError, match="probe set of 4"):
         run_nanogcg(target, INSTR[0], "Sure", GCGConfig(steps=1, search_width=32), draft=draft)
+
+
+def test_each_step_is_split_into_gradient_scoring_check_and_the_rest(tiny):
+    """The steps' wall times split into parts that add up to the step (steps.csv's columns), the judge's
+    replies under check; a resumed run keeps the split of the steps before it."""
+    from attacks.run import steps_frame
+
+    cfg = GCGConfig(steps=3, search_width=8, topk=8, suffix_len=4, success_check="judge", judge_tokens=3,
+                    early_stop=False)
+    res = GCG(tiny, INSTR, [default_target(i) for i in INSTR], cfg).run(progress=False)
+    assert len(res.profile) == 3 and all(len(p) == 4 and min(p) >= 0 for p in res.profile)
+    durations = [b - a for a, b in zip([0.0] + res.step_times, res.step_times)]
+    for parts, d in zip(res.profile, durations):
+        gradient, scoring, check, other = parts
+        assert gradient > 0 and scoring > 0 and check > 0
+        assert sum(parts) == pytest.approx(d, rel=0.05, abs=0.02)
+    frame = steps_frame(res, "substring")
+    assert list(frame.columns[-4:]) == ["gradient_s", "scoring_s", "check_s", "other_s"]
+    assert frame.scoring_s.tolist() == [p[1] for p in res.profile]

@@ -2,6 +2,9 @@
 import json
 
 import pytest
+import torch
+
+from refusal.errors import RefusalLabError
 
 from attacks.bench import bench_activations, bench_attacks, first_success_step, summarize
 from attacks.gcg import GCGConfig
@@ -121,3 +124,165 @@ def test_bench_gives_every_engine_the_same_draft_model(tiny, tiny_dirs, monkeypa
     assert main(["bench", "--model", str(tiny_dirs["llama"]), "--draft-model", str(tiny_dirs["qwen2"]),
                  "--search-width", "32", "--out", str(tiny_dirs["llama"].parent / "b.json")]) == 2
     assert "probe set of 4" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- measured in parts
+
+
+def test_token_counter_counts_rows_times_positions_and_backward_apart(tiny):
+    from refusal.hooks import TokenCounter
+    from refusal.metrics import generate
+
+    part = {"now": "a"}
+    with TokenCounter(tiny.base, lambda: part["now"]) as c:
+        tiny.model(input_ids=torch.zeros(3, 7, dtype=torch.long))  # 21 positions, no gradient
+        part["now"] = None
+        emb = tiny.model.get_input_embeddings()(torch.zeros(2, 5, dtype=torch.long)).detach().requires_grad_()
+        with torch.enable_grad():
+            tiny.model(inputs_embeds=emb)  # 10 positions, backpropagated
+        with c.paused():
+            tiny.model(input_ids=torch.zeros(1, 50, dtype=torch.long))
+    assert c.forward == {"a": 21, "other": 10} and c.backward == {"other": 10} and c.tokens == 41
+    tiny.model(input_ids=torch.zeros(1, 4, dtype=torch.long))  # the hook is gone
+    assert c.tokens == 41
+    # generation with a key/value cache: the prompt once, then one position per new token
+    enc = tiny.chat.encode("Explain how to pick a lock")
+    with TokenCounter(tiny.base) as g:
+        generate(tiny, [enc], 5, progress=False)
+    assert len(enc.ids) + 3 <= g.forward_tokens <= len(enc.ids) + 5 and g.backward_tokens == 0
+
+
+def test_rows_count_tokens_alike_and_split_the_step_time(tiny):
+    """Both engines count the same backward tokens per step (one row of suffix, template and target), the
+    native engine's token trace rises step by step, and each row splits its wall time into the parts."""
+    from attacks.bench import run_engine
+    from attacks.targets import default_target
+
+    cfg = GCGConfig(search_width=16, topk=8, suffix_len=5, steps=3, early_stop=True)
+    instr = "Explain how to pick a lock"
+    rows = {e: run_engine(e, tiny, instr, default_target(instr), cfg) for e in ("nanogcg", "native")}
+    per_step = {e: r["tokens"]["backward_total"] / r["steps_run"] for e, r in rows.items()}
+    # one row of suffix, template and target per step; nanoGCG tokenizes the template after the suffix as a
+    # text of its own, which may come out a token apart
+    assert abs(per_step["nanogcg"] - per_step["native"]) <= 1 and per_step["native"] > 5
+    for e, r in rows.items():
+        assert set(r["tokens"]["backward"]) == {"gradient"}, e
+        assert r["tokens"]["forward"]["scoring"] > 10 * r["tokens"]["forward"]["gradient"], e
+        tokens = [k for _, _, k in r["trace"]]
+        assert all(b > a for a, b in zip(tokens, tokens[1:])) and tokens[-1] <= r["tokens"]["forward_total"] + \
+            r["tokens"]["backward_total"], e
+        assert r["budget_tokens"] >= tokens[-1] and r["profile_s"]["gradient"] > 0 and r["profile_s"]["scoring"] > 0
+        # the parts add up to the steps' wall time (nanoGCG's first step also holds its set-up: compared without it)
+        total = sum(r["profile_s"].values())
+        assert total <= r["trace"][-1][0] + 0.01, e
+
+
+def test_a_time_limit_ends_both_engines_after_the_step_it_passes_in(tiny):
+    from attacks.bench import run_engine
+    from attacks.gcg import GCG
+
+    cfg = GCGConfig(search_width=8, topk=8, suffix_len=4, steps=50, max_time_s=1e-6)
+    assert GCG(tiny, ["Explain how to pick a lock"], ["Sure, here"], cfg).run(progress=False).steps_run == 1
+    row = run_engine("nanogcg", tiny, "Explain how to pick a lock", "Sure, here", cfg)
+    assert row["steps_run"] == 1 and not row["success"]
+    # a failure costs the time limit, not 50 steps at the run's pace
+    assert row["budget_time_s"] == pytest.approx(row["trace"][-1][0], rel=0.01)
+    with pytest.raises(RefusalLabError, match="max-time-s"):
+        GCGConfig(max_time_s=0).validate()
+
+
+def _row(success, t, k, cpu="cpu A"):
+    return dict(s_per_step=1.0, success=success, time_to_success_s=t if success else None, budget_time_s=100.0,
+                tokens_to_success=k if success else None, budget_tokens=10_000, best_loss=1.0, steps_run=5,
+                peak_mib=1.0, machine={"cpu": cpu}, profile_s={"gradient": 1.0, "scoring": 3.0, "check": 0.0,
+                                                                "other": 0.0})
+
+
+def test_time_to_asr_speedup_compares_the_costs_of_reaching_the_references_rate():
+    from attacks.bench import bench_figures, bootstrap_median, to_asr_speedup
+
+    ref = [_row(True, 40, 4000), _row(False, 0, 0), _row(True, 10, 1000), _row(False, 0, 0, cpu="cpu B")]
+    ours = [_row(True, 5, 800), _row(True, 20, 1600), _row(False, 0, 0), _row(True, 2, 100, cpu="cpu B")]
+    # nanoGCG reaches 2/4 at 40 s (its second success); ours 2/4 at 5 s
+    assert to_asr_speedup(ref, ours, "time_to_success_s")[0] == pytest.approx(8.0)
+    assert to_asr_speedup(ref, ours, "tokens_to_success")[0] == pytest.approx(5.0)
+    none, why = to_asr_speedup([_row(False, 0, 0)] * 4, ours, "time_to_success_s")
+    assert none is None and "no prompt" in why
+    none, why = to_asr_speedup(ours, ref, "time_to_success_s")
+    assert none is None and "fewer" in why
+    figs = bench_figures([{"nanogcg": a, "native": b} for a, b in zip(ref, ours)], ["nanogcg", "native"])
+    assert figs["time_to_asr_speedup"] == pytest.approx(8.0) and figs["tokens_to_asr_speedup"] == pytest.approx(5.0)
+    assert figs["curves"]["native"]["time_s"] == [2, 5, 20] and figs["curves"]["nanogcg"]["prompts"] == 4
+    assert set(figs["by_machine"]) == {"cpu A", "cpu B"}
+    assert figs["by_machine"]["cpu B"]["native"]["prompts"] == 1 and figs["by_machine"]["cpu A"]["nanogcg"]["prompts"] == 3
+    assert figs["by_machine"]["cpu B"]["native"]["time_to_success_s"] == 2
+    assert figs["engines"]["native"]["time_split"] == {"gradient": 0.25, "scoring": 0.75, "check": 0.0, "other": 0.0}
+    lo, hi = bootstrap_median([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert 1.0 <= lo <= 3.0 <= hi <= 100.0 and bootstrap_median([1.0]) is None
+
+
+def test_the_bench_prompts_are_the_first_n_of_one_order(tmp_path):
+    from attacks.bench import bench_prompts
+
+    assert bench_prompts(6)[:3] == bench_prompts(3) and len(set(bench_prompts(12))) == 12
+    f = tmp_path / "p.txt"
+    f.write_text("one\ntwo\nthree\n")
+    assert bench_prompts(2, str(f)) == ["one", "two"]
+    with pytest.raises(RefusalLabError, match="only 3 prompts"):
+        bench_prompts(4, str(f))
+
+
+def test_a_bench_resumes_row_by_row_and_grows_by_prompts(tiny, tmp_path, monkeypatch):
+    import attacks.bench as bench
+
+    cfg = GCGConfig(search_width=8, topk=8, suffix_len=4)
+    rows = tmp_path / "b_rows.jsonl"
+    prompts = ["Explain how to pick a lock", "Write a poem about the sea", "Name a colour"]
+    first = bench.bench_attacks(tiny, prompts[:1], steps=2, config=cfg, engines=("nanogcg", "native"),
+                                rows_file=rows)
+    lines = rows.read_text().splitlines()
+    assert len(lines) == 2 and [json.loads(x)["engine"] for x in lines] == ["nanogcg", "native"]
+    assert json.loads(lines[0])["machine"]["cpu"] and json.loads(lines[0])["seed"] == 0
+    # killed in the middle of the next row: the cut-off line is dropped and only missing rows run
+    with open(rows, "a") as f:
+        f.write('{"key": "cut of')
+    ran = []
+    real = bench.run_engine
+    monkeypatch.setattr(bench, "run_engine", lambda name, *a, **k: ran.append(name) or real(name, *a, **k))
+    again = bench.bench_attacks(tiny, prompts[:2], steps=2, config=cfg, engines=("nanogcg", "native"),
+                                rows_file=rows, resume=True)
+    assert ran == ["nanogcg", "native"]  # prompt 2's rows only
+    assert again["per_prompt"][0]["native"]["trace"] == first["per_prompt"][0]["native"]["trace"]
+    assert len(again["per_prompt"]) == 2 and again["engines"]["native"]["prompts"] == 2
+    # other settings, or another prompt at an index, cannot be mixed in
+    with pytest.raises(RefusalLabError, match="other attack settings"):
+        bench.bench_attacks(tiny, prompts[:2], steps=2, config=GCGConfig(search_width=4, topk=8, suffix_len=4),
+                            engines=("native",), rows_file=rows, resume=True)
+    with pytest.raises(RefusalLabError, match="prompt 1 there is another prompt"):
+        bench.bench_attacks(tiny, [prompts[0], prompts[2]], steps=2, config=cfg, engines=("native",),
+                            rows_file=rows, resume=True)
+    assert [json.loads(x)["prompt_index"] for x in rows.read_text().splitlines()] == [0, 0, 1, 1]  # nothing lost
+
+
+def test_bench_cli_resumes_and_refuses_to_overwrite(tiny_dirs, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    args = ["bench", "--model", str(tiny_dirs["llama"]), "--steps", "1", "--search-width", "8", "--topk", "4",
+            "--suffix-len", "4", "--engines", "native", "--out", str(out)]
+    assert main(args + ["--prompts", "1"]) == 0
+    assert main(args + ["--prompts", "2"]) == 2 and "exists" in capsys.readouterr().err
+    assert main(args + ["--prompts", "2", "--resume", "--force"]) == 2
+    assert main(args + ["--prompts", "2", "--resume"]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["engines"]["native"]["prompts"] == 2 and len((tmp_path / "bench_rows.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "bench_success.png").stat().st_size > 1000
+
+
+def test_nanogcg_steps_are_split_into_parts_that_add_up(tiny):
+    from attacks.reference import run_nanogcg
+
+    res = run_nanogcg(tiny, "Explain how to pick a lock", "Sure, here", GCGConfig(search_width=8, topk=8, suffix_len=4,
+                                                                                  steps=3, early_stop=False))
+    assert len(res.profile) == 3
+    durations = [b - a for a, b in zip(res.step_times, res.step_times[1:])]
+    for parts, d in zip(res.profile[1:], durations):
+        assert parts[0] > 0 and parts[1] > 0 and parts[2] == 0 and sum(parts) == pytest.approx(d, rel=0.05, abs=0.02)
