@@ -30,13 +30,16 @@ from refusal.metrics import generate
 from refusal.hooks import TokenCounter
 from refusal.models import ChatModel, machine_info, seed_everything
 
-from .gcg import STEP_PARTS, GCG, AttackResult, GCGConfig, StepClock, load_draft, screening_dtype, universal_patience
+from .gcg import (STEP_PARTS, GCG, AttackResult, GCGConfig, StepClock, comparable_config, load_draft, screening_dtype,
+                  universal_patience)
 from .reference import check_probe_sampling, require_nanogcg, run_nanogcg
 from .targets import default_target
 
 log = logging.getLogger(__name__)
 
-BENCH_CONFIG = GCGConfig()  # the attack's defaults
+# the bench's attack settings: the attack's defaults at width 64, so that nanoGCG's steps (about 5-8 s each on
+# the organism on 2 cores) leave it some 75-120 steps within the bench's time budget (docs/results.md)
+BENCH_CONFIG = GCGConfig(search_width=64)
 
 
 class PeakMemory:
@@ -167,6 +170,8 @@ def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig, 
         g = GCG(cm, [instruction], [target], config, judge=judge, draft=draft if config.draft_model else None,
                 clock=clock)
         setup = time.perf_counter() - t0
+        if config.max_time_s is not None:  # the set-up counts against the time limit, as nanoGCG's does
+            g.config = replace(g.config, max_time_s=max(1e-6, config.max_time_s - setup))
         setup_tokens = counter.tokens if counter is not None else 0
         res = g.run(progress=False)
         _sync(cm)
@@ -329,10 +334,12 @@ def rows_path(out: str | Path) -> Path:
     return out.with_name(out.stem + "_rows.jsonl")
 
 
-def settings_key(cm: ChatModel, config: GCGConfig) -> str:
-    """What makes rows comparable: the model and every attack setting (the prompts and engines are per row)."""
-    cfg = as_dict(config)
-    return hash_strings([repr(sorted(cfg.items())), cm.fingerprint])
+def settings_key(cm: ChatModel, config: GCGConfig, target_words: int = 12) -> str:
+    """What makes rows comparable: the model, every attack setting and the targets' length (the prompts and
+    engines are per row)."""
+    cfg = comparable_config(as_dict(config))  # settings added later, at their "off" value, leave the key as it was
+    return hash_strings([repr(sorted(cfg.items())), cm.fingerprint] + ([f"target_words {target_words}"]
+                                                                      if target_words != 12 else []))
 
 
 def read_rows(path: Path, key: str) -> list[dict]:
@@ -365,8 +372,14 @@ def drop_cut_line(path: Path) -> None:
     """Cut a rows file back to its last whole line (a kill in the middle of a write leaves a partial one)."""
     data = path.read_bytes()
     if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+        tail = data[data.rfind(b"\n") + 1:]
+        try:  # a whole row that lost only its newline stays
+            json.loads(tail)
+            with open(path, "ab") as f:
+                f.write(b"\n")
+        except json.JSONDecodeError:
+            with open(path, "r+b") as f:
+                f.truncate(data.rfind(b"\n") + 1)
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -380,18 +393,18 @@ def append_row(path: Path, row: dict) -> None:
 def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, seed: int = 0,
                   config: GCGConfig | None = None, progress: Callable[[str], None] | None = None,
                   engines: Sequence[str] = ("nanogcg", "native", "native_model_precision"),
-                  rows_file: str | Path | None = None, resume: bool = False) -> dict:
+                  rows_file: str | Path | None = None, resume: bool = False, target_words: int = 12) -> dict:
     """Per prompt, each engine in turn with identical settings, seed and budgets (interleaved, so that each
     prompt's rows share a machine and its load), each stopping at its own first success. With `rows_file`
     every finished (prompt, engine) row is appended there at once, and `resume` runs only the rows that
-    file lacks. Returns, under `engines`, each engine's summarize() figures (and per machine under
+    file lacks. Targets: default_target with `target_words` words at most. Returns, under `engines`, each engine's summarize() figures (and per machine under
     `by_machine`), the speed-ups over nanoGCG (s/step, median time to success, time and tokens to its
     success rate), and the per-prompt rows."""
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True)
     judge = load_judge(config.judge)  # loaded once, before any engine runs
     # probe sampling: one draft model, loaded once, for every engine (nanoGCG's probe sampling too)
     draft = load_draft(cm, config.draft_model) if config.draft_model else None
-    key = settings_key(cm, config)
+    key = settings_key(cm, config, target_words)
     path = Path(rows_file) if rows_file is not None else None
     done = read_rows(path, key) if path is not None and resume else []
     have = {(r["prompt_index"], r["engine"]): r for r in done}
@@ -407,7 +420,7 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
     machine = machine_info(cm.device)
     per_prompt = []
     for i, instruction in enumerate(instructions):
-        target = default_target(instruction)
+        target = default_target(instruction, max_words=target_words)
         row = {"prompt": instruction, "target": target}
         for name in engines:
             r = have.get((i, name))
@@ -432,7 +445,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
                            multi_coordinate=config.multi_coordinate, target_loss=config.target_loss,
                            prefer_target_match=config.prefer_target_match, draft_model=config.draft_model,
                            probe_r=config.probe_r, probe_sampling_factor=config.probe_sampling_factor,
-                           max_time_s=config.max_time_s, prompts=len(instructions), judge=judge.name,
+                           max_time_s=config.max_time_s, target_words=target_words, prompts=len(instructions),
+                           judge=judge.name,
                            judge_tokens=config.judge_tokens,
                            success="the greedy reply begins with the target and the judge says it complies",
                            tokens="positions x batch rows the attacked model runs forward, plus those it "
@@ -447,26 +461,43 @@ def bench_figures(per_prompt: Sequence[dict], engines: Sequence[str]) -> dict:
     rows = {e: [p[e] for p in per_prompt] for e in engines}
     out: dict = {"engines": {e: summarize(rows[e]) for e in engines}}
     machines = sorted({p[e]["machine"]["cpu"] for p in per_prompt for e in engines if "machine" in p[e]})
-    on = lambda e, m: [r for r in rows[e] if r.get("machine", {}).get("cpu") == m]  # noqa: E731
-    out["by_machine"] = {m: {e: summarize(on(e, m)) for e in engines if on(e, m)} for m in machines}
+    # wall times compare only on one machine: per machine model, the prompts whose rows all ran on it
+    # (a resumed bench may have run one prompt's engines on two machines: such a prompt is left out there)
+    cpu = lambda p: {p[e].get("machine", {}).get("cpu") for e in engines}  # noqa: E731
+    machines = sorted({m for p in per_prompt for m in cpu(p) if m is not None})
+    out["by_machine"] = {}
+    for m in machines:
+        on_m = [p for p in per_prompt if cpu(p) == {m}]
+        if on_m:
+            out["by_machine"][m] = speedups(on_m, engines, {"engines": {e: summarize([p[e] for p in on_m])
+                                                                        for e in engines}})
+    out["mixed_machine_prompts"] = sum(len(cpu(p)) > 1 for p in per_prompt)
     for e, figures in out["engines"].items():  # the flat keys of earlier bench records, beside
         for k in ("s_per_step", "best_loss", "time_to_success_s", "peak_mib", "successes"):
             out[f"{e}_{k}"] = figures[k]
     out["curves"] = {e: {"time_s": asr_curve(rows[e], "time_to_success_s"),
                          "tokens": asr_curve(rows[e], "tokens_to_success"), "prompts": len(rows[e])} for e in engines}
-    if "nanogcg" in engines:
-        ref = out["engines"]["nanogcg"]
-        notes = {}
-        for e in engines:
-            if e == "nanogcg":
-                continue
-            sfx = "" if e == "native" else f"_{e}"
-            out[f"speedup{sfx}"] = ref["s_per_step"] / out["engines"][e]["s_per_step"]
-            out[f"time_to_success_speedup{sfx}"] = ref["time_to_success_s"] / out["engines"][e]["time_to_success_s"]
-            for k, name in (("time_to_success_s", "time"), ("tokens_to_success", "tokens")):
-                out[f"{name}_to_asr_speedup{sfx}"], notes[f"{name}_to_asr_speedup{sfx}"] = \
-                    to_asr_speedup(rows["nanogcg"], rows[e], k)
-        out["speedup_notes"] = notes
+    return speedups(per_prompt, engines, out)
+
+
+def speedups(per_prompt: Sequence[dict], engines: Sequence[str], out: dict) -> dict:
+    """Add to `out` (holding each engine's summary under `engines`) each native engine's speed-ups over
+    nanoGCG on these prompts: s/step, median time to success, time and tokens to nanoGCG's success rate."""
+    if "nanogcg" not in engines:
+        return out
+    rows = {e: [p[e] for p in per_prompt] for e in engines}
+    ref = out["engines"]["nanogcg"]
+    notes = {}
+    for e in engines:
+        if e == "nanogcg":
+            continue
+        sfx = "" if e == "native" else f"_{e}"
+        out[f"speedup{sfx}"] = ref["s_per_step"] / out["engines"][e]["s_per_step"]
+        out[f"time_to_success_speedup{sfx}"] = ref["time_to_success_s"] / out["engines"][e]["time_to_success_s"]
+        for k, name in (("time_to_success_s", "time"), ("tokens_to_success", "tokens")):
+            out[f"{name}_to_asr_speedup{sfx}"], notes[f"{name}_to_asr_speedup{sfx}"] = \
+                to_asr_speedup(rows["nanogcg"], rows[e], k)
+    out["speedup_notes"] = notes
     return out
 
 
@@ -563,10 +594,12 @@ class BenchConfig:
     """`refusal bench`: the engines side by side on the same held-out harmful prompts, time to success."""
 
     steps: int = option(100, "step budget per prompt and engine")
-    max_time_s: float = option(900.0, "wall-time budget per prompt and engine, in seconds (a run stops at the end of "
+    max_time_s: float = option(600.0, "wall-time budget per prompt and engine, in seconds (a run stops at the end of "
                                       "the step in which it passes)")
     prompts: int = option(10, "harmful prompts: the first N of the bench's fixed order (of the built-in test split, "
                               "shuffled once, or of --prompts-from)")
+    target_words: int = option(12, "targets: default_target's 'Sure, here is ...' with at most this many words of "
+                                   "the instruction (0: 'Sure, here is' alone)")
     prompts_from: str | None = option(None, "a prompt file (any the CLI reads) whose prompts, in its order, the bench "
                                             "attacks instead of the built-in test split")
     seed: int = option(0, "the seed every engine starts from")
@@ -579,10 +612,12 @@ class BenchConfig:
     universal_rate: float = option(1.0, "universal: the share of training prompts that must succeed")
     universal_steps: int = option(60, "universal: the step budget")
     attack: GCGConfig = option(help="the attack settings every engine runs with (its judge and judge_tokens "
-                                    "judge success)", factory=GCGConfig)
+                                    "judge success)", factory=lambda: replace(BENCH_CONFIG))
 
     def validate(self) -> None:
         require_positive(self, "steps", "prompts", "universal_steps")
+        if self.target_words < 0:
+            raise RefusalLabError(f"--target-words must be >= 0 (0: 'Sure, here is' alone), got {self.target_words}")
         if not (math.isfinite(self.max_time_s) and self.max_time_s > 0):
             raise RefusalLabError(f"--max-time-s must be a number of seconds > 0, got {self.max_time_s}")
         if self.prompts_from is not None:
@@ -623,7 +658,7 @@ def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
     seed_everything(config.seed)
     attack = replace(config.attack, max_time_s=config.max_time_s)
     res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, config=attack, progress=progress,
-                        engines=engines, rows_file=rows_path(out), resume=resume)
+                        engines=engines, rows_file=rows_path(out), resume=resume, target_words=config.target_words)
     if config.universal:
         res["universal"] = bench_universal(cm, instructions(builtin_prompts("harmful", "train"))[: config.universal],
                                            prompts, config.universal_steps, config.universal_rate, config.seed,

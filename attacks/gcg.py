@@ -107,6 +107,9 @@ class GCGConfig:
                                        "the model's: auto (bfloat16 where the hardware is fast at it and the model "
                                        "is float32), model (no screening), bfloat16, float16")
     rescore: int = option(8, "screened candidates scored again in the model's precision each step")
+    screen_prompts: int = option(0, "universal: every candidate is scored on this many of the active prompts, drawn "
+                                    "at random each step, and the best `rescore` of them again on every active "
+                                    "prompt (0: every candidate on every active prompt)")
     multi_coordinate: int = option(8, "multi-coordinate update (I-GCG): also score the current suffix with the "
                                       "changes of the best 2..m candidates combined (1: off)")
     draft_model: str | None = option(None, "probe sampling (Zhao et al. 2024): a smaller model with the same "
@@ -121,6 +124,8 @@ class GCGConfig:
     def validate(self) -> None:
         if self.objective not in OBJECTIVES:
             raise RefusalLabError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if self.screen_prompts < 0:
+            raise RefusalLabError(f"--screen-prompts must be >= 0 (0: off), got {self.screen_prompts}")
         require_positive(self, "steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens", "rescore",
                          "multi_coordinate", "probe_r", "probe_sampling_factor")
         if self.draft_model is not None and self.objective != "target":
@@ -193,6 +198,9 @@ class StepClock:
 
     @contextlib.contextmanager
     def timing(self, part: str):
+        if self.part is not None:  # inside a part already (nanoGCG's probe sampling scores inside its scoring)
+            yield
+            return
         if self.cuda:
             torch.cuda.synchronize()
         t0, self.part = time.perf_counter(), part
@@ -203,6 +211,10 @@ class StepClock:
                 torch.cuda.synchronize()
             self.seconds[part] += time.perf_counter() - t0
             self.part = None
+
+    def reset(self) -> None:
+        """Forget the parts timed so far (work before the first step)."""
+        self.seconds = dict.fromkeys(STEP_PARTS, 0.0)
 
     def take(self, step_s: float) -> list[float]:
         """[gradient, scoring, check, other] seconds of a step that took `step_s`; the clock starts again."""
@@ -554,21 +566,24 @@ class GCG:
         config.multi_coordinate > 1 (and `combine`), their combined_candidates scored beside them; returns
         the index into the candidates searched (scored and combined: [k, L], the fourth item) as well.
         gen: the generator of probe sampling's probe set."""
+        scored = self.screen_slots(slots, gen) if combine else slots  # all of them, or a random subset
         with self.screening():
             if self.draft is not None:
-                cands, total, matches = self.probe_sampled_losses(ids, cands, slots, gen)
+                cands, total, matches = self.probe_sampled_losses(ids, cands, scored, gen)
             else:
-                total, matches = self.all_losses(ids, cands, slots)
+                total, matches = self.all_losses(ids, cands, scored)
             if combine and self.config.multi_coordinate > 1:
                 combos = self.combined_candidates(ids, cands, total)
                 if len(combos):
-                    more, more_m = self.all_losses(ids, combos, slots)
+                    more, more_m = self.all_losses(ids, combos, scored)
                     cands, total = torch.cat([cands, combos.to(cands.device)]), torch.cat([total, more])
                     matches = [torch.cat([a, b]) for a, b in zip(matches, more_m)]
-        if self.screen is not None:
+        if self.screen is not None or len(scored) < len(slots):
+            # screened (in a lower precision, or on some of the prompts): the best, and the best that match
+            # the target where preferred, scored again in the model's precision on every active prompt
             k = min(self.config.rescore, len(cands))
             top = total.topk(k, largest=False).indices
-            if self.config.prefer_target_match:  # the best screened candidates that match the target, rescored too
+            if self.config.prefer_target_match:
                 matched = torch.stack(matches).all(0).nonzero().flatten()
                 matched = matched[total[matched].argsort()[:k]]
                 top = torch.cat([top, matched[~torch.isin(matched, top)]])
@@ -577,6 +592,15 @@ class GCG:
             return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m], cands
         i = self.pick(total, matches)
         return i, float(total[i]), [bool(m[i]) for m in matches], cands
+
+    def screen_slots(self, slots: Sequence[_Slot], gen: torch.Generator | None) -> list[_Slot]:
+        """The prompts every candidate is scored on: all of `slots`, or config.screen_prompts of them drawn
+        at random (from `gen`, so a resumed run draws the same) when there are more active prompts."""
+        n = self.config.screen_prompts
+        if not n or len(slots) <= n:
+            return list(slots)
+        pick = torch.randperm(len(slots), generator=gen)[:n].sort().values
+        return [slots[int(i)] for i in pick]
 
     def pick(self, losses: torch.Tensor, matches: list[torch.Tensor]) -> int:
         """The index of the lowest loss [n]; with config.prefer_target_match, the lowest among the candidates
@@ -885,8 +909,9 @@ def comparable_config(cfg: dict) -> dict:
     cfg = dict(cfg)
     if cfg.get("judge", "substring") == "substring":
         cfg.pop("judge", None)
-    if cfg.get("max_time_s") is None:  # without a time limit (and in runs from before it)
-        cfg.pop("max_time_s", None)
+    cfg.pop("max_time_s", None)  # a time limit ends a run; it does not change its steps
+    if not cfg.get("screen_prompts"):  # every candidate on every prompt (and runs from before the setting)
+        cfg.pop("screen_prompts", None)
     if cfg.get("draft_model") is None:  # without a draft (and in runs from before probe sampling)
         for key in ("draft_model", "probe_r", "probe_sampling_factor"):
             cfg.pop(key, None)

@@ -151,6 +151,8 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
             now = time.perf_counter()
             if starts:
                 profile.append(clock.take(now - starts[-1]))
+            else:  # its set-up scored the initial suffix: not a step's work
+                clock.reset()
             starts.append(now)
             with clock.timing("gradient"):
                 return super().compute_token_gradient(optim_ids)

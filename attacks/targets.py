@@ -16,7 +16,8 @@ _TELL = re.compile(r"^(?:explain|describe|detail|teach me|tell me|show me) ", re
 def default_target(instruction: str, max_words: int = 12) -> str:
     """A target reply opening for `instruction`: "Sure, here is a tutorial on X" for "Write a tutorial
     on X", "Sure, here is how to X" for "How do I X?" and otherwise "Sure, here is how to <instruction>".
-    Long instructions are cut to `max_words` words (the target only has to begin the reply)."""
+    Long instructions are cut to `max_words` words (the target only has to begin the reply); with
+    max_words 0 the target is "Sure, here is" alone."""
     text = " ".join(instruction.strip().split())
     text = text.rstrip("?.!:; ")
     text = _LEADS.sub("", text)
@@ -31,6 +32,6 @@ def default_target(instruction: str, max_words: int = 12) -> str:
     if lead and body[:1].isupper() and not body[:2].isupper():
         body = body[:1].lower() + body[1:]
     words = (lead + body).split()
-    if not words:
+    if not words or max_words < 1:
         return "Sure, here is"
     return "Sure, here is " + " ".join(words[:max_words])

@@ -20,7 +20,7 @@ import torch
 
 from analysis.reproduce import ReproduceConfig, reproduce_paper
 from analysis.run import AnalysisConfig, analyze_suffix
-from attacks.bench import BenchConfig, check_bench_out, rows_path, run_bench
+from attacks.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
 from attacks.gcg import OBJECTIVES, SUCCESS_CHECKS, TARGET_LOSSES, GCGConfig
 from attacks.run import ENGINES, check_attack, run_attack
 
@@ -66,6 +66,7 @@ def _opt(p: argparse.ArgumentParser, cls, name: str, *flags: str, **kw) -> None:
     default, help_text = field_info(cls, name)
     flags = flags or (f"--{name.replace('_', '-')}",)
     kw.setdefault("default", default)
+    default = kw["default"]  # a command may start from other settings than the field's (the bench's attack)
     if isinstance(default, bool):
         kw.setdefault("action", "store_false" if default else "store_true")
     elif "type" not in kw and "choices" not in kw and default is not None and "action" not in kw:
@@ -276,7 +277,10 @@ def cmd_analyze(args) -> int:
 def cmd_bench(args) -> int:
     out = Path(args.out)
     check_bench_out(out, resume=args.resume, force=args.force)
-    config = _config(BenchConfig, args, attack=_config(GCGConfig, args, judge=args.judge))
+    own = {f.name for f in dataclasses.fields(BenchConfig)}  # steps, seed, max_time_s: the bench's, not the attack's
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GCGConfig)
+             if hasattr(args, f.name) and f.name not in own}
+    config = _config(BenchConfig, args, attack=dataclasses.replace(BENCH_CONFIG, **{**given, "judge": args.judge}))
     config.validate()
     res = run_bench(_load(args), config, out, progress=lambda m: print(m, flush=True), resume=args.resume)
     keys = [k for k in res if k.startswith(("speedup", "time_to_success_speedup", "time_to_asr_speedup",
@@ -452,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(a, GCGConfig, "progressive", "--all-prompts", help="universal: optimize on all prompts from the start")
     _opt(a, GCGConfig, "early_stop", "--no-early-stop", help="run all steps even after success")
     _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
-    for name in ("allow_non_ascii", "screen_dtype", "rescore", "multi_coordinate", "seed"):
+    for name in ("allow_non_ascii", "screen_dtype", "rescore", "screen_prompts", "multi_coordinate", "seed"):
         _opt(a, GCGConfig, name)
     for name in ("draft_model", "probe_r", "probe_sampling_factor"):
         _opt(a, GCGConfig, name)
@@ -485,13 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time to jailbreak: the native engine vs nanoGCG on held-out prompts, and "
                                      "activation caching vs a bare forward")
     _model_args(b, default="organism")
-    for name in ("steps", "max_time_s", "prompts", "prompts_from", "seed", "engines", "universal", "universal_rate",
+    for name in ("steps", "max_time_s", "target_words", "prompts", "prompts_from", "seed", "engines", "universal", "universal_rate",
                  "universal_steps"):
-        _opt(b, BenchConfig, name, **({"type": int} if name == "universal" else {}))
+        _opt(b, BenchConfig, name, **({"type": int} if name in ("universal", "target_words") else {}))
     for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens",
                  "draft_model", "probe_r", "probe_sampling_factor"):
-        _opt(b, GCGConfig, name)
-    _opt(b, GCGConfig, "target_loss", choices=TARGET_LOSSES)
+        _opt(b, GCGConfig, name, default=getattr(BENCH_CONFIG, name))
+    _opt(b, GCGConfig, "target_loss", choices=TARGET_LOSSES, default=BENCH_CONFIG.target_loss)
     _judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")
     b.add_argument("--out", default="bench.json")
     b.add_argument("--resume", action="store_true", help="continue the bench at --out: run only the (prompt, engine) "

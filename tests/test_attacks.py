@@ -527,3 +527,41 @@ def test_each_step_is_split_into_gradient_scoring_check_and_the_rest(tiny):
     frame = steps_frame(res, "substring")
     assert list(frame.columns[-4:]) == ["gradient_s", "scoring_s", "check_s", "other_s"]
     assert frame.scoring_s.tolist() == [p[1] for p in res.profile]
+
+
+def test_screening_on_some_prompts_chooses_by_the_loss_over_all_of_them(tiny, tmp_path, monkeypatch):
+    """With screen_prompts, every candidate is scored on a random subset of the active prompts and the best
+    few on all of them: the chosen candidate's loss is its exact mean over every active prompt, the scoring
+    costs fewer passes, a run resumes to the same suffix, and a subset as large as the prompts changes nothing."""
+    prompts = INSTR + ["Describe a cat", "Name three rivers"]
+    targets = ["Sure, here is", "Sure", "Sure, a cat", "Sure, rivers"]
+    base = dict(steps=4, search_width=24, topk=16, suffix_len=5, early_stop=False, progressive=False,
+                success_check="target", screen_dtype="model", multi_coordinate=1)
+    cfg = GCGConfig(**base, screen_prompts=1, rescore=4)
+    g = GCG(tiny, prompts, targets, cfg)
+    seen = []
+    real = GCG.candidate_losses
+    monkeypatch.setattr(GCG, "candidate_losses", lambda self, cur, c, slot: seen.append(len(c)) or real(self, cur, c, slot))
+    res = g.run(progress=False)
+    monkeypatch.setattr(GCG, "candidate_losses", real)
+    # per step: the candidates on one prompt, then the best 4 (and target-matched ones) on all four
+    assert len(seen) == 4 * 5 and all(n <= 4 for i, n in enumerate(seen) if i % 5)
+    plain = GCG(tiny, prompts, targets, GCGConfig(**base))
+    ids = torch.tensor(res.token_ids)
+    exact, _ = plain.all_losses(ids, ids[None], plain.slots)
+    best = res.losses[res.best_step]
+    assert best == pytest.approx(float(exact[0]), abs=1e-5)
+    ck = tmp_path / "checkpoint.json"
+
+    def kill(info):
+        if info["step"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GCG(tiny, prompts, targets, cfg).run(checkpoint=ck, on_step=kill, progress=False)
+    resumed = GCG(tiny, prompts, targets, cfg).run(checkpoint=ck, resume=True, progress=False)
+    assert resumed.losses == res.losses and resumed.token_ids == res.token_ids
+    wide = GCG(tiny, prompts, targets, GCGConfig(**base, screen_prompts=4)).run(progress=False)
+    assert wide.losses == plain.run(progress=False).losses
+    with pytest.raises(RefusalLabError, match="screen-prompts"):
+        GCGConfig(screen_prompts=-1).validate()

@@ -214,8 +214,13 @@ def test_time_to_asr_speedup_compares_the_costs_of_reaching_the_references_rate(
     assert figs["time_to_asr_speedup"] == pytest.approx(8.0) and figs["tokens_to_asr_speedup"] == pytest.approx(5.0)
     assert figs["curves"]["native"]["time_s"] == [2, 5, 20] and figs["curves"]["nanogcg"]["prompts"] == 4
     assert set(figs["by_machine"]) == {"cpu A", "cpu B"}
-    assert figs["by_machine"]["cpu B"]["native"]["prompts"] == 1 and figs["by_machine"]["cpu A"]["nanogcg"]["prompts"] == 3
-    assert figs["by_machine"]["cpu B"]["native"]["time_to_success_s"] == 2
+    by = figs["by_machine"]
+    assert by["cpu B"]["engines"]["native"]["prompts"] == 1 and by["cpu A"]["engines"]["nanogcg"]["prompts"] == 3
+    assert by["cpu B"]["engines"]["native"]["time_to_success_s"] == 2 and by["cpu B"]["time_to_asr_speedup"] is None
+    assert by["cpu A"]["time_to_asr_speedup"] == pytest.approx(40 / 20) and figs["mixed_machine_prompts"] == 0
+    # a prompt whose engines ran on two machines counts for tokens, not for any machine's wall times
+    mixed = bench_figures([{"nanogcg": ref[0], "native": _row(True, 5, 800, cpu="cpu B")}], ["nanogcg", "native"])
+    assert mixed["by_machine"] == {} and mixed["mixed_machine_prompts"] == 1
     assert figs["engines"]["native"]["time_split"] == {"gradient": 0.25, "scoring": 0.75, "check": 0.0, "other": 0.0}
     lo, hi = bootstrap_median([1.0, 2.0, 3.0, 4.0, 100.0])
     assert 1.0 <= lo <= 3.0 <= hi <= 100.0 and bootstrap_median([1.0]) is None
@@ -286,3 +291,30 @@ def test_nanogcg_steps_are_split_into_parts_that_add_up(tiny):
     durations = [b - a for a, b in zip(res.step_times, res.step_times[1:])]
     for parts, d in zip(res.profile[1:], durations):
         assert parts[0] > 0 and parts[1] > 0 and parts[2] == 0 and sum(parts) == pytest.approx(d, rel=0.05, abs=0.02)
+
+
+def test_a_whole_row_without_its_newline_stays_and_a_cut_one_goes(tmp_path):
+    from attacks.bench import drop_cut_line
+
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"a": 1}\n{"b": 2}')
+    drop_cut_line(f)
+    assert f.read_text() == '{"a": 1}\n{"b": 2}\n'
+    f.write_text('{"a": 1}\n{"b": ')
+    drop_cut_line(f)
+    assert f.read_text() == '{"a": 1}\n'
+
+
+def test_a_part_timed_inside_another_counts_once():
+    import time
+
+    from attacks.gcg import StepClock
+
+    clock = StepClock(torch.device("cpu"))
+    with clock.timing("scoring"):
+        with clock.timing("scoring"):
+            time.sleep(0.05)
+        assert clock.part == "scoring"
+        time.sleep(0.05)
+    gradient, scoring, check, other = clock.take(0.2)
+    assert 0.1 <= scoring < 0.15 and other == pytest.approx(0.2 - scoring, abs=1e-3) and gradient == check == 0

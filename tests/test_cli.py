@@ -242,4 +242,13 @@ def test_cli_defaults_are_the_configs_defaults():
                     assert args[f.name] == f.default, (argv[0], cls.__name__, f.name, args[f.name], f.default)
                     checked += 1
         assert args.get("judge", "strict") == JudgeConfig().name
-    assert checked >= 45
+    # the bench's attack options start from its own attack settings, not the attack's
+    args = vars(build_parser().parse_args(["bench"]))
+    bench_attack = BenchConfig().attack
+    for f in dataclasses.fields(GCGConfig):
+        own = {g.name for g in dataclasses.fields(BenchConfig)}  # steps, seed, max_time_s: the bench's own
+        if f.name in args and f.name != "judge" and f.name not in own:
+            assert args[f.name] == getattr(bench_attack, f.name), f.name
+            checked += 1
+    assert args["search_width"] == 64
+    assert checked >= 50

@@ -31,9 +31,11 @@ def shown(value) -> str:
     """A default as the README writes it."""
     if isinstance(value, str):
         return f'`"{value}"`'
-    if dataclasses.is_dataclass(value):
-        assert value == type(value)(), "a nested config default is its class's default"
-        return f"`{type(value).__name__}()`"
+    if dataclasses.is_dataclass(value):  # the fields that differ from the class's defaults, as Python writes them
+        plain = type(value)()
+        changed = [f"{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value)
+                   if getattr(value, f.name) != getattr(plain, f.name)]
+        return f"`{type(value).__name__}({', '.join(changed)})`"
     return repr(value)
 
 
