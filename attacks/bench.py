@@ -393,18 +393,22 @@ def append_row(path: Path, row: dict) -> None:
 def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, seed: int = 0,
                   config: GCGConfig | None = None, progress: Callable[[str], None] | None = None,
                   engines: Sequence[str] = ("nanogcg", "native", "native_model_precision"),
-                  rows_file: str | Path | None = None, resume: bool = False, target_words: int = 12) -> dict:
+                  rows_file: str | Path | None = None, resume: bool = False, target_words: int = 12,
+                  nanogcg_early_stop: bool = True) -> dict:
     """Per prompt, each engine in turn with identical settings, seed and budgets (interleaved, so that each
     prompt's rows share a machine and its load), each stopping at its own first success. With `rows_file`
     every finished (prompt, engine) row is appended there at once, and `resume` runs only the rows that
-    file lacks. Targets: default_target with `target_words` words at most. Returns, under `engines`, each engine's summarize() figures (and per machine under
+    file lacks. Targets: default_target with `target_words` words at most. nanogcg_early_stop False: nanoGCG
+    runs its budget instead of stopping at its own target match, and its first step that succeeds by the
+    bench's rule counts. Returns, under `engines`, each engine's summarize() figures (and per machine under
     `by_machine`), the speed-ups over nanoGCG (s/step, median time to success, time and tokens to its
     success rate), and the per-prompt rows."""
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True)
     judge = load_judge(config.judge)  # loaded once, before any engine runs
     # probe sampling: one draft model, loaded once, for every engine (nanoGCG's probe sampling too)
     draft = load_draft(cm, config.draft_model) if config.draft_model else None
-    key = settings_key(cm, config, target_words)
+    key = settings_key(cm, config, target_words) if nanogcg_early_stop else \
+        hash_strings([settings_key(cm, config, target_words), "nanoGCG without its early stop"])
     path = Path(rows_file) if rows_file is not None else None
     done = read_rows(path, key) if path is not None and resume else []
     have = {(r["prompt_index"], r["engine"]): r for r in done}
@@ -425,7 +429,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
         for name in engines:
             r = have.get((i, name))
             if r is None:
-                r = run_engine(name, cm, instruction, target, config, judge=judge, draft=draft)
+                cfg = config if name != "nanogcg" else replace(config, early_stop=nanogcg_early_stop)
+                r = run_engine(name, cm, instruction, target, cfg, judge=judge, draft=draft)
                 r.update(engine=name, prompt_index=i, prompt=instruction, target=target, seed=seed,
                          machine=machine, key=key)
                 if path is not None:
@@ -445,7 +450,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
                            multi_coordinate=config.multi_coordinate, target_loss=config.target_loss,
                            prefer_target_match=config.prefer_target_match, draft_model=config.draft_model,
                            probe_r=config.probe_r, probe_sampling_factor=config.probe_sampling_factor,
-                           max_time_s=config.max_time_s, target_words=target_words, prompts=len(instructions),
+                           max_time_s=config.max_time_s, target_words=target_words,
+                           nanogcg_early_stop=nanogcg_early_stop, prompts=len(instructions),
                            judge=judge.name,
                            judge_tokens=config.judge_tokens,
                            success="the greedy reply begins with the target and the judge says it complies",
@@ -600,6 +606,9 @@ class BenchConfig:
                               "shuffled once, or of --prompts-from)")
     target_words: int = option(12, "targets: default_target's 'Sure, here is ...' with at most this many words of "
                                    "the instruction (0: 'Sure, here is' alone)")
+    nanogcg_early_stop: bool = option(True, "nanoGCG stops when a candidate's greedy reply begins with the target "
+                                            "(its own early stop; off: it runs its budget, and its first step that "
+                                            "succeeds by the bench's rule counts)")
     prompts_from: str | None = option(None, "a prompt file (any the CLI reads) whose prompts, in its order, the bench "
                                             "attacks instead of the built-in test split")
     seed: int = option(0, "the seed every engine starts from")
@@ -658,7 +667,8 @@ def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
     seed_everything(config.seed)
     attack = replace(config.attack, max_time_s=config.max_time_s)
     res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, config=attack, progress=progress,
-                        engines=engines, rows_file=rows_path(out), resume=resume, target_words=config.target_words)
+                        engines=engines, rows_file=rows_path(out), resume=resume, target_words=config.target_words,
+                        nanogcg_early_stop=config.nanogcg_early_stop)
     if config.universal:
         res["universal"] = bench_universal(cm, instructions(builtin_prompts("harmful", "train"))[: config.universal],
                                            prompts, config.universal_steps, config.universal_rate, config.seed,
