@@ -604,11 +604,11 @@ class BenchConfig:
                                       "the step in which it passes)")
     prompts: int = option(10, "harmful prompts: the first N of the bench's fixed order (of the built-in test split, "
                               "shuffled once, or of --prompts-from)")
-    target_words: int = option(12, "targets: default_target's 'Sure, here is ...' with at most this many words of "
+    target_words: int = option(0, "targets: default_target's 'Sure, here is ...' with at most this many words of "
                                    "the instruction (0: 'Sure, here is' alone)")
-    nanogcg_early_stop: bool = option(True, "nanoGCG stops when a candidate's greedy reply begins with the target "
-                                            "(its own early stop; off: it runs its budget, and its first step that "
-                                            "succeeds by the bench's rule counts)")
+    nanogcg_early_stop: bool = option(False, "nanoGCG stops when a candidate's greedy reply begins with the target "
+                                             "(its own early stop) instead of running its budget; its first step that "
+                                             "succeeds by the bench's rule counts either way")
     prompts_from: str | None = option(None, "a prompt file (any the CLI reads) whose prompts, in its order, the bench "
                                             "attacks instead of the built-in test split")
     seed: int = option(0, "the seed every engine starts from")

@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time to jailbreak: the native engine vs nanoGCG on held-out prompts, and "
                                      "activation caching vs a bare forward")
     _model_args(b, default="organism")
-    _opt(b, BenchConfig, "nanogcg_early_stop", "--no-nanogcg-early-stop")
+    _opt(b, BenchConfig, "nanogcg_early_stop", "--nanogcg-early-stop")
     for name in ("steps", "max_time_s", "target_words", "prompts", "prompts_from", "seed", "engines", "universal", "universal_rate",
                  "universal_steps"):
         _opt(b, BenchConfig, name, **({"type": int} if name in ("universal", "target_words") else {}))
