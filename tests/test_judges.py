@@ -282,11 +282,14 @@ def test_gcg_config_names_its_judge():
         GCGConfig(judge="nope").validate()
     assert GCGConfig().judge == "strict"
     # attacks made before the judge was a setting (substring) stay comparable with judge="substring"
-    # (and those made before probe sampling, without a draft, with them)
+    # (and those made before probe sampling, without a draft, with them; a time limit and screening on some
+    # prompts, at their "off" values, are left out too)
     old = {k: v for k, v in config_dict(GCGConfig()).items()
-           if k not in ("judge", "draft_model", "probe_r", "probe_sampling_factor")}
+           if k not in ("judge", "draft_model", "probe_r", "probe_sampling_factor", "max_time_s", "screen_prompts")}
     assert comparable_config(config_dict(GCGConfig(judge="substring"))) == old
     assert comparable_config(config_dict(GCGConfig())) != old
+    assert comparable_config(config_dict(GCGConfig(screen_prompts=2)))["screen_prompts"] == 2  # on: compared
+    assert "max_time_s" not in comparable_config(config_dict(GCGConfig(max_time_s=5.0)))  # a limit never is
 
 
 def test_judge_names_are_read_without_surrounding_spaces():
