@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import random
 import statistics
@@ -627,8 +626,6 @@ class BenchConfig:
         require_positive(self, "steps", "prompts", "universal_steps")
         if self.target_words < 0:
             raise RefusalLabError(f"--target-words must be >= 0 (0: 'Sure, here is' alone), got {self.target_words}")
-        if not (math.isfinite(self.max_time_s) and self.max_time_s > 0):
-            raise RefusalLabError(f"--max-time-s must be a number of seconds > 0, got {self.max_time_s}")
         if self.prompts_from is not None:
             bench_prompts(self.prompts, self.prompts_from)  # the file read (or refused) before a model loads
         engine_names(self.engines)
@@ -636,7 +633,7 @@ class BenchConfig:
             raise RefusalLabError(f"--universal takes 2 to 60 training prompts (or 0: none), got {self.universal}")
         if not 0 < self.universal_rate <= 1:
             raise RefusalLabError(f"--universal-rate must be in (0, 1], got {self.universal_rate}")
-        self.attack.validate()
+        replace(self.attack, max_time_s=self.max_time_s).validate()  # the time limit checked where the attack's is
         if self.attack.draft_model is not None and "nanogcg" in engine_names(self.engines):
             check_probe_sampling(self.attack)
 
