@@ -22,10 +22,11 @@ from refusal.activations import cache_activations
 from refusal.artifacts import hash_strings
 from refusal.config import as_dict, option, require_positive
 from refusal.data import builtin_prompts, instructions, load_prompts
-from refusal.engine import forward_batches
+from refusal.decode import greedy_replies
+from refusal.engine import forward_batches, run_prefix
 from refusal.errors import RefusalLabError
 from refusal.judges import load_judge
-from refusal.metrics import generate
+from refusal.metrics import generate, reply_texts
 from refusal.hooks import TokenCounter
 from refusal.models import ChatModel, machine_info, seed_everything
 
@@ -113,13 +114,18 @@ def first_success_step(cm: ChatModel, instruction: str, target: str, suffixes: S
     clock = clock or StepClock(cm.device)
     with counter.paused() if counter is not None else contextlib.nullcontext():
         matched = target_matches(cm, instruction, target, suffixes)
+    tgt = cm.tokenizer(target, add_special_tokens=False).input_ids
+    prefix = None  # the text before the suffix, run once as the native engine runs it once
     for step, ok in enumerate(matched):
         if ok:
             before = counter.tokens if counter is not None else 0
             t0 = time.perf_counter()
-            with clock.timing("check"):
+            with clock.timing("check"), torch.no_grad():
                 enc = cm.chat.encode(instruction, cm.tokenizer(suffixes[step], add_special_tokens=False).input_ids)
-                reply = generate(cm, [enc], judge_tokens, progress=False)
+                if prefix is None and enc.suffix[0] > 0:
+                    prefix = (enc.ids[: enc.suffix[0]], run_prefix(cm, enc.ids[: enc.suffix[0]]))
+                # the reply begins with the target (matched above): only what follows it is generated
+                reply = reply_texts(cm, greedy_replies(cm, [enc], judge_tokens, [tgt], prefix=prefix))
                 complies = judge.verdicts([instruction], reply)[0] == "complies"
             if checks is not None:
                 checks.append((step, time.perf_counter() - t0, (counter.tokens if counter is not None else 0) - before))
@@ -393,11 +399,12 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
                   config: GCGConfig | None = None, progress: Callable[[str], None] | None = None,
                   engines: Sequence[str] = ("nanogcg", "native", "native_model_precision"),
                   rows_file: str | Path | None = None, resume: bool = False, target_words: int = 12,
-                  nanogcg_early_stop: bool = True) -> dict:
+                  nanogcg_early_stop: bool = True, rerun: Sequence[str] = ()) -> dict:
     """Per prompt, each engine in turn with identical settings, seed and budgets (interleaved, so that each
     prompt's rows share a machine and its load), each stopping at its own first success. With `rows_file`
     every finished (prompt, engine) row is appended there at once, and `resume` runs only the rows that
-    file lacks. Targets: default_target with `target_words` words at most. nanogcg_early_stop False: nanoGCG
+    file lacks; `rerun` names engines whose rows it drops from the file and runs again (after a change to
+    such an engine, the other engines' rows stay). Targets: default_target with `target_words` words at most. nanogcg_early_stop False: nanoGCG
     runs its budget instead of stopping at its own target match, and its first step that succeeds by the
     bench's rule counts. Returns, under `engines`, each engine's summarize() figures (and per machine under
     `by_machine`), the speed-ups over nanoGCG (s/step, median time to success, time and tokens to its
@@ -410,6 +417,12 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
         hash_strings([settings_key(cm, config, target_words), "nanoGCG without its early stop"])
     path = Path(rows_file) if rows_file is not None else None
     done = read_rows(path, key) if path is not None and resume else []
+    if rerun and done:
+        kept = [r for r in done if r["engine"] not in rerun]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, path)  # the other rows are kept whole even if this is killed
+        done = kept
     have = {(r["prompt_index"], r["engine"]): r for r in done}
     for (i, _), r in have.items():
         if i < len(instructions) and r["prompt"] != instructions[i]:
@@ -611,6 +624,8 @@ class BenchConfig:
     prompts_from: str | None = option(None, "a prompt file (any the CLI reads) whose prompts, in its order, the bench "
                                             "attacks instead of the built-in test split")
     seed: int = option(0, "the seed every engine starts from")
+    rerun: str = option("", "with --resume: comma-separated engines whose rows are dropped and run again (after "
+                            "a change to those engines; the other engines' rows are kept)")
     engines: str = option("nanogcg,native,native_model_precision",
                           "comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 "
                           "where fast, the best candidates rescored), native_model_precision (no screening), "
@@ -629,6 +644,10 @@ class BenchConfig:
         if self.prompts_from is not None:
             bench_prompts(self.prompts, self.prompts_from)  # the file read (or refused) before a model loads
         engine_names(self.engines)
+        if self.rerun:
+            extra = set(engine_names(self.rerun)) - set(engine_names(self.engines))
+            if extra:
+                raise RefusalLabError(f"--rerun {sorted(extra)[0]}: not one of the bench's --engines ({self.engines})")
         if self.universal and not 2 <= self.universal <= 60:
             raise RefusalLabError(f"--universal takes 2 to 60 training prompts (or 0: none), got {self.universal}")
         if not 0 < self.universal_rate <= 1:
@@ -665,7 +684,8 @@ def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
     attack = replace(config.attack, max_time_s=config.max_time_s)
     res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, config=attack, progress=progress,
                         engines=engines, rows_file=rows_path(out), resume=resume, target_words=config.target_words,
-                        nanogcg_early_stop=config.nanogcg_early_stop)
+                        nanogcg_early_stop=config.nanogcg_early_stop,
+                        rerun=engine_names(config.rerun) if config.rerun else ())
     if config.universal:
         res["universal"] = bench_universal(cm, instructions(builtin_prompts("harmful", "train"))[: config.universal],
                                            prompts, config.universal_steps, config.universal_rate, config.seed,

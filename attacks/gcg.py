@@ -48,7 +48,8 @@ from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefi
 from refusal.errors import RefusalLabError
 from refusal.hooks import capture_hooks, hooked
 from refusal.judges import DEFAULT_JUDGE, check_judge_name, judge_name, load_judge
-from refusal.metrics import generate
+from refusal.decode import greedy_replies
+from refusal.metrics import reply_texts
 from refusal.models import ChatModel, fast_bf16
 from refusal.registry import NAMED_MODELS, load_model, resolve
 
@@ -745,11 +746,16 @@ class GCG:
 
     # ---- success
 
-    def judge_success(self, ids: Sequence[int], slots: Sequence[_Slot]) -> list[bool]:
-        """Whether the judge (config.judge) says each prompt's greedy reply, with suffix `ids`, complies."""
+    def judge_success(self, ids: Sequence[int], slots: Sequence[_Slot], target_matched: bool = False) -> list[bool]:
+        """Whether the judge (config.judge) says each prompt's greedy reply, with suffix `ids`, complies.
+        target_matched: every reply is known to begin with its prompt's target (teacher-forced), so only
+        what follows the target is generated. One prompt reuses its cache of the text before the suffix."""
         judge = self._judge or load_judge(self.config.judge)
         encs = [self.cm.chat.encode(s.instruction, list(ids)) for s in slots]
-        replies = generate(self.cm, encs, self.config.judge_tokens, batch_size=16, progress=False)
+        prefix = (slots[0].before, slots[0].cache) if len(slots) == 1 else None
+        known = [s.target_ids for s in slots] if target_matched else None
+        reply_ids = greedy_replies(self.cm, encs, self.config.judge_tokens, known, prefix=prefix)
+        replies = reply_texts(self.cm, reply_ids)
         return [v == "complies" for v in judge.verdicts([s.instruction for s in slots], replies)]
 
     # ---- the loop
@@ -808,7 +814,7 @@ class GCG:
                         flags = self.judge_success(ids.tolist(), active)
                     else:  # the judge reads only the replies that begin with the target
                         matched = [s for s, m in zip(active, target_match) if m]
-                        verdicts = iter(self.judge_success(ids.tolist(), matched) if matched else [])
+                        verdicts = iter(self.judge_success(ids.tolist(), matched, target_matched=True) if matched else [])
                         flags = [bool(m) and next(verdicts) for m in target_match]
                 rate = sum(flags) / len(flags)
                 step = state["step"]

@@ -25,16 +25,23 @@ from .models import ChatModel
 
 @torch.no_grad()
 def greedy_decode(cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int, batch_size: int = 32,
-                  progress: bool = False) -> tuple[list[list[int]], torch.Tensor]:
+                  progress: bool = False, prefix: tuple[Sequence[int], object] | None = None
+                  ) -> tuple[list[list[int]], torch.Tensor]:
     """Greedy reply token ids of every prompt (cut after the first stop token, which is kept) and the
-    logits at the first reply position [prompt, vocab] (float32, CPU)."""
+    logits at the first reply position [prompt, vocab] (float32, CPU). prefix: (ids, their cache [1 row]),
+    a start of every prompt that the caller has already run (such as an attack's text before its suffix);
+    it is reused instead of the chat template's prefix when every prompt begins with it."""
     check_lengths(cm, encs, max_new_tokens)
     check_batch_size(batch_size)
     if max_new_tokens < 0:
         raise RefusalLabError(f"the number of tokens to generate must be >= 0, got {max_new_tokens}")
     stops = torch.tensor(cm.chat.stop_ids, device=cm.device)
-    p = shared_prefix_len(cm, encs)
-    prefix = run_prefix(cm) if p else None
+    if prefix is not None and prefix[1] is not None and all(
+            len(e) > len(prefix[0]) and e.ids[:len(prefix[0])] == list(prefix[0]) for e in encs):
+        p, prefix = len(prefix[0]), prefix[1]
+    else:
+        p = shared_prefix_len(cm, encs)
+        prefix = run_prefix(cm) if p else None
     replies: list[list[int]] = [[] for _ in encs]
     first_logits = None
     chunks = plan_batches([len(e) - p for e in encs], batch_size)
@@ -70,3 +77,26 @@ def greedy_decode(cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int, b
             logits = cm.logits_from_hidden(out.last_hidden_state[:, -1]).float()
     return replies, first_logits
 
+
+
+def greedy_replies(cm: ChatModel, encs: Sequence[Encoded], max_new_tokens: int,
+                   known: Sequence[Sequence[int]] | None = None, batch_size: int = 16,
+                   prefix: tuple[Sequence[int], object] | None = None) -> list[list[int]]:
+    """Greedy reply token ids (at most max_new_tokens, cut after the first stop token) where known[i],
+    the first tokens of reply i, are already known to be its greedy start (an attack's teacher-forced
+    target match): they are run as part of the prompt in one pass instead of generated one at a time,
+    and the reply is them followed by its greedy continuation. prefix: as greedy_decode's."""
+    known = [list(k) for k in known] if known is not None else [[] for _ in encs]
+    if len(known) != len(encs):
+        raise ValueError(f"{len(encs)} prompts but {len(known)} known reply starts")
+    replies: list[list[int]] = [k[:max_new_tokens] for k in known]
+    rest: dict[int, list[int]] = {}  # tokens still to generate -> the prompts that need that many
+    for i, k in enumerate(known):
+        if len(k) < max_new_tokens:
+            rest.setdefault(max_new_tokens - len(k), []).append(i)
+    for n, rows in rest.items():
+        longer = [Encoded(encs[i].ids + known[i], encs[i].instruction, encs[i].suffix, encs[i].post) for i in rows]
+        out = greedy_decode(cm, longer, n, batch_size, prefix=prefix)[0]
+        for i, ids in zip(rows, out):
+            replies[i] = known[i] + ids
+    return replies

@@ -267,6 +267,15 @@ def test_a_bench_resumes_row_by_row_and_grows_by_prompts(tiny, tmp_path, monkeyp
         bench.bench_attacks(tiny, [prompts[0], prompts[2]], steps=2, config=cfg, engines=("native",),
                             rows_file=rows, resume=True)
     assert [json.loads(x)["prompt_index"] for x in rows.read_text().splitlines()] == [0, 0, 1, 1]  # nothing lost
+    # an engine changed: its rows run again, the others' stay as they were
+    ran.clear()
+    before = {(r["prompt_index"], r["engine"]): r for r in map(json.loads, rows.read_text().splitlines())}
+    bench.bench_attacks(tiny, prompts[:2], steps=2, config=cfg, engines=("nanogcg", "native"), rows_file=rows,
+                        resume=True, rerun=("native",))
+    assert ran == ["native", "native"]
+    after = {(r["prompt_index"], r["engine"]): r for r in map(json.loads, rows.read_text().splitlines())}
+    assert sorted(after) == sorted(before) and after[0, "nanogcg"] == before[0, "nanogcg"]
+    assert after[1, "native"]["trace"] != before[1, "native"]["trace"]  # timed again
 
 
 def test_bench_cli_resumes_and_refuses_to_overwrite(tiny_dirs, tmp_path, capsys):
@@ -277,6 +286,8 @@ def test_bench_cli_resumes_and_refuses_to_overwrite(tiny_dirs, tmp_path, capsys)
     assert main(args + ["--prompts", "2"]) == 2 and "exists" in capsys.readouterr().err
     assert main(args + ["--prompts", "2", "--resume", "--force"]) == 2
     assert main(args + ["--prompts", "2", "--resume"]) == 0
+    assert main(args + ["--prompts", "2", "--resume", "--rerun", "nanogcg"]) == 2
+    assert "--rerun nanogcg: not one of the bench's --engines" in capsys.readouterr().err
     rec = json.loads(out.read_text())
     assert rec["engines"]["native"]["prompts"] == 2 and len((tmp_path / "bench_rows.jsonl").read_text().splitlines()) == 2
     assert (tmp_path / "bench_success.png").stat().st_size > 1000

@@ -89,3 +89,28 @@ def test_greedy_decode_zero_tokens_and_bad_input(tiny):
         greedy_decode(tiny, encs, 4, batch_size=0)
     with pytest.raises(RefusalLabError, match="context"):
         greedy_decode(tiny, encs, 10**6)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_greedy_replies_from_a_known_start_and_a_reused_prefix(tiny_models, family):
+    """A reply whose first tokens are known to be greedy (a target match), run with the prompt instead of
+    generated, is the plain greedy reply; so is one decoded from a caller's cache of the prompt's start."""
+    from refusal.decode import greedy_replies
+    from refusal.engine import run_prefix
+
+    cm = tiny_models[family]
+    suffix = cm.tokenizer("x y z", add_special_tokens=False).input_ids
+    encs = cm.chat.encode_all(PROMPTS[:4], suffix)
+    n = 10
+    plain = greedy_decode(cm, encs, n, batch_size=4)[0]
+    known = [row[:k] for row, k in zip(plain, (1, 3, 0, n))]  # one known through the whole budget
+    assert greedy_replies(cm, encs, n, known) == plain
+    e = encs[0]
+    before = e.ids[: e.suffix[0]]
+    with torch.no_grad():
+        prefix = (before, run_prefix(cm, before))
+    assert greedy_replies(cm, [e], n, [plain[0][:2]], prefix=prefix) == [plain[0]]
+    assert greedy_replies(cm, [e], n, prefix=prefix) == [plain[0]]
+    # a prefix that a prompt does not begin with is not used: the result is the same
+    assert greedy_replies(cm, encs[1:2], n, prefix=prefix) == [plain[1]]
+    assert greedy_decode(cm, [e], 0, prefix=prefix)[0] == [[]]
