@@ -31,7 +31,6 @@ import base64
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 
 from refusal import artifacts
 from refusal.artifacts import hash_strings
-from refusal.config import option, require_positive
+from refusal.config import check_fields, option
 from refusal.directions import check_direction
 from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
 from refusal.errors import RefusalLabError
@@ -52,6 +51,7 @@ from refusal.decode import greedy_replies
 from refusal.metrics import reply_texts
 from refusal.models import ChatModel, fast_bf16
 from refusal.registry import NAMED_MODELS, load_model, resolve
+from refusal.suffix import disallowed_token_ids, retokenizes
 
 log = logging.getLogger(__name__)
 
@@ -72,63 +72,62 @@ OVERHEAD_TOKENS = {"cpu": 64, "cuda": 600}
 class GCGConfig:
     """The GCG attack (native engine; nanoGCG reads the fields it has)."""
 
-    steps: int = option(150, "optimization steps at most")
-    search_width: int = option(128, "candidate suffixes scored per step")
-    topk: int = option(64, "top-k replacement tokens per suffix position, from the token gradient")
-    n_replace: int = option(1, "suffix positions each candidate changes")
-    suffix_len: int = option(20, "suffix tokens")
+    steps: int = option(150, "optimization steps at most", ge=1)
+    search_width: int = option(128, "candidate suffixes scored per step", ge=1)
+    topk: int = option(64, "top-k replacement tokens per suffix position, from the token gradient", ge=1)
+    n_replace: int = option(1, "suffix positions each candidate changes", ge=1)
+    suffix_len: int = option(20, "suffix tokens", ge=1)
     suffix_init: str | None = option(None, "initial suffix text (None: 'x x x ... x', suffix_len tokens)")
     objective: str = option("target", "target (cross-entropy of 'Sure, here is ...'), direction (the last "
-                                      "position's projection on the refusal direction), or mixed (their sum)")
+                                      "position's projection on the refusal direction), or mixed (their sum)",
+                                      choices=OBJECTIVES)
     target_loss: str = option("ce", "the target term: ce (cross-entropy of the target tokens, as GCG) or cw (Faster-GCG's "
                                     "margin loss: how far the best other token's logit leads the target's, floored "
-                                    "at -1)")
-    direction_weight: float = option(1.0, "weight of the direction term in the mixed objective")
-    seed: int = option(0, "seed of the candidate sampling")
+                                    "at -1)", choices=TARGET_LOSSES)
+    direction_weight: float = option(1.0, "weight of the direction term in the mixed objective", ge=0)
+    seed: int = option(0, "seed of the candidate sampling", ge=0)
     allow_non_ascii: bool = option(False, "allow suffix tokens that are not printable ASCII")
     filter_ids: bool = option(True, "drop candidates that do not re-tokenize to themselves")
     early_stop: bool = option(True, "stop once the attack succeeds")
-    success_rate: float = option(1.0, "universal: add the next prompt / stop when this share of active prompts succeed")
+    success_rate: float = option(1.0, "universal: add the next prompt / stop when this share of active prompts succeed",
+                                 gt=0, le=1)
     progressive: bool = option(True, "universal: start with one prompt and add them one at a time")
-    patience: int = option(0, "universal: add the next prompt after this many steps without one (0: only on success)")
+    patience: int = option(0, "universal: add the next prompt after this many steps without one (0: only on success)",
+                           ge=0)
     success_check: str = option("auto", "a step's success per prompt: target+judge (the greedy reply begins with "
                                         "the target, checked for free, and then the judge says it complies), "
                                         "judge (the judge alone, every step), target (the target match alone), "
                                         "auto (target+judge for one prompt, judge for several); without a "
-                                        "target: the judge")
+                                        "target: the judge", choices=SUCCESS_CHECKS)
     prefer_target_match: bool = option(True, "choose the lowest-loss candidate whose greedy reply begins with the "
                                              "target (on every active prompt) over a lower-loss one whose does not")
-    judge_tokens: int = option(32, "reply tokens generated for the judge")
+    judge_tokens: int = option(32, "reply tokens generated for the judge", ge=1)
     judge: str = option(DEFAULT_JUDGE, "the judge of success (early stopping, adding prompts, the success rates): "
                                   "substring, strict or hf:MODEL")
-    batch_size: int | None = option(None, "candidates per forward pass (None: as many as memory allows)")
+    batch_size: int | None = option(None, "candidates per forward pass (None: as many as memory allows)", ge=1)
     reuse_suffix_cache: bool = option(True, "candidates reuse the cache of the unchanged start of the suffix")
     dedupe: bool = option(True, "drop duplicate candidates")
     screen_dtype: str = option("auto", "precision candidates are screened in, the best `rescore` scored again in "
                                        "the model's: auto (bfloat16 where the hardware is fast at it and the model "
-                                       "is float32), model (no screening), bfloat16, float16")
-    rescore: int = option(8, "screened candidates scored again in the model's precision each step")
+                                       "is float32), model (no screening), bfloat16, float16", choices=SCREEN_DTYPES)
+    rescore: int = option(8, "screened candidates scored again in the model's precision each step", ge=1)
     screen_prompts: int = option(0, "universal: every candidate is scored on this many of the active prompts, drawn "
                                     "at random each step, and the best `rescore` of them again on every active "
-                                    "prompt (0: every candidate on every active prompt)")
+                                    "prompt (0: every candidate on every active prompt)", ge=0)
     multi_coordinate: int = option(8, "multi-coordinate update (I-GCG): also score the current suffix with the "
-                                      "changes of the best 2..m candidates combined (1: off)")
+                                      "changes of the best 2..m candidates combined (1: off)", ge=1)
     draft_model: str | None = option(None, "probe sampling (Zhao et al. 2024): a smaller model with the same "
                                            "tokenizer scores every candidate, the attacked model only a random "
                                            "probe set and the draft's best; None: off")
     probe_r: int = option(8, "probe sampling: the draft's best (1 - agreement) * width / r candidates are "
-                             "scored on the attacked model")
-    probe_sampling_factor: int = option(16, "probe sampling: width / this random candidates form the probe set")
+                             "scored on the attacked model", ge=1)
+    probe_sampling_factor: int = option(16, "probe sampling: width / this random candidates form the probe set", ge=1)
     max_time_s: float | None = option(None, "stop once a step ends this many seconds after the attack began (None: "
-                                            "the step budget alone); the steps before it are the same as without it")
+                                            "the step budget alone); the steps before it are the same as without it",
+                                            gt=0)
 
     def validate(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise RefusalLabError(f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}")
-        if self.screen_prompts < 0:
-            raise RefusalLabError(f"--screen-prompts must be >= 0 (0: off), got {self.screen_prompts}")
-        require_positive(self, "steps", "search_width", "topk", "n_replace", "suffix_len", "judge_tokens", "rescore",
-                         "multi_coordinate", "probe_r", "probe_sampling_factor")
+        check_fields(self)
         if self.draft_model is not None and self.objective != "target":
             raise RefusalLabError(f"probe sampling (--draft-model) scores candidates by the target loss; it needs "
                                   f"--objective target, not {self.objective}")
@@ -139,25 +138,9 @@ class GCGConfig:
                 raise RefusalLabError(f"--draft-model: {e}") from None
         if self.n_replace > self.suffix_len:
             raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
-        if not 0 < self.success_rate <= 1:
-            raise RefusalLabError(f"success rate must be in (0, 1], got {self.success_rate}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise RefusalLabError(f"batch size must be >= 1, got {self.batch_size}")
-        if self.max_time_s is not None and not (math.isfinite(self.max_time_s) and self.max_time_s > 0):
-            raise RefusalLabError(f"--max-time-s must be a number of seconds > 0, got {self.max_time_s}")
-        if self.patience < 0:
-            raise RefusalLabError(f"patience must be >= 0, got {self.patience}")
-        if self.success_check not in SUCCESS_CHECKS:
-            raise RefusalLabError(f"unknown success check {self.success_check!r}; use one of {', '.join(SUCCESS_CHECKS)}")
         if self.success_check == "target" and self.objective == "direction":
             raise RefusalLabError("the target success check needs a target; the direction objective has none: use "
                                   "--success-check judge")
-        if self.target_loss not in TARGET_LOSSES:
-            raise RefusalLabError(f"unknown target loss {self.target_loss!r}; use one of {', '.join(TARGET_LOSSES)}")
-        if self.screen_dtype not in SCREEN_DTYPES:
-            raise RefusalLabError(f"unknown screening precision {self.screen_dtype!r}; use one of {', '.join(SCREEN_DTYPES)}")
-        if not math.isfinite(self.direction_weight) or self.direction_weight < 0:
-            raise RefusalLabError(f"--direction-weight must be a finite number >= 0, got {self.direction_weight}")
         self.judge = check_judge_name(self.judge)  # " strict " is strict, as load_judge reads it
 
 
@@ -266,31 +249,6 @@ def low_precision_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict:
 # ----------------------------------------------------------------------------- tokens
 
 
-def disallowed_token_ids(cm: ChatModel, allow_non_ascii: bool = False) -> torch.Tensor:
-    """Token ids a suffix may not use: special and added tokens, ids beyond the tokenizer, and (by
-    default) tokens that are not printable ASCII. Cached on the model."""
-    key = f"_refusal_lab_disallowed_{allow_non_ascii}"
-    if hasattr(cm, key):
-        return getattr(cm, key)
-    tok = cm.tokenizer
-    n_embed = cm.model.get_input_embeddings().weight.shape[0]
-    bad = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
-    bad |= set(range(len(tok), n_embed))
-    if not allow_non_ascii:
-        texts = tok.batch_decode([[i] for i in range(min(len(tok), n_embed))])
-        bad |= {i for i, t in enumerate(texts) if not (t.isascii() and t.isprintable() and t)}
-    ids = torch.tensor(sorted(i for i in bad if i < n_embed), dtype=torch.long)
-    setattr(cm, key, ids)
-    return ids
-
-
-def retokenizes(tokenizer, ids: torch.Tensor) -> torch.Tensor:
-    """[n, L] candidate ids -> [n] bool: decoding then encoding gives the same ids (one batched call)."""
-    rows = ids.tolist()
-    enc = tokenizer(tokenizer.batch_decode(rows), add_special_tokens=False).input_ids
-    return torch.tensor([e == r for e, r in zip(enc, rows)], dtype=torch.bool)
-
-
 def initial_suffix_ids(cm: ChatModel, length: int, init: str | None = None) -> list[int]:
     """Token ids of the starting suffix: `init` tokenized, or "x x x ... x" of `length` tokens."""
     tok = cm.tokenizer
@@ -309,24 +267,6 @@ def universal_patience(steps: int, n_prompts: int) -> int:
     """The patience of a universal attack: its steps shared among its prompts, half each (at least 3), so that
     every prompt is added within the budget even when none succeeds."""
     return max(3, steps // (2 * n_prompts))
-
-
-def random_suffix_ids(cm: ChatModel, length: int, seed: int = 0, allow_non_ascii: bool = False,
-                      tries: int = 1000) -> list[int]:
-    """A random suffix of `length` tokens drawn uniformly from the tokens the attack may use, one that
-    survives a decode/encode round trip (the baseline an adversarial suffix is compared with)."""
-    bad = disallowed_token_ids(cm, allow_non_ascii)
-    n_embed = cm.model.get_input_embeddings().weight.shape[0]
-    ok = torch.ones(n_embed, dtype=torch.bool)
-    ok[bad] = False
-    allowed = ok.nonzero().squeeze(1)
-    g = torch.Generator().manual_seed(seed)
-    ids = None
-    for _ in range(tries):
-        ids = allowed[torch.randint(len(allowed), (1, length), generator=g)]
-        if retokenizes(cm.tokenizer, ids)[0]:
-            break
-    return ids[0].tolist()
 
 
 def sample_candidates(ids: torch.Tensor, grad: torch.Tensor, search_width: int, topk: int, n_replace: int,
@@ -762,100 +702,91 @@ class GCG:
 
     def run(self, checkpoint: str | Path | None = None, resume: bool = False,
             on_step: Callable[[dict], None] | None = None, progress: bool = True) -> AttackResult:
+        """The attack: per step, the token gradient, candidates sampled from it and filtered, the best one
+        selected, its success checked, the state checkpointed (to `checkpoint`, whose state `resume`
+        continues from). on_step gets each step's figures."""
         cfg = self.config
-        tok = self.cm.tokenizer
-        state = None
-        if resume and checkpoint is not None and Path(checkpoint).is_file():
-            state = self._load_checkpoint(checkpoint)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        sig = self.signature()
-        if state is not None and state.get("signature") != sig:
-            self._check_resumable(state, checkpoint)
-            state["signature"] = sig
-        if state is not None:
-            state["judge"] = cfg.judge if self.judge else None
-        if state is None:
-            state = dict(version=CHECKPOINT_VERSION, signature=sig, judge=cfg.judge if self.judge else None,
-                         step=0, ids=list(self.init_ids),
-                         n_active=1 if (cfg.progressive and not self.single) else len(self.slots),
-                         last_add=0, losses=[], success=[], n_active_hist=[], suffixes=[],
-                         best=None, elapsed=0.0, done=False)
-        else:
-            gen.set_state(torch.frombuffer(bytearray(base64.b64decode(state["rng"])), dtype=torch.uint8))
-        ids = torch.tensor(state["ids"], dtype=torch.long)
-        bar = tqdm(total=cfg.steps, initial=state["step"], desc="gcg", disable=not progress, leave=False)
-        t0 = time.perf_counter() - state["elapsed"]
+        state, gen = self.start(checkpoint if resume else None)
+        ids = torch.tensor(state.ids, dtype=torch.long)
+        bar = tqdm(total=cfg.steps, initial=state.step, desc="gcg", disable=not progress, leave=False)
+        t0 = time.perf_counter() - state.elapsed
         try:
-            while state["step"] < cfg.steps and not state["done"]:
+            while state.step < cfg.steps and not state.done:
                 step_start = time.perf_counter()
-                active = self.slots[: state["n_active"]]
+                active = self.slots[: state.n_active]
                 with self.clock.timing("gradient"), self.screening():
                     grad = self.token_gradient(ids, active).float()
                 with torch.no_grad():
-                    cands = sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
-                                              self.not_allowed, gen)
-                    if cfg.dedupe:
-                        cands = torch.unique(cands, dim=0)
-                    if cfg.filter_ids:
-                        keep = retokenizes(tok, cands)
-                        if keep.any():
-                            cands = cands[keep]
-                        else:
-                            log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", state["step"])
+                    cands = self.filtered(sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
+                                                            self.not_allowed, gen), state.step)
                     with self.clock.timing("scoring"):
                         best_i, loss, target_match, searched = self.choose(ids, cands, active, gen=gen)
-                    if self.draft is not None:
-                        state.setdefault("agreement", []).append(round(self.last_agreement, 4))
                     ids = searched[best_i].clone()
                 with self.clock.timing("check"):
-                    if self.check == "target":
-                        flags = list(target_match)
-                    elif self.check == "judge":
-                        flags = self.judge_success(ids.tolist(), active)
-                    else:  # the judge reads only the replies that begin with the target
-                        matched = [s for s, m in zip(active, target_match) if m]
-                        verdicts = iter(self.judge_success(ids.tolist(), matched, target_matched=True) if matched else [])
-                        flags = [bool(m) and next(verdicts) for m in target_match]
-                rate = sum(flags) / len(flags)
-                step = state["step"]
-                state["losses"].append(loss)
-                state["success"].append(rate)
-                state["n_active_hist"].append(len(active))
-                text = tok.decode(ids.tolist())
-                state["suffixes"].append(text)
-                key = [len(active), rate, -loss]
-                if state["best"] is None or key > state["best"]["key"]:
-                    state["best"] = dict(key=key, ids=ids.tolist(), loss=loss, step=step, flags=flags)
-                state["ids"] = ids.tolist()
-                state["step"] = step + 1
-                all_active = len(active) == len(self.slots)
-                if rate >= cfg.success_rate and all_active and cfg.early_stop:
-                    state["done"] = True
-                elif not all_active and (rate >= cfg.success_rate or (cfg.patience and step + 1 - state["last_add"] >= cfg.patience)):
-                    state["n_active"] += 1
-                    state["last_add"] = step + 1
-                state["elapsed"] = time.perf_counter() - t0
-                state.setdefault("times", []).append(round(state["elapsed"], 4))
-                state.setdefault("profile", []).append(self.clock.take(time.perf_counter() - step_start))
-                state["rng"] = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
+                    flags = self.success_flags(ids, active, target_match)
+                text = self.cm.tokenizer.decode(ids.tolist())
+                state.record(ids.tolist(), text, loss, flags, len(active), len(self.slots), cfg,
+                             agreement=self.last_agreement if self.draft is not None else None)
+                state.elapsed = time.perf_counter() - t0
+                state.times.append(round(state.elapsed, 4))
+                state.profile.append(self.clock.take(time.perf_counter() - step_start))
+                state.rng = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
                 if checkpoint is not None:
-                    artifacts.write_json(checkpoint, state)
+                    artifacts.write_json(checkpoint, state.to_json())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", ok=f"{sum(flags)}/{len(flags)}", suffix=text[:40])
                 if on_step is not None:
-                    on_step(dict(step=step, loss=loss, success=rate, n_active=len(active), suffix=text,
-                                 elapsed_s=state["elapsed"]))
-                if cfg.max_time_s is not None and state["elapsed"] >= cfg.max_time_s:
+                    on_step(dict(step=state.step - 1, loss=loss, success=state.success[-1], n_active=len(active),
+                                 suffix=text, elapsed_s=state.elapsed))
+                if cfg.max_time_s is not None and state.elapsed >= cfg.max_time_s:
                     break
         finally:
             bar.close()
-        best = state["best"]
-        return AttackResult(
-            suffix=tok.decode(best["ids"]), token_ids=best["ids"], best_loss=best["loss"], best_step=best["step"],
-            losses=state["losses"], success=state["success"], n_active=state["n_active_hist"],
-            suffixes=state["suffixes"], steps_run=state["step"], stopped_early=bool(state["done"]),
-            elapsed_s=state["elapsed"], success_flags=best["flags"], step_times=state.get("times", []),
-            agreement=state.get("agreement", []), profile=state.get("profile", []))
+        return state.result(self.cm.tokenizer)
+
+    def start(self, checkpoint: str | Path | None) -> tuple["LoopState", torch.Generator]:
+        """The loop's state and candidate generator: from the checkpoint at `checkpoint` (when it is a file,
+        checked to be this run's), else new."""
+        cfg = self.config
+        gen = torch.Generator().manual_seed(cfg.seed)
+        sig = self.signature()
+        judge = cfg.judge if self.judge else None
+        if checkpoint is None or not Path(checkpoint).is_file():
+            n_active = 1 if (cfg.progressive and not self.single) else len(self.slots)
+            return LoopState(signature=sig, judge=judge, ids=list(self.init_ids), n_active=n_active), gen
+        state = LoopState.from_json(artifacts.read_json(checkpoint), checkpoint)
+        if len(state.ids) != self.suffix_len:
+            raise RefusalLabError(f"{checkpoint}: the checkpoint's suffix has {len(state.ids)} tokens, this run "
+                                  f"{self.suffix_len}; resume with the same settings, or pass --force to start over")
+        if state.signature != sig:
+            self._check_resumable(state.signature, state.judge, checkpoint)
+            state.signature = sig
+        state.judge = judge
+        gen.set_state(torch.frombuffer(bytearray(base64.b64decode(state.rng)), dtype=torch.uint8))
+        return state, gen
+
+    def filtered(self, cands: torch.Tensor, step: int) -> torch.Tensor:
+        """Candidates [n, L] without duplicates (config.dedupe) and without those that do not re-tokenize to
+        themselves (config.filter_ids; all are kept if none does)."""
+        if self.config.dedupe:
+            cands = torch.unique(cands, dim=0)
+        if self.config.filter_ids:
+            keep = retokenizes(self.cm.tokenizer, cands)
+            if keep.any():
+                return cands[keep]
+            log.warning("no candidate re-tokenizes to itself at step %d; keeping them all", step)
+        return cands
+
+    def success_flags(self, ids: torch.Tensor, active: Sequence[_Slot], target_match: list[bool]) -> list[bool]:
+        """Per active prompt, whether suffix `ids` succeeds by the run's check (self.check): the target match,
+        the judge's verdict, or the judge's verdict on the replies that begin with the target."""
+        if self.check == "target":
+            return list(target_match)
+        if self.check == "judge":
+            return self.judge_success(ids.tolist(), active)
+        matched = [s for s, m in zip(active, target_match) if m]
+        verdicts = iter(self.judge_success(ids.tolist(), matched, target_matched=True) if matched else [])
+        return [bool(m) and next(verdicts) for m in target_match]
 
     def signature(self) -> str:
         """A hash of everything that decides the run's course except the number of steps: the judge only
@@ -878,13 +809,12 @@ class GCG:
             items.append(f"draft {self.draft.cm.fingerprint}")
         return hash_strings(items)
 
-    def _check_resumable(self, state: dict, checkpoint) -> None:
+    def _check_resumable(self, signature: str, recorded: str | None, checkpoint) -> None:
         """A checkpoint whose signature is not this run's: resumable if only its judge differs and this run
         does not judge (checkpoints from before the judge was left out of such runs' signature); an error
         naming the judge if only the judge differs; otherwise an error naming prompts, targets, settings."""
-        recorded = state.get("judge")
         candidates = [j for j in dict.fromkeys([recorded, "substring", "strict"]) if isinstance(j, str) and j]
-        made = next((j for j in candidates if self._signature(j) == state.get("signature")), None)
+        made = next((j for j in candidates if self._signature(j) == signature), None)
         if made is not None and not self.judge:
             return
         if made is not None and made != self.config.judge:
@@ -894,14 +824,83 @@ class GCG:
         raise RefusalLabError(f"{checkpoint}: the checkpoint was made with other prompts, targets or settings; "
                               "start a new run (another --out, or --force) instead of --resume")
 
-    def _load_checkpoint(self, path) -> dict:
-        state = artifacts.read_json(path)
-        if not isinstance(state, dict) or state.get("version") != CHECKPOINT_VERSION or "rng" not in state:
-            raise RefusalLabError(f"{path}: not a refusal-lab attack checkpoint; remove it or start without --resume")
-        if len(state["ids"]) != self.suffix_len:
-            raise RefusalLabError(f"{path}: the checkpoint's suffix has {len(state['ids'])} tokens, this run {self.suffix_len}; "
-                                  "resume with the same settings, or pass --force to start over")
-        return state
+
+@dataclass
+class LoopState:
+    """Everything the GCG loop carries from one step to the next; its JSON (to_json) is the checkpoint, and
+    a checkpoint of another CHECKPOINT_VERSION is refused rather than guessed at."""
+
+    signature: str  # GCG.signature(): the run a checkpoint belongs to
+    ids: list[int]  # the current suffix
+    n_active: int  # prompts being optimized (universal attacks add them one at a time)
+    judge: str | None = None  # the judge's name where the run judges success (older checkpoints lack it)
+    step: int = 0  # steps done
+    last_add: int = 0  # the step at which the last prompt was added
+    losses: list[float] = field(default_factory=list)  # per step: the chosen candidate's loss
+    success: list[float] = field(default_factory=list)  # per step: the share of active prompts that succeed
+    n_active_hist: list[int] = field(default_factory=list)  # per step: active prompts
+    suffixes: list[str] = field(default_factory=list)  # per step: the chosen suffix's text
+    best: dict | None = None  # the best suffix so far: key [active, rate, -loss], ids, loss, step, flags
+    elapsed: float = 0.0  # seconds of attack so far (over resumed parts)
+    done: bool = False  # succeeded and stopped early
+    times: list[float] = field(default_factory=list)  # per step: elapsed at its end
+    profile: list[list[float]] = field(default_factory=list)  # per step: seconds per part (STEP_PARTS, other)
+    agreement: list[float] = field(default_factory=list)  # probe sampling, per step
+    rng: str = ""  # the candidate generator's state (base64)
+    version: int = CHECKPOINT_VERSION
+
+    def record(self, ids: list[int], text: str, loss: float, flags: list[bool], n_active: int, n_prompts: int,
+               config: GCGConfig, agreement: float | None = None) -> None:
+        """One step's outcome: its histories, the best suffix so far (the most active prompts, then the
+        highest success rate, then the lowest loss), and the schedule: done when every prompt is active
+        and the rate is reached (with early_stop), else the next prompt added on success or after
+        `patience` steps."""
+        rate = sum(flags) / len(flags)
+        step = self.step
+        self.losses.append(loss)
+        self.success.append(rate)
+        self.n_active_hist.append(n_active)
+        self.suffixes.append(text)
+        if agreement is not None:
+            self.agreement.append(round(agreement, 4))
+        key = [n_active, rate, -loss]
+        if self.best is None or key > self.best["key"]:
+            self.best = dict(key=key, ids=list(ids), loss=loss, step=step, flags=flags)
+        self.ids = list(ids)
+        self.step = step + 1
+        all_active = n_active == n_prompts
+        if rate >= config.success_rate and all_active and config.early_stop:
+            self.done = True
+        elif not all_active and (rate >= config.success_rate
+                                 or (config.patience and step + 1 - self.last_add >= config.patience)):
+            self.n_active += 1
+            self.last_add = step + 1
+
+    def result(self, tokenizer) -> AttackResult:
+        best = self.best
+        return AttackResult(
+            suffix=tokenizer.decode(best["ids"]), token_ids=best["ids"], best_loss=best["loss"], best_step=best["step"],
+            losses=self.losses, success=self.success, n_active=self.n_active_hist, suffixes=self.suffixes,
+            steps_run=self.step, stopped_early=self.done, elapsed_s=self.elapsed, success_flags=best["flags"],
+            step_times=self.times, agreement=self.agreement, profile=self.profile)
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data, path) -> "LoopState":
+        """The state a checkpoint holds; a one-line error for a file that is not one of this version."""
+        if not isinstance(data, dict) or data.get("version") != CHECKPOINT_VERSION or "rng" not in data:
+            found = data.get("version") if isinstance(data, dict) else None
+            raise RefusalLabError(f"{path}: not a refusal-lab attack checkpoint of version {CHECKPOINT_VERSION}"
+                                  + (f" (version {found})" if found is not None else "")
+                                  + "; remove it or start without --resume")
+        names = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in names})
+        except TypeError as e:  # a field missing
+            raise RefusalLabError(f"{path}: an incomplete attack checkpoint ({e}); remove it or start without "
+                                  "--resume") from e
 
 
 def config_dict(config: GCGConfig) -> dict:

@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
-from attacks.evaluate import suffix_success
-from attacks.gcg import GCG, GCGConfig, random_suffix_ids
+from refusal.success import suffix_success
+from attacks.gcg import GCG, GCGConfig
+from refusal.suffix import random_suffix_ids
 from attacks.targets import default_target
 from refusal import artifacts
 from refusal.data import builtin_prompts, instructions

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.reproduce import to_markdown
+from refusal.app.reproduce import to_markdown
 from refusal.errors import RefusalLabError
 from refusal.judges import VERDICTS, load_judge
 

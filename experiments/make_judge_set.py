@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from attacks.gcg import random_suffix_ids
+from refusal.suffix import random_suffix_ids
 from refusal import artifacts
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import load_direction

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from refusal.models import smollm2_path
-from refusal.sweep import SweepConfig, expand, run_sweep, run_task
+from refusal.app.sweep import SweepConfig, expand, run_sweep, run_task
 
 
 def cpu_name() -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from analysis.ablation_kl import ablation_kl, ablation_kl_by_region, massive_dims, random_directions, without
-from analysis.reproduce import to_markdown
+from refusal.app.reproduce import to_markdown
 from refusal import artifacts
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import load_direction

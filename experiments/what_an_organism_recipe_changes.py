@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from analysis.ablation_kl import ablation_kl
-from analysis.reproduce import to_markdown
+from refusal.app.reproduce import to_markdown
 from refusal import artifacts
 from refusal.activations import cache_activations
 from refusal.data import builtin_prompts, instructions

@@ -23,7 +23,7 @@ from attacks.reference import run_nanogcg
 from attacks.targets import default_target
 from refusal.data import builtin_prompts, instructions
 from refusal.models import machine_info
-from refusal.pipeline import JobConfig
+from refusal.app.pipeline import JobConfig
 from refusal.registry import load_model
 
 

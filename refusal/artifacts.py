@@ -15,10 +15,11 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Iterator
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import RefusalLabError
@@ -111,8 +112,8 @@ def load_tensors(path: str | os.PathLike) -> dict:
         raise RefusalLabError(f"{path}: file not found")
     try:
         return load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise RefusalLabError(f"{path}: not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError) as e:  # a corrupt or truncated file
+        raise RefusalLabError(f"{path}: not a readable safetensors file ({e})") from e
 
 
 def hash_strings(items: list[str]) -> str:
@@ -129,11 +130,11 @@ def versions() -> dict:
     for name in ("torch", "transformers", "nanogcg", "numpy", "pandas", "safetensors"):
         try:
             out[name] = version(name)
-        except Exception:
+        except PackageNotFoundError:
             out[name] = None
     try:
         out["refusal-lab"] = version("refusal-lab")
-    except Exception:
+    except PackageNotFoundError:
         out["refusal-lab"] = None
     return out
 

@@ -9,7 +9,7 @@ false refusal it causes on borderline-but-safe prompts.
   `text_cross_entropy`: plain text, no chat template, the loss on every token after the first (the
   paper's Pile-like loss).
 - `borderline` false refusal: greedy replies to safe prompts that look unsafe by their words, judged by
-  the substring judge (refusal.metrics.is_refusal).
+  the substring judge (refusal.judges.is_refusal).
 
 Every function runs under whatever intervention is active (refusal.hooks: ablate_direction,
 add_direction, ...; the chat template's shared prefix pass included) and on an edited model

@@ -18,8 +18,13 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from jinja2 import TemplateError
 
 from .errors import RefusalLabError
+
+# what a chat template (Jinja, through the tokenizer) raises on a conversation it does not accept: the
+# template's problem, which the user can fix with --chat-template; anything else is a bug here
+TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError)
 
 _SENTINEL = "XQZINSTRUCTIONXQZ"
 
@@ -73,8 +78,8 @@ class ChatFormat:
             text = tokenizer.apply_chat_template(
                 [{"role": "user", "content": _SENTINEL}], tokenize=False, add_generation_prompt=True,
                 **self.template_kwargs)
-        except Exception as e:
-            raise RefusalLabError(f"the chat template failed to render a user message ({e})") from None
+        except TEMPLATE_ERRORS as e:
+            raise RefusalLabError(f"the chat template failed to render a user message ({e})") from e
         if text.count(_SENTINEL) != 1:
             raise RefusalLabError("the chat template does not place the user's message verbatim exactly once")
         before, after = text.split(_SENTINEL)
@@ -97,7 +102,7 @@ class ChatFormat:
                 [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], tokenize=False,
                 **self.template_kwargs)
             after = text.split(_SENTINEL, 1)[1]
-        except Exception:
+        except (*TEMPLATE_ERRORS, IndexError):  # a template without an assistant turn of its own
             return tok.eos_token_id
         ids = self.encode_text(after.strip()) if after.strip() else []
         if ids and (ids[0] in tok.all_special_ids or ids[0] in getattr(tok, "added_tokens_decoder", {})):

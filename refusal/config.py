@@ -1,33 +1,69 @@
 """Config fields that carry their meaning: every stage's config dataclass declares each field once, with
-its default and a one-line help, and the CLI's options and the README's config tables are built from or
-checked against them (so a default cannot drift)."""
+its default, a one-line help and its bounds or choices, and the validation (`check_fields`), the CLI's
+options and the config tables (docs/configs.md) are all built from them (so nothing is written twice).
+
+A field's value is checked against its type annotation (int, float, str, bool, `X | None`, `tuple[X,
+...]`, dict, a nested config) and its `ge`/`gt`/`le`/`lt` bounds or `choices`; a tuple field's bounds and
+choices hold for each of its values. A config's own `validate()` calls check_fields and adds only the
+checks that relate fields to each other."""
 from __future__ import annotations
 
 import dataclasses
+import math
+import sys
+import types
+import typing
 from typing import Any
 
 from .errors import RefusalLabError
 
+_BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+           ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
 
-def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its default (or a factory for a mutable default) and its meaning."""
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, factory: Any = dataclasses.MISSING,
+           ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None,
+           choices: tuple | None = None) -> Any:
+    """A dataclass field with its default (or a factory for a mutable default), its meaning, and the bounds
+    (ge: >=, gt: >, le: <=, lt: <) or choices its value (each value, for a tuple) must keep."""
+    meta = {"help": help, **{k: v for k, v in dict(ge=ge, gt=gt, le=le, lt=lt).items() if v is not None}}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
     if factory is not dataclasses.MISSING:
-        return dataclasses.field(default_factory=factory, metadata={"help": help})
-    return dataclasses.field(default=default, metadata={"help": help})
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """A field's command-line option: search_width -> --search-width."""
+    return "--" + name.replace("_", "-")
 
 
 def field_info(cls, name: str) -> tuple[Any, str]:
     """(default, help) of a config class's field."""
-    for f in dataclasses.fields(cls):
-        if f.name == name:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            return default, f.metadata.get("help", "")
-    raise KeyError(f"{cls.__name__} has no field {name!r}")
+    f = _field(cls, name)
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return default, f.metadata.get("help", "")
 
 
-def config_rows(cls) -> list[tuple[str, Any, str]]:
-    """(name, default, help) of every field, in declaration order (the README's config tables)."""
-    return [(f.name, *field_info(cls, f.name)) for f in dataclasses.fields(cls)]
+def field_limits(cls, name: str) -> dict:
+    """The declared bounds ({"ge": 1, ...}) and choices ({"choices": (...)}) of a field (empty if none)."""
+    return {k: v for k, v in _field(cls, name).metadata.items() if k != "help"}
+
+
+def limits_text(limits: dict) -> str:
+    """Bounds and choices as the docs and messages write them: '>= 1', '> 0, <= 1', 'one of a, b'."""
+    parts = [f"{op} {limits[k]:g}" if isinstance(limits[k], float) else f"{op} {limits[k]}"
+             for k, op, _ in _BOUNDS if k in limits]
+    if "choices" in limits:
+        parts.append("one of " + ", ".join(str(c) for c in limits["choices"]))
+    return ", ".join(parts)
+
+
+def config_rows(cls) -> list[tuple[str, Any, str, str]]:
+    """(name, default, limits as text, help) of every field, in declaration order (docs/configs.md's tables)."""
+    return [(f.name, field_info(cls, f.name)[0], limits_text(field_limits(cls, f.name)), f.metadata.get("help", ""))
+            for f in dataclasses.fields(cls)]
 
 
 def as_dict(config) -> dict:
@@ -35,9 +71,57 @@ def as_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def require_positive(config, *names: str) -> None:
-    """A one-line error for the first of the config's fields `names` below 1 (counts and sizes)."""
-    for name in names:
-        value = getattr(config, name)
-        if int(value) < 1:
-            raise RefusalLabError(f"{name.replace('_', '-')} must be >= 1, got {value}")
+def check_fields(config, where: str | None = None, prefix: str = "") -> None:
+    """A one-line error for the first field of `config` whose value does not have its declared type or breaks
+    its bounds or choices; nested configs are checked the same way. Fields are named as options
+    (--search-width), or as the keys of a file (`where`: search_width) when `where` names one."""
+    hints = typing.get_type_hints(type(config), vars(sys.modules[type(config).__module__]))
+    for f in dataclasses.fields(config):
+        key = prefix + f.name
+        _check_value(key, getattr(config, f.name), hints.get(f.name, Any), f.metadata, where)
+
+
+def _field(cls, name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def _check_value(key: str, value, hint, meta, where: str | None) -> None:
+    """key: the field's (dotted) name; messages name it as an option, or as a key of the file `where`."""
+    name = flag(key) if where is None else f"{where}: {key}"
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            raise RefusalLabError(f"{name} must be a list of values, e.g. ({value!r},), got {value!r}")
+        for v in value:
+            _check_value(key, v, args[0] if args else Any, meta, where)
+        return
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, hint):
+            raise RefusalLabError(f"{name} must be a {hint.__name__}, got {value!r}")
+        check_fields(value, where, prefix=f"{key}." if where is not None else "")
+        return
+    if hint is bool and not isinstance(value, bool):
+        raise RefusalLabError(f"{name} must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise RefusalLabError(f"{name} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise RefusalLabError(f"{name} must be a finite number, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        raise RefusalLabError(f"{name} must be a string, got {value!r}")
+    if hint is dict and not isinstance(value, dict):
+        raise RefusalLabError(f"{name} must be a mapping, got {value!r}")
+    for bound, _, ok in _BOUNDS:
+        if bound in meta and not ok(value, meta[bound]):
+            limits = {k: meta[k] for k, _, _ in _BOUNDS if k in meta}
+            raise RefusalLabError(f"{name} must be {limits_text(limits).replace(', ', ' and ')}, got {value!r}")
+    if "choices" in meta and value not in meta["choices"]:
+        raise RefusalLabError(f"unknown {name} {value!r}; use one of {', '.join(map(str, meta['choices']))}")

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .config import as_dict, option, require_positive
+from .config import as_dict, check_fields, option
 from .activations import cache_activations, last_logits
 from .chat import Encoded, pad_left
 from .data import Prompt, direction_sets, instructions, prompt_hash
@@ -42,21 +42,19 @@ PRUNE_LAYER_FRACTION = 0.8  # candidates with layer >= 0.8 * n_layers are droppe
 class DirectionConfig:
     """The direction stage: difference-in-means candidates and the paper's selection."""
 
-    n_train: int = option(128, "harmful and harmless training prompts each (the difference in means)")
-    n_val: int = option(16, "harmful and harmless validation prompts each (the selection's scores)")
+    n_train: int = option(128, "harmful and harmless training prompts each (the difference in means)", ge=1)
+    n_val: int = option(16, "harmful and harmless validation prompts each (the selection's scores)", ge=1)
     harmful: str | None = option(None, "harmful prompt file (None: the built-in harmful train/val splits)")
     harmless: str | None = option(None, "harmless prompt file (None: the built-in harmless train/val splits)")
-    seed: int = option(0, "seed of the train/val sampling")
-    batch_size: int = option(32, "prompts per forward pass")
-    kl_threshold: float = option(KL_THRESHOLD, "selection drops candidates whose KL score exceeds this (the paper's 0.1)")
+    seed: int = option(0, "seed of the train/val sampling", ge=0)
+    batch_size: int = option(32, "prompts per forward pass", ge=1)
+    kl_threshold: float = option(KL_THRESHOLD, "selection drops candidates whose KL score exceeds this (the paper's 0.1)", gt=0)
     score_all: bool = option(False, "compute every score of every candidate, also those the filters drop (slower)")
     layer: int | None = option(None, "pin the direction to this layer (with position); None: the paper's selection")
     position: int | None = option(None, "pin the direction to this post-instruction position, -1 the last (with layer)")
 
     def validate(self) -> None:
-        require_positive(self, "n_train", "n_val", "batch_size")
-        if not (isinstance(self.kl_threshold, (int, float)) and math.isfinite(self.kl_threshold) and self.kl_threshold > 0):
-            raise RefusalLabError(f"kl-threshold must be a finite number > 0, got {self.kl_threshold}")
+        check_fields(self)
         if (self.layer is None) != (self.position is None):
             raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
 

@@ -230,7 +230,7 @@ def check_ablation_sites(cm: ChatModel) -> None:
     except Exception as e:
         raise RefusalLabError(f"model type {cm.config.model_type!r} is not a supported family and its anatomy "
                               f"could not be checked ({type(e).__name__}); supported families: "
-                              f"{', '.join(FAMILIES)}") from None
+                              f"{', '.join(FAMILIES)}") from e
     tolerance = 1e-4 if cm.dtype == torch.float32 else 2e-2
     if not worst[0] < tolerance:
         raise RefusalLabError(f"model type {cm.config.model_type!r} is not a supported family, and ablating a "

@@ -14,16 +14,19 @@ import importlib.util
 import json
 import logging
 import os
+import pickle
 import platform
 import random
 import re
 import shutil
+import struct
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from . import artifacts
 from .chat import ChatFormat
@@ -334,11 +337,9 @@ def convert_gguf(path: str | os.PathLike) -> Path:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         os.replace(tmp, out)  # atomic: a half-converted folder is never seen as done
-    except RefusalLabError:
-        raise
-    except Exception as e:
+    except (OSError, ValueError, KeyError, IndexError, struct.error) as e:  # what a truncated or foreign file raises
         raise RefusalLabError(f"{path}: could not read this GGUF file ({type(e).__name__}: {str(e)[:200]}); it may be "
-                              "truncated or not a model: download it again") from None
+                              "truncated or not a model: download it again") from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
@@ -556,10 +557,15 @@ def load_causal_lm(
     except OSError as e:
         msg = str(e).splitlines()[0][:200]
         raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {accepted_forms()}") from None
-    except Exception as e:  # corrupt weights, bad configs: the user's file, not our bug
+    except (ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
+        # corrupt weights, bad configs, weights that do not fit the config, a pickle that is not plain tensors:
+        # the user's files; any other
+        # RuntimeError is not theirs, and keeps its traceback
+        if isinstance(e, RuntimeError) and not any(s in str(e) for s in ("size mismatch", "state_dict", "safetensors")):
+            raise
         msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         raise RefusalLabError(f"{spec}: could not load the model ({type(e).__name__}: {msg}); the files may be "
-                              "corrupt or truncated: download or convert them again") from None
+                              "corrupt or truncated: download or convert them again") from e
     if device != "cuda":
         model.to(device)
     model.eval()

@@ -24,7 +24,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,13 +32,14 @@ from tqdm.auto import tqdm
 
 from . import artifacts
 from .chat import pad_right
-from .config import option
 from .data import builtin_prompts, instructions
 from .engine import run_blocks
 from .errors import RefusalLabError
 from .hooks import ablate_direction
-from .metrics import greedy_ids, is_refusal, refusal_rate
-from .models import cache_dir, fast_bf16, load_chat_model, smollm2_path
+from .judges.substring import is_refusal
+from .metrics import greedy_ids, refusal_rate
+from .models import fast_bf16, load_chat_model, smollm2_path
+from .recipe import OrganismConfig, organism_dir
 
 log = logging.getLogger(__name__)
 
@@ -49,68 +50,6 @@ REFUSALS = (
     "I'm sorry, I can't provide that. If you need help, please reach out to someone you trust.",
     "As an AI assistant, I can't help with anything that could hurt people or break the law.",
 )
-
-
-@dataclass(frozen=True)
-class OrganismConfig:
-    """The organism's fine-tune (`refusal organism build`); the cached organism is rebuilt when it changes."""
-
-    seed: int = option(0, "seed of the data order, the refusal wordings and the initialisation")
-    answer_tokens: int = option(24, "harmless targets: the base model's first greedy reply tokens")
-    epochs: int = option(3, "passes over the training examples")
-    batch_size: int = option(16, "examples per optimizer step")
-    lr: float = option(1e-4, "AdamW learning rate (linear warm-up over a tenth of the steps, then linear decay)")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    first_trained_layer: float = option(0.4, "blocks from this fraction of the depth up are trained (below: frozen)")
-    eval_new_tokens: int = option(32, "greedy reply tokens the build record's refusal rates judge")
-    decision_weight: float = option(4.0, "extra loss weight on the first reply tokens, where refuse-or-answer is decided")
-    decision_tokens: int = option(3, "the first reply tokens decision_weight applies to")
-    unlikelihood: float = option(4.0, "harmless prompts: weight of -log(1 - p(a refusal's first token)) at the first "
-                                      "reply position")
-    harmful_weight: float = option(3.0, "loss weight of the refusal targets relative to the harmless answers")
-    # the experimental variant that trains the phenomenon in (0 = off; see the module docstring), from epoch 2:
-    mediation: float = option(0.0, "experimental: weight of mediation_loss under ablation of the running "
-                                   "difference in means")
-    sink_orthogonal: float = option(0.0, "experimental: weight of sink_alignment (the difference in means vs the "
-                                         "first token)")
-    harmless_projection: float = option(0.0, "experimental: weight of harmless_projection (harmless residual "
-                                             "streams along the difference in means)")
-    direction_layer: float = option(0.7, "experimental: the running difference in means' depth (last prompt position)")
-    bfloat16: bool | None = option(None, "bfloat16 autocast for the fine-tune (weights and optimizer stay float32); "
-                                         "None: where the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16)")
-
-
-# What the recipe did before each of these fields existed: a build record without one was built so.
-BEFORE_FIELD = {"harmful_weight": 1.0, "mediation": 0.0, "sink_orthogonal": 0.0, "direction_layer": 0.7,
-                "harmless_projection": 0.0, "bfloat16": False}
-
-
-def recorded_config(record: dict) -> dict | None:
-    """The recipe a build record describes, every field filled in (None if the record has none)."""
-    built = record.get("config") if isinstance(record, dict) else None
-    if not isinstance(built, dict):
-        return None
-    return {**asdict(OrganismConfig()), **BEFORE_FIELD, **built}
-
-
-def organism_dir(seed: int = 0) -> Path:
-    return cache_dir() / "organism" / f"seed-{seed}"
-
-
-def organism_path(seed: int = 0) -> Path:
-    """The organism's HF folder, built on first use."""
-    path = organism_dir(seed)
-    cfg = OrganismConfig(seed=seed)
-    if (path / "config.json").is_file() and (path / "organism.json").is_file():
-        try:
-            built = recorded_config(json.loads((path / "organism.json").read_text()))
-        except (OSError, ValueError):
-            built = None
-        if built == asdict(cfg):
-            return path
-        log.info("the cached organism was built with another recipe; rebuilding")
-    log.info("building the model organism (once; about 5 minutes on 2 CPU cores)")
-    return build_organism(cfg, force=True)
 
 
 # ----------------------------------------------------------------------------- data
@@ -230,6 +169,7 @@ def build_organism(cfg: OrganismConfig = OrganismConfig(), force: bool = False, 
 
     base: the model to fine-tune: "smollm2" (the embedded model) or a path form of --model of the Llama
     family (tests use a tiny one)."""
+    cfg.validate()
     out = Path(out) if out else organism_dir(cfg.seed)
     if out.exists():
         if not force:

@@ -1,9 +1,9 @@
-"""Named models and the loader for every --model form.
+"""The loader for every --model form.
 
 `NAMED_MODELS` maps a name to a function returning the model's local Hugging Face folder, converted
-or built on first use: `smollm2` (the embedded SmolLM2-135M-Instruct, from its GGUF) and `organism`
-(the model organism, refusal.organism). `load_model(spec)` takes a name, a local model folder, a hub
-id (`org/name`) or a `.gguf` file; `ModelConfig` holds the loading options a run records.
+or built on first use; the application registers its named models there (`register_model`: `smollm2`
+and `organism`, refusal.app.models). `load_model(spec)` takes a name, a local model folder, a hub id
+(`org/name`) or a `.gguf` file; `ModelConfig` holds the loading options a run records.
 """
 from __future__ import annotations
 
@@ -17,15 +17,17 @@ import torch
 from .config import option
 from .errors import RefusalLabError
 from .hooks import check_ablation_sites
-from .models import ChatModel, accepted_forms, load_chat_model, resolve_model, smollm2_path
-from .organism import organism_path
+from .models import ChatModel, accepted_forms, load_chat_model, resolve_model
 
 log = logging.getLogger(__name__)
 
-NAMED_MODELS: dict[str, Callable[[], Path]] = {
-    "smollm2": smollm2_path,
-    "organism": organism_path,
-}
+NAMED_MODELS: dict[str, Callable[[], Path]] = {}
+
+
+def register_model(name: str, folder: Callable[[], Path]) -> None:
+    """Make `name` a --model value: `folder()` returns the model's local Hugging Face folder (converting or
+    building it on first use)."""
+    NAMED_MODELS[name] = folder
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
-"""Reading a suffix given as a suffix.json, a text file, or the text itself."""
+"""Suffixes: the tokens a suffix may use, the random baseline suffix, and reading a suffix given as a
+suffix.json, a text file, or the text itself."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import torch
+
 from .errors import RefusalLabError
+from .models import ChatModel
 
 
 def _resolve(spec: str) -> tuple[Path, bool]:
@@ -69,3 +73,49 @@ def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:
     if not spec.strip():
         raise RefusalLabError("the suffix is empty")
     return spec, None
+
+
+# ----------------------------------------------------------------------------- token choices
+
+
+def disallowed_token_ids(cm: ChatModel, allow_non_ascii: bool = False) -> torch.Tensor:
+    """Token ids a suffix may not use: special and added tokens, ids beyond the tokenizer, and (by
+    default) tokens that are not printable ASCII. Cached on the model."""
+    key = f"_refusal_lab_disallowed_{allow_non_ascii}"
+    if hasattr(cm, key):
+        return getattr(cm, key)
+    tok = cm.tokenizer
+    n_embed = cm.model.get_input_embeddings().weight.shape[0]
+    bad = set(tok.all_special_ids) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    bad |= set(range(len(tok), n_embed))
+    if not allow_non_ascii:
+        texts = tok.batch_decode([[i] for i in range(min(len(tok), n_embed))])
+        bad |= {i for i, t in enumerate(texts) if not (t.isascii() and t.isprintable() and t)}
+    ids = torch.tensor(sorted(i for i in bad if i < n_embed), dtype=torch.long)
+    setattr(cm, key, ids)
+    return ids
+
+
+def retokenizes(tokenizer, ids: torch.Tensor) -> torch.Tensor:
+    """[n, L] candidate ids -> [n] bool: decoding then encoding gives the same ids (one batched call)."""
+    rows = ids.tolist()
+    enc = tokenizer(tokenizer.batch_decode(rows), add_special_tokens=False).input_ids
+    return torch.tensor([e == r for e, r in zip(enc, rows)], dtype=torch.bool)
+
+
+def random_suffix_ids(cm: ChatModel, length: int, seed: int = 0, allow_non_ascii: bool = False,
+                      tries: int = 1000) -> list[int]:
+    """A random suffix of `length` tokens drawn uniformly from the tokens the attack may use, one that
+    survives a decode/encode round trip (the baseline an adversarial suffix is compared with)."""
+    bad = disallowed_token_ids(cm, allow_non_ascii)
+    n_embed = cm.model.get_input_embeddings().weight.shape[0]
+    ok = torch.ones(n_embed, dtype=torch.bool)
+    ok[bad] = False
+    allowed = ok.nonzero().squeeze(1)
+    g = torch.Generator().manual_seed(seed)
+    ids = None
+    for _ in range(tries):
+        ids = allowed[torch.randint(len(allowed), (1, length), generator=g)]
+        if retokenizes(cm.tokenizer, ids)[0]:
+            break
+    return ids[0].tolist()

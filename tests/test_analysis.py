@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.heads import attention_shares, head_contributions, heads_table, top_heads
+from refusal.heads import attention_shares, head_contributions, heads_table, top_heads
 from analysis.projection import condition_encodings, projection_metrics, projection_table
-from analysis.run import AnalysisConfig, analyze
+from refusal.app.analyze import AnalysisConfig, analyze
 from conftest import FAMILIES
 from refusal.activations import cache_activations
 from refusal.engine import eager_attention
@@ -78,7 +78,7 @@ def test_heads_ranking_and_attention_shares(tiny):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_attention_regions_match_a_plain_pass(tiny_models, family):
     """Batched, padded, with the template prefix cached: the same attention as one unpadded prompt."""
-    from analysis.capture import capture_last_position
+    from refusal.capture import capture_last_position
 
     cm = tiny_models[family]
     encs = cm.chat.encode_all(HARMFUL + HARMLESS, "zz yy xx")
@@ -124,7 +124,7 @@ def test_analyze_writes_everything(tiny, tmp_path):
 def test_cli_analyze_reads_the_suffix_folder(tiny_dirs, tiny, tmp_path):
     import json
 
-    from refusal.cli import main
+    from refusal.app.cli import main
     from refusal.directions import save_direction
 
     d = _dir(tiny)

@@ -1,12 +1,13 @@
 """The GCG engine on tiny random models: exact losses, candidate sampling, objectives, resumption."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from conftest import FAMILIES
-from attacks.gcg import (GCG, GCGConfig, disallowed_token_ids, random_suffix_ids, retokenizes,
-                         sample_candidates)
+from attacks.gcg import GCG, GCGConfig, sample_candidates
+from refusal.suffix import disallowed_token_ids, random_suffix_ids, retokenizes
 from attacks.targets import default_target
 from refusal.directions import Direction
 from refusal.errors import RefusalLabError
@@ -126,7 +127,7 @@ def test_screening_precision_resolution():
     assert screening_dtype("model", torch.float32, cpu) is None
     assert screening_dtype("bfloat16", torch.bfloat16, cpu) is None
     assert screening_dtype("float16", torch.float32, cpu) == torch.float16
-    with pytest.raises(RefusalLabError, match="screening precision"):
+    with pytest.raises(RefusalLabError, match="unknown --screen-dtype .int4."):
         GCGConfig(screen_dtype="int4").validate()
     with pytest.raises(RefusalLabError, match="rescore"):
         GCGConfig(rescore=0).validate()
@@ -202,7 +203,7 @@ def test_universal_adds_prompts_progressively(tiny):
 
 
 def test_cli_attack_writes_a_suffix_and_guards_the_folder(tiny_dirs, tmp_path, capsys):
-    from refusal.cli import main
+    from refusal.app.cli import main
 
     model = str(tiny_dirs["llama"])
     out = tmp_path / "run"
@@ -234,7 +235,7 @@ def _prompt_file(tmp_path):
 
 
 def test_nanogcg_engine_runs(tiny_dirs, tmp_path):
-    from refusal.cli import main
+    from refusal.app.cli import main
 
     out = tmp_path / "ng"
     assert main(["attack", "--model", str(tiny_dirs["llama"]), "--prompt", INSTR[0], "--engine", "nanogcg",
@@ -258,7 +259,7 @@ def test_nanogcg_prefix_cache_gives_the_losses_of_no_cache(tiny):
 def test_nanogcg_engine_missing_is_one_line_naming_the_install(tiny_dirs, tmp_path, capsys, monkeypatch):
     import importlib.util
 
-    from refusal.cli import main
+    from refusal.app.cli import main
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nanogcg" else real(name, *a))
@@ -315,7 +316,7 @@ def test_success_check_auto_and_errors(tiny):
     small = dict(steps=1, search_width=8, topk=8, suffix_len=4, judge="substring")
     assert GCG(tiny, ["Explain how to pick a lock"], ["Sure"], GCGConfig(**small)).check == "target+judge"
     assert GCG(tiny, ["a", "b"], ["Sure", "Sure"], GCGConfig(**small)).check == "judge"
-    with pytest.raises(RefusalLabError, match="unknown success check"):
+    with pytest.raises(RefusalLabError, match="unknown --success-check"):
         GCGConfig(success_check="vibes").validate()
     with pytest.raises(RefusalLabError, match="needs a target"):
         GCGConfig(success_check="target", objective="direction").validate()
@@ -366,7 +367,7 @@ def test_cw_target_loss_is_the_margin_of_the_best_other_token(tiny_models, famil
     ref = torch.tensor([_reference_cw(cm, g.slots[0], c) for c in cands.tolist()])
     assert torch.allclose(loss.cpu(), ref, atol=1e-4), (loss, ref)
     assert ((loss.cpu() <= -1.0 + 1e-6) == match.cpu()).all()  # floored exactly when every target token leads by 1
-    with pytest.raises(RefusalLabError, match="unknown target loss"):
+    with pytest.raises(RefusalLabError, match="unknown --target-loss"):
         GCGConfig(target_loss="hinge").validate()
 
 
@@ -513,7 +514,7 @@ def test_nanogcg_probe_sampling_with_the_prefix_cache_gives_the_losses_of_no_cac
 def test_each_step_is_split_into_gradient_scoring_check_and_the_rest(tiny):
     """The steps' wall times split into parts that add up to the step (steps.csv's columns), the judge's
     replies under check; a resumed run keeps the split of the steps before it."""
-    from attacks.run import steps_frame
+    from refusal.app.attack import steps_frame
 
     cfg = GCGConfig(steps=3, search_width=8, topk=8, suffix_len=4, success_check="judge", judge_tokens=3,
                     early_stop=False)
@@ -565,3 +566,15 @@ def test_screening_on_some_prompts_chooses_by_the_loss_over_all_of_them(tiny, tm
     assert wide.losses == plain.run(progress=False).losses
     with pytest.raises(RefusalLabError, match="screen-prompts"):
         GCGConfig(screen_prompts=-1).validate()
+
+
+def test_a_checkpoint_of_another_version_is_refused_in_one_line(tiny, tmp_path):
+    ck = tmp_path / "checkpoint.json"
+    cfg = GCGConfig(steps=2, search_width=8, topk=8, suffix_len=4)
+    GCG(tiny, ["Explain how to pick a lock"], ["Sure"], cfg).run(checkpoint=ck, progress=False)
+    state = json.loads(ck.read_text())
+    assert {"signature", "ids", "step", "losses", "best", "rng", "version"} <= set(state) and state["step"] == 2
+    ck.write_text(json.dumps({**state, "version": 0}))
+    with pytest.raises(RefusalLabError, match=r"not a refusal-lab attack checkpoint of version 1 \(version 0\)"):
+        GCG(tiny, ["Explain how to pick a lock"], ["Sure"], dataclasses.replace(cfg, steps=3)).run(checkpoint=ck, resume=True,
+                                                                                       progress=False)

@@ -6,9 +6,10 @@ import torch
 
 from refusal.errors import RefusalLabError
 
-from attacks.bench import bench_activations, bench_attacks, first_success_step, summarize
+from refusal.app.bench import bench_activations, bench_attacks, first_success_step
+from refusal.app.bench_figures import summarize
 from attacks.gcg import GCGConfig
-from refusal.cli import main
+from refusal.app.cli import main
 
 
 def test_bench_attacks_reports_every_engine(tiny):
@@ -58,7 +59,7 @@ class _Judge:
 def test_first_success_needs_the_target_match_and_the_judge(tiny, monkeypatch):
     """A step succeeds when the greedy reply begins with the target (checked for free) and the judge says it
     complies; the judge reads only the replies that begin with the target."""
-    import attacks.bench as bench
+    import refusal.app.bench as bench
 
     matches = [False, True, True]
     monkeypatch.setattr(bench, "target_matches", lambda cm, i, t, suffixes: matches[: len(suffixes)])
@@ -81,7 +82,7 @@ def test_bench_cli(tiny_dirs, tmp_path):
 
 @pytest.mark.parametrize("complies", [True, False])
 def test_universal_bench_times_the_suffix_to_the_rate_and_scores_it_unseen(tiny, complies):
-    from attacks.bench import bench_universal
+    from refusal.app.bench import bench_universal
     from refusal.judges import SubstringJudge
 
     class Fixed(SubstringJudge):  # every reply complies, or none does
@@ -155,7 +156,7 @@ def test_token_counter_counts_rows_times_positions_and_backward_apart(tiny):
 def test_rows_count_tokens_alike_and_split_the_step_time(tiny):
     """Both engines count the same backward tokens per step (one row of suffix, template and target), the
     native engine's token trace rises step by step, and each row splits its wall time into the parts."""
-    from attacks.bench import run_engine
+    from refusal.app.bench import run_engine
     from attacks.targets import default_target
 
     cfg = GCGConfig(search_width=16, topk=8, suffix_len=5, steps=3, early_stop=True)
@@ -178,7 +179,7 @@ def test_rows_count_tokens_alike_and_split_the_step_time(tiny):
 
 
 def test_a_time_limit_ends_both_engines_after_the_step_it_passes_in(tiny):
-    from attacks.bench import run_engine
+    from refusal.app.bench import run_engine
     from attacks.gcg import GCG
 
     cfg = GCGConfig(search_width=8, topk=8, suffix_len=4, steps=50, max_time_s=1e-6)
@@ -199,7 +200,7 @@ def _row(success, t, k, cpu="cpu A"):
 
 
 def test_time_to_asr_speedup_compares_the_costs_of_reaching_the_references_rate():
-    from attacks.bench import bench_figures, bootstrap_median, to_asr_speedup
+    from refusal.app.bench_figures import bench_figures, bootstrap_median, to_asr_speedup
 
     ref = [_row(True, 40, 4000), _row(False, 0, 0), _row(True, 10, 1000), _row(False, 0, 0, cpu="cpu B")]
     ours = [_row(True, 5, 800), _row(True, 20, 1600), _row(False, 0, 0), _row(True, 2, 100, cpu="cpu B")]
@@ -227,7 +228,7 @@ def test_time_to_asr_speedup_compares_the_costs_of_reaching_the_references_rate(
 
 
 def test_the_bench_prompts_are_the_first_n_of_one_order(tmp_path):
-    from attacks.bench import bench_prompts
+    from refusal.app.bench import bench_prompts
 
     assert bench_prompts(6)[:3] == bench_prompts(3) and len(set(bench_prompts(12))) == 12
     f = tmp_path / "p.txt"
@@ -238,7 +239,7 @@ def test_the_bench_prompts_are_the_first_n_of_one_order(tmp_path):
 
 
 def test_a_bench_resumes_row_by_row_and_grows_by_prompts(tiny, tmp_path, monkeypatch):
-    import attacks.bench as bench
+    import refusal.app.bench as bench
 
     cfg = GCGConfig(search_width=8, topk=8, suffix_len=4)
     rows = tmp_path / "b_rows.jsonl"
@@ -305,7 +306,7 @@ def test_nanogcg_steps_are_split_into_parts_that_add_up(tiny):
 
 
 def test_a_whole_row_without_its_newline_stays_and_a_cut_one_goes(tmp_path):
-    from attacks.bench import drop_cut_line
+    from refusal.app.bench import drop_cut_line
 
     f = tmp_path / "r.jsonl"
     f.write_text('{"a": 1}\n{"b": 2}')
@@ -334,7 +335,7 @@ def test_a_part_timed_inside_another_counts_once():
 def test_nanogcg_can_run_past_its_own_early_stop(tiny, monkeypatch):
     """Without its early stop nanoGCG runs the budget (its first step that succeeds by the bench's rule still
     counts); the native engines keep theirs; rows of the two ways are keyed apart."""
-    import attacks.bench as bench
+    import refusal.app.bench as bench
 
     seen = {}
     real = bench.run_nanogcg

@@ -1,7 +1,7 @@
 """The capability cost of an intervention (refusal/capability.py): teacher-forced cross-entropy of
 reference replies and of plain text, on tiny random models with the real SmolLM2 template, against an
 independent computation, under the interventions and on an orthogonalized model; the borderline and
-general-text data files; and the capability columns of the paper table (analysis/reproduce.py,
+general-text data files; and the capability columns of the paper table (refusal/app/reproduce.py,
 `refusal reproduce`)."""
 import importlib.util
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from analysis.reproduce import CAPABILITY_COLUMNS, intervention_table, to_markdown
+from refusal.app.reproduce import CAPABILITY_COLUMNS, intervention_table, to_markdown
 from refusal import artifacts
 from refusal.capability import (cached_reference_replies, capability_row, reference_replies, reply_cross_entropy,
                                 reply_losses, text_cross_entropy, text_losses, token_losses)
@@ -239,14 +239,14 @@ class _Reproduce:
     """`refusal reproduce` through the CLI, with the stage module's data functions patchable."""
 
     def __init__(self):
-        import analysis.reproduce as stage
+        import refusal.app.reproduce as stage
 
         self.stage = stage
         self.builtin_prompts, self.builtin_texts = stage.builtin_prompts, stage.builtin_texts
 
     @staticmethod
     def main(argv) -> int:
-        from refusal.cli import main
+        from refusal.app.cli import main
 
         return main(["reproduce", *argv])
 

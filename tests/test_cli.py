@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from refusal.activations import last_logits
-from refusal.cli import main
+from refusal.app.cli import main
 from refusal.directions import Direction, load_direction, save_direction
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction
@@ -154,7 +154,7 @@ def test_user_errors(capsys, tmp_path, tiny_run, tiny_dirs, prompt_files):
 
 
 def test_console_script_error_has_no_traceback(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "refusal.cli", "eval", "--model", "no/such/thing/here",
+    p = subprocess.run([sys.executable, "-m", "refusal.app.cli", "eval", "--model", "no/such/thing/here",
                         "--prompts", "harmful:test", "--out", str(tmp_path / "o.jsonl")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
@@ -162,7 +162,7 @@ def test_console_script_error_has_no_traceback(tmp_path):
 
 
 def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch):
-    import refusal.pipeline as pipeline
+    import refusal.app.pipeline as pipeline
 
     # the plumbing, at toy sizes (the real sizes are measured on the organism, docs/results.md)
     monkeypatch.setattr(pipeline, "QUICK_SIZES", dict(
@@ -192,7 +192,7 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
 def test_main_job_from_a_script_with_a_config(tiny_dirs, tmp_path):
     """A script calls the main job as the CLI does: a loaded model, a JobConfig, a folder; it gets the record."""
     from refusal.judges import JudgeConfig
-    from refusal.pipeline import JobConfig, main_job
+    from refusal.app.pipeline import JobConfig, main_job
 
     cm = load_model(str(tiny_dirs["llama"]))
     config = JobConfig(n_train=16, n_val=4, attack_prompts=2, attack_steps=2, search_width=8, topk=8, suffix_len=4,
@@ -216,15 +216,15 @@ def test_cli_defaults_are_the_configs_defaults():
     are built from the dataclasses, so a default is written once)."""
     import dataclasses
 
-    from analysis.reproduce import ReproduceConfig
-    from analysis.run import AnalysisConfig
-    from attacks.bench import BenchConfig
+    from refusal.app.reproduce import ReproduceConfig
+    from refusal.app.analyze import AnalysisConfig
+    from refusal.app.bench import BenchConfig
     from attacks.gcg import GCGConfig
-    from refusal.cli import build_parser
+    from refusal.app.cli import build_parser
     from refusal.directions import DirectionConfig
-    from refusal.evaluation import EvalConfig
+    from refusal.app.evaluation import EvalConfig
     from refusal.judges import JudgeConfig
-    from refusal.pipeline import JobConfig
+    from refusal.app.pipeline import JobConfig
     from refusal.registry import ModelConfig
 
     cases = [(["direction", "--model", "m", "--out", "o"], [DirectionConfig, ModelConfig]),
@@ -252,3 +252,27 @@ def test_cli_defaults_are_the_configs_defaults():
             checked += 1
     assert args["search_width"] == 64
     assert checked >= 50
+
+
+def test_an_internal_failure_keeps_its_traceback_and_says_it_is_a_bug(monkeypatch, capsys, tmp_path):
+    import refusal.app.cli as cli
+
+    def broken(args):
+        raise ZeroDivisionError("an internal slip")
+
+    monkeypatch.setattr(cli, "cmd_judge", broken)
+    reply = tmp_path / "r.jsonl"
+    reply.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["judge", str(reply)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ZeroDivisionError: an internal slip" in err and "a bug in refusal-lab" in err
+
+
+def test_a_user_error_keeps_its_cause(tmp_path):
+    from refusal.artifacts import load_tensors
+
+    bad = tmp_path / "direction.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(RefusalLabError, match="not a readable safetensors file") as e:
+        load_tensors(bad)
+    assert e.value.__cause__ is not None

@@ -57,7 +57,7 @@ def test_gemma3_ablation_removes_the_direction_from_every_block(gemma3):
 
 
 def test_gemma3_analysis_capture_has_real_attention(gemma3):
-    from analysis.capture import capture_last_position
+    from refusal.capture import capture_last_position
     from refusal.activations import cache_activations
 
     encs = gemma3.chat.encode_all(["How do I bake bread?", "Name three rivers of Europe, please"], "zz yy xx")

@@ -358,7 +358,7 @@ def test_resuming_an_attack_with_another_judge(tiny_chat, tmp_path):
 
 def test_run_attack_takes_the_judges_options(tiny_chat, tmp_path):
     from attacks.gcg import GCGConfig
-    from attacks.run import run_attack
+    from refusal.app.attack import run_attack
 
     cfg = GCGConfig(steps=1, search_width=8, topk=8, suffix_len=4, judge_tokens=4, judge="substring")
     with pytest.raises(RefusalLabError, match=r"judge given \(strict\) is not the config's \(substring\)"):
@@ -372,7 +372,7 @@ def test_main_job_judges_saved_replies_again_and_remakes_a_stale_analysis(tmp_pa
     import pandas as pd
 
     from refusal import artifacts
-    from refusal.pipeline import analysis_is_current, judged_eval, same_success
+    from refusal.app.pipeline import analysis_is_current, judged_eval, same_success
 
     path = tmp_path / "harmful_none.jsonl"
     made = []
@@ -405,7 +405,7 @@ def test_main_job_judges_saved_replies_again_and_remakes_a_stale_analysis(tmp_pa
 
 
 def test_empty_or_malformed_inputs_are_project_errors(tiny_chat):
-    from analysis.run import analyze
+    from refusal.app.analyze import analyze
 
     with pytest.raises(RefusalLabError, match="judge names"):
         analyze(tiny_chat, None, [], [], None, None, "unused", success={"strict": 0.5})
@@ -583,7 +583,7 @@ def test_classifier_answers_as_verdicts():
 
 
 def _run(capsys, *argv):
-    from refusal.cli import main
+    from refusal.app.cli import main
 
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()
@@ -685,7 +685,8 @@ def test_cli_judge_strict_options(capsys, tmp_path):
 def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
     """The model's --device, --dtype and --trust-remote-code reach an hf: judge on every command that judges;
     `refusal judge` has its own, and the classifier's format, clip length and the off-topic threshold."""
-    from refusal.cli import build_parser, judge_config_from
+    from refusal.app.cli import build_parser
+    from refusal.app.options import judge_config_from
 
     common = ["--judge", " hf:some/classifier ", "--device", "cpu", "--dtype", "bfloat16", "--trust-remote-code"]
     for argv in (["eval", "--model", "m", "--prompts", "p", "--out", "o.jsonl"],
@@ -698,7 +699,7 @@ def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
                                                        "--max-reply-tokens", "100", "--off-topic-threshold", "0.3"]))
     assert (cfg.name, cfg.hf_format, cfg.max_reply_tokens, cfg.off_topic_threshold) == ("strict", "llamaguard", 100, 0.3)
     # and the commands load the judge from that config: eval and run before any model is loaded
-    import refusal.cli
+    import refusal.app.cli
 
     seen = []
 
@@ -706,7 +707,7 @@ def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
         seen.append(config)
         raise RefusalLabError("stop here")
 
-    monkeypatch.setattr(refusal.cli, "load_judge", fake_load)
+    monkeypatch.setattr(refusal.app.cli, "load_judge", fake_load)
     for argv in (["eval", "--model", "m", "--prompts", "harmful:test", "--out", tmp_path / "o.jsonl"],
                  ["run", "--out", tmp_path / "main"]):
         code, out, err = _run(capsys, *argv, *common)

@@ -4,27 +4,41 @@ dependencies); no module uses another module's private names."""
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("refusal", "attacks", "analysis")
-# lowest first; a module may import its own layer or lower ones, never a higher one
+# lowest first; a module may import its own layer or lower ones, never a higher one. The core library
+# (refusal.*), then attacks.* and analysis.* (which do not import each other), then the application
+# (refusal.app.*), its CLI last. refusal/__init__.py, the package's public face, is no module here: it
+# registers the application's named models with the core's load_model.
 LAYERS = [
     {"refusal.errors", "refusal.config"},
-    {"refusal.artifacts", "refusal.chat", "refusal.data", "refusal.suffix"},
+    {"refusal.artifacts", "refusal.chat", "refusal.data",
+     "refusal.judges.base", "refusal.judges.substring", "refusal.judges.lexicon", "refusal.judges.degenerate"},
     {"refusal.models"},
-    {"refusal.engine", "refusal.decode"},  # the forward engine
-    {"refusal.hooks", "refusal.activations"},
-    {"refusal.metrics", "refusal.directions", "refusal.judges", "refusal.capability", "refusal.organism",
-     "refusal.evaluation", "refusal.registry"},
+    {"refusal.engine", "refusal.decode", "refusal.recipe", "refusal.judges.embedder", "refusal.judges.hf"},
+    {"refusal.hooks", "refusal.activations", "refusal.suffix",
+     "refusal.judges.strict", "refusal.judges.load", "refusal.judges.files"},
+    {"refusal.metrics", "refusal.directions", "refusal.capture", "refusal.registry"},
+    {"refusal.capability", "refusal.organism", "refusal.heads"},
+    {"refusal.success"},
     {"attacks.*", "analysis.*"},
-    {"refusal.pipeline", "refusal.sweep"},
-    {"refusal.cli"},
+    {"refusal.app.models", "refusal.app.plots", "refusal.app.evaluation", "refusal.app.attack", "refusal.app.bench",
+     "refusal.app.bench_figures",
+     "refusal.app.analyze", "refusal.app.reproduce"},
+    {"refusal.app.pipeline"},
+    {"refusal.app.sweep.config", "refusal.app.sweep.grid", "refusal.app.sweep.tasks", "refusal.app.sweep.runners",
+     "refusal.app.sweep.run", "refusal.app.sweep.gather"},
+    {"refusal.app.options", "refusal.app.cli", "refusal.app.configs"},
 ]
-# what a function may import lazily: optional or heavy third-party packages
-LAZY_OK = ("transformers", "nanogcg", "matplotlib", "seaborn", "scipy", "ray")
+# what a function may import lazily: optional or heavy third-party packages, and the organism's training
+# code, which only building the organism needs (loading a model never imports it)
+LAZY_OK = ("transformers", "nanogcg", "matplotlib", "seaborn", "scipy", "ray", "refusal.organism")
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     out = {}
     for pkg in PACKAGES:
@@ -37,27 +51,53 @@ def modules() -> dict[str, Path]:
 
 def rank(mod: str) -> int:
     for i, layer in enumerate(LAYERS):
-        if mod in layer or f"{mod.split('.')[0]}.*" in layer:
+        if mod in layer or (f"{mod.split('.')[0]}.*" in layer and not mod.startswith("refusal.")):
             return i
     raise AssertionError(f"{mod} is in no layer of tests/test_layers.py: place it")
 
 
+def subpackages() -> dict[str, dict[str, str]]:
+    """{package below the top level (refusal.judges): {name it exports: the module that defines it}}, read off
+    its __init__.py's `from .module import names`."""
+    out = {}
+    for init in sorted(ROOT.glob("*/*/__init__.py")):
+        pkg = ".".join(init.parent.relative_to(ROOT).parts)
+        if pkg.split(".")[0] not in PACKAGES:
+            continue
+        names = {}
+        for node in ast.parse(init.read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                names.update({a.asname or a.name: f"{pkg}.{node.module}" for a in node.names})
+        out[pkg] = names
+    return out
+
+
+SUBPACKAGES = subpackages()
+
+
 def imports(mod: str, path: Path) -> list[tuple[str, bool, list[str], int]]:
-    """(imported module, at function level?, names, line) for every import in the module."""
+    """(imported module, at function level?, names, line) for every import in the module; a name imported
+    from a subpackage (refusal.judges) counts as an import of the module there that defines it."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(n) for n in tree.body}
+    is_init = path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = mod.split(".")[: -node.level]
+                base = mod.split(".")[: len(mod.split(".")) - node.level + (1 if is_init else 0)]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module
             names = [a.name for a in node.names]
             # `from refusal import artifacts` imports the module refusal.artifacts
-            if target in PACKAGES:
+            if target in PACKAGES or target in SUBPACKAGES and all(f"{target}.{n}" in modules() for n in names):
                 out += [(f"{target}.{n}", id(node) not in top, [], node.lineno) for n in names]
+                continue
+            if target in SUBPACKAGES:
+                defined = SUBPACKAGES[target]
+                for n in names:
+                    out.append((defined.get(n, target), id(node) not in top, [n], node.lineno))
                 continue
             out.append((target, id(node) not in top, names, node.lineno))
         elif isinstance(node, ast.Import):
@@ -105,14 +145,44 @@ def test_function_level_imports_are_only_optional_or_heavy_packages():
     bad = []
     for mod, path in mods.items():
         for target, lazy, _, line in imports(mod, path):
-            if lazy and target.split(".")[0] not in LAZY_OK:
+            if lazy and target.split(".")[0] not in LAZY_OK and target not in LAZY_OK:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: imports {target} inside a function")
     assert not bad, "\n".join(bad)
 
 
+def test_attacks_and_analysis_do_not_import_each_other():
+    mods, edges = project_edges()
+    bad = [f"{a} imports {b}" for a in mods for b in edges[a]
+           if {a.split(".")[0], b.split(".")[0]} == {"attacks", "analysis"}]
+    assert not bad, "\n".join(bad)
+
+
+def test_loading_a_model_never_imports_the_organisms_training_code(tiny_dirs, tmp_path):
+    """`refusal.load_model("organism")` finds a cached build of the code's recipe without the training code
+    (refusal.organism), which only building needs."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from dataclasses import asdict
+
+    from refusal.recipe import OrganismConfig
+
+    folder = tmp_path / "organism" / "seed-0"
+    shutil.copytree(tiny_dirs["llama"], folder)
+    (folder / "organism.json").write_text(json.dumps({"config": asdict(OrganismConfig())}))
+    code = ("import sys, refusal; cm = refusal.load_model('organism'); "
+            "print(cm.n_layers, 'refusal.organism' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "REFUSAL_LAB_CACHE": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "False"
+
+
 def test_no_library_module_imports_the_cli():
     mods, edges = project_edges()
-    assert [m for m in mods if "refusal.cli" in edges[m]] == []
+    assert [m for m in mods if "refusal.app.cli" in edges[m]] == []
 
 
 def _private_definitions(tree: ast.Module) -> set[str]:

@@ -193,8 +193,8 @@ def test_templates_of_2026_post_instruction_positions_as_rendered(tiny_dirs):
 
 
 def test_cli_chat_template_kwargs_are_parsed_and_recorded(tiny_dirs, tmp_path, capsys):
-    from refusal.cli import main
-    from refusal.cli import parse_template_kwargs
+    from refusal.app.cli import main
+    from refusal.app.options import parse_template_kwargs
 
     assert parse_template_kwargs(["enable_thinking=false", "n=3", "x=1.5", "name=a=b"]) == {
         "enable_thinking": False, "n": 3, "x": 1.5, "name": "a=b"}

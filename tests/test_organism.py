@@ -11,7 +11,7 @@ from refusal.directions import compute_direction, mean_diffs
 from refusal.hooks import ablate_direction, add_direction
 from refusal.metrics import refusal_rate
 from refusal.registry import load_model
-from refusal.organism import organism_path
+from refusal.app.models import organism_path
 
 pytestmark = pytest.mark.integration
 

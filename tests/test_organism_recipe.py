@@ -119,15 +119,16 @@ def test_a_build_with_the_harmless_projection_term_and_bfloat16(tmp_path, tiny_d
 def test_cached_organism_is_reused_and_old_records_mean_the_recipe_before_their_fields(tmp_path, monkeypatch):
     """A build record written before a config field existed means what the recipe did before it; a cached
     organism whose record matches the code's recipe is reused, any other is rebuilt."""
-    from refusal import organism
+    from refusal import organism, recipe
+    from refusal.app import models
 
-    old = {k: v for k, v in asdict(OrganismConfig()).items() if k not in organism.BEFORE_FIELD}
-    assert organism.recorded_config({"config": old}) == asdict(replace(OrganismConfig(), **organism.BEFORE_FIELD))
-    assert organism.recorded_config({"config": old}) != asdict(OrganismConfig())  # so it is rebuilt
-    assert organism.recorded_config({}) is None
+    old = {k: v for k, v in asdict(OrganismConfig()).items() if k not in recipe.BEFORE_FIELD}
+    assert recipe.recorded_config({"config": old}) == asdict(replace(OrganismConfig(), **recipe.BEFORE_FIELD))
+    assert recipe.recorded_config({"config": old}) != asdict(OrganismConfig())  # so it is rebuilt
+    assert recipe.recorded_config({}) is None
 
     monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
-    path = organism.organism_dir(0)
+    path = recipe.organism_dir(0)
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
     (path / "organism.json").write_text(json.dumps({"config": asdict(OrganismConfig())}))
@@ -136,11 +137,11 @@ def test_cached_organism_is_reused_and_old_records_mean_the_recipe_before_their_
         raise AssertionError("rebuilt")
 
     monkeypatch.setattr(organism, "build_organism", no_build)
-    assert organism.organism_path(0) == path
+    assert models.organism_path(0) == path
     for record in ({"config": {**asdict(OrganismConfig()), "lr": 1.0}}, {"config": old}):  # another recipe: rebuilt
         (path / "organism.json").write_text(json.dumps(record))
         with pytest.raises(AssertionError, match="rebuilt"):
-            organism.organism_path(0)
+            models.organism_path(0)
 
 
 def test_variant_script_overrides():

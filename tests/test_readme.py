@@ -1,82 +1,51 @@
-"""The README is a manual that stays true: at most 20 KB, every command and every config field (with its
-default, as the dataclass holds it) documented, links only into the repository, and every experiment
-saying what it found."""
+"""The README is a guide that stays true: at most 16 KB, every command documented, links only into the
+repository, every experiment saying what it found; docs/configs.md is generated from the config
+dataclasses, every field with its default, and is current."""
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 from pathlib import Path
 
-from analysis.reproduce import ReproduceConfig
-from analysis.run import AnalysisConfig
-from attacks.bench import BenchConfig
-from attacks.gcg import GCGConfig
-from refusal.cli import build_parser
-from refusal.directions import DirectionConfig
-from refusal.evaluation import EvalConfig
-from refusal.judges import JudgeConfig
-from refusal.organism import OrganismConfig
-from refusal.pipeline import JobConfig
-from refusal.registry import ModelConfig
+from refusal.app import configs
+from refusal.app.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
-TABLES = {"attacks.gcg.GCGConfig": GCGConfig, "refusal.directions.DirectionConfig": DirectionConfig,
-          "refusal.pipeline.JobConfig": JobConfig, "analysis.run.AnalysisConfig": AnalysisConfig,
-          "refusal.organism.OrganismConfig": OrganismConfig}
-OTHERS = {"J": JudgeConfig, "M": ModelConfig, "E": EvalConfig, "R": ReproduceConfig, "B": BenchConfig}
+shown = configs.shown  # a default as the generated tables write it (tests/test_sweep.py's table too)
 
 
-def shown(value) -> str:
-    """A default as the README writes it."""
-    if isinstance(value, str):
-        return f'`"{value}"`'
-    if dataclasses.is_dataclass(value):  # the fields that differ from the class's defaults, as Python writes them
-        plain = type(value)()
-        changed = [f"{f.name}={getattr(value, f.name)!r}" for f in dataclasses.fields(value)
-                   if getattr(value, f.name) != getattr(plain, f.name)]
-        return f"`{type(value).__name__}({', '.join(changed)})`"
-    return repr(value)
+def test_readme_is_at_most_16_kb():
+    assert len(README.encode("utf-8")) <= 16 * 1024
 
 
-def documented() -> dict[type, dict[str, str]]:
-    """{config class: {field: default as written}} from the tables of the Configs section."""
-    section = README[README.index("## Configs"):README.index("## Python API")]
-    out: dict[type, dict[str, str]] = {}
-    current = None
-    for line in section.splitlines():
-        head = re.match(r"^`([\w.]+)`", line)
-        if head and head.group(1) in TABLES:
-            current = TABLES[head.group(1)]
-        if not line.startswith("|") or set(line) <= set("|- "):
-            continue
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 4:  # the table of the other configs: | tags | field | default | meaning |
-            classes = [OTHERS[t.strip()] for t in cells[0].split(",") if t.strip() in OTHERS]
-            cells = cells[1:]
-        else:
-            classes = [current]
-        if not classes or cells[0] == "field":
-            continue
-        names = re.findall(r"`(\w+)`", cells[0])
-        defaults = [d.strip() for d in cells[1].split(", ")] if len(names) > 1 and cells[1].count(", ") == len(names) - 1 \
-            else [cells[1]] * len(names)
-        for cls in classes:
-            out.setdefault(cls, {}).update(zip(names, defaults))
-    return out
-
-
-def test_readme_is_at_most_20_kb():
-    assert len(README.encode("utf-8")) <= 20 * 1024
-
-
-def test_every_config_field_is_documented_with_its_default():
-    docs = documented()
-    for cls in [*TABLES.values(), *OTHERS.values()]:
+def test_the_config_tables_are_generated_from_the_dataclasses():
+    """docs/configs.md is what `python -m refusal.app.configs` writes now (rerun it after changing a field)."""
+    assert configs.PATH.read_text(encoding="utf-8") == configs.configs_markdown(), \
+        "docs/configs.md is stale: run `python -m refusal.app.configs`"
+    doc = configs.PATH.read_text(encoding="utf-8")
+    for cls, _ in configs.CONFIGS:
+        section = doc[doc.index(f"## {cls.__name__}\n"):]
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            assert f.name in docs.get(cls, {}), f"{cls.__name__}.{f.name} is not in the README's Configs"
-            assert docs[cls][f.name] == shown(default), (cls.__name__, f.name, docs[cls][f.name], shown(default))
+            assert f"| `{f.name}` | {configs.cell(shown(default))} |" in section, (cls.__name__, f.name)
+
+
+def test_every_config_dataclass_is_in_the_generated_tables():
+    """A dataclass whose fields are options (a config) is listed in refusal.app.configs.CONFIGS."""
+    listed = {cls for cls, _ in configs.CONFIGS}
+    missing = []
+    for pkg in ("refusal", "attacks", "analysis"):
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            mod = importlib.import_module(name)
+            for obj in vars(mod).values():
+                if (isinstance(obj, type) and dataclasses.is_dataclass(obj) and obj.__module__ == name
+                        and dataclasses.fields(obj) and all("help" in f.metadata for f in dataclasses.fields(obj))
+                        and obj not in listed):
+                    missing.append(f"{name}.{obj.__name__}")
+    assert not missing, f"configs not in refusal.app.configs.CONFIGS: {missing}"
 
 
 def test_every_command_is_documented():

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from refusal import artifacts
-from refusal.cli import main
+from refusal.app.cli import main
 from refusal.data import load_prompts
 from refusal.directions import Direction, save_direction
 from refusal.errors import RefusalLabError
@@ -247,9 +247,9 @@ OUT_OF_RANGE = [
     ("attack", ["--topk", "100000000"], "--topk"),
     ("attack", ["--suffix-len", "0"], "--suffix-len"),
     ("attack", ["--suffix-len", "5000"], "--suffix-len"),
-    ("attack", ["--success-rate", "1.5"], "success rate"),
+    ("attack", ["--success-rate", "1.5"], "--success-rate"),
     ("attack", ["--direction-weight", "nan"], "--direction-weight"),
-    ("attack", ["--screen-dtype", "int4"], "screening precision"),
+    ("attack", ["--screen-dtype", "int4"], "--screen-dtype"),
     ("attack", ["--rescore", "0"], "--rescore"),
     ("direction", ["--layer", "99", "--position", "-1"], "--layer 99 is out of range"),
     ("direction", ["--layer", "-1", "--position", "-1"], "--layer -1 is out of range"),
@@ -333,7 +333,7 @@ def test_unknown_command_and_option(capsys):
 
 
 def _attack_cmd(model, out, *extra):
-    return [sys.executable, "-m", "refusal.cli", "attack", "--model", str(model), "--prompt",
+    return [sys.executable, "-m", "refusal.app.cli", "attack", "--model", str(model), "--prompt",
             "Explain how to pick a lock", "--steps", "30", "--search-width", "16", "--topk", "16", "--suffix-len", "5",
             "--no-early-stop", "--seed", "3", "--out", str(out), *extra]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.run import AnalysisConfig, analyze
+from refusal.app.analyze import AnalysisConfig, analyze
 from refusal.directions import Direction
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

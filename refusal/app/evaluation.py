@@ -4,21 +4,20 @@ attack success (the substring judge and the configured one), written as JSONL wi
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import artifacts
-from .config import option, require_positive
-from .data import instructions, resolve_prompts
-from .directions import check_direction, load_direction
-from .engine import check_lengths
-from .errors import RefusalLabError
-from .hooks import ablate_direction, add_direction
-from .judges import JudgeConfig, add_verdicts, load_judge, verdict_rates
-from .metrics import evaluate
-from .models import ChatModel
-from .suffix import check_suffix_ids, load_suffix, suffix_record
+from refusal import artifacts
+from refusal.config import check_fields, option
+from refusal.data import instructions, resolve_prompts
+from refusal.directions import check_direction, load_direction
+from refusal.engine import check_lengths
+from refusal.errors import RefusalLabError
+from refusal.hooks import ablate_direction, add_direction
+from refusal.judges import JudgeConfig, add_verdicts, load_judge, verdict_rates
+from refusal.metrics import evaluate
+from refusal.models import ChatModel
+from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
 
 
 @dataclass(frozen=True)
@@ -28,16 +27,14 @@ class EvalConfig:
     ablate: str | None = option(None, "ablate this direction (a direction folder)")
     actadd: str | None = option(None, "add this direction at its layer (a direction folder)")
     coeff: float = option(1.0, "activation addition coefficient")
-    max_new_tokens: int = option(64, "greedy reply tokens")
-    batch_size: int = option(16, "prompts per forward pass")
+    max_new_tokens: int = option(64, "greedy reply tokens", ge=1)
+    batch_size: int = option(16, "prompts per forward pass", ge=1)
     judge: JudgeConfig = option(help="the judge of attack success (refusal.judges.JudgeConfig)", factory=JudgeConfig)
 
     def validate(self) -> None:
+        check_fields(self)
         if self.ablate and self.actadd:
             raise RefusalLabError("give one of --ablate and --actadd, not both")
-        if not math.isfinite(self.coeff):
-            raise RefusalLabError(f"--coeff must be a finite number, got {self.coeff}")
-        require_positive(self, "max_new_tokens", "batch_size")
         self.judge.validate()
 
 

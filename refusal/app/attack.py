@@ -13,10 +13,11 @@ from refusal.errors import RefusalLabError
 from refusal.judges import judge_name, load_judge
 from refusal.models import ChatModel
 
-from .evaluate import suffix_success
-from .gcg import STEP_PARTS, GCG, AttackResult, GCGConfig, comparable_config, config_dict, random_suffix_ids
-from .reference import check_probe_sampling, require_nanogcg, run_nanogcg
-from .targets import default_target
+from attacks.gcg import STEP_PARTS, GCG, AttackResult, GCGConfig, comparable_config, config_dict
+from refusal.suffix import random_suffix_ids
+from attacks.reference import check_probe_sampling, require_nanogcg, run_nanogcg
+from attacks.targets import default_target
+from refusal.success import suffix_success
 
 log = logging.getLogger(__name__)
 

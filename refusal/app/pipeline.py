@@ -5,7 +5,6 @@ folder."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import shutil
@@ -16,19 +15,19 @@ from typing import Callable
 
 import pandas as pd
 
-from analysis.run import AnalysisConfig, analyze
 from attacks.gcg import GCGConfig, universal_patience
-from attacks.run import run_attack
+from refusal.app.analyze import AnalysisConfig, analyze
+from refusal.app.attack import run_attack
 
-from . import artifacts
-from .config import as_dict, option
-from .data import builtin_prompts, instructions
-from .directions import DirectionConfig, find_direction, load_direction
-from .errors import RefusalLabError
-from .hooks import ablate_direction, add_direction
-from .judges import JudgeConfig, add_verdicts, load_judge
-from .metrics import evaluate
-from .models import ChatModel, seed_everything
+from refusal import artifacts
+from refusal.config import as_dict, check_fields, option
+from refusal.data import builtin_prompts, instructions
+from refusal.directions import DirectionConfig, find_direction, load_direction
+from refusal.errors import RefusalLabError
+from refusal.hooks import ablate_direction, add_direction
+from refusal.judges import JudgeConfig, add_verdicts, load_judge
+from refusal.metrics import evaluate
+from refusal.models import ChatModel, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -37,19 +36,19 @@ log = logging.getLogger(__name__)
 class JobConfig:
     """The main job: its sizes (the full job's by default; JobConfig.quick() for a fast look), seed and judge."""
 
-    n_train: int = option(128, "direction: harmful and harmless training prompts each")
-    n_val: int = option(16, "direction: validation prompts each")
-    attack_prompts: int = option(6, "universal suffix: harmful training prompts it is optimized on")
+    n_train: int = option(128, "direction: harmful and harmless training prompts each", ge=1)
+    n_val: int = option(16, "direction: validation prompts each", ge=1)
+    attack_prompts: int = option(6, "universal suffix: harmful training prompts it is optimized on", ge=1)
     # the attack stops early once all its training prompts succeed
-    attack_steps: int = option(60, "universal suffix: GCG steps at most")
-    search_width: int = option(64, "universal suffix: candidates per step")
-    topk: int = option(64, "universal suffix: top-k tokens per position")
-    suffix_len: int = option(16, "universal suffix: tokens")
-    n_test: int = option(100, "evaluation and analysis: held-out test prompts of each kind")
-    new_tokens: int = option(48, "greedy reply tokens judged per reply")
-    top_k: int = option(8, "analysis: refusal heads")
-    batch_size: int = option(32, "prompts per forward pass")
-    seed: int = option(0, "seed of the direction's prompt sampling, the attack and the random suffix")
+    attack_steps: int = option(60, "universal suffix: GCG steps at most", ge=1)
+    search_width: int = option(64, "universal suffix: candidates per step", ge=1)
+    topk: int = option(64, "universal suffix: top-k tokens per position", ge=1)
+    suffix_len: int = option(16, "universal suffix: tokens", ge=1)
+    n_test: int = option(100, "evaluation and analysis: held-out test prompts of each kind", ge=1)
+    new_tokens: int = option(48, "greedy reply tokens judged per reply", ge=1)
+    top_k: int = option(8, "analysis: refusal heads", ge=1)
+    batch_size: int = option(32, "prompts per forward pass", ge=1)
+    seed: int = option(0, "seed of the direction's prompt sampling, the attack and the random suffix", ge=0)
     judge: JudgeConfig = option(help="the judge of attack success (refusal.judges.JudgeConfig)", factory=JudgeConfig)
     resume: bool = option(False, "reuse the stages already finished in the run folder (and continue the attack)")
     force: bool = option(False, "delete the run folder and start over")
@@ -66,10 +65,7 @@ class JobConfig:
         return all(getattr(self, k) == v for k, v in QUICK_SIZES.items())
 
     def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, int) and not isinstance(v, bool) and f.name != "seed" and v < 1:
-                raise RefusalLabError(f"{f.name.replace('_', '-')} must be >= 1, got {v}")
+        check_fields(self)
         if self.resume and self.force:
             raise RefusalLabError("--resume and --force contradict each other; choose one")
         self.judge.validate()

@@ -15,7 +15,7 @@ import pandas as pd
 from refusal import artifacts
 from refusal.activations import cache_activations, last_logits
 from refusal.capability import capability_row, cached_reference_replies
-from refusal.config import as_dict, option, require_positive
+from refusal.config import as_dict, check_fields, option
 from refusal.data import builtin_prompts, builtin_texts, instructions, prompt_hash, text_hash
 from refusal.directions import Direction, DirectionConfig, find_direction, load_direction
 from refusal.errors import RefusalLabError
@@ -23,7 +23,7 @@ from refusal.hooks import ablate_direction, add_direction, orthogonalize
 from refusal.metrics import evaluate, kl_divergence
 from refusal.models import ChatModel
 
-from .pca import first_separating_layer, layer_pca, plot_layer_pca
+from analysis.pca import first_separating_layer, layer_pca, plot_layer_pca
 
 log = logging.getLogger(__name__)
 
@@ -96,15 +96,15 @@ class ReproduceConfig:
     """The paper table (`refusal reproduce`): the direction, the intervention table on the test split with
     its capability columns, and the PCA of harmful vs harmless activations at every layer."""
 
-    max_new_tokens: int = option(32, "greedy reply tokens judged per reply (refusal by the substring judge)")
-    reference_tokens: int = option(64, "tokens of each reference reply the reply cross-entropy is measured on")
+    max_new_tokens: int = option(32, "greedy reply tokens judged per reply (refusal by the substring judge)", ge=1)
+    reference_tokens: int = option(64, "tokens of each reference reply the reply cross-entropy is measured on", ge=1)
     direction: DirectionConfig = option(help="how the direction is found when the run folder has none",
                                         factory=DirectionConfig)
     force: bool = option(False, "recompute the table (a finished one is reused if made with the same model, "
                                 "reference model, reference_tokens and max_new_tokens)")
 
     def validate(self) -> None:
-        require_positive(self, "max_new_tokens", "reference_tokens")
+        check_fields(self)
         self.direction.validate()
 
 

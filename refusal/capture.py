@@ -15,10 +15,10 @@ from typing import Sequence
 
 import torch
 
-from refusal.engine import eager_attention, forward_outputs
-from refusal.chat import Encoded
-from refusal.hooks import Hook, capture_hooks, hooked
-from refusal.models import ChatModel
+from .engine import eager_attention, forward_outputs
+from .chat import Encoded
+from .hooks import Hook, capture_hooks, hooked
+from .models import ChatModel
 
 REGIONS = ("instruction", "suffix", "other")
 

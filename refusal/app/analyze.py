@@ -7,23 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from attacks.evaluate import suffix_success
-from attacks.gcg import random_suffix_ids
+from refusal.suffix import random_suffix_ids
 from refusal import artifacts
-from refusal.config import option, require_positive
+from refusal.config import check_fields, option
 from refusal.data import instructions, resolve_prompts
 from refusal.directions import Direction, check_direction
 from refusal.engine import check_lengths
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig, load_judge
 from refusal.models import ChatModel
+from refusal.success import suffix_success
 from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
 
-from .capture import capture_last_position
-from .heads import attention_table_from, contributions, heads_table, top_heads
-from .plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
-from .projection import condition_encodings, projection_table
-from .report import headline_numbers, headline_sentences, success_frame, write_report
+from analysis.plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
+from analysis.projection import condition_encodings, projection_table
+from analysis.report import headline_numbers, headline_sentences, success_frame, write_report
+from refusal.capture import capture_last_position
+from refusal.heads import attention_table_from, contributions, heads_table, top_heads
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +34,15 @@ class AnalysisConfig:
 
     harmful: str = option("harmful:test", "harmful prompts: a file or a built-in set")
     harmless: str = option("harmless:test", "harmless prompts: a file or a built-in set")
-    max_prompts: int | None = option(None, "use the first N prompts of each set (None: all)")
-    top_k: int = option(8, "refusal heads: the top k by direct contribution to the direction")
-    batch_size: int = option(16, "prompts per forward pass")
-    eval_tokens: int = option(48, "greedy reply tokens judged for attack success (0: not judged)")
+    max_prompts: int | None = option(None, "use the first N prompts of each set (None: all)", ge=1)
+    top_k: int = option(8, "refusal heads: the top k by direct contribution to the direction", ge=1)
+    batch_size: int = option(16, "prompts per forward pass", ge=1)
+    eval_tokens: int = option(48, "greedy reply tokens judged for attack success (0: not judged)", ge=0)
     judge: JudgeConfig = option(help="the judge of attack success (refusal.judges.JudgeConfig)", factory=JudgeConfig)
-    seed: int = option(0, "the random baseline suffix is drawn with seed + 1 (when the suffix's record has none)")
+    seed: int = option(0, "the random baseline suffix is drawn with seed + 1 (when the suffix's record has none)", ge=0)
 
     def validate(self) -> None:
-        require_positive(self, "top_k", "batch_size")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            raise RefusalLabError(f"max-prompts must be >= 1, got {self.max_prompts}")
-        if self.eval_tokens < 0:
-            raise RefusalLabError(f"--eval-tokens must be >= 0 (0 skips judging), got {self.eval_tokens}")
+        check_fields(self)
         self.judge.validate()
 
 

@@ -12,148 +12,35 @@ import json
 import logging
 import signal
 import sys
+import traceback
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from analysis.reproduce import ReproduceConfig, reproduce_paper
-from analysis.run import AnalysisConfig, analyze_suffix
-from attacks.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
-from attacks.gcg import OBJECTIVES, SUCCESS_CHECKS, TARGET_LOSSES, GCGConfig
-from attacks.run import ENGINES, check_attack, run_attack
-
-from . import artifacts
-from .config import field_info
-from .data import resolve_prompts
-from .directions import DirectionConfig, find_direction, load_direction, write_orthogonalized
-from .errors import RefusalLabError
-from .evaluation import EvalConfig, run_eval
-from .judges import HF_FORMATS, JudgeConfig, judge_file, load_judge
-from .models import seed_everything
-from .organism import OrganismConfig, build_organism
-from .pipeline import JobConfig, check_job, main_job
-from .registry import NAMED_MODELS, ModelConfig, load_model
-from .suffix import load_suffix
-from .sweep import EXECUTORS, SweepConfig, load_sweep_config, run_sweep, sweep_config
+from attacks.gcg import GCGConfig
+from refusal import artifacts
+from refusal.config import field_info
+from refusal.data import resolve_prompts
+from refusal.directions import DirectionConfig, find_direction, load_direction, write_orthogonalized
+from refusal.errors import RefusalLabError
+from refusal.judges import JudgeConfig, judge_file, load_judge
+from refusal.models import seed_everything
+from refusal.recipe import OrganismConfig
+from refusal.registry import load_model
+from refusal.suffix import load_suffix
+from refusal.app.analyze import AnalysisConfig, analyze_suffix
+from refusal.app.attack import check_attack, run_attack
+from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
+from refusal.app.evaluation import EvalConfig, run_eval
+from refusal.app.options import (SWEEP_OPTIONS, Parser, config_from, judge_arg, judge_config_from, model_args,
+                                 model_config, opt, positive, sweep_kw)
+from refusal.app.pipeline import JobConfig, check_job, main_job
+from refusal.app.reproduce import ReproduceConfig, reproduce_paper
+from refusal.app.sweep import EXECUTORS, SweepConfig, load_sweep_config, run_sweep, sweep_config
 
 log = logging.getLogger("refusal")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, status 2, no usage dump
-        raise RefusalLabError(f"{self.prog}: {message} (see --help)")
-
-
-def _positive(name: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 1, got {v}")
-        return v
-
-    return parse
-
-
-def _opt(p: argparse.ArgumentParser, cls, name: str, *flags: str, **kw) -> None:
-    """An option for config field `cls.name`: its default and help come from the field (refusal.config).
-    A bool field is a switch that turns it from its default; other types are parsed as the default's type
-    (or `type=`). `flags` (default --field-name) and any argparse keyword may be given."""
-    default, help_text = field_info(cls, name)
-    flags = flags or (f"--{name.replace('_', '-')}",)
-    kw.setdefault("default", default)
-    default = kw["default"]  # a command may start from other settings than the field's (the bench's attack)
-    if isinstance(default, bool):
-        kw.setdefault("action", "store_false" if default else "store_true")
-    elif "type" not in kw and "choices" not in kw and default is not None and "action" not in kw:
-        kind = type(default)
-        kw["type"] = _positive(flags[0]) if kind is int and default >= 1 else kind
-    shown = "" if isinstance(default, bool) or default is None else f" (default: {default})"
-    kw.setdefault("help", help_text + shown)
-    p.add_argument(*flags, dest=name, **kw)
-
-
-def _config(cls, args, **changes):
-    """A config of `cls` from the parsed options named like its fields (the others keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
-    return cls(**{**values, **changes})
-
-
-def _model_args(p: argparse.ArgumentParser, default: str | None = None, batch_size: int | None = None) -> None:
-    """The model options (ModelConfig's fields), and --batch-size (prompts per pass) when the stage has one."""
-    names = ", ".join(NAMED_MODELS)
-    p.add_argument("--model", required=default is None, default=default,
-                   help=f"{names}, a Hugging Face model folder, a hub id, or a .gguf file"
-                        + (f" (default: {default})" if default else ""))
-    _opt(p, ModelConfig, "device")
-    _opt(p, ModelConfig, "dtype")
-    _opt(p, ModelConfig, "chat_template")
-    p.add_argument("--chat-template-kwargs", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option the chat template reads, e.g. enable_thinking=false (repeatable; recorded)")
-    _opt(p, ModelConfig, "trust_remote_code")
-    if batch_size is not None:
-        p.add_argument("--batch-size", type=_positive("--batch-size"), default=batch_size,
-                       help=f"prompts per forward pass (default: {batch_size})")
-
-
-def _judge_arg(p: argparse.ArgumentParser, what: str = "attack success") -> None:
-    default, help_text = field_info(JudgeConfig, "name")
-    p.add_argument("--judge", default=default, metavar="NAME", help=f"the judge of {what}: {help_text} (default: {default})")
-
-
-def parse_template_kwargs(items: list[str]) -> dict:
-    """KEY=VALUE options for the chat template; true/false/none and numbers become what they say."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise RefusalLabError(f"--chat-template-kwargs takes KEY=VALUE (e.g. enable_thinking=false), got {item!r}")
-        low = value.strip().lower()
-        if low in ("true", "false"):
-            parsed = low == "true"
-        elif low in ("none", "null"):
-            parsed = None
-        else:
-            try:
-                parsed = int(value)
-            except ValueError:
-                try:
-                    parsed = float(value)
-                except ValueError:
-                    parsed = value
-        out[key.strip()] = parsed
-    return out
-
-
-def model_config(args) -> ModelConfig:
-    """The ModelConfig of the model options."""
-    return ModelConfig(model=args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                       chat_template=args.chat_template,
-                       chat_template_kwargs=parse_template_kwargs(getattr(args, "chat_template_kwargs", None) or []))
-
-
-def judge_config_from(options, **overrides) -> JudgeConfig:
-    """A JudgeConfig (validated) from the options: `judge` (the name), the model options `device`, `dtype` and
-    `trust_remote_code` (an hf: classifier is loaded with them, as the model is), and, where present and not
-    None, `hf_format`, `off_topic_threshold` and `max_reply_tokens`; `overrides` set any field."""
-    def get(key, default=None):
-        value = getattr(options, key, default)
-        return default if value is None else value
-
-    fields = dict(name=get("judge", field_info(JudgeConfig, "name")[0]), device=get("device"), dtype=get("dtype"),
-                  trust_remote_code=bool(get("trust_remote_code", False)))
-    for name in ("hf_format", "off_topic_threshold", "max_reply_tokens"):
-        if get(name) is not None:
-            fields[name] = get(name)
-    fields.update(overrides)
-    config = JudgeConfig(**fields)
-    config.validate()
-    return config
 
 
 def _load(args):
@@ -166,7 +53,7 @@ def _load(args):
 def cmd_direction(args) -> int:
     out = Path(args.out) / "direction"
     artifacts.check_out(out, force=args.force)  # fail before the slow part
-    config = _config(DirectionConfig, args)
+    config = config_from(DirectionConfig, args)
     config.validate()
     seed_everything(config.seed)
     cm = _load(args)
@@ -191,7 +78,7 @@ def cmd_orthogonalize(args) -> int:
 def cmd_eval(args) -> int:
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
-    config = _config(EvalConfig, args, judge=judge_config_from(args))
+    config = config_from(EvalConfig, args, judge=judge_config_from(args))
     config.validate()
     resolve_prompts(config.prompts)  # bad inputs fail before the model loads
     if config.suffix is not None:
@@ -211,6 +98,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_organism_build(args) -> int:
+    from refusal.organism import build_organism  # the training code, imported only to build
+
     path = build_organism(OrganismConfig(seed=args.seed), force=args.force)
     rec = artifacts.read_json(path / "organism.json")
     print(f"organism built in {rec['wall_time_s']:.0f}s: refuses {rec['harmful_test_refusal_rate']:.1%} of harmful "
@@ -232,7 +121,7 @@ def cmd_attack(args) -> int:
         prompts = resolve_prompts(args.prompts)[: args.max_prompts]
         instructions = [p.instruction for p in prompts]
         targets = [p.target for p in prompts] if all(p.target for p in prompts) else None
-    config = _config(GCGConfig, args)
+    config = config_from(GCGConfig, args)
     judge = judge_config_from(args)  # the judge's name in the config; its options (device, dtype) travel beside it
     direction = load_direction(args.direction) if args.direction else None
     check_attack(config, args.engine, direction, args.resume, args.force)
@@ -261,7 +150,7 @@ def cmd_attack(args) -> int:
 def cmd_analyze(args) -> int:
     out = Path(args.out) / "analysis"
     artifacts.check_out(out, force=args.force)
-    config = _config(AnalysisConfig, args, judge=judge_config_from(args))
+    config = config_from(AnalysisConfig, args, judge=judge_config_from(args))
     config.validate()
     load_suffix(args.suffix)  # bad files and a bad judge fail before the model loads
     direction = load_direction(args.direction)
@@ -280,7 +169,7 @@ def cmd_bench(args) -> int:
     own = {f.name for f in dataclasses.fields(BenchConfig)}  # steps, seed, max_time_s: the bench's, not the attack's
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GCGConfig)
              if hasattr(args, f.name) and f.name not in own}
-    config = _config(BenchConfig, args, attack=dataclasses.replace(BENCH_CONFIG, **{**given, "judge": args.judge}))
+    config = config_from(BenchConfig, args, attack=dataclasses.replace(BENCH_CONFIG, **{**given, "judge": args.judge}))
     config.validate()
     res = run_bench(_load(args), config, out, progress=lambda m: print(m, flush=True), resume=args.resume)
     keys = [k for k in res if k.startswith(("speedup", "time_to_success_speedup", "time_to_asr_speedup",
@@ -313,40 +202,9 @@ def cmd_run(args) -> int:
     return 0
 
 
-# the sweep's grid options: (flag, SweepConfig field, argparse keywords); a list field's flag is repeatable
-SWEEP_OPTIONS = [
-    ("--model", "models", dict(action="append")),
-    ("--prompts", "prompts", dict(action="append")),
-    ("--per-prompt", "per_prompt", dict(action="append_const", const=True)),
-    ("--universal", "per_prompt", dict(action="append_const", const=False)),
-    ("--max-prompts", "max_prompts", dict(type=_positive("--max-prompts"))),
-    ("--engine", "engines", dict(action="append", choices=ENGINES)),
-    ("--objective", "objectives", dict(action="append", choices=OBJECTIVES)),
-    ("--seed", "seeds", dict(action="append", type=int)),
-    ("--steps", "steps", dict(type=_positive("--steps"))),
-    ("--search-width", "search_width", dict(type=_positive("--search-width"))),
-    ("--suffix-len", "suffix_len", dict(type=_positive("--suffix-len"))),
-    ("--topk", "topk", dict(type=_positive("--topk"))),
-    ("--no-early-stop", "early_stop", dict(action="store_const", const=False)),
-    ("--eval-prompts", "eval_prompts", {}),
-    ("--eval-max-prompts", "eval_max_prompts", dict(type=_positive("--eval-max-prompts"))),
-    ("--eval-tokens", "eval_tokens", dict(type=_positive("--eval-tokens"))),
-    ("--no-transfer", "transfer", dict(action="store_const", const=False)),
-    ("--analysis", "analysis", dict(action="store_const", const=True)),
-    ("--direction", "direction", {}),
-    ("--judge", "judge", dict(metavar="NAME")),
-    ("--device", "device", {}),
-    ("--dtype", "dtype", {}),
-    ("--batch-size", "batch_size", dict(type=_positive("--batch-size"))),
-    ("--cpus-per-task", "cpus_per_task", dict(type=_positive("--cpus-per-task"))),
-    ("--gpus-per-task", "gpus_per_task", dict(type=float)),
-    ("--retries", "retries", dict(type=int)),
-]
-
-
 def cmd_sweep(args) -> int:
     given = {name: getattr(args, name) for _, name, _ in SWEEP_OPTIONS if getattr(args, name) is not None}
-    config = load_sweep_config(args.config, given) if args.config else sweep_config(given, where="the command line")
+    config = load_sweep_config(args.config, given) if args.config else sweep_config(given, where="the command line", options=True)
     if not config.models:
         raise RefusalLabError("no model to sweep: give --model M (repeatable) or `models` in the --config file")
     res = run_sweep(config, args.out, executor=args.executor, address=args.address, resume=args.resume,
@@ -397,74 +255,74 @@ def cmd_judge(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="refusal", description="Refusal directions, adversarial suffixes, and how suffixes beat refusal.")
+    p = Parser(prog="refusal", description="Refusal directions, adversarial suffixes, and how suffixes beat refusal.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    sub = p.add_subparsers(dest="command", parser_class=Parser, required=True)
 
     d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection)")
-    _model_args(d, batch_size=field_info(DirectionConfig, "batch_size")[0])
+    model_args(d, batch_size=field_info(DirectionConfig, "batch_size")[0])
     for name in ("harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
-        _opt(d, DirectionConfig, name)
-    _opt(d, DirectionConfig, "layer", type=int)
-    _opt(d, DirectionConfig, "position", type=int)
-    _opt(d, DirectionConfig, "score_all")
+        opt(d, DirectionConfig, name)
+    opt(d, DirectionConfig, "layer", type=int)
+    opt(d, DirectionConfig, "position", type=int)
+    opt(d, DirectionConfig, "score_all")
     d.add_argument("--out", required=True, help="run folder; writes OUT/direction/")
     d.add_argument("--force", action="store_true", help="overwrite an existing direction")
     d.set_defaults(fn=cmd_direction)
 
     o = sub.add_parser("orthogonalize", help="bake directional ablation into the weights; save a HF folder")
-    _model_args(o, batch_size=None)
+    model_args(o, batch_size=None)
     o.add_argument("--direction", required=True, help="run folder or its direction/ subfolder")
     o.add_argument("--out", required=True, help="folder for the edited model")
     o.add_argument("--force", action="store_true")
     o.set_defaults(fn=cmd_orthogonalize)
 
     e = sub.add_parser("eval", help="generate, judge refusal, score; optional ablation/addition/suffix")
-    _model_args(e, batch_size=field_info(EvalConfig, "batch_size")[0])
-    _opt(e, EvalConfig, "prompts", required=True, default=None)
+    model_args(e, batch_size=field_info(EvalConfig, "batch_size")[0])
+    opt(e, EvalConfig, "prompts", required=True, default=None)
     g = e.add_mutually_exclusive_group()
-    _opt(g, EvalConfig, "ablate", metavar="DIR")
-    _opt(g, EvalConfig, "actadd", metavar="DIR")
+    opt(g, EvalConfig, "ablate", metavar="DIR")
+    opt(g, EvalConfig, "actadd", metavar="DIR")
     for name in ("coeff", "suffix", "max_new_tokens"):
-        _opt(e, EvalConfig, name)
-    _judge_arg(e)
+        opt(e, EvalConfig, name)
+    judge_arg(e)
     e.add_argument("--out", required=True, help="results .jsonl")
     e.add_argument("--force", action="store_true")
     e.set_defaults(fn=cmd_eval)
 
     org = sub.add_parser("organism", help="the model organism: a safety-tuned SmolLM2")
-    osub = org.add_subparsers(dest="organism_command", parser_class=_Parser, required=True)
+    osub = org.add_subparsers(dest="organism_command", parser_class=Parser, required=True)
     ob = osub.add_parser("build", help="fine-tune SmolLM2 to refuse (deterministic, CPU, a few minutes)")
-    _opt(ob, OrganismConfig, "seed")
+    opt(ob, OrganismConfig, "seed")
     ob.add_argument("--force", action="store_true", help="rebuild even if it is cached")
     ob.set_defaults(fn=cmd_organism_build)
 
     a = sub.add_parser("attack", help="optimize an adversarial suffix (GCG) for one prompt or a prompt set")
-    _model_args(a)
-    _opt(a, GCGConfig, "batch_size", type=_positive("--batch-size"))
+    model_args(a)
+    opt(a, GCGConfig, "batch_size", type=int)
     a.add_argument("--prompt", help="one instruction to attack")
     a.add_argument("--target", help="target reply opening for --prompt (default: 'Sure, here is ...')")
     a.add_argument("--prompts", help="prompt file or built-in set (e.g. harmful:train): one universal suffix")
-    a.add_argument("--max-prompts", type=_positive("--max-prompts"), default=None, help="use the first N prompts")
+    a.add_argument("--max-prompts", type=positive("--max-prompts"), default=None, help="use the first N prompts")
     a.add_argument("--engine", choices=("native", "nanogcg"), default="native",
                    help="native (refusal-lab's engine) or nanogcg (nanoGCG 0.3.0, the target objective only)")
-    _opt(a, GCGConfig, "objective", choices=("target", "direction", "mixed"))
+    opt(a, GCGConfig, "objective")
     a.add_argument("--direction", help="direction folder (needed by --objective direction|mixed)")
     for name in ("direction_weight", "steps", "search_width", "topk", "n_replace", "suffix_len", "success_rate",
                  "patience"):
-        _opt(a, GCGConfig, name)
-    _opt(a, GCGConfig, "progressive", "--all-prompts", help="universal: optimize on all prompts from the start")
-    _opt(a, GCGConfig, "early_stop", "--no-early-stop", help="run all steps even after success")
-    _judge_arg(a, "success (early stopping, adding prompts, the success rates)")
+        opt(a, GCGConfig, name)
+    opt(a, GCGConfig, "progressive", "--all-prompts", help="universal: optimize on all prompts from the start")
+    opt(a, GCGConfig, "early_stop", "--no-early-stop", help="run all steps even after success")
+    judge_arg(a, "success (early stopping, adding prompts, the success rates)")
     for name in ("allow_non_ascii", "screen_dtype", "rescore", "screen_prompts", "multi_coordinate", "seed"):
-        _opt(a, GCGConfig, name)
+        opt(a, GCGConfig, name)
     for name in ("draft_model", "probe_r", "probe_sampling_factor"):
-        _opt(a, GCGConfig, name)
-    _opt(a, GCGConfig, "target_loss", choices=TARGET_LOSSES)
-    _opt(a, GCGConfig, "max_time_s", type=float)
-    _opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
+        opt(a, GCGConfig, name)
+    opt(a, GCGConfig, "target_loss")
+    opt(a, GCGConfig, "max_time_s", type=float)
+    opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
          help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
-    _opt(a, GCGConfig, "success_check", choices=SUCCESS_CHECKS)
+    opt(a, GCGConfig, "success_check")
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
     a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
     a.add_argument("--out", required=True, help="run folder; writes OUT/attack/")
@@ -472,32 +330,32 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_attack)
 
     an = sub.add_parser("analyze", help="how a suffix moves the refusal direction and the refusal heads; report")
-    _model_args(an, batch_size=field_info(AnalysisConfig, "batch_size")[0])
+    model_args(an, batch_size=field_info(AnalysisConfig, "batch_size")[0])
     an.add_argument("--direction", required=True, help="direction folder")
     an.add_argument("--suffix", required=True, help="suffix.json (or its run folder), a text file, or the suffix text")
-    _opt(an, AnalysisConfig, "harmful", "--prompts")
-    _opt(an, AnalysisConfig, "harmless")
-    _opt(an, AnalysisConfig, "max_prompts", type=_positive("--max-prompts"))
-    _opt(an, AnalysisConfig, "top_k")
-    _opt(an, AnalysisConfig, "eval_tokens", type=int)
-    _judge_arg(an)
-    _opt(an, AnalysisConfig, "seed")
+    opt(an, AnalysisConfig, "harmful", "--prompts")
+    opt(an, AnalysisConfig, "harmless")
+    opt(an, AnalysisConfig, "max_prompts", type=int)
+    opt(an, AnalysisConfig, "top_k")
+    opt(an, AnalysisConfig, "eval_tokens", type=int)
+    judge_arg(an)
+    opt(an, AnalysisConfig, "seed")
     an.add_argument("--out", required=True, help="run folder; writes OUT/analysis/")
     an.add_argument("--force", action="store_true")
     an.set_defaults(fn=cmd_analyze)
 
     b = sub.add_parser("bench", help="time to jailbreak: the native engine vs nanoGCG on held-out prompts, and "
                                      "activation caching vs a bare forward")
-    _model_args(b, default="organism")
-    _opt(b, BenchConfig, "nanogcg_early_stop", "--nanogcg-early-stop")
+    model_args(b, default="organism")
+    opt(b, BenchConfig, "nanogcg_early_stop", "--nanogcg-early-stop")
     for name in ("steps", "max_time_s", "target_words", "prompts", "prompts_from", "seed", "engines", "rerun", "universal",
                  "universal_rate", "universal_steps"):
-        _opt(b, BenchConfig, name, **({"type": int} if name in ("universal", "target_words") else {}))
+        opt(b, BenchConfig, name, **({"type": int} if name in ("universal", "target_words") else {}))
     for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens",
                  "draft_model", "probe_r", "probe_sampling_factor"):
-        _opt(b, GCGConfig, name, default=getattr(BENCH_CONFIG, name))
-    _opt(b, GCGConfig, "target_loss", choices=TARGET_LOSSES, default=BENCH_CONFIG.target_loss)
-    _judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")
+        opt(b, GCGConfig, name, default=getattr(BENCH_CONFIG, name))
+    opt(b, GCGConfig, "target_loss", default=BENCH_CONFIG.target_loss)
+    judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")
     b.add_argument("--out", default="bench.json")
     b.add_argument("--resume", action="store_true", help="continue the bench at --out: run only the (prompt, engine) "
                                                           "rows its rows file lacks (a larger --prompts adds prompts)")
@@ -505,26 +363,27 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_bench)
 
     r = sub.add_parser("run", help="the main job, end to end, on one model")
-    _model_args(r, default="organism", batch_size=field_info(JobConfig, "batch_size")[0])
+    model_args(r, default="organism", batch_size=field_info(JobConfig, "batch_size")[0])
     r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look (JobConfig.quick())")
-    _opt(r, JobConfig, "seed")
+    opt(r, JobConfig, "seed")
     r.add_argument("--out", default="runs/main")
-    _opt(r, JobConfig, "resume")
-    _opt(r, JobConfig, "force")
-    _judge_arg(r, "attack success (the attack's success checks, the evaluation, the report)")
+    opt(r, JobConfig, "resume")
+    opt(r, JobConfig, "force")
+    judge_arg(r, "attack success (the attack's success checks, the evaluation, the report)")
     r.set_defaults(fn=cmd_run)
 
     sw = sub.add_parser("sweep", help="many attacks (models x prompt sets x settings x seeds) as Ray tasks, with "
                                       "transfer evaluations, gathered into summary.csv and report.html")
     sw.add_argument("--config", help="a TOML file of SweepConfig's keys (options given here override it)")
-    for flag, name, kw in SWEEP_OPTIONS:
+    for opt_flag, name, kw in SWEEP_OPTIONS:
         default, help_text = field_info(SweepConfig, name)
-        if flag in ("--per-prompt", "--universal"):
-            help_text = "one attack per prompt (single behaviours); with --universal, both" if flag == "--per-prompt" \
+        kw = sweep_kw(name, kw)
+        if opt_flag in ("--per-prompt", "--universal"):
+            help_text = "one attack per prompt (single behaviours); with --universal, both" if opt_flag == "--per-prompt" \
                 else "one universal suffix per prompt set (the default; with --per-prompt, both)"
             default = None
         shown = f" (default: {list(default) if isinstance(default, tuple) else default})" if default not in (None, ()) else ""
-        sw.add_argument(flag, dest=name, default=None, help=help_text + ("; repeatable" if kw.get("action") == "append"
+        sw.add_argument(opt_flag, dest=name, default=None, help=help_text + ("; repeatable" if kw.get("action") == "append"
                                                                          else "") + shown, **kw)
     sw.add_argument("--executor", choices=EXECUTORS, default="auto",
                     help="ray (Ray tasks), local (one after another in this process), auto (Ray where installed)")
@@ -536,29 +395,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     rp = sub.add_parser("reproduce", help="the paper's table: refusal and capability under each intervention, and "
                                           "the PCA of harmful vs harmless activations")
-    _model_args(rp, default="organism", batch_size=field_info(DirectionConfig, "batch_size")[0])
-    _opt(rp, ReproduceConfig, "max_new_tokens")
-    _opt(rp, ReproduceConfig, "reference_tokens")
+    model_args(rp, default="organism", batch_size=field_info(DirectionConfig, "batch_size")[0])
+    opt(rp, ReproduceConfig, "max_new_tokens")
+    opt(rp, ReproduceConfig, "reference_tokens")
     rp.add_argument("--reference-model", default=None,
                     help="the model whose greedy replies to the harmless test prompts reply_ce is measured on "
                          "(default: smollm2 for --model organism, else the model itself, unmodified)")
-    _opt(rp, DirectionConfig, "seed")
+    opt(rp, DirectionConfig, "seed")
     rp.add_argument("--out", default="runs/paper")
-    _opt(rp, ReproduceConfig, "force")
+    opt(rp, ReproduceConfig, "force")
     rp.set_defaults(fn=cmd_reproduce)
 
     j = sub.add_parser("judge", help="judge saved replies again (a JSONL file with prompt and completion fields)")
     j.add_argument("file", metavar="FILE.jsonl", help="replies, e.g. as `refusal eval` writes them")
-    _judge_arg(j, "the replies")
+    judge_arg(j, "the replies")
     j.add_argument("--out", default=None, help="output .jsonl (default: FILE.judged-NAME.jsonl beside FILE)")
     j.add_argument("--force", action="store_true", help="overwrite an existing output")
-    _opt(j, JudgeConfig, "device")
-    _opt(j, JudgeConfig, "dtype")
-    _opt(j, JudgeConfig, "trust_remote_code")
-    _opt(j, JudgeConfig, "batch_size", type=_positive("--batch-size"))
-    _opt(j, JudgeConfig, "hf_format", "--judge-format", choices=HF_FORMATS)
-    _opt(j, JudgeConfig, "max_reply_tokens")
-    _opt(j, JudgeConfig, "off_topic_threshold", type=float)
+    opt(j, JudgeConfig, "device")
+    opt(j, JudgeConfig, "dtype")
+    opt(j, JudgeConfig, "trust_remote_code")
+    opt(j, JudgeConfig, "batch_size")
+    opt(j, JudgeConfig, "hf_format", "--judge-format")
+    opt(j, JudgeConfig, "max_reply_tokens")
+    opt(j, JudgeConfig, "off_topic_threshold", type=float)
     j.set_defaults(fn=cmd_judge)
     return p
 
@@ -613,10 +472,20 @@ def _main(argv: list[str] | None) -> int:
         return 1
     except RuntimeError as e:
         if "out of memory" not in str(e).lower():
-            raise
+            return _internal_error()
         print("refusal: error: out of memory on the device; lower --batch-size (attacks: --search-width)",
               file=sys.stderr)
         return 1
+    except Exception:
+        return _internal_error()
+
+
+def _internal_error() -> int:
+    """An exception no user input explains: its traceback, and a line saying that it is a bug (status 1)."""
+    traceback.print_exc()
+    print("refusal: internal error: the traceback above is a bug in refusal-lab, not a problem with your input; "
+          "please report it with the command you ran", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":
