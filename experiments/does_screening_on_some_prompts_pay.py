@@ -18,10 +18,11 @@ test prompts stay for the main job's figures.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 import time
 
-from attacks.gcg import GCG, GCGConfig, universal_patience
+from attacks.gcg import GCG, universal_patience
 from attacks.targets import default_target
 from refusal.data import builtin_prompts, instructions
 from refusal.hooks import TokenCounter
@@ -45,9 +46,8 @@ def main(argv=None) -> int:
     judge = load_judge(job.judge.name)
     rows = {}
     for n in [int(x) for x in args.screen.split(",")]:
-        cfg = GCGConfig(steps=job.attack_steps, search_width=job.search_width, topk=job.topk,
-                        suffix_len=job.suffix_len, seed=job.seed, judge=job.judge.name, screen_prompts=n,
-                        patience=universal_patience(job.attack_steps, len(train)))
+        cfg = replace(job.attack, seed=job.seed, judge=job.judge.name, screen_prompts=n,
+                      patience=universal_patience(job.attack.steps, len(train)))
         t0 = time.perf_counter()
         with TokenCounter(cm.base) as counter:
             res = GCG(cm, train, [default_target(p) for p in train], cfg, judge=judge).run(progress=False)

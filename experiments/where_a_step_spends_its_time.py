@@ -16,6 +16,7 @@ each part's share; writes it as JSON with the machine when --out is given.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import json
 
 from attacks.gcg import STEP_PARTS, GCG, GCGConfig, StepClock
@@ -45,8 +46,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cm = load_model(args.model)
     job = JobConfig()
-    base = GCGConfig(steps=args.steps, search_width=job.search_width, topk=job.topk, suffix_len=job.suffix_len,
-                     early_stop=False, progressive=False, judge=job.judge.name)
+    base = replace(job.attack, steps=args.steps, early_stop=False, progressive=False, judge=job.judge.name)
     prompts = instructions(builtin_prompts("harmful", "val"))[:6]
     rows = {}
     one = prompts[0]

@@ -166,8 +166,8 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
 
     # the plumbing, at toy sizes (the real sizes are measured on the organism, docs/results.md)
     monkeypatch.setattr(pipeline, "QUICK_SIZES", dict(
-        n_train=16, n_val=4, attack_prompts=2, attack_steps=3, search_width=16, topk=16, suffix_len=6,
-        n_test=8, new_tokens=8))
+        direction=dict(n_train=16, n_val=4), attack=dict(steps=3, search_width=16, topk=16, suffix_len=6),
+        attack_prompts=2, n_test=8, new_tokens=8))
     out = tmp_path / "main"
     code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out)
     assert code == 0, err
@@ -195,8 +195,11 @@ def test_main_job_from_a_script_with_a_config(tiny_dirs, tmp_path):
     from refusal.app.pipeline import JobConfig, main_job
 
     cm = load_model(str(tiny_dirs["llama"]))
-    config = JobConfig(n_train=16, n_val=4, attack_prompts=2, attack_steps=2, search_width=8, topk=8, suffix_len=4,
-                       n_test=4, new_tokens=4, top_k=2, judge=JudgeConfig("substring"))
+    from attacks.gcg import GCGConfig
+    from refusal.directions import DirectionConfig
+
+    config = JobConfig(direction=DirectionConfig(n_train=16, n_val=4), attack_prompts=2, n_test=4, new_tokens=4, top_k=2,
+                       attack=GCGConfig(steps=2, search_width=8, topk=8, suffix_len=4), judge=JudgeConfig("substring"))
     lines = []
     rec = main_job(cm, config, tmp_path / "job", progress=lines.append)
     assert rec["judge"] == "substring" and rec["config"]["n_test"] == 4 and not rec["quick"]

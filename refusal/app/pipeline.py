@@ -9,7 +9,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -31,19 +31,22 @@ from refusal.models import ChatModel, seed_everything
 
 log = logging.getLogger(__name__)
 
+# the main job's attack where it differs from GCGConfig's defaults: a shorter, narrower universal attack
+JOB_ATTACK = dict(steps=60, search_width=64, topk=64, suffix_len=16)
+
 
 @dataclass(frozen=True)
 class JobConfig:
-    """The main job: its sizes (the full job's by default; JobConfig.quick() for a fast look), seed and judge."""
+    """The main job: the direction's and the universal suffix's settings, the sizes of the evaluation and
+    analysis (the full job's by default; JobConfig.quick() for a fast look), one seed and one judge for all
+    of it."""
 
-    n_train: int = option(128, "direction: harmful and harmless training prompts each", ge=1)
-    n_val: int = option(16, "direction: validation prompts each", ge=1)
+    direction: DirectionConfig = option(help="the direction (its seed and batch size are the job's)",
+                                        factory=DirectionConfig)
+    attack: GCGConfig = option(help="the universal suffix (its seed and judge are the job's; its patience, where 0, "
+                                    "the steps shared among the prompts: attacks.gcg.universal_patience)",
+                               factory=lambda: replace(GCGConfig(), **JOB_ATTACK))
     attack_prompts: int = option(6, "universal suffix: harmful training prompts it is optimized on", ge=1)
-    # the attack stops early once all its training prompts succeed
-    attack_steps: int = option(60, "universal suffix: GCG steps at most", ge=1)
-    search_width: int = option(64, "universal suffix: candidates per step", ge=1)
-    topk: int = option(64, "universal suffix: top-k tokens per position", ge=1)
-    suffix_len: int = option(16, "universal suffix: tokens", ge=1)
     n_test: int = option(100, "evaluation and analysis: held-out test prompts of each kind", ge=1)
     new_tokens: int = option(48, "greedy reply tokens judged per reply", ge=1)
     top_k: int = option(8, "analysis: refusal heads", ge=1)
@@ -58,11 +61,11 @@ class JobConfig:
         """The quick job: smaller sets and a short attack, under 5 minutes on 2 CPU cores with the organism
         cached: its suffix moves the direction and the heads' attention (docs/results.md), but is too
         short-lived to beat refusal on most prompts."""
-        return cls(**{**QUICK_SIZES, **changes})
+        return cls(**{**quick_sizes(), **changes})
 
     @property
     def is_quick(self) -> bool:
-        return all(getattr(self, k) == v for k, v in QUICK_SIZES.items())
+        return all(getattr(self, k) == v for k, v in quick_sizes().items())
 
     def validate(self) -> None:
         check_fields(self)
@@ -71,8 +74,15 @@ class JobConfig:
         self.judge.validate()
 
 
-QUICK_SIZES = dict(n_train=48, n_val=8, attack_prompts=3, attack_steps=9, search_width=32, topk=32, suffix_len=12,
-                   n_test=24, new_tokens=32)
+def quick_sizes() -> dict:
+    """The quick job's fields (QUICK_SIZES, the nested configs' fields under their config's name)."""
+    return dict(direction=replace(DirectionConfig(), **QUICK_SIZES["direction"]),
+                attack=replace(GCGConfig(), **{**JOB_ATTACK, **QUICK_SIZES["attack"]}),
+                **{k: v for k, v in QUICK_SIZES.items() if k not in ("direction", "attack")})
+
+
+QUICK_SIZES = dict(direction=dict(n_train=48, n_val=8), attack=dict(steps=9, search_width=32, topk=32, suffix_len=12),
+                   attack_prompts=3, n_test=24, new_tokens=32)
 
 
 def judged_eval(path: Path, judge, make) -> pd.DataFrame:
@@ -154,15 +164,14 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
             log.info("reusing the direction in %s", ddir)
             direction = load_direction(ddir, cm)
         else:
-            direction = find_direction(cm, DirectionConfig(n_train=config.n_train, n_val=config.n_val, seed=config.seed,
-                                                           batch_size=config.batch_size), ddir)
+            direction = find_direction(cm, replace(config.direction, seed=config.seed, batch_size=config.batch_size),
+                                       ddir)
     say(f"[direction] layer {direction.layer}, position {direction.position}: {direction.meta.get('selection', '')}")
 
     # 2. a universal suffix (and its random baseline) on harmful training prompts
     train = instructions(builtin_prompts("harmful", "train"))[: config.attack_prompts]
-    cfg = GCGConfig(steps=config.attack_steps, search_width=config.search_width, topk=config.topk,
-                    suffix_len=config.suffix_len, seed=config.seed, patience=universal_patience(config.attack_steps, config.attack_prompts),
-                    judge=judge.name)
+    cfg = replace(config.attack, seed=config.seed, judge=judge.name,
+                  patience=config.attack.patience or universal_patience(config.attack.steps, config.attack_prompts))
     with timer("attack"):
         rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=config.new_tokens,
                          judge=judge)

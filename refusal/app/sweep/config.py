@@ -24,7 +24,8 @@ EXECUTORS = ("auto", "ray", "local")
 
 
 def _JOB(name: str):  # noqa: N802 -- the main job's default, which a sweep's attacks share
-    return field_info(JobConfig, name)[0]
+    job = JobConfig()
+    return getattr(job.attack, name) if hasattr(job.attack, name) else getattr(job, name)
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class SweepConfig:
                                                      "(single behaviours); [false, true]: both")
     engines: tuple[str, ...] = option(("native",), "attack engines: native, nanogcg (one prompt per attack: per_prompt)", choices=tuple(ENGINES))
     objectives: tuple[str, ...] = option(("target",), "attack objectives: target, direction, mixed", choices=OBJECTIVES)
-    steps: tuple[int, ...] = option((_JOB("attack_steps"),), "GCG steps at most", ge=1)
+    steps: tuple[int, ...] = option((_JOB("steps"),), "GCG steps at most", ge=1)
     search_width: tuple[int, ...] = option((_JOB("search_width"),), "candidate suffixes per step", ge=1)
     suffix_len: tuple[int, ...] = option((_JOB("suffix_len"),), "suffix tokens", ge=1)
     seeds: tuple[int, ...] = option((0,), "attack seeds (the random baseline suffix uses seed + 1)", ge=0)
