@@ -83,3 +83,16 @@ def test_configs_check_their_fields_in_validate():
         DirectionConfig(kl_threshold=0.0).validate()
     with pytest.raises(RefusalLabError, match="--multi-coordinate must be >= 1"):
         GCGConfig(multi_coordinate=0).validate()
+
+
+def test_the_sweep_s_judge_is_a_judge_config_given_by_name_or_table():
+    from refusal.judges import JudgeConfig
+
+    assert SweepConfig(judge="substring").judge == JudgeConfig(name="substring")
+    by_name = sweep_config({"models": ["smollm2"], "judge": "substring"})
+    by_table = sweep_config({"models": ["smollm2"], "judge": {"name": "strict", "off_topic_threshold": 0.3}})
+    assert by_name.judge.name == "substring" and by_table.judge == JudgeConfig(name="strict", off_topic_threshold=0.3)
+    with pytest.raises(RefusalLabError, match="unknown judge key 'nme'"):
+        sweep_config({"models": ["smollm2"], "judge": {"nme": "strict"}})
+    with pytest.raises(RefusalLabError, match="the sweep: judge.off_topic_threshold must be >= 0 and < 1"):
+        sweep_config({"models": ["smollm2"], "judge": {"off_topic_threshold": 2.0}})

@@ -382,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
             help_text = "one attack per prompt (single behaviours); with --universal, both" if opt_flag == "--per-prompt" \
                 else "one universal suffix per prompt set (the default; with --per-prompt, both)"
             default = None
+        default = getattr(default, "name", default)  # the judge: its name
         shown = f" (default: {list(default) if isinstance(default, tuple) else default})" if default not in (None, ()) else ""
         sw.add_argument(opt_flag, dest=name, default=None, help=help_text + ("; repeatable" if kw.get("action") == "append"
                                                                          else "") + shown, **kw)

@@ -55,13 +55,19 @@ class SweepConfig:
                                          "finds it, where an objective or the analysis needs it")
     direction_search: DirectionConfig = option(help="the direction tasks' settings (refusal.directions.DirectionConfig)",
                                                factory=DirectionConfig)
-    judge: str = option(field_info(JudgeConfig, "name")[0], "the judge of attack success: substring, strict or hf:MODEL")
+    judge: JudgeConfig = option(help="the judge of attack success (its name alone, such as \"strict\", or a table of "
+                                     "JudgeConfig's fields; its device and dtype default to the models')",
+                                factory=JudgeConfig)
     device: str | None = option(None, "cpu or cuda (None: cuda if present)")
     dtype: str | None = option(None, "the models' dtype (None: float32 on CPU, the checkpoint's on GPU)")
     batch_size: int = option(field_info(EvalConfig, "batch_size")[0], "prompts per forward pass in the evaluations", ge=1)
     cpus_per_task: int = option(1, "CPU cores a task takes (its torch threads); the local runner uses all cores", ge=1)
     gpus_per_task: float | None = option(None, "GPUs a task takes (None: 1 where the cluster has GPUs, else 0)", ge=0, le=64)
     retries: int = option(3, "times Ray runs a task again after its worker dies (killed, out of memory, node lost)", ge=0)
+
+    def __post_init__(self):
+        if isinstance(self.judge, str):  # a judge given by its name
+            object.__setattr__(self, "judge", JudgeConfig(name=self.judge))
 
     def validate(self, where: str | None = None) -> None:
         """One-line errors for a value of the wrong type or out of its bounds (`where`: the file, whose keys
@@ -89,7 +95,7 @@ class SweepConfig:
         if self.direction is not None and len(self.models) != 1:
             raise RefusalLabError("--direction belongs to one model; with several, each gets a direction task")
         self.direction_search.validate()
-        JudgeConfig(name=self.judge).validate()
+        self.judge.validate()
 
     @property
     def needs_direction(self) -> bool:
@@ -123,6 +129,13 @@ def sweep_config(values: dict[str, Any], where: str = "the sweep", options: bool
                 raise RefusalLabError(f"{where}: unknown direction_search key {sorted(bad)[0]!r}; the keys are "
                                       f"{', '.join(sorted(known))}")
             value = DirectionConfig(**value)
+        elif name == "judge" and isinstance(value, dict):
+            known = {f.name for f in dataclasses.fields(JudgeConfig)}
+            bad = set(value) - known
+            if bad:
+                raise RefusalLabError(f"{where}: unknown judge key {sorted(bad)[0]!r}; the keys are "
+                                      f"{', '.join(sorted(known))}")
+            value = JudgeConfig(**value)
         elif name in _TUPLES:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         out[name] = value

@@ -82,10 +82,10 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
     plots = {}
     if len(by):
         plots["Attack success on unseen prompts by model and objective"] = plot_sweep_success(
-            by, out / "success_by_model.png", config.judge)
+            by, out / "success_by_model.png", config.judge.name)
     if len(transfer):
         plots["Transfer: attack success of a model's suffixes on each model"] = plot_transfer(
-            transfer, out / "transfer.png", config.judge)
+            transfer, out / "transfer.png", config.judge.name)
     failed = summary[summary.status == "failed"][["task", "error"]]
     n_ok = len(ok)
     sentences = [f"{len(summary)} tasks: {n_ok} done ({int((summary.status == 'reused').sum())} reused from an earlier "
@@ -94,7 +94,7 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
         no = getattr(r, "no_suffix", float("nan"))
         drop = getattr(r, "cosine_drop", float("nan"))
         sentences.append(f"On {r.model}, {r.suffixes} suffix(es) of the {r.objective} objective succeed on "
-                         f"{r.attack_success:.1%} of the unseen prompts on average by the {config.judge} judge"
+                         f"{r.attack_success:.1%} of the unseen prompts on average by the {config.judge.name} judge"
                          + (f" (no suffix: {no:.1%})" if no == no else "")
                          + (f"; they lower the cosine with the direction at its layer by {drop:.3f}" if drop == drop else "")
                          + ".")
@@ -113,7 +113,7 @@ def gather(config: SweepConfig, tasks: list[Task], results: dict[str, dict], out
               "Failed tasks": failed, "Tasks": summary[columns]}
     facts = {"models": ", ".join(config.models), "prompt sets": ", ".join(config.prompts),
              "unseen prompts": f"{config.eval_prompts} (first {config.eval_max_prompts}), {config.eval_tokens} reply tokens",
-             "judge": config.judge}
+             "judge": config.judge.name}
     _, report = write_report(out, "refusal-lab sweep", sentences, plots, {k: v for k, v in tables.items() if len(v)},
                              facts, max_rows=10_000)
     return {"summary": summary, "transfer": transfer, "by_model": by, "report": str(report), "sentences": sentences}

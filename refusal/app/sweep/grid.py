@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from attacks.gcg import GCGConfig, universal_patience
 from refusal.config import as_dict, field_info
 from refusal.data import resolve_prompts
 from refusal.errors import RefusalLabError
-from refusal.judges import JudgeConfig
 from refusal.registry import ModelConfig
 from refusal.app.analyze import AnalysisConfig
 from refusal.app.sweep.config import SweepConfig
@@ -53,7 +52,8 @@ def expand(config: SweepConfig) -> list[Task]:
     config.validate()
     keys = short_keys(config.models)
     mcfg = {m: as_dict(ModelConfig(model=m, device=config.device, dtype=config.dtype)) for m in config.models}
-    judge = as_dict(JudgeConfig(name=config.judge, device=config.device, dtype=config.dtype))
+    judge = as_dict(replace(config.judge, device=config.judge.device or config.device,
+                            dtype=config.judge.dtype or config.dtype))
     evals = dict(prompts="prompts/eval.jsonl", max_new_tokens=config.eval_tokens, batch_size=config.batch_size, judge=judge)
     tasks: list[Task] = []
     direction_of: dict[str, tuple[str, str | None]] = {}  # model -> (direction folder, the task that makes it)
@@ -88,7 +88,7 @@ def expand(config: SweepConfig) -> list[Task]:
         point = f"{keys[m]}-{bkey}-{engine}-{objective}-n{steps}-w{width}-l{slen}-s{seed}"
         aid = f"attack-{point}"
         gcg = GCGConfig(steps=steps, search_width=width, topk=config.topk, suffix_len=slen, seed=seed,
-                        objective=objective, judge=config.judge, judge_tokens=min(field_info(GCGConfig, "judge_tokens")[0], config.eval_tokens),
+                        objective=objective, judge=config.judge.name, judge_tokens=min(field_info(GCGConfig, "judge_tokens")[0], config.eval_tokens),
                         early_stop=config.early_stop,
                         patience=universal_patience(steps, len(instructions)) if len(instructions) > 1 else 0)
         direction, dtask = direction_of.get(m, (None, None)) if objective != "target" else (None, None)
