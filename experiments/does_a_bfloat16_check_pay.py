@@ -2,9 +2,9 @@
 precision only when the judge says the bfloat16 reply complies, make checking cheaper?
 
 Found: not enough to pay. On the organism (AMD EPYC with AVX-512 BF16, 2 cores) a 32-token greedy reply after a
-matched "Sure, here is" takes 1.89 s at float32 and 1.28 s in bfloat16 (1.48x: one-row decoding is bound by
+matched "Sure, here is" takes 1.87 s at float32 and 1.34 s in bfloat16 (1.40x: one-row decoding is bound by
 reading the weights, and the LM head's 49,152 rows stay large), and 4 of 12 bfloat16 replies differ from the
-float32 ones. A failing check would cost a third less, a passing one 1.28 + 1.89 s, and every bfloat16 reply
+float32 ones. A failing check would cost 28% less, a passing one 1.34 + 1.87 s, and every bfloat16 reply
 misjudged as failing delays a success by at least a step: the checks stay at the model's precision
 (docs/results.md#checking-in-bfloat16-first).
 
