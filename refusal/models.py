@@ -14,7 +14,6 @@ import importlib.util
 import json
 import logging
 import os
-import pickle
 import platform
 import random
 import re
@@ -22,6 +21,7 @@ import shutil
 import struct
 import time
 from dataclasses import dataclass, replace
+from pickle import UnpicklingError  # the error type only: nothing here unpickles
 from pathlib import Path
 
 import numpy as np
@@ -557,7 +557,7 @@ def load_causal_lm(
     except OSError as e:
         msg = str(e).splitlines()[0][:200]
         raise RefusalLabError(f"{spec}: could not load the model ({msg}); --model accepts {accepted_forms()}") from None
-    except (ValueError, KeyError, SafetensorError, pickle.UnpicklingError, RuntimeError) as e:
+    except (ValueError, KeyError, SafetensorError, UnpicklingError, RuntimeError) as e:
         # corrupt weights, bad configs, weights that do not fit the config, a pickle that is not plain tensors:
         # the user's files; any other
         # RuntimeError is not theirs, and keeps its traceback

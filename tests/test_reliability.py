@@ -479,10 +479,14 @@ def test_no_unsafe_loading_in_the_code():
     """No pickle, no eval/exec, torch.load only with weights_only=True, remote code never forced on."""
     import ast
 
-    for path in [*ROOT.glob("refusal/*.py"), *ROOT.glob("attacks/*.py"), *ROOT.glob("analysis/*.py"),
+    for path in [*ROOT.glob("refusal/**/*.py"), *ROOT.glob("attacks/*.py"), *ROOT.glob("analysis/*.py"),
                  *ROOT.glob("experiments/*.py")]:
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "pickle":
+                # the error a refused pickle raises may be caught; nothing that unpickles may be imported
+                assert [a.name for a in node.names] == ["UnpicklingError"], path
+                continue
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names), path
