@@ -80,12 +80,11 @@ def imports(mod: str, path: Path) -> list[tuple[str, bool, list[str], int]]:
     from a subpackage (refusal.judges) counts as an import of the module there that defines it."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(n) for n in tree.body}
-    is_init = path.name == "__init__.py"
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
             if node.level:
-                base = mod.split(".")[: len(mod.split(".")) - node.level + (1 if is_init else 0)]
+                base = mod.split(".")[: -node.level]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module

@@ -109,6 +109,15 @@ _TUPLES = {f.name for f in dataclasses.fields(SweepConfig) if isinstance(f.defau
 ALIASES = {"model": "models", "engine": "engines", "objective": "objectives", "seed": "seeds"}
 
 
+def _table(cls, key: str, value: dict, where: str):
+    """A nested config from a table of its fields; an unknown key is a one-line error naming the keys."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = set(value) - known
+    if bad:
+        raise RefusalLabError(f"{where}: unknown {key} key {sorted(bad)[0]!r}; the keys are {', '.join(sorted(known))}")
+    return cls(**value)
+
+
 def sweep_config(values: dict[str, Any], where: str = "the sweep", options: bool = False) -> SweepConfig:
     """A SweepConfig from a dict (a parsed TOML file, or the command line's options): a scalar is accepted
     for any list field, a [direction_search] table sets DirectionConfig's fields; an unknown key or a value
@@ -123,19 +132,9 @@ def sweep_config(values: dict[str, Any], where: str = "the sweep", options: bool
         if name == "direction_search":
             if not isinstance(value, dict):
                 raise RefusalLabError(f"{where}: direction_search must be a table of DirectionConfig's fields")
-            known = {f.name for f in dataclasses.fields(DirectionConfig)}
-            bad = set(value) - known
-            if bad:
-                raise RefusalLabError(f"{where}: unknown direction_search key {sorted(bad)[0]!r}; the keys are "
-                                      f"{', '.join(sorted(known))}")
-            value = DirectionConfig(**value)
+            value = _table(DirectionConfig, name, value, where)
         elif name == "judge" and isinstance(value, dict):
-            known = {f.name for f in dataclasses.fields(JudgeConfig)}
-            bad = set(value) - known
-            if bad:
-                raise RefusalLabError(f"{where}: unknown judge key {sorted(bad)[0]!r}; the keys are "
-                                      f"{', '.join(sorted(known))}")
-            value = JudgeConfig(**value)
+            value = _table(JudgeConfig, name, value, where)
         elif name in _TUPLES:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         out[name] = value
