@@ -46,7 +46,7 @@ from refusal.directions import check_direction
 from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
 from refusal.errors import RefusalLabError
 from refusal.hooks import capture_hooks, hooked
-from refusal.judges import DEFAULT_JUDGE, check_judge_name, judge_name, load_judge
+from refusal.judges import JudgeConfig, check_loaded_judge, load_judge
 from refusal.decode import greedy_replies
 from refusal.metrics import reply_texts
 from refusal.models import ChatModel, fast_bf16
@@ -102,8 +102,9 @@ class GCGConfig:
     prefer_target_match: bool = option(True, "choose the lowest-loss candidate whose greedy reply begins with the "
                                              "target (on every active prompt) over a lower-loss one whose does not")
     judge_tokens: int = option(32, "reply tokens generated for the judge", ge=1)
-    judge: str = option(DEFAULT_JUDGE, "the judge of success (early stopping, adding prompts, the success rates): "
-                                  "substring, strict or hf:MODEL")
+    judge: JudgeConfig = option(help="the judge of success (early stopping, adding prompts, the success rates): a "
+                                     "refusal.judges.JudgeConfig, or its name (substring, strict or hf:MODEL)",
+                                factory=JudgeConfig)
     batch_size: int | None = option(None, "candidates per forward pass (None: as many as memory allows)", ge=1)
     reuse_suffix_cache: bool = option(True, "candidates reuse the cache of the unchanged start of the suffix")
     dedupe: bool = option(True, "drop duplicate candidates")
@@ -126,8 +127,13 @@ class GCGConfig:
                                             "the step budget alone); the steps before it are the same as without it",
                                             gt=0)
 
+    def __post_init__(self):
+        if isinstance(self.judge, (str, dict)):  # its name, or its options as a table (a run's config.json)
+            self.judge = JudgeConfig.of(self.judge)
+
     def validate(self) -> None:
         check_fields(self)
+        self.judge.validate()
         if self.draft_model is not None and self.objective != "target":
             raise RefusalLabError(f"probe sampling (--draft-model) scores candidates by the target loss; it needs "
                                   f"--objective target, not {self.objective}")
@@ -141,7 +147,6 @@ class GCGConfig:
         if self.success_check == "target" and self.objective == "direction":
             raise RefusalLabError("the target success check needs a target; the direction objective has none: use "
                                   "--success-check judge")
-        self.judge = check_judge_name(self.judge)  # " strict " is strict, as load_judge reads it
 
 
 @dataclass
@@ -352,8 +357,8 @@ class GCG:
                  config: GCGConfig, direction=None, judge=None, draft: ChatModel | None = None,
                  clock: StepClock | None = None):
         """clock: the StepClock the steps are timed on (default: a new one).
-        judge: the judge of success (a Judge, a refusal.judges.JudgeConfig carrying its options such as
-        device and dtype, or a name); it must be the one config.judge names (default: loaded from that name).
+        judge: config.judge already loaded (a Judge, reused; it must be the judge config.judge names); default:
+        loaded from config.judge.
         draft: the draft model of probe sampling, loaded (default: loaded from config.draft_model)."""
         config.validate()
         if not instructions:
@@ -399,12 +404,10 @@ class GCG:
         self.check = check if self.needs_target else "judge"
         self.judge = self.check != "target"  # whether the judge is consulted
         self._judge = None
-        if judge is not None:
-            if judge_name(judge) != config.judge:
-                raise RefusalLabError(f"the judge given ({judge_name(judge)}) is not the config's ({config.judge})")
+        check_loaded_judge(judge, config.judge)
         if self.judge:
             # loaded (or a bad judge refused) before any step runs
-            self._judge = load_judge(judge if judge is not None else config.judge)
+            self._judge = judge if judge is not None else load_judge(config.judge)
         self.screen = screening_dtype(config.screen_dtype, cm.dtype, cm.device)
         self._screen_weights = low_precision_weights(cm.model, self.screen) if self.screen is not None else {}
         # probe sampling: the same prompts and targets on the draft model, which only scores candidates
@@ -750,7 +753,7 @@ class GCG:
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
         sig = self.signature()
-        judge = cfg.judge if self.judge else None
+        judge = cfg.judge.key if self.judge else None
         if checkpoint is None or not Path(checkpoint).is_file():
             n_active = 1 if (cfg.progressive and not self.single) else len(self.slots)
             return LoopState(signature=sig, judge=judge, ids=list(self.init_ids), n_active=n_active), gen
@@ -792,10 +795,10 @@ class GCG:
         """A hash of everything that decides the run's course except the number of steps: the judge only
         where the attack judges success (universal, or no target; one prompt with a target is checked by
         its target, so its judge does not change the run)."""
-        return self._signature(self.config.judge if self.judge else None)
+        return self._signature(self.config.judge.key if self.judge else None)
 
     def _signature(self, judge: str | None) -> str:
-        """The signature with `judge` as the config's judge (None: the judge left out)."""
+        """The signature with `judge` (a JudgeConfig.key) as the config's judge (None: the judge left out)."""
         cfg = config_dict(self.config)
         cfg["judge"] = judge
         cfg = comparable_config(cfg)
@@ -817,9 +820,9 @@ class GCG:
         made = next((j for j in candidates if self._signature(j) == signature), None)
         if made is not None and not self.judge:
             return
-        if made is not None and made != self.config.judge:
+        if made is not None and made != self.config.judge.key:
             raise RefusalLabError(f"{checkpoint}: the unfinished attack there was judged by the {made} judge, this run "
-                                  f"by the {self.config.judge} judge; pass --judge {made} to resume it, --force to "
+                                  f"by the {self.config.judge.key} judge; pass --judge {made} to resume it, --force to "
                                   "start over, or choose another --out")
         raise RefusalLabError(f"{checkpoint}: the checkpoint was made with other prompts, targets or settings; "
                               "start a new run (another --out, or --force) instead of --resume")
@@ -833,7 +836,7 @@ class LoopState:
     signature: str  # GCG.signature(): the run a checkpoint belongs to
     ids: list[int]  # the current suffix
     n_active: int  # prompts being optimized (universal attacks add them one at a time)
-    judge: str | None = None  # the judge's name where the run judges success (older checkpoints lack it)
+    judge: str | None = None  # the judge (JudgeConfig.key) where the run judges success (older checkpoints lack it)
     step: int = 0  # steps done
     last_add: int = 0  # the step at which the last prompt was added
     losses: list[float] = field(default_factory=list)  # per step: the chosen candidate's loss
@@ -912,6 +915,8 @@ def comparable_config(cfg: dict) -> dict:
     judge was a setting were judged by the substring list, and stay resumable with `judge="substring"`
     (the field is left out of the comparison then)."""
     cfg = dict(cfg)
+    if isinstance(cfg.get("judge"), dict):  # a JudgeConfig's fields: what decides its verdicts
+        cfg["judge"] = JudgeConfig.of(cfg["judge"]).key
     if cfg.get("judge", "substring") == "substring":
         cfg.pop("judge", None)
     cfg.pop("max_time_s", None)  # a time limit ends a run; it does not change its steps

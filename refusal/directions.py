@@ -28,7 +28,7 @@ from .chat import Encoded, pad_left
 from .data import Prompt, direction_sets, instructions, prompt_hash
 from .engine import expand_cache, plan_batches, repeat_rows, run_prefix, shared_prefix_len, with_prefix
 from .errors import RefusalLabError
-from .hooks import ablate_direction, capture_block_inputs, orthogonalize, start_at_layer
+from .hooks import ablate_direction, capture_block_inputs, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel
 
@@ -68,6 +68,10 @@ class Direction:
     layer: int
     position: int  # negative post-instruction index
     meta: dict = field(default_factory=dict)
+    # every candidate's difference in means and the harmless means they were taken from, [layer, pos, d]
+    # (what an interpolated or projected ablation reads; None in folders made before they were saved)
+    mean_diffs: torch.Tensor | None = None
+    harmless_means: torch.Tensor | None = None
 
     @property
     def d_model(self) -> int:
@@ -279,6 +283,7 @@ def compute_direction(
         acts_h = cache_activations(cm, enc(harmful_train), batch_size=batch_size, desc="harmful activations")
         acts_b = cache_activations(cm, enc(harmless_train), batch_size=batch_size, desc="harmless activations")
         diffs = mean_diffs(acts_h, acts_b)  # [layer, pos, d]
+        harmless_means = acts_b.float().mean(0)  # [layer, pos, d]
     with timer("selection"):
         df = score_candidates(cm, diffs, enc(harmful_val), enc(harmless_val), batch_size, config.score_all)
         if layer is None:
@@ -321,7 +326,7 @@ def compute_direction(
         "refusal_tokens": [cm.tokenizer.decode([i]) for i in refusal_token_ids(cm.tokenizer)],
         "timings_s": timer.seconds,
     }
-    return Direction(r / r.norm(), r.clone(), layer, pos, meta), diffs, df
+    return Direction(r / r.norm(), r.clone(), layer, pos, meta, diffs, harmless_means), diffs, df
 
 
 def find_direction(cm: ChatModel, config: DirectionConfig, out: str | Path) -> Direction:
@@ -346,7 +351,8 @@ def save_direction(out_dir: str | Path, direction: Direction, diffs: torch.Tenso
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts.save_tensors(
         out_dir / "direction.safetensors",
-        {"direction": direction.vector.float(), "mean_diff": direction.mean_diff.float(), "mean_diffs": diffs.float()},
+        {"direction": direction.vector.float(), "mean_diff": direction.mean_diff.float(), "mean_diffs": diffs.float(),
+         **({} if direction.harmless_means is None else {"harmless_means": direction.harmless_means.float()})},
         metadata={"layer": str(direction.layer), "position": str(direction.position)},
     )
     artifacts.write_csv(out_dir / "candidates.csv", candidates)
@@ -354,7 +360,8 @@ def save_direction(out_dir: str | Path, direction: Direction, diffs: torch.Tenso
     return out_dir
 
 
-def _direction_dir(path: str | Path) -> Path:
+def direction_dir(path: str | Path) -> Path:
+    """The folder holding direction.safetensors: `path` itself, its direction/ subfolder, or the file's folder."""
     p = Path(path).expanduser()
     if p.is_file() and p.name == "direction.safetensors":
         return p.parent
@@ -368,7 +375,7 @@ def _direction_dir(path: str | Path) -> Path:
 
 def load_direction(path: str | Path, cm: ChatModel | None = None) -> Direction:
     """Read a saved direction; with a model, check that it fits (dimension) and warn if it was made on another."""
-    d = _direction_dir(path)
+    d = direction_dir(path)
     tensors = artifacts.load_tensors(d / "direction.safetensors")
     meta = artifacts.read_json(d / "direction.json") if (d / "direction.json").is_file() else {}
     if "direction" not in tensors or tensors["direction"].ndim != 1:
@@ -381,7 +388,13 @@ def load_direction(path: str | Path, cm: ChatModel | None = None) -> Direction:
         layer, position = int(meta["layer"]), int(meta["position"])
     except (KeyError, TypeError, ValueError):
         raise RefusalLabError(f"{d}/direction.json is missing or has no layer/position; give a folder made by `refusal direction`") from None
-    direction = Direction(vec / vec.norm(), mean_diff, layer, position, meta)
+    diffs, harmless = tensors.get("mean_diffs"), tensors.get("harmless_means")
+    if diffs is not None and (diffs.ndim != 3 or diffs.shape[-1] != vec.shape[0]
+                              or (harmless is not None and harmless.shape != diffs.shape)):
+        raise RefusalLabError(f"{d}/direction.safetensors: mean_diffs {tuple(diffs.shape)} or harmless_means do not "
+                              f"have the shape [layer, position, {vec.shape[0]}]; compute it again with `refusal direction`")
+    direction = Direction(vec / vec.norm(), mean_diff, layer, position, meta,
+                          None if diffs is None else diffs.float(), None if harmless is None else harmless.float())
     if cm is not None:
         check_direction(direction, cm)
     return direction
@@ -401,20 +414,3 @@ def check_direction(direction: Direction, cm: ChatModel) -> None:
         msg = (f"the direction was computed on another model (fingerprint {fp}, this model {cm.fingerprint}); "
                "results may not mean what you expect")
         log.warning(msg)
-
-
-def write_orthogonalized(cm: ChatModel, direction: Direction, out: str | Path, direction_path: str | None = None) -> ChatModel:
-    """Weight orthogonalization of the loaded model (in place) against `direction`, saved atomically to
-    `out` as a Hugging Face folder (safetensors, tokenizer, refusal_lab.json naming the base model and
-    the direction) that --model accepts. Returns the edited model."""
-    check_direction(direction, cm)
-    base = cm.describe()
-    edited = orthogonalize(cm, direction.vector, inplace=True)
-    with artifacts.atomic_dir(out) as tmp:
-        edited.model.save_pretrained(tmp, safe_serialization=True)
-        edited.tokenizer.save_pretrained(tmp)
-        artifacts.write_json(tmp / "refusal_lab.json", artifacts.run_record(
-            edit="weight orthogonalization", base_model=base, direction=str(direction_path),
-            direction_layer=direction.layer, direction_position=direction.position,
-            fingerprint=edited.fingerprint))
-    return edited

@@ -272,29 +272,42 @@ def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
 # ----------------------------------------------------------------------------- weight orthogonalization
 
 
-def _orth_out_rows(weight: torch.Tensor, r: torch.Tensor) -> None:
-    """W[..., d, in] <- W - r r^T W: an nn.Linear's weight [d, in] (output = W x), or a mixture of experts'
-    stacked down projections [experts, d, in], each expert edited alike."""
-    w = weight.data
-    rr = r.to(w.device, torch.float64)
-    wf = w.double()
-    w.copy_((wf - rr[:, None] * (rr @ wf)[..., None, :]).to(w.dtype))
+def remove_from_rows(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> None:
+    """W[..., d, in] <- W - w r r^T W: an nn.Linear's weight [d, in] (output = W x), or a mixture of experts'
+    stacked down projections [experts, d, in], each expert edited alike (w = 1: r removed)."""
+    t = weight.data
+    rr = r.to(t.device, torch.float64)
+    wf = t.double()
+    t.copy_((wf - w * rr[:, None] * (rr @ wf)[..., None, :]).to(t.dtype))
 
 
-def _orth_out_cols(weight: torch.Tensor, r: torch.Tensor) -> None:
-    """W[in, out] <- W - W r r^T  (GPT-2 Conv1D: output = x W, and embeddings [vocab, d])."""
-    w = weight.data
-    rr = r.to(w.device, torch.float64)
-    wf = w.double()
-    w.copy_((wf - torch.outer(wf @ rr, rr)).to(w.dtype))
+def remove_from_cols(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> None:
+    """W[in, d] <- W - w W r r^T  (GPT-2 Conv1D: output = x W, and embeddings [vocab, d])."""
+    t = weight.data
+    rr = r.to(t.device, torch.float64)
+    wf = t.double()
+    t.copy_((wf - w * torch.outer(wf @ rr, rr)).to(t.dtype))
 
 
-def _orth_bias(bias: torch.Tensor | None, r: torch.Tensor) -> None:
+def remove_from_bias(bias: torch.Tensor | None, r: torch.Tensor, w: float = 1.0) -> None:
+    """b[..., d] <- b - w (b.r) r."""
     if bias is not None:
         b = bias.data
         rr = r.to(b.device, torch.float64)
         bf = b.double()
-        b.copy_((bf - (bf @ rr)[..., None] * rr).to(b.dtype))  # [..., d]
+        b.copy_((bf - w * (bf @ rr)[..., None] * rr).to(b.dtype))
+
+
+def untie_embeddings(cm: ChatModel) -> None:
+    """Give the LM head its own copy of a tied embedding matrix, so that editing the embedding (what is
+    written into the residual) leaves the unembedding as it was."""
+    model = cm.model
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out_emb is not None and out_emb.weight is in_emb.weight:
+        out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+        if hasattr(model, "_tied_weights_keys"):
+            model._tied_weights_keys = []
 
 
 def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False) -> ChatModel:
@@ -314,23 +327,16 @@ def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False)
     if not inplace:
         cm = ChatModel(copy.deepcopy(cm.model), cm.tokenizer, name=cm.name, source=cm.source,
                        chat_template_kwargs=cm.chat.template_kwargs)
-    model = cm.model
-    # untie the LM head from the embedding: orthogonalizing the embedding must not edit the unembedding
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out_emb is not None and out_emb.weight is in_emb.weight:
-        out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-        if hasattr(model, "_tied_weights_keys"):
-            model._tied_weights_keys = []
+    untie_embeddings(cm)  # orthogonalizing the embedding must not edit the unembedding
     with torch.no_grad():
         for emb in cm.embeddings():
-            _orth_out_cols(emb.weight, r)  # each row is a vector written to the residual
+            remove_from_cols(emb.weight, r)  # each row is a vector written to the residual
         for layer in range(cm.n_layers):
             o_proj = cm.o_proj(layer)
             for weight in [o_proj.weight] + cm.mlp_writers(layer):
-                (_orth_out_cols if cm.family.conv1d else _orth_out_rows)(weight, r)
+                (remove_from_cols if cm.family.conv1d else remove_from_rows)(weight, r)
             for bias in [o_proj.bias] + cm.mlp_biases(layer):
-                _orth_bias(bias, r)
+                remove_from_bias(bias, r)
     cm.weights_changed()
     return cm
 

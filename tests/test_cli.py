@@ -180,7 +180,7 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     assert set(summary.condition) == {"none", "random_suffix", "adversarial_suffix", "ablation", "addition"}
     assert set(summary.judge) == {"strict"} and {"attack_success", "attack_success_substring"} <= set(summary.columns)
     suffix = json.loads((out / "attack" / "suffix.json").read_text())
-    assert suffix["judge"] == "strict" and suffix["config"]["judge"] == "strict"
+    assert suffix["judge"] == "strict" and suffix["config"]["judge"]["name"] == "strict"
     assert "by the substring judge" in stdout and "by the strict judge" in stdout
     stamp = (out / "attack" / "suffix.json").stat().st_mtime_ns
     assert_user_error(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out, match="--resume")

@@ -2,6 +2,7 @@
 lexicon, degenerate text, off-topic replies by real all-MiniLM-L6-v2 embeddings), the HarmBench and Llama
 Guard classifier prompts against their published texts, classifier plumbing on tiny random models, and
 `refusal judge` end to end."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -280,7 +281,8 @@ def test_gcg_config_names_its_judge():
 
     with pytest.raises(RefusalLabError, match="unknown judge"):
         GCGConfig(judge="nope").validate()
-    assert GCGConfig().judge == "strict"
+    assert GCGConfig().judge == JudgeConfig("strict") and GCGConfig(judge="substring").judge.name == "substring"
+    assert GCGConfig(judge={"name": "strict", "device": "cpu"}).judge == JudgeConfig("strict", device="cpu")
     # attacks made before the judge was a setting (substring) stay comparable with judge="substring"
     # (and those made before probe sampling, without a draft, with them; a time limit and screening on some
     # prompts, at their "off" values, are left out too)
@@ -289,6 +291,12 @@ def test_gcg_config_names_its_judge():
     assert comparable_config(config_dict(GCGConfig(judge="substring"))) == old
     assert comparable_config(config_dict(GCGConfig())) != old
     assert comparable_config(config_dict(GCGConfig(screen_prompts=2)))["screen_prompts"] == 2  # on: compared
+    # the judge is compared by what decides its verdicts: its name, and options that change a verdict
+    strict = comparable_config(config_dict(GCGConfig()))
+    assert strict["judge"] == "strict"
+    assert comparable_config(config_dict(GCGConfig(judge=JudgeConfig("strict", device="cpu", batch_size=2)))) == strict
+    stricter = comparable_config(config_dict(GCGConfig(judge=JudgeConfig("strict", off_topic_threshold=0.4))))
+    assert stricter["judge"] == "strict(off_topic_threshold=0.4)"
     assert "max_time_s" not in comparable_config(config_dict(GCGConfig(max_time_s=5.0)))  # a limit never is
 
 
@@ -299,7 +307,7 @@ def test_judge_names_are_read_without_surrounding_spaces():
     assert JudgeConfig(name=" substring ").name == "substring" and load_judge(" substring ").name == "substring"
     cfg = GCGConfig(judge=" substring ")
     cfg.validate()
-    assert cfg.judge == "substring"
+    assert cfg.judge.name == "substring"
 
 
 @pytest.fixture(scope="module")
@@ -362,9 +370,12 @@ def test_run_attack_takes_the_judges_options(tiny_chat, tmp_path):
 
     cfg = GCGConfig(steps=1, search_width=8, topk=8, suffix_len=4, judge_tokens=4, judge="substring")
     with pytest.raises(RefusalLabError, match=r"judge given \(strict\) is not the config's \(substring\)"):
-        run_attack(tiny_chat, ["Explain how to pick a lock"], None, cfg, tmp_path / "a", judge=JudgeConfig("strict"))
+        run_attack(tiny_chat, ["Explain how to pick a lock"], None, cfg, tmp_path / "a", judge=load_judge("strict"))
+    with pytest.raises(RefusalLabError, match="a loaded judge"):  # options go into the config, not beside it
+        run_attack(tiny_chat, ["Explain how to pick a lock"], None, cfg, tmp_path / "a", judge=JudgeConfig("substring"))
+    cfg = dataclasses.replace(cfg, judge=JudgeConfig("substring", batch_size=2))
     rec = run_attack(tiny_chat, ["Explain how to pick a lock"], None, cfg, tmp_path / "a", eval_tokens=4,
-                     progress=False, judge=JudgeConfig("substring", batch_size=2))
+                     progress=False)
     assert rec["judge"] == "substring" and rec["step_success_judge"] == "target_match+substring"
 
 
@@ -698,8 +709,10 @@ def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
     cfg = judge_config_from(build_parser().parse_args(["judge", "f.jsonl", "--judge-format", "llamaguard",
                                                        "--max-reply-tokens", "100", "--off-topic-threshold", "0.3"]))
     assert (cfg.name, cfg.hf_format, cfg.max_reply_tokens, cfg.off_topic_threshold) == ("strict", "llamaguard", 100, 0.3)
-    # and the commands load the judge from that config: eval and run before any model is loaded
-    import refusal.app.cli
+    # and the commands load the judge from that config: eval and run before any model is loaded (in the
+    # stage's check, which the CLI calls first)
+    import refusal.app.evaluation
+    import refusal.app.pipeline
 
     seen = []
 
@@ -707,7 +720,8 @@ def test_judge_options_reach_the_library(monkeypatch, capsys, tmp_path):
         seen.append(config)
         raise RefusalLabError("stop here")
 
-    monkeypatch.setattr(refusal.app.cli, "load_judge", fake_load)
+    monkeypatch.setattr(refusal.app.evaluation, "load_judge", fake_load)
+    monkeypatch.setattr(refusal.app.pipeline, "load_judge", fake_load)
     for argv in (["eval", "--model", "m", "--prompts", "harmful:test", "--out", tmp_path / "o.jsonl"],
                  ["run", "--out", tmp_path / "main"]):
         code, out, err = _run(capsys, *argv, *common)

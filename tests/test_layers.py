@@ -22,7 +22,7 @@ LAYERS = [
     {"refusal.hooks", "refusal.activations", "refusal.suffix",
      "refusal.judges.strict", "refusal.judges.load", "refusal.judges.files"},
     {"refusal.metrics", "refusal.directions", "refusal.capture", "refusal.registry"},
-    {"refusal.capability", "refusal.organism", "refusal.heads"},
+    {"refusal.capability", "refusal.organism", "refusal.heads", "refusal.ablation"},
     {"refusal.success"},
     {"attacks.*", "analysis.*"},
     {"refusal.app.models", "refusal.app.plots", "refusal.app.evaluation", "refusal.app.attack", "refusal.app.bench",
@@ -35,7 +35,7 @@ LAYERS = [
 ]
 # what a function may import lazily: optional or heavy third-party packages, and the organism's training
 # code, which only building the organism needs (loading a model never imports it)
-LAZY_OK = ("transformers", "nanogcg", "matplotlib", "seaborn", "scipy", "ray", "refusal.organism")
+LAZY_OK = ("transformers", "nanogcg", "matplotlib", "seaborn", "scipy", "ray", "peft", "optuna", "refusal.organism")
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from refusal.data import instructions, resolve_prompts
 from refusal.directions import Direction, check_direction
 from refusal.engine import check_lengths
 from refusal.errors import RefusalLabError
-from refusal.judges import JudgeConfig, load_judge
+from refusal.judges import Judge, JudgeConfig, load_judge
 from refusal.models import ChatModel
 from refusal.success import suffix_success
 from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
@@ -46,19 +46,26 @@ class AnalysisConfig:
         self.judge.validate()
 
 
+def check_analysis(config: AnalysisConfig, suffix: str | Path) -> tuple[list[str], list[str], tuple, Judge | None]:
+    """The analysis' checks that need no model (by the CLI before it loads one, and by analyze_suffix): the
+    config, the prompts, the suffix and the judge (where replies are judged), returned loaded: (harmful,
+    harmless, (suffix text, suffix ids), judge or None)."""
+    config.validate()
+    judge = load_judge(config.judge) if config.eval_tokens else None
+    harmful = instructions(resolve_prompts(config.harmful, "harmful:test"))
+    harmless = instructions(resolve_prompts(config.harmless, "harmless:test"))
+    if config.max_prompts:
+        harmful, harmless = harmful[: config.max_prompts], harmless[: config.max_prompts]
+    return harmful, harmless, load_suffix(suffix), judge
+
+
 def analyze_suffix(cm: ChatModel, direction: Direction, suffix: str | Path, config: AnalysisConfig,
                    out_dir: str | Path) -> dict:
     """The analysis stage from artifacts: a suffix (suffix.json or its run folder, a text file, or the text)
     against the random suffix of the same length (the one its attack record drew, else a new one), on the
     config's prompts, with attack success judged (config.eval_tokens > 0) by the substring judge and the
     config's; then analyze(). Returns analyze()'s result."""
-    config.validate()
-    judge = load_judge(config.judge) if config.eval_tokens else None  # a bad judge fails first
-    harmful = instructions(resolve_prompts(config.harmful, "harmful:test"))
-    harmless = instructions(resolve_prompts(config.harmless, "harmless:test"))
-    if config.max_prompts:
-        harmful, harmless = harmful[: config.max_prompts], harmless[: config.max_prompts]
-    text, ids = load_suffix(suffix)
+    harmful, harmless, (text, ids), judge = check_analysis(config, suffix)
     check_direction(direction, cm)
     if ids is not None:
         check_suffix_ids(suffix, ids, cm.tokenizer)

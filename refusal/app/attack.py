@@ -10,7 +10,7 @@ import pandas as pd
 
 from refusal import artifacts
 from refusal.errors import RefusalLabError
-from refusal.judges import judge_name, load_judge
+from refusal.judges import Judge, JudgeConfig, check_loaded_judge, load_judge
 from refusal.models import ChatModel
 
 from attacks.gcg import STEP_PARTS, GCG, AttackResult, GCGConfig, comparable_config, config_dict
@@ -52,9 +52,10 @@ def steps_frame(result: AttackResult, judge: str) -> pd.DataFrame:
 
 
 def check_attack(config: GCGConfig, engine: str = "native", direction=None, resume: bool = False,
-                 force: bool = False) -> None:
-    """The attack's settings, checked before a model loads: the config, the engine (nanoGCG installed, the
-    target objective only), a direction for the objectives that need one, resume or force."""
+                 force: bool = False) -> Judge:
+    """The attack's settings, checked before a model loads (by the CLI and by run_attack): the config, the
+    engine (nanoGCG installed, the target objective only), a direction for the objectives that need one,
+    resume or force, and the judge, which it returns loaded."""
     config.validate()
     if engine not in ENGINES:
         raise RefusalLabError(f"unknown engine {engine!r}; use one of {', '.join(ENGINES)}")
@@ -68,6 +69,7 @@ def check_attack(config: GCGConfig, engine: str = "native", direction=None, resu
         raise RefusalLabError(f"--objective {config.objective} needs --direction DIR (a folder made by `refusal direction`)")
     if resume and force:
         raise RefusalLabError("--resume and --force contradict each other; choose one")
+    return load_judge(config.judge)  # loaded once per process: run_attack's call reuses it
 
 
 def run_attack(
@@ -90,9 +92,9 @@ def run_attack(
 
     targets: one per instruction, None for the default "Sure, here is ..." targets (not needed by the
     direction objective). resume continues from the checkpoint in the folder; force overwrites it.
-    judge: the judge of success as a Judge or a refusal.judges.JudgeConfig (with its options: device,
-    dtype, ...), which must be the one config.judge names; None loads config.judge with default options."""
-    check_attack(config, engine, direction, resume, force)
+    judge: config.judge already loaded (a Judge, reused; it must be the one config.judge names); None loads
+    config.judge."""
+    loaded = check_attack(config, engine, direction, resume, force)
     instructions = [str(i).strip() for i in instructions]
     if not instructions or any(not i for i in instructions):
         raise RefusalLabError("no prompts to attack (or an empty one)")
@@ -104,7 +106,7 @@ def run_attack(
         done = artifacts.read_json(attack_dir / "suffix.json")
         old, new = comparable_config(done.get("config") or {}), comparable_config(config_dict(config))
         if old != new and {**old, "judge": None} == {**new, "judge": None} and done.get("prompts") == instructions:
-            made_by = (done.get("config") or {}).get("judge", "substring")
+            made_by = JudgeConfig.of((done.get("config") or {}).get("judge", "substring")).key
             raise RefusalLabError(f"{attack_dir} holds a finished attack judged by the {made_by} judge; pass --judge "
                                   f"{made_by} to reuse it, --force to redo it, or choose another --out")
         if old != new or done.get("prompts") != instructions or done.get("engine") != engine:
@@ -117,12 +119,10 @@ def run_attack(
             raise RefusalLabError("the nanogcg engine attacks one prompt; use --engine native for a prompt set")
         if resume:
             raise RefusalLabError("nanogcg runs cannot be resumed; use --engine native for resumable runs")
-    judge = config.judge if judge is None else judge
-    if judge_name(judge) != config.judge:
-        raise RefusalLabError(f"the judge given ({judge_name(judge)}) is not the config's ({config.judge})")
+    check_loaded_judge(judge, config.judge)
+    judge = loaded if judge is None else judge
     if engine != "nanogcg":
         gcg = GCG(cm, instructions, targets, config, direction, judge=judge)  # checks every input before anything is written
-    judge = load_judge(judge)  # the success judge, loaded (or refused) before anything is written (once: cached)
     artifacts.prepare_stage_dir(attack_dir, force=force, resume=resume)
     for stale in attack_dir.glob(".*.tmp"):  # the temporary file of a write that a kill interrupted
         stale.unlink(missing_ok=True)

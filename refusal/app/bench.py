@@ -201,7 +201,7 @@ def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfi
         _sync(cm)
     marks = list(counter.marks) if counter is not None else []
     checks: list = []
-    first = first_success_step(cm, instruction, target, res.suffixes, load_judge(judge or config.judge),
+    first = first_success_step(cm, instruction, target, res.suffixes, load_judge(config.judge) if judge is None else judge,
                                config.judge_tokens, clock=clock, counter=counter, checks=checks)
     times = list(res.step_times)
     for step, seconds, tokens in checks:

@@ -23,17 +23,17 @@ from attacks.gcg import GCGConfig
 from refusal import artifacts
 from refusal.config import field_info
 from refusal.data import resolve_prompts
-from refusal.directions import DirectionConfig, find_direction, load_direction, write_orthogonalized
+from refusal.ablation import CHECK_PROMPTS, load_ablation, write_abliterated
+from refusal.directions import DirectionConfig, find_direction, load_direction
 from refusal.errors import RefusalLabError
-from refusal.judges import JudgeConfig, judge_file, load_judge
+from refusal.judges import JudgeConfig, judge_file
 from refusal.models import seed_everything
 from refusal.recipe import OrganismConfig
 from refusal.registry import load_model
-from refusal.suffix import load_suffix
-from refusal.app.analyze import AnalysisConfig, analyze_suffix
+from refusal.app.analyze import AnalysisConfig, analyze_suffix, check_analysis
 from refusal.app.attack import check_attack, run_attack
 from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
-from refusal.app.evaluation import EvalConfig, run_eval
+from refusal.app.evaluation import EvalConfig, check_eval, run_eval
 from refusal.app.options import (SWEEP_OPTIONS, Parser, config_from, judge_arg, judge_config_from, model_args,
                                  model_config, opt, positive, sweep_kw)
 from refusal.app.pipeline import JobConfig, check_job, main_job
@@ -70,8 +70,15 @@ def cmd_orthogonalize(args) -> int:
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
     direction = load_direction(args.direction)  # a bad direction file fails before the model loads
-    write_orthogonalized(_load(args), direction, out, args.direction)
-    print(f"wrote the orthogonalized model to {out} (load it with --model {out})")
+    ablation = load_ablation(args.direction)  # the paper's, unless the folder records another
+    _, rec = write_abliterated(_load(args), direction, out, ablation, args.direction)
+    how = "exact" if rec["exact"] else "not exact (a norm follows each sublayer)" if rec["post_norm_family"] \
+        else "norm-preserving (a weight edit only)"
+    gap = rec["max_logit_gap_from_hooks"]
+    print(f"{rec['edit']} ({ablation.summary()}): {how}; on {2 * CHECK_PROMPTS} test prompts the largest logit gap "
+          f"from the hooks is {'n/a' if gap is None else f'{gap:.2g}'}, the largest |cos| left along the direction "
+          f"in a write at weight 1 {rec['max_cosine_left_at_weight_1'] or 0:.2g}")
+    print(f"wrote the edited model to {out} (load it with --model {out})")
     return 0
 
 
@@ -79,13 +86,7 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     artifacts.check_out(out, force=args.force)
     config = config_from(EvalConfig, args, judge=judge_config_from(args))
-    config.validate()
-    resolve_prompts(config.prompts)  # bad inputs fail before the model loads
-    if config.suffix is not None:
-        load_suffix(config.suffix)
-    if config.ablate or config.actadd:
-        load_direction(config.ablate or config.actadd)
-    load_judge(config.judge)  # a bad judge fails before the model loads (loaded once: run_eval reuses it)
+    check_eval(config)  # bad inputs fail before the model loads
     rec = run_eval(_load(args), config, out)
     rates = rec["attack_success_rates"]
     by = f"substring {rates['substring']:.1%}" + (f", {rec['judge']} {rates[rec['judge']]:.1%}"
@@ -121,8 +122,7 @@ def cmd_attack(args) -> int:
         prompts = resolve_prompts(args.prompts)[: args.max_prompts]
         instructions = [p.instruction for p in prompts]
         targets = [p.target for p in prompts] if all(p.target for p in prompts) else None
-    config = config_from(GCGConfig, args)
-    judge = judge_config_from(args)  # the judge's name in the config; its options (device, dtype) travel beside it
+    config = config_from(GCGConfig, args, judge=judge_config_from(args))  # the judge with the model's device, dtype
     direction = load_direction(args.direction) if args.direction else None
     check_attack(config, args.engine, direction, args.resume, args.force)
     out = Path(args.out)
@@ -133,7 +133,7 @@ def cmd_attack(args) -> int:
     try:
         rec = run_attack(cm, instructions, targets, config, out, engine=args.engine, direction=direction,
                          direction_path=args.direction, resume=args.resume, force=args.force,
-                         checkpoint_name=args.checkpoint, judge=judge)
+                         checkpoint_name=args.checkpoint)
     except KeyboardInterrupt:
         print("refusal: interrupted; the last completed step is saved: continue with the same command and --resume",
               file=sys.stderr)
@@ -151,11 +151,8 @@ def cmd_analyze(args) -> int:
     out = Path(args.out) / "analysis"
     artifacts.check_out(out, force=args.force)
     config = config_from(AnalysisConfig, args, judge=judge_config_from(args))
-    config.validate()
-    load_suffix(args.suffix)  # bad files and a bad judge fail before the model loads
+    check_analysis(config, args.suffix)  # bad files and a bad judge fail before the model loads
     direction = load_direction(args.direction)
-    if config.eval_tokens:
-        load_judge(config.judge)
     res = analyze_suffix(_load(args), direction, args.suffix, config, out)
     for s in res["numbers"]["sentences"]:
         print("- " + s)
@@ -169,7 +166,7 @@ def cmd_bench(args) -> int:
     own = {f.name for f in dataclasses.fields(BenchConfig)}  # steps, seed, max_time_s: the bench's, not the attack's
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(GCGConfig)
              if hasattr(args, f.name) and f.name not in own}
-    config = config_from(BenchConfig, args, attack=dataclasses.replace(BENCH_CONFIG, **{**given, "judge": args.judge}))
+    config = config_from(BenchConfig, args, attack=dataclasses.replace(BENCH_CONFIG, **{**given, "judge": judge_config_from(args)}))
     config.validate()
     res = run_bench(_load(args), config, out, progress=lambda m: print(m, flush=True), resume=args.resume)
     keys = [k for k in res if k.startswith(("speedup", "time_to_success_speedup", "time_to_asr_speedup",
@@ -190,8 +187,7 @@ def cmd_run(args) -> int:
     config = JobConfig.quick(seed=args.seed, batch_size=args.batch_size, judge=judge, resume=args.resume,
                              force=args.force) if args.quick else \
         JobConfig(seed=args.seed, batch_size=args.batch_size, judge=judge, resume=args.resume, force=args.force)
-    check_job(config, args.out)  # a bad config or run folder fails before the model loads
-    load_judge(config.judge)  # so does a bad judge (loaded once: main_job reuses it)
+    check_job(config, args.out)  # a bad config, run folder or judge fails before the model loads
     cm = _load(args)
     rec = main_job(cm, config, args.out, progress=lambda m: print(m, flush=True))
     print()
@@ -270,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="overwrite an existing direction")
     d.set_defaults(fn=cmd_direction)
 
-    o = sub.add_parser("orthogonalize", help="bake directional ablation into the weights; save a HF folder")
+    o = sub.add_parser("orthogonalize", help="bake the direction's ablation (the paper's, or the one its folder's "
+                                             "ablation.json records) into the weights; save a HF folder")
     model_args(o, batch_size=None)
     o.add_argument("--direction", required=True, help="run folder or its direction/ subfolder")
     o.add_argument("--out", required=True, help="folder for the edited model")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from attacks.gcg import GCGConfig
+from refusal.ablation import AblationConfig, Kernel
 from refusal.config import config_rows
 from refusal.directions import DirectionConfig
 from refusal.judges import JudgeConfig
@@ -24,6 +25,9 @@ from refusal.app.sweep import SweepConfig
 CONFIGS = [
     (ModelConfig, "`--model` and its loading options, every command"),
     (DirectionConfig, "`refusal direction`, `find_direction`"),
+    (AblationConfig, "a direction folder's ablation.json (`save_ablation`): `refusal orthogonalize`, "
+                     "`refusal eval --ablate`, `refusal reproduce`, `abliterate`, `ablate`"),
+    (Kernel, "AblationConfig's `attn` and `mlp`: the weight of each layer's writes"),
     (GCGConfig, "`refusal attack`, `GCG`; the main job's, the bench's and the sweep's attacks"),
     (JudgeConfig, "`--judge` and its options, every command that judges replies"),
     (EvalConfig, "`refusal eval`, `run_eval`"),

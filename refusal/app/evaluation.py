@@ -10,11 +10,12 @@ from pathlib import Path
 from refusal import artifacts
 from refusal.config import check_fields, option
 from refusal.data import instructions, resolve_prompts
-from refusal.directions import check_direction, load_direction
+from refusal.directions import Direction, check_direction, load_direction
 from refusal.engine import check_lengths
 from refusal.errors import RefusalLabError
-from refusal.hooks import ablate_direction, add_direction
-from refusal.judges import JudgeConfig, add_verdicts, load_judge, verdict_rates
+from refusal.ablation import AblationConfig, ablate, load_ablation
+from refusal.hooks import add_direction
+from refusal.judges import Judge, JudgeConfig, add_verdicts, load_judge, verdict_rates
 from refusal.metrics import evaluate
 from refusal.models import ChatModel
 from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
@@ -38,17 +39,40 @@ class EvalConfig:
         self.judge.validate()
 
 
+@dataclass
+class EvalInputs:
+    """What an evaluation reads, loaded and checked (check_eval)."""
+
+    prompts: list
+    suffix_text: str | None
+    suffix_ids: list[int] | None
+    direction: Direction | None
+    ablation: AblationConfig | None  # how --ablate's folder ablates (the paper's unless it records another)
+    judge: Judge
+
+
+def check_eval(config: EvalConfig) -> EvalInputs:
+    """The evaluation's checks that need no model (by the CLI before it loads one, and by run_eval): the
+    config, the prompts, the suffix, the direction and its ablation, and the judge, returned loaded."""
+    config.validate()
+    prompts = resolve_prompts(config.prompts)
+    text, ids = (None, None) if config.suffix is None else load_suffix(config.suffix)
+    where = config.ablate or config.actadd
+    direction = load_direction(where) if where else None
+    ablation = load_ablation(config.ablate) if config.ablate else None
+    if ablation is not None:
+        ablation.check_hookable()
+    return EvalInputs(prompts, text, ids, direction, ablation, load_judge(config.judge))
+
+
 def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
     """Replies to config.prompts under the configured suffix and intervention, judged, written to `out`
     (JSONL, atomically) and `out`.record.json. Returns the record (refusal rate, attack success rates by
     judge, verdict rates, whether the suffix was made on another model: transfer)."""
-    config.validate()
+    inputs = check_eval(config)
+    prompts, suffix_text, suffix_ids, d, judge = (inputs.prompts, inputs.suffix_text, inputs.suffix_ids,
+                                                  inputs.direction, inputs.judge)
     out = Path(out)
-    judge = load_judge(config.judge)
-    prompts = resolve_prompts(config.prompts)
-    suffix_text, suffix_ids = (None, None) if config.suffix is None else load_suffix(config.suffix)
-    where = config.ablate or config.actadd
-    d = load_direction(where) if where else None
     if suffix_ids is not None:
         check_suffix_ids(config.suffix, suffix_ids, cm.tokenizer)
     suffix = suffix_ids if suffix_ids is not None else suffix_text
@@ -57,7 +81,9 @@ def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
     if d is not None:
         check_direction(d, cm)
     if config.ablate:
-        intervention, ctx = f"ablate {config.ablate}", ablate_direction(cm, d.vector)
+        intervention, ctx = f"ablate {config.ablate}", ablate(cm, d, inputs.ablation)
+        if not inputs.ablation.is_paper:
+            intervention += f" ({inputs.ablation.summary()})"
     elif config.actadd:
         intervention = f"actadd {config.actadd} coeff {config.coeff}"
         ctx = add_direction(cm, d.mean_diff, d.layer, config.coeff)

@@ -25,7 +25,7 @@ from refusal.data import builtin_prompts, instructions
 from refusal.directions import DirectionConfig, find_direction, load_direction
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, add_direction
-from refusal.judges import JudgeConfig, add_verdicts, load_judge
+from refusal.judges import Judge, JudgeConfig, add_verdicts, load_judge
 from refusal.metrics import evaluate
 from refusal.models import ChatModel, seed_everything
 
@@ -133,11 +133,13 @@ def analysis_is_current(adir: Path, success: dict) -> bool:
     return isinstance(headline, dict) and "sentences" in headline and same_success(headline.get("success"), success)
 
 
-def check_job(config: JobConfig, out: str | Path) -> None:
-    """The config valid and the run folder usable with its resume/force: checked before a model loads."""
+def check_job(config: JobConfig, out: str | Path) -> Judge:
+    """The main job's checks before a model loads (by the CLI and by main_job): the config valid, the run
+    folder usable with its resume/force, and the judge, which it returns loaded."""
     config.validate()
     artifacts.check_out(Path(out), force=config.force, resume=config.resume,
                         fix="pass --resume to reuse its finished stages, --force to start over, or choose another --out")
+    return load_judge(config.judge)  # loaded once per process: main_job's call reuses it
 
 
 def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callable[[str], None] | None = None) -> dict:
@@ -149,9 +151,8 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
     say = progress or log.info
     t0 = time.perf_counter()
     out = Path(out)
-    check_job(config, out)
+    judge = check_job(config, out)  # a bad config, folder or judge fails before anything is written
     seed_everything(config.seed)
-    judge = load_judge(config.judge)  # a bad judge fails before anything is written
     if config.force and out.exists():
         shutil.rmtree(out) if out.is_dir() else out.unlink()
     out.mkdir(parents=True, exist_ok=True)
@@ -170,7 +171,7 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
 
     # 2. a universal suffix (and its random baseline) on harmful training prompts
     train = instructions(builtin_prompts("harmful", "train"))[: config.attack_prompts]
-    cfg = replace(config.attack, seed=config.seed, judge=judge.name,
+    cfg = replace(config.attack, seed=config.seed, judge=config.judge,
                   patience=config.attack.patience or universal_patience(config.attack.steps, config.attack_prompts))
     with timer("attack"):
         rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=config.new_tokens,

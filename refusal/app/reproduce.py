@@ -19,7 +19,8 @@ from refusal.config import as_dict, check_fields, option
 from refusal.data import builtin_prompts, builtin_texts, instructions, prompt_hash, text_hash
 from refusal.directions import Direction, DirectionConfig, find_direction, load_direction
 from refusal.errors import RefusalLabError
-from refusal.hooks import ablate_direction, add_direction, orthogonalize
+from refusal.ablation import AblationConfig, ablate, abliterate, load_ablation
+from refusal.hooks import add_direction
 from refusal.metrics import evaluate, kl_divergence
 from refusal.models import ChatModel
 
@@ -41,6 +42,7 @@ def intervention_table(
     borderline: Sequence[str] | None = None,
     replies: tuple[Sequence[str], Sequence[str]] | None = None,
     texts: Sequence[str] | None = None,
+    ablation: AblationConfig | None = None,
 ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """One row per intervention: refusal rate and mean refusal score on harmful and harmless
     prompts, and the KL divergence of the harmless first-reply logits from the unedited model.
@@ -50,15 +52,18 @@ def intervention_table(
     `borderline_refusal_rate` (greedy, max_new_tokens, substring judge) on the `borderline` prompts;
     `reply_ce`, the mean per-token cross-entropy (nats) of replies = (instructions, reference replies,
     made once without intervention by the reference model), reply tokens only; `text_ce`, that of the
-    plain `texts`. The borderline completions are in details as `{intervention}_borderline`."""
-    edited = None if cm.family.post_norms else orthogonalize(cm, direction.vector)
-    conditions = {
-        "none": (cm, contextlib.nullcontext),
-        "ablation": (cm, lambda: ablate_direction(cm, direction.vector)),
-        "addition": (cm, lambda: add_direction(cm, direction.mean_diff, direction.layer)),
-    }
-    if edited is not None:
-        conditions["orthogonalized"] = (edited, contextlib.nullcontext)
+    plain `texts`. The borderline completions are in details as `{intervention}_borderline`.
+
+    `ablation`: how the direction is ablated, as hooks ("ablation") and in the weights ("orthogonalized";
+    default: the paper's). The weight edit is the closest one in the post-norm families, where it is not
+    exact; a norm-preserving ablation has no hook form, so no "ablation" row."""
+    ablation = ablation or AblationConfig()
+    edited = abliterate(cm, direction, ablation)  # not exact in the post-norm families: the closest edit
+    conditions = {"none": (cm, contextlib.nullcontext)}
+    if not ablation.norm_preserving:  # which has no hook form
+        conditions["ablation"] = (cm, lambda: ablate(cm, direction, ablation))
+    conditions["addition"] = (cm, lambda: add_direction(cm, direction.mean_diff, direction.layer))
+    conditions["orthogonalized"] = (edited, contextlib.nullcontext)
     base_logits = last_logits(cm, cm.chat.encode_all(harmless))
     rows, details = [], {}
     for name, (model, ctx) in conditions.items():
@@ -109,7 +114,7 @@ class ReproduceConfig:
 
 
 def table_reuse_problem(rdir: Path, ref_path: Path, model_fingerprint: str, ref_fingerprint: str,
-                        reference_tokens: int, max_new_tokens: int) -> str | None:
+                        reference_tokens: int, max_new_tokens: int, ablation: dict | None = None) -> str | None:
     """What differs between the settings a finished table in `rdir` was made with and these (None: it can
     be reused): the model, the reference model (fingerprints), --reference-tokens and --max-new-tokens, as
     its reproduce.json records them; without that record, the reference replies' cache (`ref_path`) tells
@@ -128,9 +133,10 @@ def table_reuse_problem(rdir: Path, ref_path: Path, model_fingerprint: str, ref_
     made = {"model": fingerprint(rec.get("model")),
             "reference model": fingerprint(rec.get("reference_model")) or fingerprint(cache.get("model")),
             "--reference-tokens": rec.get("reference_tokens", cache.get("new_tokens")),
-            "--max-new-tokens": rec.get("max_new_tokens")}
+            "--max-new-tokens": rec.get("max_new_tokens"),
+           "ablation": rec.get("ablation", as_dict(AblationConfig())) if rec else None}  # older tables: the paper's
     now = {"model": model_fingerprint, "reference model": ref_fingerprint, "--reference-tokens": reference_tokens,
-           "--max-new-tokens": max_new_tokens}
+           "--max-new-tokens": max_new_tokens, "ablation": ablation or as_dict(AblationConfig())}
     problems = []
     for key, value in now.items():
         if made[key] is None:
@@ -156,6 +162,7 @@ def reproduce_paper(cm: ChatModel, config: ReproduceConfig, out: str | Path, ref
         direction = load_direction(ddir, cm)
     else:
         direction = find_direction(cm, config.direction, ddir)
+    ablation = load_ablation(ddir)  # the paper's, unless the folder records another (refusal abliterate)
     harmful = instructions(builtin_prompts("harmful", "test"))
     harmless = instructions(builtin_prompts("harmless", "test"))
     borderline = instructions(builtin_prompts("borderline"))
@@ -169,14 +176,15 @@ def reproduce_paper(cm: ChatModel, config: ReproduceConfig, out: str | Path, ref
     ref_path = out / "reference" / "replies.json"
     if table is not None:  # reused only if made with this model, reference model and token counts
         problem = table_reuse_problem(rdir, ref_path, cm.fingerprint, ref.fingerprint, config.reference_tokens,
-                                      config.max_new_tokens)
+                                      config.max_new_tokens, as_dict(ablation))
         if problem:
             raise RefusalLabError(f"{rdir} holds a finished table made with {problem}; pass --force to "
                                   "recompute it, or choose another --out")
     else:
         replies = cached_reference_replies(ref_path, ref, harmless, config.reference_tokens, force=config.force)
         table, details = intervention_table(cm, direction, harmful, harmless, config.max_new_tokens,
-                                            borderline=borderline, replies=(harmless, replies), texts=texts)
+                                            borderline=borderline, replies=(harmless, replies), texts=texts,
+                                            ablation=ablation)
         artifacts.write_csv(rdir / "table.csv", table)
         artifacts.write_text(rdir / "table.md", to_markdown(table))
         for name, df in details.items():
@@ -201,7 +209,8 @@ def reproduce_paper(cm: ChatModel, config: ReproduceConfig, out: str | Path, ref
                      "general_text": text_hash(texts)},
         n_borderline=len(borderline), n_texts=len(texts),
         reference_model=ref.describe(), reference_tokens=config.reference_tokens,
-        config=as_dict(config), pca_first_separating_layer=sep_from)
+        config=as_dict(config), pca_first_separating_layer=sep_from, ablation=as_dict(ablation),
+        orthogonalized_exact=not cm.family.post_norms and not ablation.norm_preserving)
     artifacts.write_json(rdir / "reproduce.json", record)
     pca_summary = (f"PCA: PC1 separates harmful from harmless (>= 95% accuracy) from layer {sep_from}; at layer "
                    f"{direction.layer} PC1 explains {at.ev1:.1%} of the variance, separates {at.pc1_separation:.1%}, "

@@ -39,5 +39,5 @@ from .degenerate import degenerate_reason
 from .embedder import MINILM_INSTALL, MINILM_PACKAGE, SentenceEmbedder, minilm_dir, sentence_embedder
 from .strict import StrictJudge
 from .hf import HARMBENCH_CLS_PROMPT, HFJudge, HF_NEW_TOKENS, hf_verdict, is_llamaguard_template, llamaguard_prompt
-from .load import add_verdicts, judge_name, load_judge
+from .load import add_verdicts, check_loaded_judge, judge_name, load_judge
 from .files import judge_file, judged_path, read_replies

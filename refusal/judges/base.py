@@ -51,6 +51,35 @@ class JudgeConfig:
         check_fields(self)
         check_judge_name(self.name)
 
+    @property
+    def key(self) -> str:
+        """What decides this judge's verdicts, as a string: its name, and any option among VERDICT_OPTIONS
+        set away from its default (its device, dtype and batch size do not change a verdict). Run
+        signatures and bench keys record it, so that a judge with default options keeps its name's key."""
+        changed = [f"{k}={getattr(self, k)!r}" for k in VERDICT_OPTIONS
+                   if getattr(self, k) != type(self).__dataclass_fields__[k].default]
+        return self.name.strip() + (f"({', '.join(changed)})" if changed else "")
+
+    @classmethod
+    def of(cls, value: "JudgeConfig | str | dict") -> "JudgeConfig":
+        """A JudgeConfig from itself, its name, or its fields as a dict (a config file's table); a dict
+        with a field JudgeConfig does not have is a one-line error."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            return cls(name=value)
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise RefusalLabError(f"judge: unknown option {unknown[0]!r}; a judge has "
+                                      f"{', '.join(cls.__dataclass_fields__)}")
+            return cls(**value)
+        raise RefusalLabError(f"a judge is given by its name or its options, not {value!r}")
+
+
+# the JudgeConfig options that change a verdict (JudgeConfig.key)
+VERDICT_OPTIONS = ("off_topic_threshold", "refusal_sentences", "hf_format", "max_reply_tokens")
+
 
 def check_judge_name(name: str) -> str:
     """The judge name without surrounding spaces (as load_judge reads it), or a one-line error naming the

@@ -33,6 +33,18 @@ def _load(config: JudgeConfig) -> Judge:
     return HFJudge(config)
 
 
+def check_loaded_judge(judge: Judge | None, config: JudgeConfig) -> None:
+    """A one-line error when `judge`, a judge already loaded and handed over to be reused, is not a Judge or
+    not the one `config` names (None: nothing handed over, nothing to check)."""
+    if judge is None:
+        return
+    if not isinstance(judge, Judge):
+        raise RefusalLabError(f"a loaded judge (refusal.judges.load_judge) is expected, not {type(judge).__name__}; "
+                              "a judge's name and options go into the config")
+    if judge.name != config.name.strip():
+        raise RefusalLabError(f"the judge given ({judge.name}) is not the config's ({config.name})")
+
+
 def judge_name(config: JudgeConfig | str | Judge | None) -> str:
     """The name of the judge a config or name stands for, without loading it."""
     if isinstance(config, Judge):

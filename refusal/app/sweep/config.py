@@ -66,8 +66,8 @@ class SweepConfig:
     retries: int = option(3, "times Ray runs a task again after its worker dies (killed, out of memory, node lost)", ge=0)
 
     def __post_init__(self):
-        if isinstance(self.judge, str):  # a judge given by its name
-            object.__setattr__(self, "judge", JudgeConfig(name=self.judge))
+        if isinstance(self.judge, (str, dict)):  # a judge given by its name or its options
+            object.__setattr__(self, "judge", JudgeConfig.of(self.judge))
 
     def validate(self, where: str | None = None) -> None:
         """One-line errors for a value of the wrong type or out of its bounds (`where`: the file, whose keys

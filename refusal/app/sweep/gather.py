@@ -28,7 +28,8 @@ def task_row(result: dict) -> dict:
                engine=spec.get("engine"),
                objective=gcg.get("objective"),
                steps=gcg.get("steps"), search_width=gcg.get("search_width"), suffix_len=gcg.get("suffix_len"),
-               seed=gcg.get("seed"), judge=gcg.get("judge"))
+               seed=gcg.get("seed"), judge=(gcg.get("judge") or {}).get("name") if isinstance(gcg.get("judge"), dict)
+               else gcg.get("judge"))
     if spec.get("kind") == "eval" and source is None:
         row["model"] = row["target_model"]
     if spec.get("kind") == "eval":

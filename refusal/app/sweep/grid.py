@@ -52,8 +52,9 @@ def expand(config: SweepConfig) -> list[Task]:
     config.validate()
     keys = short_keys(config.models)
     mcfg = {m: as_dict(ModelConfig(model=m, device=config.device, dtype=config.dtype)) for m in config.models}
-    judge = as_dict(replace(config.judge, device=config.judge.device or config.device,
-                            dtype=config.judge.dtype or config.dtype))
+    judge_config = replace(config.judge, device=config.judge.device or config.device,
+                           dtype=config.judge.dtype or config.dtype)
+    judge = as_dict(judge_config)
     evals = dict(prompts="prompts/eval.jsonl", max_new_tokens=config.eval_tokens, batch_size=config.batch_size, judge=judge)
     tasks: list[Task] = []
     direction_of: dict[str, tuple[str, str | None]] = {}  # model -> (direction folder, the task that makes it)
@@ -88,14 +89,14 @@ def expand(config: SweepConfig) -> list[Task]:
         point = f"{keys[m]}-{bkey}-{engine}-{objective}-n{steps}-w{width}-l{slen}-s{seed}"
         aid = f"attack-{point}"
         gcg = GCGConfig(steps=steps, search_width=width, topk=config.topk, suffix_len=slen, seed=seed,
-                        objective=objective, judge=config.judge.name, judge_tokens=min(field_info(GCGConfig, "judge_tokens")[0], config.eval_tokens),
+                        objective=objective, judge=judge_config, judge_tokens=min(field_info(GCGConfig, "judge_tokens")[0], config.eval_tokens),
                         early_stop=config.early_stop,
                         patience=universal_patience(steps, len(instructions)) if len(instructions) > 1 else 0)
         direction, dtask = direction_of.get(m, (None, None)) if objective != "target" else (None, None)
         tasks.append(Task(aid, "attack", (dtask,) if dtask else (), dict(
             model=mcfg[m], prompt_set=pset, behaviour=bkey, mode="per prompt" if bkey != set_keys[pset] else "universal",
             instructions=instructions, targets=targets, engine=engine,
-            config=as_dict(gcg), direction=direction, judge=judge, eval_tokens=config.eval_tokens)))
+            config=as_dict(gcg), direction=direction, eval_tokens=config.eval_tokens)))
         suffix = f"tasks/{aid}/attack/suffix.json"
         for target in config.models:
             if target == m or config.transfer:

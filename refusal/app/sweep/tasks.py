@@ -61,7 +61,7 @@ def _attack_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
     resumed_from = 0 if nano or not ckpt.is_file() else int(artifacts.read_json(ckpt).get("step", 0))
     rec = run_attack(cm, spec["instructions"], spec["targets"], config, folder, engine=spec["engine"],
                      direction=direction, direction_path=spec["direction"], resume=not nano, force=nano,
-                     eval_tokens=spec["eval_tokens"], progress=False, judge=JudgeConfig(**spec["judge"]))
+                     eval_tokens=spec["eval_tokens"], progress=False)
     return dict(suffix=rec["suffix"], train_success=rec["success_rate"], train_random_success=rec["random_success_rate"],
                 best_loss=rec["best_loss"], steps_run=rec["steps_run"], s_per_step=rec["s_per_step"],
                 attack_s=rec["elapsed_s"], n_prompts=len(rec["prompts"]), resumed_from_step=resumed_from)
