@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from .directions import Direction, check_direction, direction_dir
 from .errors import RefusalLabError
 from .hooks import (Hook, ablate_direction, check_ablation_sites, hooked, output_hook, remove_from_bias,
                     remove_from_cols, remove_from_rows, untie_embeddings)
+from .metrics import evaluate, kl_divergence
 from .models import ChatModel
 
 PROJECTIONS = ("none", "harmless", "biprojected")
@@ -479,3 +481,64 @@ def _has(module: torch.nn.Module, path: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+# ----------------------------------------------------------------------------- scoring an ablation
+
+def edited_parameters(cm: ChatModel) -> list[torch.nn.Parameter]:
+    """Every parameter an ablation may edit: the embeddings, and each layer's output projections and their
+    biases."""
+    params = [emb.weight for emb in cm.embeddings()]
+    for layer in range(cm.n_layers):
+        o_proj = cm.o_proj(layer)
+        params += [o_proj.weight] + cm.mlp_writers(layer)
+        params += [b for b in [o_proj.bias] + cm.mlp_biases(layer) if b is not None]
+    return params
+
+
+class AblationScorer:
+    """Scores ablations on one loaded model, as the weight edit a user would save: edits the weights in
+    place, measures the two objectives of an abliteration search, and puts the weights back.
+
+    - `refusal`: the share of `harmful` prompts whose greedy reply (`new_tokens`) `judge` does not call
+      compliant (it refuses, or it is degenerate or off topic);
+    - `kl`: the mean KL(base || edited) of the first reply token on the `harmless` prompts.
+    Also returned: the refuses and neither shares, the substring judge's refusal rate, the wall time."""
+
+    def __init__(self, cm: ChatModel, direction: Direction, harmful: list[str], harmless: list[str], judge,
+                 new_tokens: int = 32, batch_size: int = 16):
+        self.cm, self.direction, self.judge = cm, direction, judge
+        self.new_tokens, self.batch_size = new_tokens, batch_size
+        self._tie = untie_embeddings(cm)  # once, so that every edit of the embedding leaves the LM head alone
+        self.harmful = list(harmful)
+        self.harmless_encs = cm.chat.encode_all(list(harmless))
+        self.base_logits = last_logits(cm, self.harmless_encs, batch_size)  # [n, vocab]
+        self._saved = [(p, p.detach().to("cpu", copy=True)) for p in edited_parameters(cm)]
+
+    def restore(self) -> None:
+        """The weights an edit changes, as they were when the scorer was made."""
+        with torch.no_grad():
+            for p, saved in self._saved:
+                p.copy_(saved.to(p.device))
+        self.cm.weights_changed()
+
+    def close(self) -> None:
+        """The model as it was before the scorer: its weights, and its embeddings tied again where they were."""
+        self.restore()
+        self._tie()
+
+    def __call__(self, config: AblationConfig) -> dict:
+        t0 = time.perf_counter()
+        try:
+            abliterate(self.cm, self.direction, config, inplace=True)
+            df = evaluate(self.cm, self.harmful, None, self.new_tokens, self.batch_size, progress=False)
+            verdicts = self.judge.verdicts(self.harmful, list(df.completion))
+            logits = last_logits(self.cm, self.harmless_encs, self.batch_size)
+            kl = float(kl_divergence(self.base_logits, logits).mean())
+        finally:
+            self.restore()
+        n = len(verdicts)
+        return {"refusal": sum(v != "complies" for v in verdicts) / n, "kl": kl,
+                "refuses": sum(v == "refuses" for v in verdicts) / n,
+                "neither": sum(v == "neither" for v in verdicts) / n,
+                "substring_refusal": float(df.refused.mean()), "wall_s": round(time.perf_counter() - t0, 3)}

@@ -298,16 +298,28 @@ def remove_from_bias(bias: torch.Tensor | None, r: torch.Tensor, w: float = 1.0)
         b.copy_((bf - w * (bf @ rr)[..., None] * rr).to(b.dtype))
 
 
-def untie_embeddings(cm: ChatModel) -> None:
+def untie_embeddings(cm: ChatModel) -> Callable[[], None]:
     """Give the LM head its own copy of a tied embedding matrix, so that editing the embedding (what is
-    written into the residual) leaves the unembedding as it was."""
+    written into the residual) leaves the unembedding as it was. Returns what ties them again (with the
+    embedding's values then; nothing to do where they were not tied)."""
     model = cm.model
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out_emb is not None and out_emb.weight is in_emb.weight:
-        out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
-        model.config.tie_word_embeddings = False
-        if hasattr(model, "_tied_weights_keys"):
-            model._tied_weights_keys = []
+    if out_emb is None or out_emb.weight is not in_emb.weight:
+        return lambda: None
+    keys = getattr(model, "_tied_weights_keys", None)
+    out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
+    model.config.tie_word_embeddings = False
+    if keys is not None:
+        model._tied_weights_keys = []
+
+    def tie() -> None:
+        out_emb.weight = in_emb.weight
+        model.config.tie_word_embeddings = True
+        if keys is not None:
+            model._tied_weights_keys = keys
+        cm.weights_changed()
+
+    return tie
 
 
 def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False) -> ChatModel:

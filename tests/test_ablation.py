@@ -251,8 +251,9 @@ def test_the_adapter_gives_the_edits_logits(tmp_path, tiny_models, family):
     assert rec["exact"] == (not has_bias), rec["not_carried"]  # Qwen2's biases are named, not carried
     encs = cm.chat.encode_all(PROMPTS)
     before = last_logits(cm, encs)
-    with warnings.catch_warnings():  # transformers deprecations peft's loading triggers
+    with warnings.catch_warnings():  # transformers deprecations peft's loading triggers, its tied-weights notice
         warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", UserWarning)
         peft_model = PeftModel.from_pretrained(copy.deepcopy(cm.model), str(tmp_path / "adapter"))
     # the causal LM inside, its layers wrapped with the adapter's
     adapted = ChatModel(peft_model.base_model.model, cm.tokenizer, name=cm.name, source=cm.source)

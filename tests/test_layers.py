@@ -31,6 +31,7 @@ LAYERS = [
     {"refusal.app.pipeline"},
     {"refusal.app.sweep.config", "refusal.app.sweep.grid", "refusal.app.sweep.tasks", "refusal.app.sweep.runners",
      "refusal.app.sweep.run", "refusal.app.sweep.gather"},
+    {"refusal.app.abliterate"},
     {"refusal.app.options", "refusal.app.cli", "refusal.app.configs"},
 ]
 # what a function may import lazily: optional or heavy third-party packages, and the organism's training

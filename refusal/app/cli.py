@@ -17,6 +17,7 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from attacks.gcg import GCGConfig
@@ -30,6 +31,7 @@ from refusal.judges import JudgeConfig, judge_file
 from refusal.models import seed_everything
 from refusal.recipe import OrganismConfig
 from refusal.registry import load_model
+from refusal.app.abliterate import AbliterateConfig, check_abliterate, run_abliterate
 from refusal.app.analyze import AnalysisConfig, analyze_suffix, check_analysis
 from refusal.app.attack import check_attack, run_attack
 from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
@@ -37,7 +39,7 @@ from refusal.app.evaluation import EvalConfig, check_eval, run_eval
 from refusal.app.options import (SWEEP_OPTIONS, Parser, config_from, judge_arg, judge_config_from, model_args,
                                  model_config, opt, positive, sweep_kw)
 from refusal.app.pipeline import JobConfig, check_job, main_job
-from refusal.app.reproduce import ReproduceConfig, reproduce_paper
+from refusal.app.reproduce import ReproduceConfig, reproduce_paper, to_markdown
 from refusal.app.sweep import EXECUTORS, SweepConfig, load_sweep_config, run_sweep, sweep_config
 
 log = logging.getLogger("refusal")
@@ -217,6 +219,35 @@ def cmd_sweep(args) -> int:
     print(f"\n{res['n_tasks']} tasks on {res['executor']} in {res['wall_s']:.0f}s (the tasks' own time: "
           f"{res['task_s_sum']:.0f}s); wrote {out / 'summary.csv'}, {out / 'transfer.csv'}, {res['report']}")
     return 1 if res["failed"] else 0
+
+
+def cmd_abliterate(args) -> int:
+    config = config_from(AbliterateConfig, args, judge=judge_config_from(args),
+                         direction=DirectionConfig(batch_size=args.batch_size))
+    check_abliterate(config, args.out, args.resume, args.force, args.direction)  # before the model loads
+    cm = _load(args)
+    ref_spec = args.reference_model or ("smollm2" if args.model == "organism" else args.model)
+    reference = None if not config.test_table or ref_spec == args.model else \
+        load_model(replace(model_config(args), model=ref_spec))
+    try:
+        rec = run_abliterate(cm, config, args.out, direction=args.direction, resume=args.resume, force=args.force,
+                             say=lambda m: print(m, flush=True), reference=reference, model=model_config(args))
+    except KeyboardInterrupt:
+        print("refusal: interrupted; the finished trials are kept: continue with the same command and --resume",
+              file=sys.stderr)
+        return _interrupt_status()
+    c = rec["chosen"]
+    print(f"front ({len(rec['front'])} of {rec['n_trials']} trials): "
+          + ", ".join(f"{p['refusal']:.1%} at KL {p['kl']:.3f}" for p in rec["front"]))
+    print(f"chosen: trial {c['trial']}: refusal {c['refusal']:.1%} of the validation prompts at KL {c['kl']:.3f} "
+          f"({c['summary']})")
+    if rec["table"]:
+        print(to_markdown(pd.DataFrame(rec["table"])))
+    out = Path(args.out)
+    print(f"wrote {out / 'trials.csv'}, {out / 'front.csv'}, {out / 'front.png'}, {out / 'direction'} (--ablate "
+          f"{out}){', ' + str(out / 'model') if config.save_model else ''}"
+          f"{', ' + str(out / 'adapter') if (out / 'adapter').is_dir() else ''}")
+    return 0
 
 
 def cmd_reproduce(args) -> int:
@@ -403,6 +434,26 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--out", default="runs/paper")
     opt(rp, ReproduceConfig, "force")
     rp.set_defaults(fn=cmd_reproduce)
+
+    ab = sub.add_parser("abliterate", help="search per-layer ablation weights, the direction's layer and its "
+                                          "projection with Optuna for few refusals at low KL; save the chosen "
+                                          "edit as hooks' parameters, a model folder and a LoRA adapter")
+    model_args(ab, default="organism", batch_size=field_info(AbliterateConfig, "batch_size")[0])
+    for name in ("trials", "startup_trials", "n_val", "new_tokens", "max_kl", "seed", "workers"):
+        opt(ab, AbliterateConfig, name)
+    judge_arg(ab, "the harmful validation replies")
+    ab.add_argument("--direction", default=None, help="a direction folder (default: OUT/direction, found first "
+                                                      "when not there)")
+    ab.add_argument("--reference-model", default=None,
+                    help="the test table's reply cross-entropy is measured on this model's replies (default: "
+                         "smollm2 for --model organism, else the model itself, unedited)")
+    for name in ("test_table", "save_model", "save_adapter"):
+        opt(ab, AbliterateConfig, name, "--no-" + name.replace("_", "-"))
+    ab.add_argument("--out", required=True, help="the study's folder: study.db, trials.csv, front.csv, front.png, "
+                                                 "direction/, table.csv, model/, adapter/")
+    ab.add_argument("--resume", action="store_true", help="continue the study in OUT")
+    ab.add_argument("--force", action="store_true", help="delete OUT and start over")
+    ab.set_defaults(fn=cmd_abliterate)
 
     j = sub.add_parser("judge", help="judge saved replies again (a JSONL file with prompt and completion fields)")
     j.add_argument("file", metavar="FILE.jsonl", help="replies, e.g. as `refusal eval` writes them")

@@ -14,6 +14,7 @@ from refusal.directions import DirectionConfig
 from refusal.judges import JudgeConfig
 from refusal.recipe import OrganismConfig
 from refusal.registry import ModelConfig
+from refusal.app.abliterate import AbliterateConfig
 from refusal.app.analyze import AnalysisConfig
 from refusal.app.bench import BenchConfig
 from refusal.app.evaluation import EvalConfig
@@ -35,6 +36,7 @@ CONFIGS = [
     (ReproduceConfig, "`refusal reproduce`, `reproduce_paper`"),
     (JobConfig, "`refusal run`, `main_job` (`JobConfig.quick()`: `--quick`)"),
     (BenchConfig, "`refusal bench`, `run_bench`"),
+    (AbliterateConfig, "`refusal abliterate`, `run_abliterate`"),
     (SweepConfig, "`refusal sweep`, `run_sweep` (TOML keys: [sweeps.md](sweeps.md))"),
     (OrganismConfig, "`refusal organism build`, `build_organism`"),
 ]

@@ -98,3 +98,31 @@ def plot_transfer(matrix: pd.DataFrame, path: str | Path, judge: str) -> Path:
     ax.set_ylabel("suffix made on")
     ax.set_title("Transfer of suffixes between models")
     return save_figure(fig, path)
+
+
+def plot_front(trials: pd.DataFrame, front: pd.DataFrame, path: str | Path, title: str,
+               others: Mapping[str, pd.DataFrame] | None = None) -> Path:
+    """An abliteration study: every trial's refusal rate against its KL, the Pareto front as a step line,
+    the paper's ablation (trial 0) marked; `others`: more fronts to compare ({label: front}), e.g. another
+    tool's, each a frame with refusal and kl."""
+    plt, sns = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.scatter(trials.kl, trials.refusal, s=14, color="0.7", label="trials")
+
+    def step(df: pd.DataFrame, label: str, color) -> None:
+        df = df.sort_values("kl")
+        ax.step(df.kl, df.refusal, where="post", color=color, lw=1.8, label=label)
+        ax.scatter(df.kl, df.refusal, s=22, color=color)
+
+    colors = sns.color_palette("deep", 1 + len(others or {}))
+    step(front, "refusal-lab front", colors[0])
+    for (label, df), color in zip((others or {}).items(), colors[1:]):
+        step(df, label, color)
+    paper = trials[trials.trial == 0]
+    if len(paper):
+        ax.scatter(paper.kl, paper.refusal, marker="*", s=120, color="black", zorder=5, label="the paper's ablation")
+    ax.set_xlabel("KL of the first reply token on harmless prompts")
+    ax.set_ylabel("harmful prompts not complied with")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

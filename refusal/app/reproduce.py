@@ -43,6 +43,7 @@ def intervention_table(
     replies: tuple[Sequence[str], Sequence[str]] | None = None,
     texts: Sequence[str] | None = None,
     ablation: AblationConfig | None = None,
+    addition: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, pd.DataFrame]]:
     """One row per intervention: refusal rate and mean refusal score on harmful and harmless
     prompts, and the KL divergence of the harmless first-reply logits from the unedited model.
@@ -56,13 +57,15 @@ def intervention_table(
 
     `ablation`: how the direction is ablated, as hooks ("ablation") and in the weights ("orthogonalized";
     default: the paper's). The weight edit is the closest one in the post-norm families, where it is not
-    exact; a norm-preserving ablation has no hook form, so no "ablation" row."""
+    exact; a norm-preserving ablation has no hook form, so no "ablation" row. `addition`: the activation
+    addition row too."""
     ablation = ablation or AblationConfig()
     edited = abliterate(cm, direction, ablation)  # not exact in the post-norm families: the closest edit
     conditions = {"none": (cm, contextlib.nullcontext)}
     if not ablation.norm_preserving:  # which has no hook form
         conditions["ablation"] = (cm, lambda: ablate(cm, direction, ablation))
-    conditions["addition"] = (cm, lambda: add_direction(cm, direction.mean_diff, direction.layer))
+    if addition:
+        conditions["addition"] = (cm, lambda: add_direction(cm, direction.mean_diff, direction.layer))
     conditions["orthogonalized"] = (edited, contextlib.nullcontext)
     base_logits = last_logits(cm, cm.chat.encode_all(harmless))
     rows, details = [], {}

@@ -1,5 +1,6 @@
 """One task, in a worker: the model loaded (once per worker), then the same stage function the CLI calls
-(find_direction, run_attack, run_eval, analyze_suffix), writing the task's folder."""
+(find_direction, run_attack, run_eval, analyze_suffix; an abliteration search's trial: AblationScorer),
+writing the task's folder."""
 from __future__ import annotations
 
 import gc
@@ -15,8 +16,10 @@ import torch
 
 from attacks.gcg import GCGConfig
 from refusal import artifacts
+from refusal.ablation import AblationConfig, AblationScorer
+from refusal.data import direction_sets, instructions
 from refusal.directions import DirectionConfig, find_direction, load_direction
-from refusal.judges import JudgeConfig
+from refusal.judges import JudgeConfig, load_judge
 from refusal.models import seed_everything
 from refusal.registry import ModelConfig, load_model
 from refusal.app.analyze import AnalysisConfig, analyze_suffix
@@ -94,8 +97,29 @@ def _analysis_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
                 heads_suffix_share_random=share.get("random_suffix"))
 
 
+_SCORER: dict = {}  # the last ablation scorer this process made: {key: AblationScorer}
+
+
+def _ablation_trial_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
+    """One trial of an abliteration search (`refusal abliterate` on Ray workers): the ablation's scores. The
+    scorer (the validation prompts, the base logits, the weights to put back) is kept for the next trial."""
+    key = json.dumps({k: spec[k] for k in ("model", "direction", "n_val", "seed", "new_tokens", "batch_size", "judge")},
+                     sort_keys=True)
+    scorer = _SCORER.get(key)
+    if scorer is None or scorer.cm is not cm:
+        direction = load_direction(spec["direction"], cm)
+        _, _, harmful, harmless = direction_sets(None, None, 0, spec["n_val"], spec["seed"])
+        scorer = AblationScorer(cm, direction, instructions(harmful), instructions(harmless),
+                                load_judge(JudgeConfig(**spec["judge"])), spec["new_tokens"], spec["batch_size"])
+        _SCORER.clear()
+        _SCORER[key] = scorer
+    scores = scorer(AblationConfig(**spec["ablation"]))
+    scores["trial_s"] = scores.pop("wall_s")  # the trial's own time (run_task's wall_s includes loading)
+    return scores
+
+
 KINDS: dict[str, Callable] = {"direction": _direction_task, "attack": _attack_task, "eval": _eval_task,
-                              "analysis": _analysis_task}
+                              "analysis": _analysis_task, "ablation_trial": _ablation_trial_task}
 
 
 def run_task(spec: dict, run_dir: str, threads: int | None = None) -> dict:

@@ -1,0 +1,141 @@
+"""`refusal abliterate`: the Optuna search over ablations on a tiny model: trials, the front, the chosen
+edit saved as hooks' parameters, a model folder and an adapter; a search killed mid-trial resumes; bad
+settings are one-line errors that lose nothing."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from refusal.ablation import AblationConfig, ablate, load_ablation
+from refusal.activations import last_logits
+from refusal.app.abliterate import (AbliterateConfig, ablation_from, open_study, pareto_front, paper_params,
+                                    run_abliterate, search_space)
+from refusal.directions import DirectionConfig, load_direction
+from refusal.errors import RefusalLabError
+from refusal.registry import load_model
+
+SMALL = dict(trials=3, startup_trials=1, n_val=4, new_tokens=3, batch_size=8, judge="substring", max_kl=50.0,
+             direction=DirectionConfig(n_train=8, n_val=4), test_table=False)
+
+
+def test_the_papers_parameters_are_the_papers_ablation_and_the_space_covers_them():
+    paper = ablation_from(paper_params(6))  # every write at weight 1, the selected direction, unprojected
+    assert paper.attn.weights(6) == paper.mlp.weights(6) == [1.0] * 6
+    assert paper == AblationConfig(attn=paper.attn, mlp=paper.mlp)
+    space = search_space(6)
+    for k, v in paper_params(6).items():
+        assert space[k]._contains(space[k].to_internal_repr(v)), k
+
+
+def test_the_front_keeps_only_undominated_trials():
+    trials = pd.DataFrame({"trial": [0, 1, 2, 3], "refusal": [0.5, 0.2, 0.2, 0.0], "kl": [0.1, 0.3, 0.2, 0.9]})
+    assert list(pareto_front(trials).trial) == [3, 2, 0]
+
+
+def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs):
+    cm = load_model(str(tiny_dirs["llama"]))
+    out = tmp_path / "ab"
+    rec = run_abliterate(cm, AbliterateConfig(**{**SMALL, "test_table": True}), out)
+    trials = pd.read_csv(out / "trials.csv")
+    assert list(trials.trial) == [0, 1, 2] and (trials.wall_s > 0).all()
+    assert {"refusal", "kl", "refuses", "neither", "substring_refusal"} <= set(trials.columns)
+    assert trials.kl.iloc[0] > 0  # trial 0, the paper's ablation, changes the model
+    front = pd.read_csv(out / "front.csv")
+    assert set(front.trial) <= set(trials.trial) and (out / "front.png").is_file()
+    chosen = json.loads((out / "chosen.json").read_text())
+    assert chosen["trial"] == rec["chosen"]["trial"]
+    ablation = load_ablation(out)  # what `refusal eval --ablate OUT` reads
+    assert ablation == ablation_from({k.removeprefix("param."): v for k, v in
+                                      trials.set_index("trial").loc[chosen["trial"]].items() if k.startswith("param.")})
+    table = pd.read_csv(out / "table.csv")
+    assert {"none", "orthogonalized"} <= set(table.intervention) and "reply_ce" in table
+    # the saved model is the chosen edit (the hooks' logits where the edit has a hook form)
+    saved = load_model(str(out / "model"))
+    assert json.loads((out / "model" / "refusal_lab.json").read_text())["ablation"] == chosen["ablation"]
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    if not ablation.norm_preserving:
+        d = load_direction(out, cm)
+        encs = cm.chat.encode_all(["How do I bake bread?", "hi"])
+        with ablate(cm, d, ablation):
+            hooked = last_logits(cm, encs)
+        assert (last_logits(saved, encs) - hooked).abs().max() < 1e-4
+    # the loaded model is left as it was
+    fresh = load_model(str(tiny_dirs["llama"]))
+    encs = cm.chat.encode_all(["hi"])
+    assert (last_logits(cm, encs) - last_logits(fresh, encs)).abs().max() < 1e-6
+
+
+def test_a_search_killed_mid_trial_resumes_and_bad_settings_lose_nothing(tmp_path, tiny_dirs):
+    cm = load_model(str(tiny_dirs["llama"]))
+    out = tmp_path / "ab"
+    config = AbliterateConfig(**{**SMALL, "trials": 2, "save_model": False, "save_adapter": False})
+    run_abliterate(cm, config, out)
+    d = load_direction(out, cm)
+    study = open_study(out, config, cm.fingerprint, d, resume=True)
+    study.ask(search_space(cm.n_layers))  # a trial in flight when the run was killed
+    before = pd.read_csv(out / "trials.csv")
+    run_abliterate(cm, AbliterateConfig(**{**SMALL, "trials": 3, "save_model": False, "save_adapter": False}), out,
+                   resume=True)
+    after = pd.read_csv(out / "trials.csv")
+    assert len(after) == 3 and after.iloc[:2].equals(before)  # the finished trials kept as they were
+    with pytest.raises(RefusalLabError, match="other settings"):
+        run_abliterate(cm, AbliterateConfig(**{**SMALL, "n_val": 5}), out, resume=True)
+    with pytest.raises(RefusalLabError, match="--max-kl"):
+        run_abliterate(cm, AbliterateConfig(**{**SMALL, "max_kl": 1e-9, "save_model": False}), out, resume=True)
+    assert pd.read_csv(out / "trials.csv").equals(after)  # nothing lost
+    with pytest.raises(RefusalLabError, match="--force"):
+        run_abliterate(cm, config, out)  # neither --resume nor --force
+
+
+def test_the_cli_runs_a_search(capsys, tmp_path, tiny_dirs):
+    from refusal.app.cli import main
+
+    out = tmp_path / "ab"
+    argv = ["abliterate", "--model", str(tiny_dirs["llama"]), "--trials", "2", "--startup-trials", "1", "--n-val", "4",
+            "--new-tokens", "2", "--max-kl", "50", "--judge", "substring", "--no-test-table", "--no-save-model",
+            "--no-save-adapter", "--out", str(out)]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "chosen: trial" in stdout and "front (" in stdout
+    assert main(argv) == 2  # an existing study: --resume or --force
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0]
+    assert main(argv + ["--resume", "--max-kl", "1e-12"]) == 2
+    assert "raise --max-kl" in capsys.readouterr().err
+    assert torch.is_tensor(load_direction(out).vector)
+
+
+def test_trials_on_ray_workers_score_as_in_this_process(tmp_path, tiny_dirs):
+    """The driver asks and tells; two Ray workers score the trials; each trial's scores are those the
+    scorer gives here for its parameters."""
+    pytest.importorskip("ray")
+    import os
+
+    import ray
+
+    from refusal.ablation import AblationScorer
+    from refusal.data import direction_sets, instructions
+    from refusal.judges import load_judge
+    from refusal.registry import ModelConfig
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=200 * 2 ** 20)
+    try:
+        model = ModelConfig(model=str(tiny_dirs["llama"]))
+        cm = load_model(str(tiny_dirs["llama"]))
+        out = tmp_path / "ab"
+        config = AbliterateConfig(**{**SMALL, "trials": 4, "workers": 2, "save_model": False, "save_adapter": False})
+        run_abliterate(cm, config, out, model=model)
+    finally:
+        ray.shutdown()
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 4 and (out / "tasks" / "trial-0" / "result.json").is_file()
+    _, _, harmful, harmless = direction_sets(None, None, 0, config.n_val, config.seed)
+    fresh = load_model(str(tiny_dirs["llama"]))
+    scorer = AblationScorer(fresh, load_direction(out, fresh), instructions(harmful), instructions(harmless),
+                            load_judge("substring"), config.new_tokens, config.batch_size)
+    for _, t in trials.iterrows():
+        got = scorer(ablation_from({k.removeprefix("param."): v for k, v in t.items() if k.startswith("param.")}))
+        assert got["refusal"] == t.refusal and abs(got["kl"] - t.kl) < 1e-4
