@@ -104,8 +104,14 @@ class AblationConfig:
 
     def summary(self) -> str:
         """The fields set away from the paper's, as one line ("the paper's" if none)."""
-        changed = [f"{k}={v}" for k, v in as_dict(self).items() if v != as_dict(AblationConfig())[k]]
-        return ", ".join(changed) or "the paper's"
+        def shown(v) -> str:
+            if isinstance(v, dict):  # a kernel
+                width = "all layers" if v["width"] is None else f"width {v['width']:.3g}"
+                return f"(peak {v['peak']:.3g} at layer {v['peak_layer']:.3g}, floor {v['floor']:.3g}, {width})"
+            return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+        paper = as_dict(AblationConfig())
+        return ", ".join(f"{k}={shown(v)}" for k, v in as_dict(self).items() if v != paper[k]) or "the paper's"
 
     def check_hookable(self) -> None:
         """A one-line error if this ablation has no hook form (norm preservation)."""
@@ -509,7 +515,10 @@ class AblationScorer:
                  new_tokens: int = 32, batch_size: int = 16):
         self.cm, self.direction, self.judge = cm, direction, judge
         self.new_tokens, self.batch_size = new_tokens, batch_size
-        self._tie = untie_embeddings(cm)  # once, so that every edit of the embedding leaves the LM head alone
+        model = cm.model  # an edit records in the config that the embeddings are apart; restore() undoes that
+        self._config = (model.config.tie_word_embeddings, getattr(model, "_tied_weights_keys", None))
+        # once, so that every edit of the embedding leaves the LM head alone (tied again by close())
+        self._tie = untie_embeddings(cm, in_memory=True)
         self.harmful = list(harmful)
         self.harmless_encs = cm.chat.encode_all(list(harmless))
         self.base_logits = last_logits(cm, self.harmless_encs, batch_size)  # [n, vocab]
@@ -520,6 +529,10 @@ class AblationScorer:
         with torch.no_grad():
             for p, saved in self._saved:
                 p.copy_(saved.to(p.device))
+        model = self.cm.model
+        model.config.tie_word_embeddings = self._config[0]
+        if self._config[1] is not None:
+            model._tied_weights_keys = self._config[1]
         self.cm.weights_changed()
 
     def close(self) -> None:

@@ -298,23 +298,28 @@ def remove_from_bias(bias: torch.Tensor | None, r: torch.Tensor, w: float = 1.0)
         b.copy_((bf - w * (bf @ rr)[..., None] * rr).to(b.dtype))
 
 
-def untie_embeddings(cm: ChatModel) -> Callable[[], None]:
+def untie_embeddings(cm: ChatModel, in_memory: bool = False) -> Callable[[], None]:
     """Give the LM head its own copy of a tied embedding matrix, so that editing the embedding (what is
-    written into the residual) leaves the unembedding as it was. Returns what ties them again (with the
-    embedding's values then; nothing to do where they were not tied)."""
+    written into the residual) leaves the unembedding as it was, and (unless `in_memory`: the untying is
+    undone before anything is saved) record in the config that they are apart, so that a saved model is
+    not tied again when it loads. Returns what ties them again (with the embedding's values then)."""
     model = cm.model
     out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out_emb is None or out_emb.weight is not in_emb.weight:
+    if out_emb is None:
         return lambda: None
-    keys = getattr(model, "_tied_weights_keys", None)
-    out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
-    model.config.tie_word_embeddings = False
-    if keys is not None:
-        model._tied_weights_keys = []
+    tied = out_emb.weight is in_emb.weight
+    flag, keys = model.config.tie_word_embeddings, getattr(model, "_tied_weights_keys", None)
+    if tied:
+        out_emb.weight = torch.nn.Parameter(in_emb.weight.detach().clone(), requires_grad=False)
+    if not in_memory:
+        model.config.tie_word_embeddings = False  # also for a model untied in memory before
+        if keys is not None:
+            model._tied_weights_keys = []
 
     def tie() -> None:
-        out_emb.weight = in_emb.weight
-        model.config.tie_word_embeddings = True
+        if tied:
+            out_emb.weight = in_emb.weight
+        model.config.tie_word_embeddings = flag
         if keys is not None:
             model._tied_weights_keys = keys
         cm.weights_changed()

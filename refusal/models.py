@@ -255,11 +255,16 @@ class ChatModel:
             for k in ("_name_or_path", "transformers_version", "torch_dtype", "_attn_implementation_autoset"):
                 cfg.pop(k, None)
             h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
+            seen = set()
             with torch.no_grad():
                 for name, p in self.model.named_parameters():
                     flat = p.detach().reshape(-1)
                     step = max(1, flat.numel() // 4096)
                     sample = flat[::step][:4096].float().cpu().numpy()
+                    key = (tuple(p.shape), sample.tobytes())
+                    if key in seen:  # a copy of a weight already hashed: a tied LM head untied in memory
+                        continue
+                    seen.add(key)
                     h.update(name.encode())
                     h.update(sample.tobytes())
             self._fingerprint = h.hexdigest()[:16]

@@ -33,7 +33,7 @@ def test_the_front_keeps_only_undominated_trials():
     assert list(pareto_front(trials).trial) == [3, 2, 0]
 
 
-def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs):
+def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, caplog):
     cm = load_model(str(tiny_dirs["llama"]))
     out = tmp_path / "ab"
     rec = run_abliterate(cm, AbliterateConfig(**{**SMALL, "test_table": True}), out)
@@ -60,10 +60,12 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs):
         with ablate(cm, d, ablation):
             hooked = last_logits(cm, encs)
         assert (last_logits(saved, encs) - hooked).abs().max() < 1e-4
-    # the loaded model is left as it was
+    # the loaded model is left as it was, and was taken for itself throughout (no "another model" warning)
     fresh = load_model(str(tiny_dirs["llama"]))
     encs = cm.chat.encode_all(["hi"])
     assert (last_logits(cm, encs) - last_logits(fresh, encs)).abs().max() < 1e-6
+    assert cm.fingerprint == fresh.fingerprint and cm.model.config.tie_word_embeddings == fresh.model.config.tie_word_embeddings
+    assert not [r for r in caplog.records if "another model" in r.getMessage()]
 
 
 def test_a_search_killed_mid_trial_resumes_and_bad_settings_lose_nothing(tmp_path, tiny_dirs):

@@ -111,12 +111,13 @@ def search_space(n_layers: int) -> dict:
 
 def ablation_from(params: dict) -> AblationConfig:
     """The AblationConfig a trial's parameters describe."""
-    kernels = {part: Kernel(peak=params[f"{part}.peak"], peak_layer=params[f"{part}.peak_layer"],
-                            floor=params[f"{part}.floor_share"] * params[f"{part}.peak"],
-                            width=params[f"{part}.width"]) for part in ("attn", "mlp")}
-    return AblationConfig(attn=kernels["attn"], mlp=kernels["mlp"], embed=params["embed"],
-                          direction_layer=params["direction_layer"] if params["direction"] == "layer" else None,
-                          projection=params["projection"], norm_preserving=bool(params["norm_preserving"]))
+    p = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in params.items()}
+    kernels = {part: Kernel(peak=p[f"{part}.peak"], peak_layer=p[f"{part}.peak_layer"],
+                            floor=p[f"{part}.floor_share"] * p[f"{part}.peak"], width=p[f"{part}.width"])
+               for part in ("attn", "mlp")}
+    return AblationConfig(attn=kernels["attn"], mlp=kernels["mlp"], embed=p["embed"],
+                          direction_layer=p["direction_layer"] if p["direction"] == "layer" else None,
+                          projection=str(p["projection"]), norm_preserving=bool(p["norm_preserving"]))
 
 
 def paper_params(n_layers: int) -> dict:
