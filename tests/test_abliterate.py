@@ -141,3 +141,35 @@ def test_trials_on_ray_workers_score_as_in_this_process(tmp_path, tiny_dirs):
     for _, t in trials.iterrows():
         got = scorer(ablation_from({k.removeprefix("param."): v for k, v in t.items() if k.startswith("param.")}))
         assert got["refusal"] == t.refusal and abs(got["kl"] - t.kl) < 1e-4
+
+
+def test_trials_that_keep_failing_on_workers_stop_the_search_in_one_line(tmp_path, tiny_dirs, monkeypatch):
+    """Every trial's worker fails: the driver marks each failed, and stops once twice the workers have failed
+    in a row, instead of drawing trials forever; the failed trials are in the study, nothing is chosen."""
+    import refusal.app.abliterate as ab
+    from refusal.registry import ModelConfig
+
+    class Failing:  # RayRunner's interface, every task failing
+        def __init__(self, config, address, n_tasks):
+            self.workers, self.ids, self.closed = [0, 1], [], False
+
+        def submit(self, task, run_dir):
+            self.ids.append(task.id)
+
+        def wait(self):
+            done, self.ids = [(tid, None, RuntimeError("worker died")) for tid in self.ids], []
+            return done
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(ab, "RayRunner", Failing)
+    cm = load_model(str(tiny_dirs["llama"]))
+    config = AbliterateConfig(**{**SMALL, "workers": 2, "save_model": False, "save_adapter": False})
+    with pytest.raises(RefusalLabError, match="keep failing .*worker died"):
+        run_abliterate(cm, config, tmp_path / "ab", model=ModelConfig(model=str(tiny_dirs["llama"])))
+    import optuna
+
+    study = optuna.load_study(study_name="abliterate", storage=f"sqlite:///{tmp_path / 'ab' / 'study.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 4
+    assert not (tmp_path / "ab" / "chosen.json").exists()
