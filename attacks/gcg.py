@@ -132,8 +132,10 @@ class GCGConfig:
             self.judge = JudgeConfig.of(self.judge)
 
     def validate(self) -> None:
-        check_fields(self)
-        self.judge.validate()
+        check_fields(self)  # the fields (the judge's too), then checks()
+
+    def checks(self) -> None:
+        """The combinations no attack can run (check_fields calls this after the fields)."""
         if self.draft_model is not None and self.objective != "target":
             raise RefusalLabError(f"probe sampling (--draft-model) scores candidates by the target loss; it needs "
                                   f"--objective target, not {self.objective}")

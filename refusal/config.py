@@ -73,12 +73,16 @@ def as_dict(config) -> dict:
 
 def check_fields(config, where: str | None = None, prefix: str = "") -> None:
     """A one-line error for the first field of `config` whose value does not have its declared type or breaks
-    its bounds or choices; nested configs are checked the same way. Fields are named as options
-    (--search-width), or as the keys of a file (`where`: search_width) when `where` names one."""
+    its bounds or choices, then for a combination its `checks()` method (where it has one) refuses; nested
+    configs are checked the same way, once. Fields are named as options (--search-width), or as the keys
+    of a file (`where`: search_width) when `where` names one."""
     hints = typing.get_type_hints(type(config), vars(sys.modules[type(config).__module__]))
     for f in dataclasses.fields(config):
         key = prefix + f.name
         _check_value(key, getattr(config, f.name), hints.get(f.name, Any), f.metadata, where)
+    checks = getattr(config, "checks", None)
+    if callable(checks):
+        checks()
 
 
 def _field(cls, name: str) -> dataclasses.Field:

@@ -54,7 +54,9 @@ class DirectionConfig:
     position: int | None = option(None, "pin the direction to this post-instruction position, -1 the last (with layer)")
 
     def validate(self) -> None:
-        check_fields(self)
+        check_fields(self)  # the fields, then checks()
+
+    def checks(self) -> None:
         if (self.layer is None) != (self.position is None):
             raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
 

@@ -77,8 +77,6 @@ class AbliterateConfig:
 
     def validate(self) -> None:
         check_fields(self)
-        self.judge.validate()
-        self.direction.validate()
 
     def settings(self) -> dict:
         """What decides the study's trials (recorded in it; a study made otherwise is not resumed)."""

@@ -43,7 +43,6 @@ class AnalysisConfig:
 
     def validate(self) -> None:
         check_fields(self)
-        self.judge.validate()
 
 
 def check_analysis(config: AnalysisConfig, suffix: str | Path) -> tuple[list[str], list[str], tuple, Judge | None]:

@@ -36,7 +36,6 @@ class EvalConfig:
         check_fields(self)
         if self.ablate and self.actadd:
             raise RefusalLabError("give one of --ablate and --actadd, not both")
-        self.judge.validate()
 
 
 @dataclass

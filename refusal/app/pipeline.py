@@ -71,7 +71,6 @@ class JobConfig:
         check_fields(self)
         if self.resume and self.force:
             raise RefusalLabError("--resume and --force contradict each other; choose one")
-        self.judge.validate()
 
 
 def quick_sizes() -> dict:

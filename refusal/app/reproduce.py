@@ -112,8 +112,7 @@ class ReproduceConfig:
                                 "reference model, reference_tokens and max_new_tokens)")
 
     def validate(self) -> None:
-        check_fields(self)
-        self.direction.validate()
+        check_fields(self)  # the nested direction config's too
 
 
 def table_reuse_problem(rdir: Path, ref_path: Path, model_fingerprint: str, ref_fingerprint: str,

@@ -48,7 +48,9 @@ class JudgeConfig:
             object.__setattr__(self, "name", self.name.strip())
 
     def validate(self) -> None:
-        check_fields(self)
+        check_fields(self)  # the fields, then checks()
+
+    def checks(self) -> None:
         check_judge_name(self.name)
 
     @property

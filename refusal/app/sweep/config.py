@@ -94,8 +94,6 @@ class SweepConfig:
                                       "other objectives separately")
         if self.direction is not None and len(self.models) != 1:
             raise RefusalLabError("--direction belongs to one model; with several, each gets a direction task")
-        self.direction_search.validate()
-        self.judge.validate()
 
     @property
     def needs_direction(self) -> bool:
