@@ -227,10 +227,17 @@ def ablate(cm: ChatModel, direction: Direction, config: AblationConfig | None = 
     return hooked(parametrised_hooks(cm, direction, config))
 
 
-def _norm_scale(norm: torch.nn.Module, d: int, like: torch.Tensor) -> torch.Tensor:
-    """The per-coordinate scale g of a post-norm (RMSNorm(y) = g * y / rms(y)), up to a positive factor."""
+def edit_direction(cm: ChatModel, layer: int, which: int, r: torch.Tensor) -> torch.Tensor:
+    """The unit direction a weight edit removes from layer `layer`'s attention (which 0) or MLP (1) output
+    projection so that its write loses r: r itself, or in a post-norm family g (*) r normalised, g the
+    post-norm's per-coordinate scale (RMSNorm(y) = g * y / rms(y), read off the norm of a vector of ones)."""
+    if not cm.family.post_norms:
+        return r
+    norm = cm.residual_writers(layer)[which]
+    like = cm.o_proj(layer).weight
     with torch.no_grad():
-        return norm(torch.ones(1, 1, d, dtype=like.dtype, device=like.device)).reshape(-1).double()
+        g = norm(torch.ones(1, 1, cm.d_model, dtype=like.dtype, device=like.device)).reshape(-1).double()
+    return _unit(g * r, f"the post-norm's scale at layer {layer}")
 
 
 def _preserving(weight: torch.Tensor, r: torch.Tensor, w: float, axis: int) -> None:
@@ -255,7 +262,6 @@ def abliterate(cm: ChatModel, direction: Direction, config: AblationConfig, inpl
     if not inplace:
         cm = ChatModel(copy.deepcopy(cm.model), cm.tokenizer, name=cm.name, source=cm.source,
                        chat_template_kwargs=cm.chat.template_kwargs)
-    d = cm.d_model
     conv1d = cm.family.conv1d
     with torch.no_grad():
         if dirs.embed_weight:
@@ -272,10 +278,7 @@ def abliterate(cm: ChatModel, direction: Direction, config: AblationConfig, inpl
             for (weights, biases), w, which in parts:
                 if not w:
                     continue
-                v = r
-                if cm.family.post_norms:
-                    norm = cm.residual_writers(layer)[which]
-                    v = _unit(_norm_scale(norm, d, weights[0]) * r, f"the post-norm's scale at layer {layer}")
+                v = edit_direction(cm, layer, which, r)
                 for weight in weights:
                     if config.norm_preserving:  # write vectors: Conv1D rows [in, d], Linear columns [..., d, in]
                         _preserving(weight, v, w, axis=-1 if conv1d else -2)
@@ -430,10 +433,7 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
         for modules, w, which in (([o_proj], dirs.attn_weights[layer], 0), (mlp_modules, dirs.mlp_weights[layer], 1)):
             if not w or config.norm_preserving:
                 continue
-            v = dirs.per_layer[layer]
-            if twin.family.post_norms:
-                norm = twin.residual_writers(layer)[which]
-                v = _unit(_norm_scale(norm, twin.d_model, o_proj.weight) * v, f"the post-norm's scale at layer {layer}")
+            v = edit_direction(twin, layer, which, dirs.per_layer[layer])
             for module in modules:
                 if not isinstance(module, torch.nn.Linear):
                     missing.append(f"{names[id(module)]} ({type(module).__name__} weights)")

@@ -28,7 +28,7 @@ from refusal.ablation import CHECK_PROMPTS, load_ablation, write_abliterated
 from refusal.directions import DirectionConfig, find_direction, load_direction
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig, judge_file
-from refusal.models import seed_everything
+from refusal.models import ChatModel, seed_everything
 from refusal.recipe import OrganismConfig
 from refusal.registry import load_model
 from refusal.app.abliterate import AbliterateConfig, check_abliterate, run_abliterate
@@ -221,14 +221,19 @@ def cmd_sweep(args) -> int:
     return 1 if res["failed"] else 0
 
 
+def _reference_model(args, cm: ChatModel) -> ChatModel:
+    """The model whose greedy replies reply_ce is measured on: --reference-model, else the base SmolLM2 for
+    the organism, else the model itself (`cm`, unmodified)."""
+    spec = args.reference_model or ("smollm2" if args.model == "organism" else args.model)
+    return cm if spec == args.model else load_model(replace(model_config(args), model=spec))
+
+
 def cmd_abliterate(args) -> int:
     config = config_from(AbliterateConfig, args, judge=judge_config_from(args),
                          direction=DirectionConfig(batch_size=args.batch_size))
     check_abliterate(config, args.out, args.resume, args.force, args.direction)  # before the model loads
     cm = _load(args)
-    ref_spec = args.reference_model or ("smollm2" if args.model == "organism" else args.model)
-    reference = None if not config.test_table or ref_spec == args.model else \
-        load_model(replace(model_config(args), model=ref_spec))
+    reference = _reference_model(args, cm) if config.test_table else None
     try:
         rec = run_abliterate(cm, config, args.out, direction=args.direction, resume=args.resume, force=args.force,
                              say=lambda m: print(m, flush=True), reference=reference, model=model_config(args))
@@ -257,8 +262,7 @@ def cmd_reproduce(args) -> int:
     torch.manual_seed(args.seed)
     cm = _load(args)
     # the reference replies: by default the base model for the organism, else the model itself, unmodified
-    ref_spec = args.reference_model or ("smollm2" if args.model == "organism" else args.model)
-    reference = cm if ref_spec == args.model else load_model(replace(model_config(args), model=ref_spec))
+    reference = _reference_model(args, cm)
     with torch.no_grad():
         rec = reproduce_paper(cm, config, args.out, reference=reference)
     print(f"direction: layer {rec['direction']['layer']}, position {rec['direction']['position']}")

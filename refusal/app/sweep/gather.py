@@ -9,6 +9,7 @@ import pandas as pd
 
 from analysis.report import write_report
 from refusal import artifacts
+from refusal.judges import JudgeConfig
 from refusal.app.plots import plot_sweep_success, plot_transfer
 from refusal.app.sweep.config import SweepConfig
 from refusal.app.sweep.grid import Task
@@ -28,8 +29,7 @@ def task_row(result: dict) -> dict:
                engine=spec.get("engine"),
                objective=gcg.get("objective"),
                steps=gcg.get("steps"), search_width=gcg.get("search_width"), suffix_len=gcg.get("suffix_len"),
-               seed=gcg.get("seed"), judge=(gcg.get("judge") or {}).get("name") if isinstance(gcg.get("judge"), dict)
-               else gcg.get("judge"))
+               seed=gcg.get("seed"), judge=JudgeConfig.of(gcg["judge"]).name if gcg.get("judge") else None)
     if spec.get("kind") == "eval" and source is None:
         row["model"] = row["target_model"]
     if spec.get("kind") == "eval":
