@@ -49,7 +49,8 @@ from refusal.hooks import capture_hooks, hooked
 from refusal.judges import JudgeConfig, check_loaded_judge, load_judge
 from refusal.decode import greedy_replies
 from refusal.metrics import reply_texts
-from refusal.models import ChatModel, fast_bf16
+from refusal.hardware import fast_bf16
+from refusal.models import ChatModel
 from refusal.registry import NAMED_MODELS, load_model, resolve
 from refusal.suffix import disallowed_token_ids, retokenizes
 
@@ -109,8 +110,9 @@ class GCGConfig:
     reuse_suffix_cache: bool = option(True, "candidates reuse the cache of the unchanged start of the suffix")
     dedupe: bool = option(True, "drop duplicate candidates")
     screen_dtype: str = option("auto", "precision candidates are screened in, the best `rescore` scored again in "
-                                       "the model's: auto (bfloat16 where the hardware is fast at it and the model "
-                                       "is float32), model (no screening), bfloat16, float16", choices=SCREEN_DTYPES)
+                                       "the model's: auto (bfloat16 where the hardware is fast at it, as "
+                                       "REFUSAL_LAB_BFLOAT16 says, and the model is float32), model (no "
+                                       "screening), bfloat16, float16", choices=SCREEN_DTYPES)
     rescore: int = option(8, "screened candidates scored again in the model's precision each step", ge=1)
     screen_prompts: int = option(0, "universal: every candidate is scored on this many of the active prompts, drawn "
                                     "at random each step, and the best `rescore` of them again on every active "

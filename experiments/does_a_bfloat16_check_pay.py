@@ -24,7 +24,7 @@ from attacks.gcg import low_precision, low_precision_weights
 from refusal.data import builtin_prompts, instructions
 from refusal.decode import greedy_replies
 from refusal.metrics import reply_texts
-from refusal.models import machine_info
+from refusal.hardware import machine_info
 from refusal.registry import load_model
 
 

@@ -28,7 +28,7 @@ from refusal.data import builtin_prompts, instructions
 from refusal.hooks import TokenCounter
 from refusal.judges import load_judge
 from refusal.metrics import generate
-from refusal.models import machine_info
+from refusal.hardware import machine_info
 from refusal.app.pipeline import JobConfig
 from refusal.registry import load_model
 

@@ -23,7 +23,7 @@ from attacks.gcg import STEP_PARTS, GCG, GCGConfig, StepClock
 from attacks.reference import run_nanogcg
 from attacks.targets import default_target
 from refusal.data import builtin_prompts, instructions
-from refusal.models import machine_info
+from refusal.hardware import machine_info
 from refusal.app.pipeline import JobConfig
 from refusal.registry import load_model
 

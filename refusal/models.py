@@ -14,12 +14,10 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import random
 import re
 import shutil
 import struct
-import time
 from dataclasses import dataclass, replace
 from pickle import UnpicklingError  # the error type only: nothing here unpickles
 from pathlib import Path
@@ -28,7 +26,6 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 
-from . import artifacts
 from .chat import ChatFormat
 from .errors import RefusalLabError
 
@@ -46,9 +43,13 @@ SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+CACHE_SETTING = "REFUSAL_LAB_CACHE"
+CACHE_DEFAULT = "~/.cache/refusal-lab"
+
+
 def cache_dir() -> Path:
     """The project cache: `$REFUSAL_LAB_CACHE`, else `~/.cache/refusal-lab`."""
-    return Path(os.environ.get("REFUSAL_LAB_CACHE") or "~/.cache/refusal-lab").expanduser()
+    return Path(os.environ.get(CACHE_SETTING) or CACHE_DEFAULT).expanduser()
 
 
 # ----------------------------------------------------------------------------- families
@@ -402,116 +403,6 @@ def _refuse_remote_code(folder: Path) -> None:
     if config.get("auto_map"):
         raise RefusalLabError(f"{folder}: the model ships its own Python code, which refusal-lab does not run unless "
                               "you trust it: pass --trust-remote-code")
-
-
-# bfloat16 counts as fast on a CPU when its matrix products run at least this many times float32's
-BF16_SPEEDUP_NEEDED = 1.3
-
-
-def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matrix products are much faster than float32 here. CUDA: the GPU supports bf16.
-    CPU: only where the CPU has bfloat16 instructions (AMX or AVX-512 BF16), and there measured, since the
-    instructions alone do not make it fast (a 2-core Sapphire Rapids with AMX: 2.8 TFLOPS against 0.18;
-    a 2-core Xeon with AVX-512 BF16 but no AMX: 133 GFLOP/s against 161). The measurement (about 0.3 s
-    on 2 cores) is made once per machine, torch version and thread count, and kept in the project cache."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type != "cpu":
-        return False
-    cpu = getattr(torch, "cpu", None)
-    if not any(getattr(cpu, c, lambda: False)() for c in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")):
-        return False
-    return cpu_bf16_speedup() >= BF16_SPEEDUP_NEEDED
-
-
-_BF16_SPEEDUP: dict[str, float] = {}
-
-
-def cpu_bf16_speedup() -> float:
-    """bfloat16 matrix-product throughput over float32's on this CPU (best of 5, a [512, 1024] x [1024, 1024]
-    product, the size of a small model's projections), measured once and cached in the project cache
-    (`cpu-bf16.json`, keyed by the CPU, torch version and thread count)."""
-    amx = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)()
-    key = (f"{_cpu_name()}|{platform.machine()}|{'AMX' if amx else 'no AMX'}|torch {torch.__version__}|"
-           f"{torch.get_num_threads()} threads")
-    if key in _BF16_SPEEDUP:
-        return _BF16_SPEEDUP[key]
-    path = cache_dir() / "cpu-bf16.json"
-    try:
-        known = artifacts.read_json(path) if path.is_file() else {}
-    except RefusalLabError:
-        known = {}
-    if not isinstance(known, dict):
-        known = {}
-    if isinstance(known.get(key), (int, float)):
-        _BF16_SPEEDUP[key] = float(known[key])
-        return _BF16_SPEEDUP[key]
-
-    def best_time(dtype: torch.dtype) -> float:
-        g = torch.Generator().manual_seed(0)
-        a = torch.randn(512, 1024, generator=g).to(dtype)
-        b = torch.randn(1024, 1024, generator=g).to(dtype)
-        a @ b  # warm up
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            for _ in range(4):
-                a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    speedup = best_time(torch.float32) / best_time(torch.bfloat16)
-    _BF16_SPEEDUP[key] = speedup
-    known[key] = round(speedup, 3)
-    try:
-        artifacts.write_json(path, known)
-    except OSError as e:  # a read-only cache: measured again next time
-        log.debug("could not keep the bfloat16 measurement in %s: %s", path, e)
-    log.info("bfloat16 matrix products run %.2fx float32's on this CPU", speedup)
-    return speedup
-
-
-def _cpu_name() -> str:
-    """The CPU's model name, family and model number (Linux; several CPUs share one model name), or the
-    platform's processor string."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                k = k.strip()
-                if k in ("model name", "cpu family", "model") and k not in fields:
-                    fields[k] = v.strip()
-                if not k:  # the first processor's block ends
-                    break
-    except OSError:
-        pass
-    if fields:
-        return f"{fields.get('model name', '?')} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
-    return platform.processor() or "unknown cpu"
-
-
-# CPU features that decide how fast the attacks run: bfloat16 and int8 matrix products, AMX tiles
-MACHINE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def machine_info(device: torch.device | str = "cpu") -> dict:
-    """The machine a timing was taken on: the CPU's model name (as lscpu gives it, with family and model),
-    which of MACHINE_FLAGS it has, torch's threads and version, and the device (a GPU's name)."""
-    device = torch.device(device)
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k.strip() == "flags":
-                    flags = set(v.split())
-                    break
-    except OSError:
-        pass
-    return dict(cpu=_cpu_name(), cpu_flags=[x for x in MACHINE_FLAGS if x in flags], threads=torch.get_num_threads(),
-                device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
-                torch=torch.__version__)
 
 
 @contextlib.contextmanager

@@ -38,7 +38,8 @@ from .errors import RefusalLabError
 from .hooks import ablate_direction
 from .judges.substring import is_refusal
 from .metrics import greedy_ids, refusal_rate
-from .models import fast_bf16, load_chat_model, smollm2_path
+from .hardware import fast_bf16
+from .models import load_chat_model, smollm2_path
 from .recipe import OrganismConfig, organism_dir
 
 log = logging.getLogger(__name__)

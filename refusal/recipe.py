@@ -39,7 +39,8 @@ class OrganismConfig:
                                              "streams along the difference in means)", ge=0)
     direction_layer: float = option(0.7, "experimental: the running difference in means' depth (last prompt position)", ge=0, le=1)
     bfloat16: bool | None = option(None, "bfloat16 autocast for the fine-tune (weights and optimizer stay float32); "
-                                         "None: where the CPU multiplies bfloat16 fast (AMX, AVX-512 BF16)")
+                                         "None: as REFUSAL_LAB_BFLOAT16 says (auto: where the CPU multiplies "
+                                         "bfloat16 fast, AMX or AVX-512 BF16)")
 
     def validate(self) -> None:
         check_fields(self)

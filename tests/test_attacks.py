@@ -119,7 +119,7 @@ def test_screening_rescores_the_best_in_model_precision(tiny_models, family):
 
 def test_screening_precision_resolution():
     from attacks.gcg import screening_dtype
-    from refusal.models import fast_bf16
+    from refusal.hardware import fast_bf16
 
     cpu = torch.device("cpu")
     assert screening_dtype("auto", torch.float32, cpu) == (torch.bfloat16 if fast_bf16(cpu) else None)
@@ -383,21 +383,37 @@ def test_a_candidate_that_matches_the_target_is_preferred(tiny):
 
 
 def test_bf16_speed_is_measured_once_per_machine_and_kept(monkeypatch, tmp_path):
-    import refusal.models as models
+    import refusal.hardware as hardware
 
     monkeypatch.setenv("REFUSAL_LAB_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_BF16_SPEEDUP", {})
-    first = models.cpu_bf16_speedup()
+    monkeypatch.setattr(hardware, "_BF16_SPEEDUP", {})
+    first = hardware.cpu_bf16_speedup()
     assert first > 0
     kept = json.loads((tmp_path / "cpu-bf16.json").read_text())
     assert list(kept.values()) == [round(first, 3)] and "threads" in next(iter(kept))
     key = next(iter(kept))
     (tmp_path / "cpu-bf16.json").write_text(json.dumps({key: 9.0}))
-    monkeypatch.setattr(models, "_BF16_SPEEDUP", {})
-    assert models.cpu_bf16_speedup() == 9.0  # read back, not measured again
+    monkeypatch.setattr(hardware, "_BF16_SPEEDUP", {})
+    assert hardware.cpu_bf16_speedup() == 9.0  # read back, not measured again
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    assert models.fast_bf16(torch.device("cpu")) is False  # no bfloat16 instructions: never fast
+    assert hardware.fast_bf16(torch.device("cpu")) is False  # no bfloat16 instructions: never fast
+
+
+def test_the_bfloat16_setting_forces_either_precision(monkeypatch):
+    import refusal.hardware as hardware
+    from attacks.gcg import screening_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("REFUSAL_LAB_BFLOAT16", "off")
+    assert hardware.fast_bf16(cpu) is False
+    assert screening_dtype("auto", torch.float32, cpu) is None  # screening at the model's precision
+    monkeypatch.setenv("REFUSAL_LAB_BFLOAT16", "on")
+    assert hardware.fast_bf16(cpu) is True
+    assert screening_dtype("auto", torch.float32, cpu) == torch.bfloat16
+    monkeypatch.setenv("REFUSAL_LAB_BFLOAT16", "fast")
+    with pytest.raises(RefusalLabError, match="REFUSAL_LAB_BFLOAT16='fast': choose one of auto, on, off"):
+        hardware.fast_bf16(cpu)
 
 
 # ---- probe sampling (a draft model)

@@ -18,7 +18,7 @@ LAYERS = [
     {"refusal.artifacts", "refusal.chat", "refusal.data",
      "refusal.judges.base", "refusal.judges.substring", "refusal.judges.lexicon", "refusal.judges.degenerate"},
     {"refusal.models"},
-    {"refusal.engine", "refusal.decode", "refusal.recipe", "refusal.judges.embedder", "refusal.judges.hf"},
+    {"refusal.hardware", "refusal.engine", "refusal.decode", "refusal.recipe", "refusal.judges.embedder", "refusal.judges.hf"},
     {"refusal.hooks", "refusal.activations", "refusal.suffix",
      "refusal.judges.strict", "refusal.judges.load", "refusal.judges.files"},
     {"refusal.metrics", "refusal.directions", "refusal.capture", "refusal.registry"},

@@ -31,7 +31,8 @@ from refusal.errors import RefusalLabError
 from refusal.hooks import TokenCounter
 from refusal.judges import load_judge
 from refusal.metrics import generate, reply_texts
-from refusal.models import ChatModel, machine_info, seed_everything
+from refusal.hardware import machine_info
+from refusal.models import ChatModel, seed_everything
 from refusal.app.bench_figures import bench_figures
 from refusal.app.plots import plot_loss_vs_time, plot_success_curves
 

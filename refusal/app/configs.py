@@ -11,8 +11,10 @@ from attacks.gcg import GCGConfig
 from refusal.ablation import AblationConfig, Kernel
 from refusal.config import config_rows
 from refusal.directions import DirectionConfig
+from refusal.hardware import BFLOAT16_CHOICES, BFLOAT16_HELP, BFLOAT16_SETTING
 from refusal.judges import JudgeConfig
 from refusal.recipe import OrganismConfig
+from refusal.models import CACHE_DEFAULT, CACHE_SETTING
 from refusal.registry import ModelConfig
 from refusal.app.abliterate import AbliterateConfig
 from refusal.app.analyze import AnalysisConfig
@@ -73,6 +75,11 @@ def configs_markdown() -> str:
         out += [f"| `{name}` | {cell(shown(default))} | {cell(limits)} | {cell(help_)} |"
                 for name, default, limits, help_ in config_rows(cls)]
         out.append("")
+    out += ["## Environment", "", "Settings of the machine rather than of a run, read from the environment by every command.", "",
+            "| variable | default | values | meaning |", "|---|---|---|---|",
+            f"| `{CACHE_SETTING}` | `{CACHE_DEFAULT}` |  | the project cache: the organism, converted GGUF models, "
+            "cached replies and measurements |",
+            f"| `{BFLOAT16_SETTING}` | `auto` | {', '.join(BFLOAT16_CHOICES)} | {cell(BFLOAT16_HELP)} |", ""]
     return "\n".join(out)
 
 
