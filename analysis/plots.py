@@ -36,7 +36,16 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def _order(conds) -> list[str]:
-    return [c for c in PALETTE if c in set(conds)]
+    """The known conditions in PALETTE's order, then any others (a jailbreak file's names) as they come."""
+    seen = list(dict.fromkeys(conds))
+    return [c for c in PALETTE if c in seen] + [c for c in seen if c not in PALETTE]
+
+
+def _palette(conds) -> dict[str, str]:
+    """PALETTE, and a colour of seaborn's "tab10" for each other condition."""
+    _, sns = pyplot()
+    others = [c for c in _order(conds) if c not in PALETTE]
+    return {**PALETTE, **dict(zip(others, sns.color_palette("tab10", len(others)).as_hex()))}
 
 
 def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Path) -> Path:
@@ -44,7 +53,7 @@ def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Pat
     plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
     sns.lineplot(data=df, x="layer", y="cosine", hue="condition", hue_order=_order(df.condition),
-                 palette=PALETTE, errorbar="sd", ax=ax)
+                 palette=_palette(df.condition), errorbar="sd", ax=ax)
     ax.axvline(direction_layer, color="grey", ls="--", lw=1)
     ax.text(direction_layer, ax.get_ylim()[1], f" direction's layer {direction_layer}", va="top", fontsize=8, color="grey")
     ax.set_title("Cosine of the last position's residual stream with the refusal direction")
@@ -63,7 +72,7 @@ def plot_head_contributions(heads: pd.DataFrame, top_k: int, path: str | Path) -
     top["head_label"] = _head_label(top)
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * top_k), 4))
     sns.barplot(data=top, x="head_label", y="contribution", hue="condition", hue_order=_order(top.condition),
-                palette=PALETTE, ax=ax)
+                palette=_palette(top.condition), ax=ax)
     ax.set_xlabel("head (ranked by contribution on harmful prompts)")
     ax.set_ylabel("direct contribution to r")
     ax.set_title(f"Top {top_k} refusal heads")
@@ -79,7 +88,7 @@ def plot_attention_shares(att: pd.DataFrame, path: str | Path) -> Path:
     long["head_label"] = _head_label(long)
     n_heads = long.head_label.nunique()
     g = sns.catplot(data=long, x="head_label", y="share", hue="condition", hue_order=_order(long.condition),
-                    col="region", kind="bar", palette=PALETTE, errorbar=None, height=3.6,
+                    col="region", kind="bar", palette=_palette(long.condition), errorbar=None, height=3.6,
                     aspect=max(1.0, n_heads / 7))
     g.set_axis_labels("head", "attention share")
     g.set_titles("{col_name}")
@@ -102,7 +111,7 @@ def plot_pca_conditions(acts: Mapping[str, torch.Tensor], layer: int, path: str 
         rows += [(cond, float(x), float(y)) for x, y in s.tolist()]
     df = pd.DataFrame(rows, columns=["condition", "PC1", "PC2"])
     fig, ax = plt.subplots(figsize=(6, 5))
-    sns.scatterplot(data=df, x="PC1", y="PC2", hue="condition", hue_order=_order(df.condition), palette=PALETTE,
+    sns.scatterplot(data=df, x="PC1", y="PC2", hue="condition", hue_order=_order(df.condition), palette=_palette(df.condition),
                     alpha=0.75, s=28, ax=ax)
     ax.set_xlabel(f"PC1 ({float(ev[0]):.0%} of variance)")
     ax.set_ylabel(f"PC2 ({float(ev[1]):.0%} of variance)")

@@ -1,6 +1,8 @@
 """One forward pass per condition for the whole analysis: at the last prompt position, the residual
 stream at every block's input, every head's output (the attention output projection's input), and the
-attention of every head summed over the instruction tokens, the suffix tokens and the rest.
+attention of every head summed over the instruction tokens, the suffix tokens and the rest (where the
+adversarial part sits inside the user's message, as for refusal.jailbreaks, the instruction is the rest of
+that message).
 
 The projection metrics, the head contributions and the attention shares are computed from these
 tensors, so the analysis runs the model once per prompt instead of once per measure. The pass uses
@@ -75,6 +77,8 @@ def capture_last_position(cm: ChatModel, encs: Sequence[Encoded], batch_size: in
                 total = a.sum(-1)
                 ins = a[..., _key_index(e, e.instruction, p, pad)].sum(-1)
                 suf = a[..., _key_index(e, e.suffix, p, pad)].sum(-1)
+                if e.instruction[0] <= e.suffix[0] and e.suffix[1] <= e.instruction[1]:
+                    ins = ins - suf  # an adversarial part inside the user's message (refusal.jailbreaks)
                 regions[i] = torch.stack([ins, suf, total - ins - suf], -1)
             del out
     return LastPosition(resid, z, regions)

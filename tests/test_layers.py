@@ -19,7 +19,7 @@ LAYERS = [
      "refusal.judges.base", "refusal.judges.substring", "refusal.judges.lexicon", "refusal.judges.degenerate"},
     {"refusal.models"},
     {"refusal.hardware", "refusal.engine", "refusal.decode", "refusal.recipe", "refusal.judges.embedder", "refusal.judges.hf"},
-    {"refusal.hooks", "refusal.activations", "refusal.suffix",
+    {"refusal.hooks", "refusal.activations", "refusal.suffix", "refusal.jailbreaks",
      "refusal.judges.strict", "refusal.judges.load", "refusal.judges.files"},
     {"refusal.metrics", "refusal.directions", "refusal.capture", "refusal.registry"},
     {"refusal.capability", "refusal.organism", "refusal.heads", "refusal.ablation"},

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import pandas as pd
+
 from refusal.suffix import random_suffix_ids
 from refusal import artifacts
 from refusal.config import check_fields, option
@@ -14,9 +16,11 @@ from refusal.data import instructions, resolve_prompts
 from refusal.directions import Direction, check_direction
 from refusal.engine import check_lengths
 from refusal.errors import RefusalLabError
+from refusal.jailbreaks import Jailbreak, encode_jailbreaks, load_jailbreaks
 from refusal.judges import Judge, JudgeConfig, load_judge
+from refusal.metrics import generate
 from refusal.models import ChatModel
-from refusal.success import suffix_success
+from refusal.success import judge_replies, suffix_success
 from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
 
 from analysis.plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
@@ -141,3 +145,144 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
             n_harmful=len(harmful), n_harmless=len(harmless), top_k=top_k, headline=numbers, timings_s=timer.seconds))
     log.info("analysis written to %s (%s)", out_dir, timer.seconds)
     return {"numbers": numbers, "report_md": out_dir / md.name, "report_html": out_dir / html.name}
+
+
+def check_jailbreaks(config: AnalysisConfig, path: str | Path) -> tuple[list[str], list[str], list[Jailbreak], Judge | None]:
+    """check_analysis for `refusal analyze --jailbreaks`: the config, the reference prompts, every row of
+    the jailbreak file (a malformed one is a one-line error naming its line) and the judge."""
+    config.validate()
+    judge = load_judge(config.judge) if config.eval_tokens else None
+    harmful = instructions(resolve_prompts(config.harmful, "harmful:test"))
+    harmless = instructions(resolve_prompts(config.harmless, "harmless:test"))
+    if config.max_prompts:
+        harmful, harmless = harmful[: config.max_prompts], harmless[: config.max_prompts]
+    rows = load_jailbreaks(path)
+    for jb in rows:
+        if jb.name in ("harmful", "harmless") or jb.name.endswith(GOAL):
+            raise RefusalLabError(f"{path}:{jb.line}: the name {jb.name!r} is taken by the analysis' own conditions; "
+                                  "rename the row")
+    return harmful, harmless, rows, judge
+
+
+GOAL = " (goal alone)"  # the condition of a name's goals, its paired baseline
+
+
+def analyze_jailbreaks(cm: ChatModel, direction: Direction, path: str | Path, config: AnalysisConfig,
+                       out_dir: str | Path) -> dict:
+    """Any jailbreaks under the analysis' lens (refusal.jailbreaks reads the file): each name's prompts as
+    one condition beside the reference harmful and harmless prompts and, where every row of a name has a
+    goal, the goals alone (its paired baseline). Per condition: the cosine with the direction by layer, the
+    top refusal heads (ranked on the harmful prompts) and their attention from the last position to the
+    marked adversarial part (not measured for plain prompts), and (config.eval_tokens > 0) greedy replies
+    judged against each row's goal by the substring judge and the config's. Writes jailbreaks.csv (a row
+    per jailbreak), projection.csv, heads.csv, attention.csv, the plots, report.md/html and analysis.json."""
+    harmful, harmless, rows, judge = check_jailbreaks(config, path)
+    check_direction(direction, cm)
+    top_k, batch_size = config.top_k, config.batch_size
+    names = list(dict.fromkeys(jb.name for jb in rows))
+    groups = {name: [jb for jb in rows if jb.name == name] for name in names}
+    encs = {"harmful": cm.chat.encode_all(harmful)}
+    for name, group in groups.items():
+        encs[name] = encode_jailbreaks(cm.chat, group)
+        if all(jb.goal for jb in group):
+            encs[name + GOAL] = cm.chat.encode_all([jb.goal for jb in group])
+    encs["harmless"] = cm.chat.encode_all(harmless)
+    check_lengths(cm, [e for es in encs.values() for e in es], config.eval_tokens)
+    out_dir = Path(out_dir)
+    timer = artifacts.Timer()
+    with timer("forward"):
+        caps = {c: capture_last_position(cm, e, batch_size) for c, e in encs.items()}
+    proj = projection_table({c: cap.resid for c, cap in caps.items()}, direction.vector)
+    heads = heads_table({c: contributions(cm, cap.z, direction.vector) for c, cap in caps.items()}, top_k)
+    chosen = top_heads(heads, top_k)
+    att = attention_table_from({c: cap.regions for c, cap in caps.items()}, chosen)
+    for name, group in groups.items():  # no adversarial part marked: no share to measure
+        plain = [i for i, jb in enumerate(group) if jb.span is None]
+        att.loc[(att.condition == name) & att.prompt_id.isin(plain), "suffix"] = float("nan")
+    att = att[~att.condition.str.endswith(GOAL)]
+
+    replies: dict[str, pd.DataFrame] = {}
+    if judge is not None:
+        with timer("replies"):
+            for c in [n for n in encs if n not in ("harmful", "harmless")]:
+                group = groups[c.removesuffix(GOAL)]
+                requests = [jb.goal for jb in group] if c.endswith(GOAL) else [jb.request for jb in group]
+                replies[c] = judge_replies(requests, generate(cm, encs[c], config.eval_tokens, batch_size,
+                                                              progress=False), judge)
+    layer = direction.layer
+    at_layer = proj[proj.layer == layer].set_index(["condition", "prompt_id"]).cosine
+    table = []
+    for name, group in groups.items():
+        shares = att[att.condition == name].groupby("prompt_id").suffix.mean()
+        for i, jb in enumerate(group):
+            row = {"name": name, "line": jb.line, "adversarial": jb.prompt[jb.span[0]:jb.span[1]] if jb.span else "",
+                   "cosine": float(at_layer[(name, i)]),
+                   "goal_cosine": float(at_layer[(name + GOAL, i)]) if (name + GOAL) in encs else float("nan"),
+                   "attention_to_adversarial": float(shares.get(i, float("nan")))}
+            if name in replies:
+                r = replies[name].iloc[i]
+                row |= {"success": bool(r.success), "substring_success": bool(r.substring_success),
+                        "verdict": r.verdict, "reply": r.completion}
+            table.append(row)
+    table = pd.DataFrame(table)
+    success = None
+    if replies:
+        success = {"substring": {c: float(df.substring_success.mean()) for c, df in replies.items()},
+                   judge.name: {c: float(df.success.mean()) for c, df in replies.items()}}
+    sentences = jailbreak_sentences(proj, att, layer, top_k, groups, success, judge.name if judge else None)
+    summary = proj[proj.layer == layer].groupby("condition")[["cosine", "projection"]].mean().reset_index()
+    with artifacts.atomic_dir(out_dir) as tmp:
+        artifacts.write_csv(tmp / "jailbreaks.csv", table)
+        artifacts.write_csv(tmp / "projection.csv", proj)
+        artifacts.write_csv(tmp / "heads.csv", heads)
+        artifacts.write_csv(tmp / "attention.csv", att)
+        with timer("plots"):
+            plots = {"Cosine with the refusal direction by layer": plot_cosine_by_layer(proj, layer, tmp / "cosine_by_layer.png"),
+                     "Top refusal heads: direct contribution": plot_head_contributions(heads, top_k, tmp / "head_contributions.png"),
+                     "Attention of the top heads": plot_attention_shares(att, tmp / "attention_shares.png")}
+        tables = {f"Mean cosine and projection at layer {layer}": summary,
+                  "Each jailbreak": table.drop(columns=[c for c in ("reply",) if c in table])}
+        if success:
+            tables = {"Attack success by judge": success_frame(success), **tables}
+        facts = {"model": f"{cm.name} ({cm.fingerprint})", "direction": f"layer {layer}, position {direction.position}",
+                 "jailbreaks": f"{path} ({len(rows)} rows, {len(names)} names)",
+                 "reference prompts": f"{len(harmful)} harmful, {len(harmless)} harmless"}
+        md, html = write_report(tmp, "How these jailbreaks meet the refusal direction", sentences, plots, tables, facts)
+        artifacts.write_json(tmp / "analysis.json", artifacts.run_record(
+            model=cm.describe(), direction={"layer": layer, "position": direction.position}, jailbreaks=str(path),
+            n_rows=len(rows), names=names, top_k=top_k, top_heads=[f"L{l}H{h}" for l, h in chosen],
+            cosine_at_layer=summary.set_index("condition").cosine.to_dict(), success=success,
+            sentences=sentences, timings_s=timer.seconds))
+    log.info("analysis written to %s (%s)", out_dir, timer.seconds)
+    return {"sentences": sentences, "success": success, "table": table, "report_md": out_dir / md.name,
+            "report_html": out_dir / html.name}
+
+
+def jailbreak_sentences(proj: pd.DataFrame, att: pd.DataFrame, layer: int, top_k: int,
+                        groups: dict[str, list[Jailbreak]], success: dict | None, judge: str | None) -> list[str]:
+    """One sentence per name: its cosine at the direction's layer against its goals' and the reference
+    sets', its top heads' attention to the adversarial part, and its success by each judge."""
+    cos = proj[proj.layer == layer].groupby("condition").cosine.mean()
+    share = att.groupby("condition").suffix.mean()
+    f = lambda x, pct=False: "n/a" if x != x else (f"{x:.1%}" if pct else f"{x:.3f}")  # noqa: E731
+    out = [f"Reference at layer {layer} (the direction's): harmful prompts {f(cos.get('harmful', float('nan')))}, "
+           f"harmless {f(cos.get('harmless', float('nan')))}; the top {top_k} refusal heads give "
+           f"{f(att[att.condition == 'harmful'].instruction.mean(), True)} of their attention to a harmful "
+           "instruction."]
+    for name, group in groups.items():
+        n_plain = sum(jb.span is None for jb in group)
+        s = f"{name} ({len(group)} prompt{'s' if len(group) > 1 else ''}): cosine {f(cos.get(name, float('nan')))}"
+        if name + GOAL in cos:
+            s += f" (its goals alone: {f(cos[name + GOAL])})"
+        if n_plain == len(group):
+            s += "; no adversarial part marked, so no attention share"
+        else:
+            s += (f"; the top {top_k} heads give {f(share.get(name, float('nan')), True)} of their attention to the "
+                  "adversarial part" + (f" ({n_plain} plain prompt(s) left out)" if n_plain else ""))
+        if success:
+            s += (f"; success {f(success[judge][name], True)} by the {judge} judge, "
+                  f"{f(success['substring'][name], True)} by the substring judge")
+            if name + GOAL in success[judge]:
+                s += f" (goals alone: {f(success[judge][name + GOAL], True)}, {f(success['substring'][name + GOAL], True)})"
+        out.append(s + ".")
+    return out

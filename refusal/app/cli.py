@@ -32,7 +32,7 @@ from refusal.models import ChatModel, seed_everything
 from refusal.recipe import OrganismConfig
 from refusal.registry import load_model
 from refusal.app.abliterate import AbliterateConfig, check_abliterate, run_abliterate
-from refusal.app.analyze import AnalysisConfig, analyze_suffix, check_analysis
+from refusal.app.analyze import AnalysisConfig, analyze_jailbreaks, analyze_suffix, check_analysis, check_jailbreaks
 from refusal.app.attack import check_attack, run_attack
 from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
 from refusal.app.evaluation import EvalConfig, check_eval, run_eval
@@ -153,10 +153,21 @@ def cmd_analyze(args) -> int:
     out = Path(args.out) / "analysis"
     artifacts.check_out(out, force=args.force)
     config = config_from(AnalysisConfig, args, judge=judge_config_from(args))
-    check_analysis(config, args.suffix)  # bad files and a bad judge fail before the model loads
+    if (args.suffix is None) == (args.jailbreaks is None):
+        raise RefusalLabError("give --suffix (a suffix against a random one) or --jailbreaks FILE.jsonl, one of them")
+    # bad files and a bad judge fail before the model loads
+    if args.jailbreaks is not None:
+        check_jailbreaks(config, args.jailbreaks)
+    else:
+        check_analysis(config, args.suffix)
     direction = load_direction(args.direction)
-    res = analyze_suffix(_load(args), direction, args.suffix, config, out)
-    for s in res["numbers"]["sentences"]:
+    if args.jailbreaks is not None:
+        res = analyze_jailbreaks(_load(args), direction, args.jailbreaks, config, out)
+        sentences = res["sentences"]
+    else:
+        res = analyze_suffix(_load(args), direction, args.suffix, config, out)
+        sentences = res["numbers"]["sentences"]
+    for s in sentences:
         print("- " + s)
     print(f"report: {res['report_html']} (and {res['report_md'].name})")
     return 0
@@ -361,10 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--force", action="store_true", help="overwrite an existing attack")
     a.set_defaults(fn=cmd_attack)
 
-    an = sub.add_parser("analyze", help="how a suffix moves the refusal direction and the refusal heads; report")
+    an = sub.add_parser("analyze", help="how a suffix (or any jailbreak) moves the refusal direction and the "
+                                        "refusal heads; report")
     model_args(an, batch_size=field_info(AnalysisConfig, "batch_size")[0])
     an.add_argument("--direction", required=True, help="direction folder")
-    an.add_argument("--suffix", required=True, help="suffix.json (or its run folder), a text file, or the suffix text")
+    an.add_argument("--suffix", help="suffix.json (or its run folder), a text file, or the suffix text")
+    an.add_argument("--jailbreaks", help="instead of --suffix: a JSON Lines file of jailbreaks, each row a name, a "
+                                         "prompt, and an {optim_str} marker with adversarial, a span [start, end], or "
+                                         "neither; goal optional (refusal.jailbreaks)")
     opt(an, AnalysisConfig, "harmful", "--prompts")
     opt(an, AnalysisConfig, "harmless")
     opt(an, AnalysisConfig, "max_prompts", type=int)
