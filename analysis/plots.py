@@ -42,10 +42,17 @@ def _order(conds) -> list[str]:
 
 
 def _palette(conds) -> dict[str, str]:
-    """PALETTE, and a colour of seaborn's "tab10" for each other condition."""
+    """PALETTE, and a colour of seaborn's "Dark2" (none of PALETTE's) for each other condition."""
     _, sns = pyplot()
     others = [c for c in _order(conds) if c not in PALETTE]
-    return {**PALETTE, **dict(zip(others, sns.color_palette("tab10", len(others)).as_hex()))}
+    return {**PALETTE, **dict(zip(others, sns.color_palette("Dark2", len(others)).as_hex()))}
+
+
+def _legend_outside(ax, conds) -> None:
+    """More conditions than the analysis' own four: the legend beside the axes, not over the lines."""
+    if len(set(conds)) > len(PALETTE):
+        sns = pyplot()[1]
+        sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title_fontsize=9)
 
 
 def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Path) -> Path:
@@ -54,6 +61,7 @@ def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Pat
     fig, ax = plt.subplots(figsize=(8, 4.2))
     sns.lineplot(data=df, x="layer", y="cosine", hue="condition", hue_order=_order(df.condition),
                  palette=_palette(df.condition), errorbar="sd", ax=ax)
+    _legend_outside(ax, df.condition)
     ax.axvline(direction_layer, color="grey", ls="--", lw=1)
     ax.text(direction_layer, ax.get_ylim()[1], f" direction's layer {direction_layer}", va="top", fontsize=8, color="grey")
     ax.set_title("Cosine of the last position's residual stream with the refusal direction")
@@ -73,6 +81,7 @@ def plot_head_contributions(heads: pd.DataFrame, top_k: int, path: str | Path) -
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * top_k), 4))
     sns.barplot(data=top, x="head_label", y="contribution", hue="condition", hue_order=_order(top.condition),
                 palette=_palette(top.condition), ax=ax)
+    _legend_outside(ax, top.condition)
     ax.set_xlabel("head (ranked by contribution on harmful prompts)")
     ax.set_ylabel("direct contribution to r")
     ax.set_title(f"Top {top_k} refusal heads")

@@ -49,6 +49,15 @@ def test_rows_read_with_their_adversarial_part(tmp_path):
     assert [r.line for r in rows] == [1, 2, 3, 4, 5]
 
 
+def test_the_example_file_reads():
+    from pathlib import Path
+
+    rows = load_jailbreaks(Path(__file__).resolve().parents[1] / "examples" / "jailbreaks.jsonl")
+    kinds = {r.name: r for r in rows}
+    assert len(kinds) == 5 and all(r.goal for r in rows)
+    assert kinds["role-play framing"].span is None and kinds["DAN-style prefix"].span[0] == 0
+
+
 @pytest.mark.parametrize("row, message", [
     ('{"name": "a", "prompt": ', "jb.jsonl:2: not JSON"),
     ('["a", "b"]', "jb.jsonl:2: a row must be a JSON object"),

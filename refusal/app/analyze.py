@@ -237,8 +237,11 @@ def analyze_jailbreaks(cm: ChatModel, direction: Direction, path: str | Path, co
         artifacts.write_csv(tmp / "heads.csv", heads)
         artifacts.write_csv(tmp / "attention.csv", att)
         with timer("plots"):
-            plots = {"Cosine with the refusal direction by layer": plot_cosine_by_layer(proj, layer, tmp / "cosine_by_layer.png"),
-                     "Top refusal heads: direct contribution": plot_head_contributions(heads, top_k, tmp / "head_contributions.png"),
+            # the goals alone are in jailbreaks.csv; the plot keeps one line per name beside the references
+            lines = proj[~proj.condition.str.endswith(GOAL)]
+            plots = {"Cosine with the refusal direction by layer": plot_cosine_by_layer(lines, layer, tmp / "cosine_by_layer.png"),
+                     "Top refusal heads: direct contribution": plot_head_contributions(
+                         heads[~heads.condition.str.endswith(GOAL)], top_k, tmp / "head_contributions.png"),
                      "Attention of the top heads": plot_attention_shares(att, tmp / "attention_shares.png")}
         tables = {f"Mean cosine and projection at layer {layer}": summary,
                   "Each jailbreak": table.drop(columns=[c for c in ("reply",) if c in table])}
