@@ -9,19 +9,21 @@ import pandas as pd
 import torch
 
 from refusal.activations import cache_activations
-from refusal.chat import Encoded
+from refusal.chat import Encoded, Placement
 from refusal.models import ChatModel
 
 
 def condition_encodings(cm: ChatModel, harmful: Sequence[str], harmless: Sequence[str],
-                        adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None) -> dict[str, list[Encoded]]:
+                        adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None,
+                        placement: Placement | None = None) -> dict[str, list[Encoded]]:
     """The four conditions as encodings: harmful prompts bare, with the random suffix, with the
-    adversarial suffix; harmless prompts bare. Conditions whose suffix is None are left out."""
+    adversarial suffix (both where `placement` puts them); harmless prompts bare. Conditions whose suffix
+    is None are left out."""
     out = {"harmful": cm.chat.encode_all(harmful)}
     if random is not None:
-        out["random_suffix"] = cm.chat.encode_all(harmful, random)
+        out["random_suffix"] = cm.chat.encode_all(harmful, random, placement)
     if adversarial is not None:
-        out["adversarial_suffix"] = cm.chat.encode_all(harmful, adversarial)
+        out["adversarial_suffix"] = cm.chat.encode_all(harmful, adversarial, placement)
     out["harmless"] = cm.chat.encode_all(harmless)
     return out
 

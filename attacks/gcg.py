@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from refusal import artifacts
 from refusal.artifacts import hash_strings
+from refusal.chat import DEFAULT_MESSAGE, Placement
 from refusal.config import check_fields, option
 from refusal.directions import check_direction
 from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
@@ -79,6 +80,11 @@ class GCGConfig:
     n_replace: int = option(1, "suffix positions each candidate changes", ge=1)
     suffix_len: int = option(20, "suffix tokens", ge=1)
     suffix_init: str | None = option(None, "initial suffix text (None: 'x x x ... x', suffix_len tokens)")
+    message: str = option(DEFAULT_MESSAGE, "the user's message around the adversarial string: {instruction} and "
+                                           "{optim_str} once each, e.g. '{optim_str} {instruction}' for a prefix "
+                                           "(without {optim_str} when --system holds it)")
+    system: str | None = option(None, "a system prompt holding {optim_str}: the adversarial string goes there "
+                                      "(None: no system prompt of the attack's own)")
     objective: str = option("target", "target (cross-entropy of 'Sure, here is ...'), direction (the last "
                                       "position's projection on the refusal direction), or mixed (their sum)",
                                       choices=OBJECTIVES)
@@ -136,6 +142,11 @@ class GCGConfig:
     def validate(self) -> None:
         check_fields(self)  # the fields (the judge's too), then checks()
 
+    @property
+    def placement(self) -> Placement:
+        """Where the adversarial string goes (message and system)."""
+        return Placement(self.message, self.system)
+
     def checks(self) -> None:
         """The combinations no attack can run (check_fields calls this after the fields)."""
         if self.draft_model is not None and self.objective != "target":
@@ -146,6 +157,7 @@ class GCGConfig:
                 resolve(self.draft_model)
             except RefusalLabError as e:
                 raise RefusalLabError(f"--draft-model: {e}") from None
+        self.placement.check()
         if self.n_replace > self.suffix_len:
             raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
         if self.success_check == "target" and self.objective == "direction":
@@ -333,11 +345,11 @@ class _Slot:
     def __init__(self, engine: "GCG", instruction: str, target: str | None):
         cm = engine.cm
         L = engine.suffix_len
-        enc = cm.chat.encode(instruction, [0] * L)
+        enc = cm.chat.encode(instruction, [0] * L, engine.placement)
         self.instruction = instruction
         self.target = target
-        self.before = enc.ids[: enc.suffix[0]]
-        self.post = enc.ids[enc.post[0]:]
+        self.before = enc.ids[: enc.suffix[0]]  # everything before the string and everything after it
+        self.post = enc.ids[enc.suffix[1]:]
         self.target_ids = cm.tokenizer(target, add_special_tokens=False).input_ids if target else []
         if engine.needs_target and not self.target_ids:
             raise RefusalLabError(f"the target for {instruction[:40]!r} is empty; give a target or use --objective direction")
@@ -380,7 +392,8 @@ class GCG:
         self.init_ids = initial_suffix_ids(cm, config.suffix_len, config.suffix_init)
         self.suffix_len = len(self.init_ids)
         # candidates reuse cached positions, which sliding-window layers may have dropped: then recompute
-        longest = max(len(cm.chat.encode(i, [0] * self.suffix_len)) for i in instructions)
+        self.placement = config.placement
+        longest = max(len(cm.chat.encode(i, [0] * self.suffix_len, self.placement)) for i in instructions)
         self.use_cache = cache_fits(cm, longest)
         self.embed = cm.model.get_input_embeddings()
         self.not_allowed = disallowed_token_ids(cm, config.allow_non_ascii)
@@ -698,7 +711,7 @@ class GCG:
         target_matched: every reply is known to begin with its prompt's target (teacher-forced), so only
         what follows the target is generated. One prompt reuses its cache of the text before the suffix."""
         judge = self._judge or load_judge(self.config.judge)
-        encs = [self.cm.chat.encode(s.instruction, list(ids)) for s in slots]
+        encs = [self.cm.chat.encode(s.instruction, list(ids), self.placement) for s in slots]
         prefix = (slots[0].before, slots[0].cache) if len(slots) == 1 else None
         known = [s.target_ids for s in slots] if target_matched else None
         reply_ids = greedy_replies(self.cm, encs, self.config.judge_tokens, known, prefix=prefix)
@@ -926,6 +939,9 @@ def comparable_config(cfg: dict) -> dict:
     cfg.pop("max_time_s", None)  # a time limit ends a run; it does not change its steps
     if not cfg.get("screen_prompts"):  # every candidate on every prompt (and runs from before the setting)
         cfg.pop("screen_prompts", None)
+    if cfg.get("message", DEFAULT_MESSAGE) == DEFAULT_MESSAGE and cfg.get("system") is None:  # a suffix (and
+        cfg.pop("message", None)  # runs from before placements)
+        cfg.pop("system", None)
     if cfg.get("draft_model") is None:  # without a draft (and in runs from before probe sampling)
         for key in ("draft_model", "probe_r", "probe_sampling_factor"):
             cfg.pop(key, None)

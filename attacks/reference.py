@@ -114,19 +114,23 @@ def nanogcg_config(config: GCGConfig, init_text: str, use_prefix_cache: bool = T
         filter_ids=config.filter_ids, seed=config.seed, verbosity="WARNING")
 
 
+def nanogcg_messages(instruction: str, config: GCGConfig) -> list[dict]:
+    """nanoGCG's messages with its {optim_str} where config.message / config.system put the string."""
+    user = {"role": "user", "content": config.message.replace("{instruction}", instruction)}
+    return [{"role": "system", "content": config.system}, user] if config.system is not None else [user]
+
+
 def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
                 use_prefix_cache: bool = True, draft: ChatModel | None = None,
                 clock: StepClock | None = None) -> AttackResult:
-    """One prompt, target objective. The suffix follows the instruction after a space, as in the native
-    engine; the chat template is the model's own. The result's step_times are the wall times (since the
+    """One prompt, target objective. The string goes where config.message / config.system put it (a suffix
+    after a space by default), as in the native engine; the chat template is the model's own. The result's step_times are the wall times (since the
     start) at which each of nanoGCG's steps ended, its profile each step's split into the token gradient,
     candidate scoring (its early stop's target match included: it has no other success check) and the
     rest, timed on `clock` (a new one if None). With config.max_time_s, the run stops at the end of the
     first step that ends after it. With config.draft_model (or a loaded `draft`), nanoGCG's own probe
     sampling with that draft."""
     require_nanogcg()
-    import nanogcg
-
     config.validate()
     if config.objective != "target":
         raise RefusalLabError("the nanogcg engine optimizes the target objective only; use --engine native")
@@ -179,7 +183,7 @@ def run_nanogcg(cm: ChatModel, instruction: str, target: str, config: GCGConfig,
     try:
         with torch.enable_grad():
             gcg = TimedGCG(model, cm.tokenizer, nanogcg_config(config, init_text, use_prefix_cache, draft))
-            res = gcg.run([{"role": "user", "content": instruction + " {optim_str}"}], target)
+            res = gcg.run(nanogcg_messages(instruction, config), target)
     finally:  # nanogcg turns deterministic algorithms on for the whole process when seeded
         torch.use_deterministic_algorithms(deterministic)
     end = time.perf_counter()

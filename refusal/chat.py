@@ -4,6 +4,10 @@ A prompt is built from token segments so that every region is known exactly:
 
     prefix (template, system prompt) | instruction | [separator | suffix] | post-instruction
 
+Where the adversarial string sits is a Placement: by default a suffix after the instruction, as above;
+any user-message template with `{instruction}` and `{optim_str}` (a prefix, an infix), or a system prompt
+with `{optim_str}`. Every piece of a template is tokenized on its own, as the default's separator is.
+
 The post-instruction tokens are the template tokens between the end of the user's
 instruction and the start of the assistant's reply (for ChatML
 `<|im_end|>\\n<|im_start|>assistant\\n`), indexed -k..-1 from the end of the prompt. They are read off
@@ -27,6 +31,59 @@ from .errors import RefusalLabError
 TEMPLATE_ERRORS = (TemplateError, ValueError, TypeError, KeyError)
 
 _SENTINEL = "XQZINSTRUCTIONXQZ"
+_SYSTEM_SENTINEL = "XQZSYSTEMXQZ"
+OPTIM = "{optim_str}"
+INSTRUCTION = "{instruction}"
+DEFAULT_MESSAGE = "{instruction} {optim_str}"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the adversarial string goes. `message`: the user's message as a template holding
+    {instruction} once and, unless the string goes in the system prompt, {optim_str} once (default: a
+    suffix after a space). `system`: a system prompt holding {optim_str} once, or None."""
+
+    message: str = DEFAULT_MESSAGE
+    system: str | None = None
+
+    def check(self) -> None:
+        """One-line errors for a template that does not place the instruction and the string once each."""
+        if self.message.count(INSTRUCTION) != 1:
+            raise RefusalLabError(f"the message template {self.message!r} must hold {INSTRUCTION} exactly once")
+        in_message, in_system = self.message.count(OPTIM), (self.system or "").count(OPTIM)
+        if self.system is not None and in_system != 1:
+            raise RefusalLabError(f"the system template {self.system!r} must hold {OPTIM} exactly once")
+        if self.system is not None and in_message:
+            raise RefusalLabError(f"{OPTIM} is in both the system and the message template; put it in one")
+        if self.system is None and in_message != 1:
+            raise RefusalLabError(f"the message template {self.message!r} must hold {OPTIM} exactly once (or give a "
+                                  "system template that does)")
+
+    @property
+    def is_default(self) -> bool:
+        return self.message == DEFAULT_MESSAGE and self.system is None
+
+    @staticmethod
+    def of(config) -> "Placement":
+        """The placement a config (or a suffix.json's config dict) records; the default where it has none
+        (attacks from before placements existed)."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        return Placement(get("message", DEFAULT_MESSAGE) or DEFAULT_MESSAGE, get("system", None))
+
+
+def _pieces(template: str) -> list[str]:
+    """template split into its literal text and its {instruction} / {optim_str} markers, in order."""
+    out, rest = [], template
+    while rest:
+        hits = [i for i in (rest.find(INSTRUCTION), rest.find(OPTIM)) if i >= 0]
+        if not hits:
+            out.append(rest)
+            break
+        i = min(hits)
+        marker = INSTRUCTION if rest.startswith(INSTRUCTION, i) else OPTIM
+        out += [rest[:i], marker] if i else [marker]
+        rest = rest[i + len(marker):]
+    return out
 
 
 @dataclass
@@ -132,7 +189,10 @@ class ChatFormat:
         """Token ids of a suffix given as text (tokenized on its own, as the attack optimizes it)."""
         return self.encode_text(suffix)
 
-    def encode(self, instruction: str, suffix: Sequence[int] | str | None = None) -> Encoded:
+    def encode(self, instruction: str, suffix: Sequence[int] | str | None = None,
+               placement: Placement | None = None) -> Encoded:
+        """The prompt as token ids with its regions. `placement`: where a suffix goes (default: after the
+        instruction and a space); a prompt without one is the instruction alone."""
         if not isinstance(instruction, str):
             raise RefusalLabError(f"instruction must be text, got {type(instruction).__name__}")
         instruction = instruction.strip()
@@ -145,6 +205,8 @@ class ChatFormat:
         if isinstance(suffix, str):
             suffix = self.suffix_ids(suffix)
         suffix = list(suffix or [])
+        if suffix and placement is not None and not placement.is_default:
+            return self._placed(instr, suffix, placement)
         ids = list(self.prefix_ids)
         i0 = len(ids)
         ids += instr
@@ -157,12 +219,63 @@ class ChatFormat:
         ids += self.post_ids
         return Encoded(ids, (i0, i1), (s0, s1), (s1, len(ids)))
 
-    def encode_all(self, instructions: Sequence[str], suffix: Sequence[int] | str | None = None) -> list[Encoded]:
-        return [self.encode(x, suffix) for x in instructions]
+    def encode_all(self, instructions: Sequence[str], suffix: Sequence[int] | str | None = None,
+                   placement: Placement | None = None) -> list[Encoded]:
+        return [self.encode(x, suffix, placement) for x in instructions]
 
-    def render(self, instruction: str, suffix: Sequence[int] | str | None = None) -> str:
+    def _placed(self, instr: list[int], suffix: list[int], placement: Placement) -> Encoded:
+        """The prompt with the string where `placement` puts it (encode's non-default path)."""
+        ids: list[int] = []
+        spans = {}
+
+        def add(template: str) -> None:
+            for piece in _pieces(template):
+                start = len(ids)
+                ids.extend(instr if piece == INSTRUCTION else suffix if piece == OPTIM else self.encode_text(piece))
+                if piece in (INSTRUCTION, OPTIM):
+                    spans[piece] = (start, len(ids))
+
+        if placement.system is None:
+            ids += self.prefix_ids
+        else:
+            before, between = self._system_segments()
+            ids += before
+            add(placement.system)
+            ids += between
+        add(placement.message)
+        end = len(ids)
+        ids += self.post_ids
+        return Encoded(ids, spans[INSTRUCTION], spans[OPTIM], (end, len(ids)))
+
+    def _system_segments(self) -> tuple[list[int], list[int]]:
+        """The template's tokens before a system prompt, and between it and the user's message."""
+        if not hasattr(self, "_system"):
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "system", "content": _SYSTEM_SENTINEL}, {"role": "user", "content": _SENTINEL}],
+                    tokenize=False, add_generation_prompt=True, **self.template_kwargs)
+            except TEMPLATE_ERRORS as e:
+                raise RefusalLabError(f"the chat template does not take a system prompt ({e}); put {OPTIM} in the "
+                                      "user's message instead") from e
+            if text.count(_SYSTEM_SENTINEL) != 1 or text.count(_SENTINEL) != 1 or \
+                    text.index(_SYSTEM_SENTINEL) > text.index(_SENTINEL):
+                raise RefusalLabError("the chat template does not place a system prompt verbatim once before the "
+                                      f"user's message; put {OPTIM} in the user's message instead")
+            before, rest = text.split(_SYSTEM_SENTINEL)
+            between, after = rest.split(_SENTINEL)
+            if self.encode_text(after) != self.post_ids:
+                raise RefusalLabError("the chat template ends a turn differently after a system prompt; put "
+                                      f"{OPTIM} in the user's message instead")
+            head = self.encode_text(before)
+            if self.prefix_ids[:1] != head[:1] and self.prefix_ids[:1] == [self.tokenizer.bos_token_id]:
+                head = self.prefix_ids[:1] + head  # templates that rely on the tokenizer's BOS
+            self._system = (head, self.encode_text(between))
+        return self._system
+
+    def render(self, instruction: str, suffix: Sequence[int] | str | None = None,
+               placement: Placement | None = None) -> str:
         """The prompt as text (for display)."""
-        return self.tokenizer.decode(self.encode(instruction, suffix).ids)
+        return self.tokenizer.decode(self.encode(instruction, suffix, placement).ids)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 
 from .activations import last_logits
-from .chat import Encoded
+from .chat import Encoded, Placement
 from .decode import greedy_decode
 from .errors import RefusalLabError
 # the paper's substring judgement; the rest of it is re-exported here, where scripts have imported it from
@@ -86,10 +86,12 @@ def evaluate(
     max_new_tokens: int = 64,
     batch_size: int = 16,
     progress: bool = True,
+    placement: Placement | None = None,
 ):
     """Greedy completions, substring refusal judgement and refusal score for each prompt, under
-    whatever intervention is active. Returns a DataFrame: prompt, completion, refused, refusal_score."""
-    encs = cm.chat.encode_all(prompts, suffix)
+    whatever intervention is active; the suffix where `placement` puts it (default: after the prompt).
+    Returns a DataFrame: prompt, completion, refused, refusal_score."""
+    encs = cm.chat.encode_all(prompts, suffix, placement)
     ids, first_logits = greedy_decode(cm, encs, max_new_tokens, batch_size, progress)
     scores = refusal_score_from_logits(first_logits, refusal_token_ids(cm.tokenizer))
     completions = reply_texts(cm, ids)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import Placement
 from .errors import RefusalLabError
 from .models import ChatModel
 
@@ -40,6 +41,16 @@ def suffix_record(spec: str) -> dict | None:
         return None
     load_suffix(str(p))  # validates it
     return json.loads(p.read_text(encoding="utf-8"))
+
+
+def suffix_placement(spec: str) -> Placement:
+    """Where the suffix a spec names goes: what its attack's config recorded (message, system), else after
+    the prompt (a text suffix, and attacks from before placements)."""
+    record = suffix_record(spec) or {}
+    config = record.get("config") if isinstance(record.get("config"), dict) else {}
+    placement = Placement.of(config)
+    placement.check()
+    return placement
 
 
 def load_suffix(spec: str, tokenizer=None) -> tuple[str, list[int] | None]:

@@ -11,6 +11,7 @@ import pandas as pd
 
 from refusal.suffix import random_suffix_ids
 from refusal import artifacts
+from refusal.chat import Placement
 from refusal.config import check_fields, option
 from refusal.data import instructions, resolve_prompts
 from refusal.directions import Direction, check_direction
@@ -21,7 +22,7 @@ from refusal.judges import Judge, JudgeConfig, load_judge
 from refusal.metrics import generate
 from refusal.models import ChatModel
 from refusal.success import judge_replies, suffix_success
-from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
+from refusal.suffix import check_suffix_ids, load_suffix, suffix_placement, suffix_record
 
 from analysis.plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
 from analysis.projection import condition_encodings, projection_table
@@ -76,30 +77,34 @@ def analyze_suffix(cm: ChatModel, direction: Direction, suffix: str | Path, conf
     rand = (suffix_record(suffix) or {}).get("random_token_ids")
     if rand is None:
         rand = random_suffix_ids(cm, len(adversarial), seed=config.seed + 1)
-    check_lengths(cm, cm.chat.encode_all(harmful + harmless, adversarial), config.eval_tokens)
+    placement = suffix_placement(suffix)  # where the attack put it; the random suffix goes there too
+    check_lengths(cm, cm.chat.encode_all(harmful + harmless, adversarial, placement), config.eval_tokens)
     success = None
     if judge is not None:
-        judged = {name: suffix_success(cm, harmful, sfx, config.eval_tokens, progress=False, judge=judge)
+        judged = {name: suffix_success(cm, harmful, sfx, config.eval_tokens, progress=False, judge=judge,
+                                       placement=placement)
                   for name, sfx in (("no_suffix", None), ("random_suffix", rand), ("adversarial_suffix", adversarial))}
         # the paper's substring judge and the chosen one, side by side
         success = {"substring": {k: float(df.substring_success.mean()) for k, df in judged.items()},
                    judge.name: {k: float(df.success.mean()) for k, df in judged.items()}}
-    return analyze(cm, direction, harmful, harmless, adversarial, rand, out_dir, config, success=success)
+    return analyze(cm, direction, harmful, harmless, adversarial, rand, out_dir, config, success=success,
+                   placement=placement)
 
 
 def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
             adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None, out_dir: str | Path,
-            config: AnalysisConfig = AnalysisConfig(), success: dict | None = None, facts: dict | None = None) -> dict:
+            config: AnalysisConfig = AnalysisConfig(), success: dict | None = None, facts: dict | None = None,
+            placement: Placement | None = None) -> dict:
     """Write projection.csv, heads.csv, attention.csv, the plots, report.md and report.html into out_dir;
     return the headline numbers (and sentences). Of the config, top_k and batch_size are read. `success`:
     attack success rates by judge, {judge name: {condition: rate}} (e.g. {"substring": {...}, "strict":
-    {...}}), stated with their judges."""
+    {...}}), stated with their judges. `placement`: where both suffixes go (default: after the prompt)."""
     top_k, batch_size = config.top_k, config.batch_size
     if success is not None and (not isinstance(success, dict) or not all(isinstance(v, dict) for v in success.values())):
         raise RefusalLabError("success must map judge names to {condition: rate}, e.g. {'strict': {'no_suffix': 0.1}}")
     out_dir = Path(out_dir)
     timer = artifacts.Timer()
-    encs = condition_encodings(cm, harmful, harmless, adversarial, random)
+    encs = condition_encodings(cm, harmful, harmless, adversarial, random, placement)
     with timer("forward"):  # one pass per condition gives every measure below
         caps = {c: capture_last_position(cm, e, batch_size) for c, e in encs.items()}
     acts = {c: cap.resid for c, cap in caps.items()}
@@ -130,6 +135,9 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
             allfacts["adversarial suffix"] = adversarial
         elif adversarial is not None:
             allfacts["adversarial suffix"] = repr(cm.tokenizer.decode(list(adversarial)))
+        if placement is not None and not placement.is_default:
+            allfacts["placement"] = (f"system prompt {placement.system!r}, message {placement.message!r}" if placement.system
+                                     else f"message {placement.message!r}")
         if random is not None:
             allfacts["random suffix"] = repr(random if isinstance(random, str) else cm.tokenizer.decode(list(random)))
         allfacts.update(facts or {})

@@ -136,8 +136,10 @@ def run_attack(
                   judge.name if gcg.check == "judge" else f"target_match+{judge.name}")
 
     rand_ids = random_suffix_ids(cm, len(result.token_ids), seed=config.seed + 1, allow_non_ascii=config.allow_non_ascii)
-    judged = suffix_success(cm, instructions, result.token_ids, eval_tokens, progress=False, judge=judge)
-    judged_rand = suffix_success(cm, instructions, rand_ids, eval_tokens, progress=False, judge=judge)
+    judged = suffix_success(cm, instructions, result.token_ids, eval_tokens, progress=False, judge=judge,
+                            placement=config.placement)
+    judged_rand = suffix_success(cm, instructions, rand_ids, eval_tokens, progress=False, judge=judge,
+                                 placement=config.placement)
     record = dict(
         suffix=result.suffix,
         token_ids=result.token_ids,

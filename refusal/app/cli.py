@@ -366,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",
          help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
     opt(a, GCGConfig, "success_check")
+    opt(a, GCGConfig, "message")
+    opt(a, GCGConfig, "system")
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
     a.add_argument("--checkpoint", default=None, help="checkpoint file name in OUT/attack (must contain 'checkpoint')")
     a.add_argument("--out", required=True, help="run folder; writes OUT/attack/")

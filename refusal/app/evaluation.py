@@ -18,7 +18,7 @@ from refusal.hooks import add_direction
 from refusal.judges import Judge, JudgeConfig, add_verdicts, load_judge, verdict_rates
 from refusal.metrics import evaluate
 from refusal.models import ChatModel
-from refusal.suffix import check_suffix_ids, load_suffix, suffix_record
+from refusal.suffix import check_suffix_ids, load_suffix, suffix_placement, suffix_record
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,8 @@ def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
     if suffix_ids is not None:
         check_suffix_ids(config.suffix, suffix_ids, cm.tokenizer)
     suffix = suffix_ids if suffix_ids is not None else suffix_text
-    check_lengths(cm, cm.chat.encode_all(instructions(prompts), suffix), config.max_new_tokens)
+    placement = suffix_placement(config.suffix) if config.suffix else None
+    check_lengths(cm, cm.chat.encode_all(instructions(prompts), suffix, placement), config.max_new_tokens)
     intervention, ctx = "none", contextlib.nullcontext()
     if d is not None:
         check_direction(d, cm)
@@ -87,7 +88,8 @@ def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
         intervention = f"actadd {config.actadd} coeff {config.coeff}"
         ctx = add_direction(cm, d.mean_diff, d.layer, config.coeff)
     with ctx:
-        df = evaluate(cm, instructions(prompts), suffix, config.max_new_tokens, config.batch_size)
+        df = evaluate(cm, instructions(prompts), suffix, config.max_new_tokens, config.batch_size,
+                      placement=placement)
     df.insert(1, "category", [p.category for p in prompts])
     add_verdicts(df, judge)  # substring_success (the paper's judge), judge, verdict, success (by the judge)
     if suffix_text is not None:
@@ -97,7 +99,9 @@ def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
     made_on = ((suffix_record(config.suffix) or {}).get("model") or {}).get("fingerprint") if config.suffix else None
     record = artifacts.run_record(
         model=cm.describe(), prompts=str(config.prompts), n=len(df), intervention=intervention,
-        suffix=suffix_text, suffix_model_fingerprint=made_on, transfer=bool(made_on and made_on != cm.fingerprint),
+        suffix=suffix_text, placement=None if placement is None else {"message": placement.message,
+                                                                        "system": placement.system},
+        suffix_model_fingerprint=made_on, transfer=bool(made_on and made_on != cm.fingerprint),
         refusal_rate=df.refused.mean(), n_refused=int(df.refused.sum()), mean_refusal_score=df.refusal_score.mean(),
         judge=judge.name, attack_success_rate=df.success.mean(),  # by `judge`
         attack_success_rates={"substring": df.substring_success.mean(), judge.name: df.success.mean()},

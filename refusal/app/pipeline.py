@@ -199,7 +199,8 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
         for kind, condition, prompts, suffix, ctx in conditions:
             def make(prompts=prompts, suffix=suffix, ctx=ctx):
                 with ctx():
-                    return evaluate(cm, prompts, suffix, max_new_tokens=config.new_tokens, batch_size=config.batch_size)
+                    return evaluate(cm, prompts, suffix, max_new_tokens=config.new_tokens, batch_size=config.batch_size,
+                                    placement=cfg.placement)
 
             df = judged_eval(edir / f"{kind}_{condition}.jsonl", judge, make)
             rows.append({"prompts": kind, "condition": condition, "n": len(df),
@@ -225,6 +226,7 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
         else:
             res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir,
                           AnalysisConfig(top_k=config.top_k, batch_size=config.batch_size), success=success,
+                          placement=cfg.placement,
                           facts={"universal suffix": f"{len(train)} training prompts, {rec['steps_run']} steps"})
             numbers, report = res["numbers"], res["report_html"]
     record = artifacts.run_record(
