@@ -12,7 +12,11 @@ Objectives (all minimised):
              direction, averaged over the direction's layer and every layer after it, in units of the
              harmful-minus-harmless mean difference at the direction's layer (harmful prompts sit
              near +1 above harmless ones). Needs no target and no logits;
-  mixed      target + direction_weight * direction.
+  attention  minus the share of attention the top refusal heads (ranked, as the analysis ranks them, by
+             their direct contribution to the direction on the attacked prompts without a suffix) give
+             from the last prompt position to the adversarial string, averaged over the heads;
+  mixed      target_weight * target + direction_weight * direction + attention_weight * attention
+             (a term of weight 0 is not computed).
 
 Universal suffixes: one suffix for many prompts, the loss averaged over the active prompts; prompts
 are added one at a time as in the GCG paper, when the active ones all succeed (or after `patience`
@@ -44,7 +48,9 @@ from refusal.artifacts import hash_strings
 from refusal.chat import DEFAULT_MESSAGE, Placement
 from refusal.config import check_fields, option
 from refusal.directions import check_direction
-from refusal.engine import cache_fits, expand_cache, max_batch_tokens, run_prefix
+from refusal.capture import capture_last_position
+from refusal.engine import cache_fits, eager_attention, expand_cache, max_batch_tokens, run_prefix
+from refusal.heads import contributions, heads_table, top_heads
 from refusal.errors import RefusalLabError
 from refusal.hooks import capture_hooks, hooked
 from refusal.judges import JudgeConfig, check_loaded_judge, load_judge
@@ -57,7 +63,8 @@ from refusal.suffix import disallowed_token_ids, retokenizes
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("target", "direction", "mixed")
+OBJECTIVES = ("target", "direction", "attention", "mixed")
+TERMS = ("target", "direction", "attention")  # the terms of an objective, each with its weight in mixed
 SUCCESS_CHECKS = ("auto", "target+judge", "judge", "target")
 SCREEN_DTYPES = ("auto", "model", "bfloat16", "float16")
 TARGET_LOSSES = ("ce", "cw")
@@ -86,12 +93,16 @@ class GCGConfig:
     system: str | None = option(None, "a system prompt holding {optim_str}: the adversarial string goes there "
                                       "(None: no system prompt of the attack's own)")
     objective: str = option("target", "target (cross-entropy of 'Sure, here is ...'), direction (the last "
-                                      "position's projection on the refusal direction), or mixed (their sum)",
-                                      choices=OBJECTIVES)
+                                      "position's projection on the refusal direction), attention (the top "
+                                      "refusal heads' attention to the string, maximised), or mixed (the terms "
+                                      "summed with their weights)", choices=OBJECTIVES)
     target_loss: str = option("ce", "the target term: ce (cross-entropy of the target tokens, as GCG) or cw (Faster-GCG's "
                                     "margin loss: how far the best other token's logit leads the target's, floored "
                                     "at -1)", choices=TARGET_LOSSES)
+    target_weight: float = option(1.0, "weight of the target term in the mixed objective", ge=0)
     direction_weight: float = option(1.0, "weight of the direction term in the mixed objective", ge=0)
+    attention_weight: float = option(0.0, "weight of the attention term in the mixed objective", ge=0)
+    attention_heads: int = option(8, "the attention term: how many top refusal heads it reads", ge=1)
     seed: int = option(0, "seed of the candidate sampling", ge=0)
     allow_non_ascii: bool = option(False, "allow suffix tokens that are not printable ASCII")
     filter_ids: bool = option(True, "drop candidates that do not re-tokenize to themselves")
@@ -143,6 +154,14 @@ class GCGConfig:
         check_fields(self)  # the fields (the judge's too), then checks()
 
     @property
+    def weights(self) -> dict[str, float]:
+        """{term: weight} of the terms the objective computes: its own term alone at weight 1, or mixed's
+        terms of weight > 0."""
+        if self.objective != "mixed":
+            return {self.objective: 1.0}
+        return {t: w for t, w in zip(TERMS, (self.target_weight, self.direction_weight, self.attention_weight)) if w > 0}
+
+    @property
     def placement(self) -> Placement:
         """Where the adversarial string goes (message and system)."""
         return Placement(self.message, self.system)
@@ -158,11 +177,14 @@ class GCGConfig:
             except RefusalLabError as e:
                 raise RefusalLabError(f"--draft-model: {e}") from None
         self.placement.check()
+        if not self.weights:
+            raise RefusalLabError("the mixed objective has every weight at 0; give a term a weight "
+                                  "(--target-weight, --direction-weight, --attention-weight)")
         if self.n_replace > self.suffix_len:
             raise RefusalLabError(f"n-replace ({self.n_replace}) cannot exceed the suffix length ({self.suffix_len})")
-        if self.success_check == "target" and self.objective == "direction":
-            raise RefusalLabError("the target success check needs a target; the direction objective has none: use "
-                                  "--success-check judge")
+        if self.success_check == "target" and "target" not in self.weights:
+            raise RefusalLabError(f"the target success check needs a target; the {self.objective} objective has none "
+                                  "(as weighted): use --success-check judge")
 
 
 @dataclass
@@ -338,6 +360,13 @@ def rank_agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 
 
+def refusal_heads(cm: ChatModel, instructions: Sequence[str], direction, k: int) -> list[tuple[int, int]]:
+    """The top k (layer, head) by mean direct contribution to the direction at the last position of the
+    prompts without a suffix (refusal.heads, as the analysis ranks them)."""
+    cap = capture_last_position(cm, cm.chat.encode_all(list(instructions)), attention=False)
+    return top_heads(heads_table({"harmful": contributions(cm, cap.z, direction.vector)}, k), k)
+
+
 class _Slot:
     """One prompt: the fixed token pieces around the suffix, the target, and the cache of the text
     before the suffix."""
@@ -380,9 +409,11 @@ class GCG:
         if not instructions:
             raise RefusalLabError("no prompts to attack")
         self.cm, self.config = cm, config
-        self.needs_target = config.objective in ("target", "mixed")
-        self.needs_direction = config.objective in ("direction", "mixed")
-        if self.needs_direction and direction is None:
+        self.weights = config.weights
+        self.needs_target = "target" in self.weights
+        self.needs_direction = "direction" in self.weights
+        self.needs_attention = "attention" in self.weights
+        if (self.needs_direction or self.needs_attention) and direction is None:
             raise RefusalLabError(f"the {config.objective} objective needs a refusal direction (--direction DIR)")
         targets = list(targets) if targets is not None else [None] * len(instructions)
         if len(targets) != len(instructions):
@@ -409,6 +440,8 @@ class GCG:
             self.dir_layers = list(range(direction.layer, cm.n_layers))
             scale = float(direction.mean_diff.float().norm())
             self.dir_scale = scale if scale > 0 else 1.0
+        if self.needs_attention:
+            self.heads = refusal_heads(cm, instructions, direction, config.attention_heads)
         self.slots = [_Slot(self, i, t) for i, t in zip(instructions, targets)]
         self.clock = clock or StepClock(cm.device)
         self.single = len(self.slots) == 1
@@ -607,8 +640,11 @@ class GCG:
         last = T - n_tgt - 1  # the last prompt position (predicts the first reply token)
         store: dict[int, torch.Tensor] = {}  # layer -> residual [n, d] at the last prompt position (with its graph)
         capture = capture_hooks(cm, store, self.dir_layers, lambda: last, keep_graph=True) if self.needs_direction else []
-        with hooked(capture):
-            hidden = cm.base(**kw).last_hidden_state
+        if self.needs_attention:
+            kw["output_attentions"] = True
+        with hooked(capture), (eager_attention(cm) if self.needs_attention else contextlib.nullcontext()):
+            out = cm.base(**kw)
+        hidden = out.last_hidden_state
         loss = torch.zeros(n, device=cm.device, dtype=torch.float32)
         match = torch.ones(n, dtype=torch.bool, device=cm.device)
         if self.needs_target:
@@ -623,10 +659,16 @@ class GCG:
                 per_token = torch.logsumexp(logits, -1) - tgt_logit
             loss = loss + per_token.mean(1)
             match = (logits.argmax(-1) == tgt).all(1)
+        if self.needs_target:
+            loss = loss * self.weights["target"]
         if self.needs_direction:
             proj = torch.stack([store[l].float() @ self.r for l in self.dir_layers], 1).mean(1) / self.dir_scale
-            w = self.config.direction_weight if self.config.objective == "mixed" else 1.0
-            loss = loss + w * proj
+            loss = loss + self.weights["direction"] * proj
+        if self.needs_attention:  # keys are absolute positions (cached ones first): the string's are fixed
+            s0 = len(slot.before)
+            share = torch.stack([out.attentions[l][:, h, last, s0:s0 + self.suffix_len].float().sum(-1)
+                                 for l, h in self.heads], 1).mean(1)  # [n]
+            loss = loss - self.weights["attention"] * share
         return loss, match
 
     def token_gradient(self, ids: torch.Tensor, slots: Sequence[_Slot]) -> torch.Tensor:
@@ -942,6 +984,9 @@ def comparable_config(cfg: dict) -> dict:
     if cfg.get("message", DEFAULT_MESSAGE) == DEFAULT_MESSAGE and cfg.get("system") is None:  # a suffix (and
         cfg.pop("message", None)  # runs from before placements)
         cfg.pop("system", None)
+    if cfg.get("target_weight", 1.0) == 1.0 and not cfg.get("attention_weight"):  # runs from before per-term
+        for key in ("target_weight", "attention_weight", "attention_heads"):  # weights
+            cfg.pop(key, None)
     if cfg.get("draft_model") is None:  # without a draft (and in runs from before probe sampling)
         for key in ("draft_model", "probe_r", "probe_sampling_factor"):
             cfg.pop(key, None)

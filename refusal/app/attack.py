@@ -99,7 +99,7 @@ def run_attack(
     if not instructions or any(not i for i in instructions):
         raise RefusalLabError("no prompts to attack (or an empty one)")
     if targets is None:
-        targets = [default_target(i) if config.objective != "direction" else None for i in instructions]
+        targets = [default_target(i) if "target" in config.weights else None for i in instructions]
     attack_dir = Path(out) / "attack"
     ckpt = checkpoint_path(attack_dir, checkpoint_name)
     if (attack_dir / "suffix.json").is_file() and resume and not force:

@@ -351,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native (refusal-lab's engine) or nanogcg (nanoGCG 0.3.0, the target objective only)")
     opt(a, GCGConfig, "objective")
     a.add_argument("--direction", help="direction folder (needed by --objective direction|mixed)")
-    for name in ("direction_weight", "steps", "search_width", "topk", "n_replace", "suffix_len", "success_rate",
-                 "patience"):
+    for name in ("target_weight", "direction_weight", "attention_weight", "attention_heads", "steps", "search_width",
+                 "topk", "n_replace", "suffix_len", "success_rate", "patience"):
         opt(a, GCGConfig, name)
     opt(a, GCGConfig, "progressive", "--all-prompts", help="universal: optimize on all prompts from the start")
     opt(a, GCGConfig, "early_stop", "--no-early-stop", help="run all steps even after success")

@@ -57,7 +57,7 @@ def plot_success_curves(curves: Mapping[str, Mapping], path: str | Path) -> Path
     return save_figure(fig, path)
 
 
-OBJECTIVE_COLORS = {"target": "#8e44ad", "direction": "#c0392b", "mixed": "#2980b9"}
+OBJECTIVE_COLORS = {"target": "#8e44ad", "direction": "#c0392b", "attention": "#16a085", "mixed": "#2980b9"}
 
 
 def plot_sweep_success(by: pd.DataFrame, path: str | Path, judge: str) -> Path:

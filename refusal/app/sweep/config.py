@@ -39,7 +39,8 @@ class SweepConfig:
     per_prompt: tuple[bool, ...] = option((False,), "false: one universal suffix per set; true: one attack per prompt "
                                                      "(single behaviours); [false, true]: both")
     engines: tuple[str, ...] = option(("native",), "attack engines: native, nanogcg (one prompt per attack: per_prompt)", choices=tuple(ENGINES))
-    objectives: tuple[str, ...] = option(("target",), "attack objectives: target, direction, mixed", choices=OBJECTIVES)
+    objectives: tuple[str, ...] = option(("target",), "attack objectives: target, direction, attention, mixed",
+                                         choices=OBJECTIVES)
     steps: tuple[int, ...] = option((_JOB("steps"),), "GCG steps at most", ge=1)
     search_width: tuple[int, ...] = option((_JOB("search_width"),), "candidate suffixes per step", ge=1)
     suffix_len: tuple[int, ...] = option((_JOB("suffix_len"),), "suffix tokens", ge=1)
