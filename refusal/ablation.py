@@ -84,6 +84,9 @@ class AblationConfig:
     direction_layer: float | None = option(None, "take the direction at this fractional layer, between the two "
                                                  "nearest layers' unit differences in means at the direction's "
                                                  "position (None: the folder's selected direction)", ge=0)
+    per_layer: bool = option(False, "each layer's writes lose that layer's own direction, the unit difference in "
+                                    "means where they land (the next block's input, at the direction's position; "
+                                    "the embeddings lose the first block's), instead of one direction for all")
     projection: str = option("none", "none, harmless (ablate only the direction's part orthogonal to the harmless "
                                      "mean where it is taken), biprojected (and for each layer's writes also "
                                      "orthogonal to the harmless mean at that layer)", choices=PROJECTIONS)
@@ -97,6 +100,11 @@ class AblationConfig:
 
     def validate(self) -> None:
         check_fields(self)
+
+    def checks(self) -> None:
+        if self.per_layer and self.direction_layer is not None:
+            raise RefusalLabError("per_layer takes each layer's own direction; direction_layer picks one for all: "
+                                  "give one of them")
 
     @property
     def is_paper(self) -> bool:
@@ -156,7 +164,7 @@ def layer_directions(cm: ChatModel, direction: Direction, config: AblationConfig
     n = cm.n_layers
     diffs, harmless = direction.mean_diffs, direction.harmless_means
     pos = direction.position  # negative: a post-instruction index
-    if config.direction_layer is not None and diffs is None:
+    if (config.direction_layer is not None or config.per_layer) and diffs is None:
         raise RefusalLabError("this direction folder has no per-layer differences in means (mean_diffs); compute "
                               "it again with `refusal direction` to take the direction at another layer")
     if config.projection != "none" and harmless is None:
@@ -184,11 +192,17 @@ def layer_directions(cm: ChatModel, direction: Direction, config: AblationConfig
         r = unit_at(lo) if t == 0 or n == 1 else _unit((1 - t) * unit_at(lo) + t * unit_at(lo + 1),
                                                        f"the direction at layer {f}")
         source = {"layer": f, "position": pos}
-    if config.projection == "biprojected":
+    if config.per_layer:  # layer l writes into the input of block l + 1 (the last block: its own input's)
+        per_layer = torch.stack([unit_at(min(layer + 1, n - 1)) for layer in range(n)])
+        embed = per_layer[0].clone()  # block 0's input is the embeddings: no difference at a template position
+        source = {"layer": "per layer", "position": pos}
+    elif config.projection == "biprojected":
         per_layer = torch.stack([_without(r, harmless[layer, pos], f"layer {layer}") for layer in range(n)])
+        embed = per_layer[0].clone()
     else:
         per_layer = r.expand(n, -1).clone()
-    return LayerDirections(per_layer, per_layer[0].clone(), config.attn.weights(n), config.mlp.weights(n),
+        embed = per_layer[0].clone()
+    return LayerDirections(per_layer, embed, config.attn.weights(n), config.mlp.weights(n),
                            float(config.embed), {**source, "projection": config.projection})
 
 
@@ -541,17 +555,24 @@ class AblationScorer:
         self._tie()
 
     def __call__(self, config: AblationConfig) -> dict:
+        """The two objectives (and the rest, see the class) of `config` as a weight edit."""
         t0 = time.perf_counter()
         try:
             abliterate(self.cm, self.direction, config, inplace=True)
-            df = evaluate(self.cm, self.harmful, None, self.new_tokens, self.batch_size, progress=False)
-            verdicts = self.judge.verdicts(self.harmful, list(df.completion))
-            logits = last_logits(self.cm, self.harmless_encs, self.batch_size)
-            kl = float(kl_divergence(self.base_logits, logits).mean())
+            scores = self.score()
         finally:
             self.restore()
+        return {k: v for k, v in scores.items() if k != "replies"} | {"wall_s": round(time.perf_counter() - t0, 3)}
+
+    def score(self) -> dict:
+        """The objectives of the model as its weights stand now (edited by any means), and the harmful
+        prompts' replies (`replies`)."""
+        df = evaluate(self.cm, self.harmful, None, self.new_tokens, self.batch_size, progress=False)
+        verdicts = self.judge.verdicts(self.harmful, list(df.completion))
+        logits = last_logits(self.cm, self.harmless_encs, self.batch_size)
+        kl = float(kl_divergence(self.base_logits, logits).mean())
         n = len(verdicts)
         return {"refusal": sum(v != "complies" for v in verdicts) / n, "kl": kl,
                 "refuses": sum(v == "refuses" for v in verdicts) / n,
                 "neither": sum(v == "neither" for v in verdicts) / n,
-                "substring_refusal": float(df.refused.mean()), "wall_s": round(time.perf_counter() - t0, 3)}
+                "substring_refusal": float(df.refused.mean()), "replies": list(df.completion)}

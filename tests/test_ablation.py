@@ -62,6 +62,37 @@ def test_hooks_and_weight_edit_agree(tiny_models, family):
     assert (last_logits(cm, encs) - base).abs().max() == 0  # a copy was edited
 
 
+# each layer's own direction, with half-weighted embeddings and a kernel per writer
+PER_LAYER = AblationConfig(attn=Kernel(peak=1.1, peak_layer=1.0, floor=0.4, width=2.0), embed=0.5, per_layer=True,
+                           projection="harmless")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe"])
+def test_each_layers_own_direction_as_hooks_and_as_weights(tiny_models, family):
+    cm = tiny_models[family]
+    d = _direction(cm, 4)
+    unit = lambda v: v.double() / v.double().norm()  # noqa: E731
+    dirs = layer_directions(cm, d, PER_LAYER)
+    n = cm.n_layers
+    for layer in range(n):  # where the layer's writes land, off the harmless mean there
+        at = min(layer + 1, n - 1)
+        m = unit(d.harmless_means[at, -1])
+        own = unit(d.mean_diffs[at, -1])
+        assert torch.allclose(dirs.per_layer[layer], unit(own - (own @ m) * m))
+    assert torch.equal(dirs.embed, dirs.per_layer[0])  # the embeddings: as the first block's writes
+    encs = cm.chat.encode_all(PROMPTS)
+    with ablate(cm, d, PER_LAYER):
+        hooked = last_logits(cm, encs)
+    edited = abliterate(cm, d, PER_LAYER)
+    assert (hooked - last_logits(edited, encs)).abs().max() < 1e-4
+    assert (hooked - last_logits(cm, encs)).abs().max() > 1e-3
+    ids = torch.tensor([cm.chat.encode(PROMPTS[0]).ids])
+    full = AblationConfig(per_layer=True)  # weight 1 everywhere: every write loses its own direction
+    assert write_components(abliterate(cm, d, full), layer_directions(cm, d, full), ids).max() < 1e-4
+    with pytest.raises(RefusalLabError, match="give one of them"):
+        AblationConfig(per_layer=True, direction_layer=1.0).validate()
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3_moe"])
 def test_the_default_is_the_papers_ablation(tiny_models, family):
     cm = tiny_models[family]

@@ -45,7 +45,7 @@ from refusal.app.sweep import RayRunner, SweepConfig, Task, failure_message
 log = logging.getLogger(__name__)
 
 STUDY = "abliterate"
-SETTINGS_VERSION = 1
+SETTINGS_VERSION = 2  # 2: the direction may be each layer's own (per_layer)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,8 @@ class AbliterateConfig:
 def search_space(n_layers: int) -> dict:
     """Optuna's distributions for a model of `n_layers` layers: per kernel (attention, MLP) the peak weight,
     the peak layer, the floor as a share of the peak and the width; the embeddings' weight; where the
-    direction is taken (the selected one, or a fractional layer); the projection; norm preservation."""
+    direction is taken (the selected one, a fractional layer, or each layer's own); the projection; norm
+    preservation."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     top = float(max(n_layers - 1, 1))
@@ -100,7 +101,7 @@ def search_space(n_layers: int) -> dict:
         space[f"{part}.floor_share"] = FloatDistribution(0.0, 1.0)
         space[f"{part}.width"] = FloatDistribution(1.0, top)
     space["embed"] = FloatDistribution(0.0, 1.0)
-    space["direction"] = CategoricalDistribution(["selected", "layer"])
+    space["direction"] = CategoricalDistribution(["selected", "layer", "per_layer"])
     space["direction_layer"] = FloatDistribution(0.2 * top, 0.9 * top)
     space["projection"] = CategoricalDistribution(["none", "harmless", "biprojected"])
     space["norm_preserving"] = CategoricalDistribution([False, True])
@@ -115,6 +116,7 @@ def ablation_from(params: dict) -> AblationConfig:
                for part in ("attn", "mlp")}
     return AblationConfig(attn=kernels["attn"], mlp=kernels["mlp"], embed=p["embed"],
                           direction_layer=p["direction_layer"] if p["direction"] == "layer" else None,
+                          per_layer=p["direction"] == "per_layer",
                           projection=str(p["projection"]), norm_preserving=bool(p["norm_preserving"]))
 
 
