@@ -63,7 +63,7 @@ def test_every_config_s_defaults_pass_and_its_limits_are_shown():
     for cls, _ in CONFIGS:
         check_fields(cls())
     assert limits_text(field_limits(GCGConfig, "success_rate")) == "> 0, <= 1"
-    assert limits_text(field_limits(GCGConfig, "objective")) == "one of target, direction, mixed"
+    assert limits_text(field_limits(GCGConfig, "objective")) == "one of target, direction, attention, mixed"
     assert flag("search_width") == "--search-width"
 
 
