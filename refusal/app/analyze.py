@@ -50,16 +50,23 @@ class AnalysisConfig:
         check_fields(self)
 
 
-def check_analysis(config: AnalysisConfig, suffix: str | Path) -> tuple[list[str], list[str], tuple, Judge | None]:
-    """The analysis' checks that need no model (by the CLI before it loads one, and by analyze_suffix): the
-    config, the prompts, the suffix and the judge (where replies are judged), returned loaded: (harmful,
-    harmless, (suffix text, suffix ids), judge or None)."""
+def _checked_inputs(config: AnalysisConfig) -> tuple[list[str], list[str], Judge | None]:
+    """The config checked, its reference prompts (the first max_prompts of each set) and its judge (None
+    where replies are not judged), as both kinds of analysis read them."""
     config.validate()
     judge = load_judge(config.judge) if config.eval_tokens else None
     harmful = instructions(resolve_prompts(config.harmful, "harmful:test"))
     harmless = instructions(resolve_prompts(config.harmless, "harmless:test"))
     if config.max_prompts:
         harmful, harmless = harmful[: config.max_prompts], harmless[: config.max_prompts]
+    return harmful, harmless, judge
+
+
+def check_analysis(config: AnalysisConfig, suffix: str | Path) -> tuple[list[str], list[str], tuple, Judge | None]:
+    """The analysis' checks that need no model (by the CLI before it loads one, and by analyze_suffix): the
+    config, the prompts, the suffix and the judge (where replies are judged), returned loaded: (harmful,
+    harmless, (suffix text, suffix ids), judge or None)."""
+    harmful, harmless, judge = _checked_inputs(config)
     return harmful, harmless, load_suffix(suffix), judge
 
 
@@ -158,12 +165,7 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
 def check_jailbreaks(config: AnalysisConfig, path: str | Path) -> tuple[list[str], list[str], list[Jailbreak], Judge | None]:
     """check_analysis for `refusal analyze --jailbreaks`: the config, the reference prompts, every row of
     the jailbreak file (a malformed one is a one-line error naming its line) and the judge."""
-    config.validate()
-    judge = load_judge(config.judge) if config.eval_tokens else None
-    harmful = instructions(resolve_prompts(config.harmful, "harmful:test"))
-    harmless = instructions(resolve_prompts(config.harmless, "harmless:test"))
-    if config.max_prompts:
-        harmful, harmless = harmful[: config.max_prompts], harmless[: config.max_prompts]
+    harmful, harmless, judge = _checked_inputs(config)
     rows = load_jailbreaks(path)
     for jb in rows:
         if jb.name in ("harmful", "harmless") or jb.name.endswith(GOAL):
