@@ -22,6 +22,10 @@ Universal suffixes: one suffix for many prompts, the loss averaged over the acti
 are added one at a time as in the GCG paper, when the active ones all succeed (or after `patience`
 steps without progress).
 
+Ensembles (the GCG paper's transfer recipe): with `ensemble`, the same prompts run on other models of the
+same tokenizer, and every (prompt, model) pair is one more slot whose loss joins the mean and whose token
+gradient joins the sum; a prompt is added with all its models at once, and success counts the pairs.
+
 Speed (see `refusal bench`): the key/value cache of each prompt's text before the suffix is computed
 once; candidates that change the suffix first at position p reuse the cache of the current suffix up
 to p and run only the tokens from p on; duplicate candidates are dropped; the LM head runs only at
@@ -58,7 +62,7 @@ from refusal.decode import greedy_replies
 from refusal.metrics import reply_texts
 from refusal.hardware import fast_bf16
 from refusal.models import ChatModel
-from refusal.registry import NAMED_MODELS, load_model, resolve
+from refusal.registry import load_model, named, resolve
 from refusal.suffix import disallowed_token_ids, retokenizes
 
 log = logging.getLogger(__name__)
@@ -142,6 +146,10 @@ class GCGConfig:
     probe_r: int = option(8, "probe sampling: the draft's best (1 - agreement) * width / r candidates are "
                              "scored on the attacked model", ge=1)
     probe_sampling_factor: int = option(16, "probe sampling: width / this random candidates form the probe set", ge=1)
+    ensemble: tuple[str, ...] = option((), "more models the suffix is optimised on, the loss averaged over "
+                                            "prompts x models (any --model form with the attacked model's "
+                                            "tokenizer, e.g. organism:1; the target objective); success_rate "
+                                            "then counts (prompt, model) pairs")
     max_time_s: float | None = option(None, "stop once a step ends this many seconds after the attack began (None: "
                                             "the step budget alone); the steps before it are the same as without it",
                                             gt=0)
@@ -149,6 +157,8 @@ class GCGConfig:
     def __post_init__(self):
         if isinstance(self.judge, (str, dict)):  # its name, or its options as a table (a run's config.json)
             self.judge = JudgeConfig.of(self.judge)
+        if isinstance(self.ensemble, (list, str)):  # repeated options, a config.json's list, or one model
+            self.ensemble = (self.ensemble,) if isinstance(self.ensemble, str) else tuple(self.ensemble)
 
     def validate(self) -> None:
         check_fields(self)  # the fields (the judge's too), then checks()
@@ -171,12 +181,25 @@ class GCGConfig:
         if self.draft_model is not None and self.objective != "target":
             raise RefusalLabError(f"probe sampling (--draft-model) scores candidates by the target loss; it needs "
                                   f"--objective target, not {self.objective}")
-        if self.draft_model is not None and self.draft_model not in NAMED_MODELS:
+        if self.draft_model is not None and named(self.draft_model) is None:
             try:  # a draft that is no model form fails here, before any model loads
                 resolve(self.draft_model)
             except RefusalLabError as e:
                 raise RefusalLabError(f"--draft-model: {e}") from None
         self.placement.check()
+        if self.ensemble:
+            if set(self.weights) != {"target"}:
+                raise RefusalLabError(f"an ensemble (--ensemble) sums the target loss over models; the {self.objective} "
+                                      "objective reads one model's direction: use --objective target")
+            if self.draft_model is not None:
+                raise RefusalLabError("probe sampling (--draft-model) and an ensemble (--ensemble) do not combine; "
+                                      "choose one")
+            for spec in self.ensemble:
+                if named(spec) is None:
+                    try:  # a model form that does not exist fails here, before any model loads
+                        resolve(spec)
+                    except RefusalLabError as e:
+                        raise RefusalLabError(f"--ensemble: {e}") from None
         if not self.weights:
             raise RefusalLabError("the mixed objective has every weight at 0; give a term a weight "
                                   "(--target-weight, --direction-weight, --attention-weight)")
@@ -331,14 +354,19 @@ def sample_candidates(ids: torch.Tensor, grad: torch.Tensor, search_width: int, 
 # ----------------------------------------------------------------------------- the engine
 
 
-def load_draft(cm: ChatModel, spec: str | ChatModel) -> ChatModel:
-    """The draft model of probe sampling (any --model form, or a loaded ChatModel), on the attacked model's
-    device and in its precision; it must share the attacked model's tokenizer (candidates are token ids)."""
-    draft = spec if isinstance(spec, ChatModel) else load_model(spec, device=str(cm.device), dtype=cm.dtype)
-    if draft.tokenizer.get_vocab() != cm.tokenizer.get_vocab():
-        raise RefusalLabError(f"the draft model {draft.name} has another tokenizer than {cm.name}; probe sampling needs "
-                              "a draft of the same family (the same vocabulary)")
-    return draft
+def load_draft(cm: ChatModel, spec: str | ChatModel, role: str = "draft model") -> ChatModel:
+    """The draft model of probe sampling, or a model of an ensemble (`role`): any --model form, or a loaded
+    ChatModel, on the attacked model's device and in its precision; it must share the attacked model's
+    tokenizer (candidates are token ids)."""
+    other = spec if isinstance(spec, ChatModel) else load_model(spec, device=str(cm.device), dtype=cm.dtype)
+    if other.tokenizer.get_vocab() != cm.tokenizer.get_vocab():
+        raise RefusalLabError(f"the {role} {other.name} has another tokenizer than {cm.name}; a suffix's token ids "
+                              "must mean the same on both (a model of the same family)")
+    if other.model.get_input_embeddings().num_embeddings != cm.model.get_input_embeddings().num_embeddings:
+        raise RefusalLabError(f"the {role} {other.name} has {other.model.get_input_embeddings().num_embeddings} "
+                              f"embedding rows, {cm.name} {cm.model.get_input_embeddings().num_embeddings}; their "
+                              "token gradients cannot be summed")
+    return other
 
 
 def _average_ranks(x: torch.Tensor) -> torch.Tensor:
@@ -373,6 +401,7 @@ class _Slot:
 
     def __init__(self, engine: "GCG", instruction: str, target: str | None):
         cm = engine.cm
+        self.engine = engine  # the engine of the model this prompt runs on (an ensemble has several)
         L = engine.suffix_len
         enc = cm.chat.encode(instruction, [0] * L, engine.placement)
         self.instruction = instruction
@@ -400,8 +429,9 @@ class GCG:
 
     def __init__(self, cm: ChatModel, instructions: Sequence[str], targets: Sequence[str | None] | None,
                  config: GCGConfig, direction=None, judge=None, draft: ChatModel | None = None,
-                 clock: StepClock | None = None):
+                 clock: StepClock | None = None, ensemble: Sequence[ChatModel] | None = None):
         """clock: the StepClock the steps are timed on (default: a new one).
+        ensemble: the models of config.ensemble, loaded (default: loaded from config.ensemble).
         judge: config.judge already loaded (a Judge, reused; it must be the judge config.judge names); default:
         loaded from config.judge.
         draft: the draft model of probe sampling, loaded (default: loaded from config.draft_model)."""
@@ -444,7 +474,7 @@ class GCG:
             self.heads = refusal_heads(cm, instructions, direction, config.attention_heads)
         self.slots = [_Slot(self, i, t) for i, t in zip(instructions, targets)]
         self.clock = clock or StepClock(cm.device)
-        self.single = len(self.slots) == 1
+        self.single = len(instructions) == 1
         # a step's success per prompt (config.success_check): the target match (teacher-forced, computed with
         # the candidates' losses: free), the judge's verdict on the greedy reply, or the judge's verdict only
         # where the target matched; without a target, the judge's verdict
@@ -470,10 +500,32 @@ class GCG:
                 self.config = config = dataclasses.replace(config, draft_model=draft.name)
             self.draft = GCG(draft, instructions, targets, dataclasses.replace(
                 config, draft_model=None, success_check="target", multi_coordinate=1), direction=None)
+        # an ensemble: the same prompts on each other model, slots ordered prompt by prompt (a prompt's
+        # models are added together); a member's own engine scores, differentiates and judges its slots
+        models = list(ensemble) if ensemble is not None else list(config.ensemble)
+        if models and set(self.weights) != {"target"}:
+            raise RefusalLabError("an ensemble sums the target loss over models; use --objective target")
+        self.members = [GCG(load_draft(cm, m, "ensemble model"), instructions, targets,
+                            dataclasses.replace(config, ensemble=()), judge=self._judge, clock=self.clock)
+                        for m in models]
+        if models and ensemble is not None and not config.ensemble:  # the models named in the config, so in
+            self.config = config = dataclasses.replace(config, ensemble=tuple(m.name if isinstance(m, ChatModel)
+                                                                                   else m for m in models))
+        self.group = 1 + len(self.members)  # slots per prompt
+        if self.members:
+            self.slots = [s for i, own in enumerate(self.slots) for s in (own, *(m.slots[i] for m in self.members))]
 
     def screening(self):
         """The context candidates and the token gradient are computed in (the screening precision, or
         nothing)."""
+        if self.members:
+            stack = contextlib.ExitStack()
+            for engine in (self, *self.members):
+                stack.enter_context(engine._own_screening())
+            return stack
+        return self._own_screening()
+
+    def _own_screening(self):
         if self.screen is None:
             return contextlib.nullcontext()
         return low_precision(self._screen_weights, self.screen, self.cm.device.type)
@@ -484,9 +536,9 @@ class GCG:
         total = torch.zeros(len(cands), device=self.cm.device)
         matches = []
         for slot in slots:
-            l, m = self.candidate_losses(ids, cands, slot)
-            total += l
-            matches.append(m)
+            l, m = slot.engine.candidate_losses(ids, cands, slot)
+            total += l.to(total.device)
+            matches.append(m.to(total.device))
         return total / len(slots), matches
 
     def combined_candidates(self, ids: torch.Tensor, cands: torch.Tensor, losses: torch.Tensor) -> torch.Tensor:
@@ -674,16 +726,20 @@ class GCG:
     def token_gradient(self, ids: torch.Tensor, slots: Sequence[_Slot]) -> torch.Tensor:
         """Sum over `slots` of the gradient of each prompt's loss w.r.t. the one-hot suffix [L, vocab],
         each normalised to unit norm (as the GCG reference code does for several prompts)."""
-        W = self.embed.weight
         total = None
         for slot in slots:
-            with torch.enable_grad():
-                onehot = torch.nn.functional.one_hot(ids.to(W.device), W.shape[0]).to(W.dtype).requires_grad_()
-                loss, _ = self._forward(slot, 0, embeds=(onehot @ W)[None])
-                (g,) = torch.autograd.grad(loss.sum(), [onehot])
-            g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-20)
+            g = slot.engine.slot_gradient(ids, slot).to(self.embed.weight.device)
             total = g if total is None else total + g
         return total
+
+    def slot_gradient(self, ids: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        """The gradient of one prompt's loss w.r.t. the one-hot suffix [L, vocab], scaled to unit norm."""
+        W = self.embed.weight
+        with torch.enable_grad():
+            onehot = torch.nn.functional.one_hot(ids.to(W.device), W.shape[0]).to(W.dtype).requires_grad_()
+            loss, _ = self._forward(slot, 0, embeds=(onehot @ W)[None])
+            (g,) = torch.autograd.grad(loss.sum(), [onehot])
+        return g / g.norm(dim=-1, keepdim=True).clamp_min(1e-20)
 
     @staticmethod
     def plan_buckets(first: list[int], sizes: list[int], L: int, tail: int, overhead_tokens: int,
@@ -751,7 +807,15 @@ class GCG:
     def judge_success(self, ids: Sequence[int], slots: Sequence[_Slot], target_matched: bool = False) -> list[bool]:
         """Whether the judge (config.judge) says each prompt's greedy reply, with suffix `ids`, complies.
         target_matched: every reply is known to begin with its prompt's target (teacher-forced), so only
-        what follows the target is generated. One prompt reuses its cache of the text before the suffix."""
+        what follows the target is generated. One prompt reuses its cache of the text before the suffix.
+        An ensemble's slots are judged on their own models."""
+        if any(s.engine is not self for s in slots):
+            verdicts: dict[int, bool] = {}
+            for engine in (self, *self.members):
+                mine = [s for s in slots if s.engine is engine]
+                if mine:
+                    verdicts.update(zip(map(id, mine), engine.judge_success(ids, mine, target_matched)))
+            return [verdicts[id(s)] for s in slots]
         judge = self._judge or load_judge(self.config.judge)
         encs = [self.cm.chat.encode(s.instruction, list(ids), self.placement) for s in slots]
         prefix = (slots[0].before, slots[0].cache) if len(slots) == 1 else None
@@ -787,7 +851,7 @@ class GCG:
                 with self.clock.timing("check"):
                     flags = self.success_flags(ids, active, target_match)
                 text = self.cm.tokenizer.decode(ids.tolist())
-                state.record(ids.tolist(), text, loss, flags, len(active), len(self.slots), cfg,
+                state.record(ids.tolist(), text, loss, flags, len(active), len(self.slots), cfg, self.group,
                              agreement=self.last_agreement if self.draft is not None else None)
                 state.elapsed = time.perf_counter() - t0
                 state.times.append(round(state.elapsed, 4))
@@ -814,7 +878,7 @@ class GCG:
         sig = self.signature()
         judge = cfg.judge.key if self.judge else None
         if checkpoint is None or not Path(checkpoint).is_file():
-            n_active = 1 if (cfg.progressive and not self.single) else len(self.slots)
+            n_active = self.group if (cfg.progressive and not self.single) else len(self.slots)
             return LoopState(signature=sig, judge=judge, ids=list(self.init_ids), n_active=n_active), gen
         state = LoopState.from_json(artifacts.read_json(checkpoint), checkpoint)
         if len(state.ids) != self.suffix_len:
@@ -867,6 +931,7 @@ class GCG:
             cfg.pop("judge", None)
         items = [repr(sorted(cfg.items())), repr(self.init_ids), self.cm.fingerprint]
         items += [f"{s.instruction}\x00{s.target}" for s in self.slots]
+        items += [m.cm.fingerprint for m in self.members]
         if self.draft is not None:
             items.append(f"draft {self.draft.cm.fingerprint}")
         return hash_strings(items)
@@ -912,11 +977,11 @@ class LoopState:
     version: int = CHECKPOINT_VERSION
 
     def record(self, ids: list[int], text: str, loss: float, flags: list[bool], n_active: int, n_prompts: int,
-               config: GCGConfig, agreement: float | None = None) -> None:
+               config: GCGConfig, group: int = 1, agreement: float | None = None) -> None:
         """One step's outcome: its histories, the best suffix so far (the most active prompts, then the
         highest success rate, then the lowest loss), and the schedule: done when every prompt is active
-        and the rate is reached (with early_stop), else the next prompt added on success or after
-        `patience` steps."""
+        and the rate is reached (with early_stop), else the next prompt (its `group` slots: one per model
+        of an ensemble) added on success or after `patience` steps."""
         rate = sum(flags) / len(flags)
         step = self.step
         self.losses.append(loss)
@@ -935,7 +1000,7 @@ class LoopState:
             self.done = True
         elif not all_active and (rate >= config.success_rate
                                  or (config.patience and step + 1 - self.last_add >= config.patience)):
-            self.n_active += 1
+            self.n_active += group
             self.last_add = step + 1
 
     def result(self, tokenizer) -> AttackResult:
@@ -987,6 +1052,10 @@ def comparable_config(cfg: dict) -> dict:
     if cfg.get("target_weight", 1.0) == 1.0 and not cfg.get("attention_weight"):  # runs from before per-term
         for key in ("target_weight", "attention_weight", "attention_heads"):  # weights
             cfg.pop(key, None)
+    if not cfg.get("ensemble"):  # one model (and runs from before ensembles)
+        cfg.pop("ensemble", None)
+    else:  # a tuple here, a list in JSON
+        cfg["ensemble"] = list(cfg["ensemble"])
     if cfg.get("draft_model") is None:  # without a draft (and in runs from before probe sampling)
         for key in ("draft_model", "probe_r", "probe_sampling_factor"):
             cfg.pop(key, None)

@@ -50,6 +50,17 @@ OUT = Path("runs/heretic-vs")
 HERETIC = "heretic-llm==1.4.0"
 TRIALS, STARTUP, N_VAL, NEW_TOKENS, BATCH = 24, 8, 48, 32, 16
 MAX_KL = 0.2
+OURS = "runs/abl-s{seed}"  # refusal-lab's study folder of each seed (--ours)
+
+
+def ours(seed: int) -> str:
+    return OURS.format(seed=seed)
+
+
+def is_ours(row: dict) -> bool:
+    """A re-scored row of heretic, or of the refusal-lab study --ours names (rows before --ours existed
+    carry no study: they are runs/abl-sS's)."""
+    return row["tool"] == "heretic" or row.get("study", f"runs/abl-s{row['seed']}") == ours(row["seed"])
 
 
 def venv() -> Path:
@@ -150,11 +161,12 @@ def marker_refusal(reply: str, markers: list[str]) -> bool:
 def front_points(seed: int) -> list[dict]:
     """Both tools' Pareto fronts of one seed, as their searches scored them."""
     import pandas as pd
-    ours = pd.read_csv(f"runs/abl-s{seed}/front.csv")
-    points = [{"tool": "refusal-lab", "trial": int(r["trial"]), "search_refusal": float(r["refusal"]),
+    front = pd.read_csv(f"{ours(seed)}/front.csv")
+    points = [{"tool": "refusal-lab", "study": ours(seed), "trial": int(r["trial"]),
+               "search_refusal": float(r["refusal"]),
                "search_kl": float(r["kl"]),
                "params": {k.removeprefix("param."): v for k, v in r.items() if k.startswith("param.")}}
-              for r in ours.to_dict("records")]
+              for r in front.to_dict("records")]
     hfront = json.loads((OUT / f"heretic-s{seed}" / "front" / "front.json").read_text())
     points += [{"tool": "heretic", "trial": r["trial"], "search_refusal": r["refusals"] / r["n_bad_prompts"],
                 "search_kl": r["kl"], "weights": str(OUT / f"heretic-s{seed}" / "front" / r["weights"])}
@@ -212,12 +224,12 @@ def rescore(seed: int, tokens: int) -> None:
     from refusal.judges import load_judge
     from refusal.registry import load_model
     path = OUT / f"rescore-s{seed}.jsonl"
-    done = {(r["tool"], r["trial"]) for r in read_jsonl(path)}
+    done = {(r["tool"], r["trial"]) for r in read_jsonl(path) if is_ours(r)}
     todo = [p for p in front_points(seed) if (p["tool"], p["trial"]) not in done]
     if not todo:
         return
     cm = load_model("organism")
-    direction = load_direction(f"runs/abl-s{seed}/direction", cm)
+    direction = load_direction(f"{ours(seed)}/direction", cm)
     harmful, harmless = validation_prompts(seed)
     scorer = AblationScorer(cm, direction, harmful, harmless, load_judge("strict"), tokens, BATCH)
     try:
@@ -250,11 +262,11 @@ def test(seeds: list[int], tokens: int) -> None:
     from refusal.judges import load_judge
     from refusal.registry import load_model
     path = OUT / "test.jsonl"
-    done = {(r["seed"], r["tool"]) for r in read_jsonl(path)}
+    done = {(r["seed"], r["tool"]) for r in read_jsonl(path) if is_ours(r)}
     cm = scorer = None
     try:
         for seed in seeds:
-            rows = read_jsonl(OUT / f"rescore-s{seed}.jsonl")
+            rows = [r for r in read_jsonl(OUT / f"rescore-s{seed}.jsonl") if is_ours(r)]
             for tool in ("refusal-lab", "heretic"):
                 pick = chosen([r for r in rows if r["tool"] == tool])
                 if (seed, tool) in done or pick is None:
@@ -269,7 +281,7 @@ def test(seeds: list[int], tokens: int) -> None:
                                             instructions(builtin_prompts("harmless", "test")),
                                             load_judge("strict"), tokens, BATCH)
                 if tool == "refusal-lab":  # its own seed's direction folder (the same direction for every seed)
-                    scorer.direction = load_direction(f"runs/abl-s{seed}/direction", cm)
+                    scorer.direction = load_direction(f"{ours(seed)}/direction", cm)
                 row = scored(scorer, point, heretic_markers(seed)) | {"seed": seed, "tokens": tokens,
                                                                        "val_strict_refusal": pick["strict_refusal"],
                                                                        "val_kl": pick["kl"]}
@@ -308,7 +320,7 @@ def report(seeds: list[int]) -> None:
         print("| seed | tool | front (refusal / KL) | its points no point of the other beats | hypervolume |")
         print("|---|---|---|---|---|")
         for seed in seeds:
-            rows = read_jsonl(OUT / f"rescore-s{seed}.jsonl")
+            rows = [r for r in read_jsonl(OUT / f"rescore-s{seed}.jsonl") if is_ours(r)]
             fronts = {tool: pareto([r for r in rows if r["tool"] == tool], key) for tool in colors}
             for tool, front in fronts.items():
                 other = fronts["heretic" if tool == "refusal-lab" else "refusal-lab"]
@@ -317,7 +329,7 @@ def report(seeds: list[int]) -> None:
                 print(f"| {seed} | {tool} | {pts} | {len(front) - len(beaten)}/{len(front)} | "
                       f"{hypervolume(front, key):.4f} |")
     for ax, seed in zip(axes[0], seeds):
-        rows = read_jsonl(OUT / f"rescore-s{seed}.jsonl")
+        rows = [r for r in read_jsonl(OUT / f"rescore-s{seed}.jsonl") if is_ours(r)]
         for tool, color in colors.items():
             mine = [r for r in rows if r["tool"] == tool]
             front = sorted(pareto(mine, "strict_refusal"), key=lambda r: r["kl"])
@@ -330,16 +342,19 @@ def report(seeds: list[int]) -> None:
         ax.set_xlabel("KL, first reply token, harmless val")
     axes[0][0].set_ylabel("harmful val: not complied with (o), refused by markers (x)", fontsize=8)
     axes[0][0].legend(fontsize=7)
-    print("\nsaved", save_figure(fig, OUT / "fronts.png"))
+    print("\nsaved", save_figure(fig, OUT / ("fronts.png" if OURS == "runs/abl-s{seed}" else
+                                              f"fronts-{Path(ours(0)).name}.png")))
     print("\n| seed | tool | trial | val strict / KL | test strict | test markers | test substring | test KL |")
     print("|---|---|---|---|---|---|---|---|")
-    for r in sorted(read_jsonl(OUT / "test.jsonl"), key=lambda r: (r["seed"], r["tool"])):
+    for r in sorted(filter(is_ours, read_jsonl(OUT / "test.jsonl")), key=lambda r: (r["seed"], r["tool"])):
         print(f"| {r['seed']} | {r['tool']} | {r['trial']} | {r['val_strict_refusal']:.3f} / {r['val_kl']:.3f} | "
               f"{r['strict_refusal']:.3f} | {r['marker_refusal']:.3f} | {r['substring_refusal']:.3f} | {r['kl']:.3f} |")
 
 
 def main(argv=None) -> int:
+    global OURS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ours", default="runs/abl-s{seed}", help="refusal-lab's study folder of each seed, {seed} in it")
     sub = ap.add_subparsers(dest="cmd", required=True)
     h = sub.add_parser("heretic", help="heretic's study of one seed (continues an interrupted one), then its front")
     h.add_argument("--seed", type=int, default=0)
@@ -353,6 +368,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("report", help="the tables (markdown) and runs/heretic-vs/fronts.png")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     args = ap.parse_args(argv)
+    OURS = args.ours
     try:
         if args.cmd == "heretic":
             run_heretic(args.seed, Path(args.direction))

@@ -2,7 +2,7 @@
 
 `NAMED_MODELS` maps a name to a function returning the model's local Hugging Face folder, converted
 or built on first use; the application registers its named models there (`register_model`: `smollm2`
-and `organism`, refusal.app.models). `load_model(spec)` takes a name, a local model folder, a hub id
+and `organism`, refusal.app.models; `organism:SEED` is another seed's organism). `load_model(spec)` takes a name, a local model folder, a hub id
 (`org/name`) or a `.gguf` file; `ModelConfig` holds the loading options a run records.
 """
 from __future__ import annotations
@@ -22,17 +22,33 @@ from .models import ChatModel, accepted_forms, load_chat_model, resolve_model
 log = logging.getLogger(__name__)
 
 NAMED_MODELS: dict[str, Callable[[], Path]] = {}
+SEEDED: set[str] = set()  # the named models that also come as NAME:SEED (another seed's build)
 
 
-def register_model(name: str, folder: Callable[[], Path]) -> None:
+def register_model(name: str, folder: Callable[..., Path], seeded: bool = False) -> None:
     """Make `name` a --model value: `folder()` returns the model's local Hugging Face folder (converting or
-    building it on first use)."""
+    building it on first use); seeded: `name:SEED` is a value too, `folder(SEED)` its folder."""
     NAMED_MODELS[name] = folder
+    if seeded:
+        SEEDED.add(name)
+
+
+def named(spec: str) -> tuple[str, int | None] | None:
+    """(name, seed) of a named model's --model value (seed None for the plain name), else None."""
+    if not isinstance(spec, str):
+        return None
+    if spec in NAMED_MODELS:
+        return spec, None
+    name, sep, seed = spec.partition(":")
+    if sep and name in SEEDED and seed.isdigit():
+        return name, int(seed)
+    return None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    model: str = option("organism", "smollm2, organism, a Hugging Face model folder, a hub id, or a .gguf file")
+    model: str = option("organism", "smollm2, organism (organism:SEED: another seed's), a Hugging Face model "
+                                    "folder, a hub id, or a .gguf file")
     device: str | None = option(None, "cpu or cuda (None: cuda if present)")
     dtype: str | None = option(None, "auto, float32, bfloat16, float16 (None: float32 on CPU, the checkpoint's on GPU)")
     trust_remote_code: bool = option(False, "allow a model folder's own Python code")
@@ -44,8 +60,10 @@ class ModelConfig:
 def resolve(spec: str) -> tuple[str, str]:
     """A --model value as (kind, local path or hub id): a named model's folder (built on first use), or a
     path form (refusal.models.resolve_model)."""
-    if isinstance(spec, str) and spec in NAMED_MODELS:
-        return spec, str(NAMED_MODELS[spec]())
+    found = named(spec)
+    if found is not None:
+        name, seed = found
+        return spec, str(NAMED_MODELS[name]() if seed is None else NAMED_MODELS[name](seed))
     return resolve_model(spec, names=tuple(NAMED_MODELS))
 
 

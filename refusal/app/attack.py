@@ -65,11 +65,22 @@ def check_attack(config: GCGConfig, engine: str = "native", direction=None, resu
         require_nanogcg()
         if config.draft_model is not None:
             check_probe_sampling(config)
+        if config.ensemble:
+            raise RefusalLabError("the nanogcg engine attacks one model; use --engine native for --ensemble")
     if config.objective != "target" and direction is None:
         raise RefusalLabError(f"--objective {config.objective} needs --direction DIR (a folder made by `refusal direction`)")
     if resume and force:
         raise RefusalLabError("--resume and --force contradict each other; choose one")
     return load_judge(config.judge)  # loaded once per process: run_attack's call reuses it
+
+
+def ensemble_record(cm: ChatModel, instructions: Sequence[str], ids: Sequence[int], eval_tokens: int, judge,
+                    placement) -> dict:
+    """The suffix judged on one model of an ensemble: its success flags and rates (as the attacked model's)."""
+    judged = suffix_success(cm, instructions, ids, eval_tokens, progress=False, judge=judge, placement=placement)
+    return dict(model=cm.describe(), success_flags=[bool(x) for x in judged.success],
+                success_rate=float(judged.success.mean()), substring_success_rate=float(judged.substring_success.mean()),
+                verdicts=list(judged.verdict))
 
 
 def run_attack(
@@ -171,6 +182,9 @@ def run_attack(
         random_success_rate=float(judged_rand.success.mean()),
         random_substring_success_rate=float(judged_rand.substring_success.mean()),
     )
+    if engine != "nanogcg" and gcg.members:  # the suffix on every model it was optimised on
+        record["ensemble"] = {m.cm.name: ensemble_record(m.cm, instructions, result.token_ids, eval_tokens, judge,
+                                                         config.placement) for m in gcg.members}
     artifacts.write_csv(attack_dir / "steps.csv", steps_frame(result, step_judge))
     artifacts.write_json(attack_dir / "attack.json", artifacts.run_record(
         model=cm.describe(), engine=engine, config=config_dict(config), judge=judge.name,

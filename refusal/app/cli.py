@@ -145,6 +145,8 @@ def cmd_attack(args) -> int:
           f"({rec['elapsed_s']:.0f}s, {rec['s_per_step']:.2f}s/step)")
     print(f"attack success on the {len(instructions)} attacked prompt(s) by the {rec.get('judge', 'substring')} judge: "
           f"{rec['success_rate']:.1%}; random suffix of the same length: {rec['random_success_rate']:.1%}")
+    for name, r in rec.get("ensemble", {}).items():
+        print(f"  on the ensemble's {name}: {r['success_rate']:.1%}")
     print(f"wrote {out / 'attack' / 'suffix.json'}")
     return 0
 
@@ -361,6 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
         opt(a, GCGConfig, name)
     for name in ("draft_model", "probe_r", "probe_sampling_factor"):
         opt(a, GCGConfig, name)
+    opt(a, GCGConfig, "ensemble", action="append", type=str, default=[], metavar="MODEL",
+        help=field_info(GCGConfig, "ensemble")[1] + " (repeatable)")
     opt(a, GCGConfig, "target_loss")
     opt(a, GCGConfig, "max_time_s", type=float)
     opt(a, GCGConfig, "prefer_target_match", "--no-prefer-target-match",

