@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
+from analysis.report import write_report
 from attacks.gcg import GCG, GCGConfig
 from attacks.targets import default_target
 from refusal import artifacts
@@ -187,7 +189,20 @@ def report(args) -> None:
     sns.heatmap(grid, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=1, ax=ax,
                 xticklabels=[m + (" (held out)" if m in HELD_OUT else "") for m in models], yticklabels=names)
     ax.set_title("universal suffix success on held-out test prompts (strict judge)", fontsize=9)
-    print("saved", save_figure(fig, out / "transfer.png"))
+    fig_path = save_figure(fig, out / "transfer.png")
+    meta = artifacts.read_json(out / "meta.json")
+    m = meta["machine"]
+    table = pd.DataFrame([dict(suffix=n, steps=cell[(n, models[0])].get("steps_run"),
+                               tokens=cell[(n, models[0])].get("tokens_spent"),
+                               **{f"{mo} {j}": cell[(n, mo)][j] for mo in models for j in ("strict", "substring")
+                                  if (n, mo) in cell}) for n in names if (n, models[0]) in cell])
+    facts = {"machine": f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m['threads']} threads, {m['device']}",
+             "attack": f"universal over {len(meta['train'])} harmful training prompts, target objective, width "
+                       f"{meta['width']}, {meta['steps']} steps, {meta['suffix_len']}-token suffix",
+             "held out": ", ".join(HELD_OUT), "command": "python experiments/do_ensemble_suffixes_transfer.py report"}
+    write_report(out, "Suffixes optimised over several organisms: transfer", [], {"transfer": fig_path},
+                 {"success on held-out test prompts": table}, facts)
+    print("saved", fig_path, out / "report.md")
 
 
 def main(argv=None) -> int:

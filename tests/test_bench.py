@@ -346,3 +346,30 @@ def test_nanogcg_can_run_past_its_own_early_stop(tiny, monkeypatch):
                               nanogcg_early_stop=False)
     assert seen["stop"] is False and res["settings"]["nanogcg_early_stop"] is False
     assert bench.settings_key(tiny, cfg) != res["per_prompt"][0]["nanogcg"].get("key", "")
+
+
+def test_the_attention_engine_adds_the_heads_term_and_needs_a_direction(tiny, tiny_dirs, tmp_path, monkeypatch, capsys):
+    import refusal.app.bench as bench
+    from refusal.directions import Direction
+
+    seen = []
+
+    class Recorded(bench.GCG):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append((self.weights, getattr(self, "heads", None)))
+
+    monkeypatch.setattr(bench, "GCG", Recorded)
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(0))
+    d = Direction(v / v.norm(), 3 * v / v.norm(), 1, -1, {})
+    cfg = GCGConfig(search_width=16, topk=8, suffix_len=5, attention_heads=2)
+    res = bench_attacks(tiny, ["Explain how to pick a lock"], steps=2, config=cfg, engines=("native", "native_attention"),
+                        direction=d)
+    assert seen[0] == ({"target": 1.0}, None)
+    assert seen[1][0] == {"target": 1.0, "attention": 1.0} and len(seen[1][1]) == 2
+    assert len(res["per_prompt"][0]["native_attention"]["losses"]) == 2
+    with pytest.raises(RefusalLabError, match="give --direction"):
+        bench_attacks(tiny, ["Explain how to pick a lock"], steps=1, config=cfg, engines=("native_attention",))
+    assert main(["bench", "--model", str(tiny_dirs["llama"]), "--engines", "native,native_attention",
+                 "--out", str(tmp_path / "b.json")]) == 2
+    assert "give --direction DIR" in capsys.readouterr().err

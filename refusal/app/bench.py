@@ -25,6 +25,7 @@ from refusal.activations import cache_activations
 from refusal.artifacts import hash_strings
 from refusal.config import as_dict, check_fields, option
 from refusal.data import builtin_prompts, instructions, load_prompts
+from refusal.directions import load_direction
 from refusal.decode import greedy_replies
 from refusal.engine import forward_batches, run_prefix
 from refusal.errors import RefusalLabError
@@ -164,17 +165,18 @@ def _engine_row(res: AttackResult, setup_s: float, first: int | None, config: GC
 
 
 def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None, draft=None,
-               clock: StepClock | None = None, counter: TokenCounter | None = None) -> dict:
+               clock: StepClock | None = None, counter: TokenCounter | None = None, direction=None) -> dict:
     """The native engine on one prompt, stopping at the first success by the target+judge check (with the
-    draft model `draft`, loaded, when config.draft_model names one); timed on `clock`, its tokens on
-    `counter` (a TokenCounter on the model, whose marks the clock makes at each step's end)."""
+    draft model `draft`, loaded, when config.draft_model names one; `direction` for the objectives that
+    read one); timed on `clock`, its tokens on `counter` (a TokenCounter on the model, whose marks the
+    clock makes at each step's end)."""
     config = replace(config, success_check="target+judge")
     clock = clock or StepClock(cm.device)
     with PeakMemory(cm.device) as mem:
         _sync(cm)
         t0 = time.perf_counter()
-        g = GCG(cm, [instruction], [target], config, judge=judge, draft=draft if config.draft_model else None,
-                clock=clock)
+        g = GCG(cm, [instruction], [target], config, direction=direction, judge=judge,
+                draft=draft if config.draft_model else None, clock=clock)
         setup = time.perf_counter() - t0
         if config.max_time_s is not None:  # the set-up counts against the time limit, as nanoGCG's does
             g.config = replace(g.config, max_time_s=max(1e-6, config.max_time_s - setup))
@@ -190,7 +192,7 @@ def run_native(cm: ChatModel, instruction: str, target: str, config: GCGConfig, 
 
 
 def run_reference(cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None, draft=None,
-                  clock: StepClock | None = None, counter: TokenCounter | None = None) -> dict:
+                  clock: StepClock | None = None, counter: TokenCounter | None = None, direction=None) -> dict:
     """nanoGCG on one prompt at its best (prefix cache, its own early stop on the target match; with the
     native engine's draft model, its own probe sampling with that draft); its steps' suffixes are checked
     afterwards by the native engine's target+judge rule, and each judged reply's time and tokens are added
@@ -223,7 +225,11 @@ ENGINES = {
     "native_model_precision": lambda config: (run_native, replace(config, screen_dtype="model")),
     # the native engine with Faster-GCG's margin loss (not a default: see docs/results.md)
     "native_cw": lambda config: (run_native, replace(config, target_loss="cw")),
+    # the native engine with the attention term beside the target's (AttnGCG's recipe): needs a direction
+    "native_attention": lambda config: (run_native, replace(config, objective="mixed", target_weight=1.0,
+                                                            direction_weight=0.0, attention_weight=1.0)),
 }
+NEEDS_DIRECTION = ("native_attention",)
 
 
 def engine_names(text: str) -> list[str]:
@@ -237,9 +243,10 @@ def engine_names(text: str) -> list[str]:
 
 
 def run_engine(name: str, cm: ChatModel, instruction: str, target: str, config: GCGConfig, judge=None,
-               draft: ChatModel | None = None) -> dict:
+               draft: ChatModel | None = None, direction=None) -> dict:
     """One engine on one prompt, from the seed, with its wall time split into parts (StepClock) and the
-    tokens the attacked model (and the draft, apart) runs forward and backward counted per part."""
+    tokens the attacked model (and the draft, apart) runs forward and backward counted per part;
+    `direction` (loaded) for the engines that read one."""
     fn, cfg = ENGINES[name](config)
     torch.manual_seed(config.seed)
     clock = StepClock(cm.device)
@@ -247,7 +254,8 @@ def run_engine(name: str, cm: ChatModel, instruction: str, target: str, config: 
         counter = stack.enter_context(TokenCounter(cm.base, lambda: clock.part))
         dcounter = stack.enter_context(TokenCounter(draft.base, lambda: clock.part)) if draft is not None else None
         clock.on_take = counter.mark
-        row = fn(cm, instruction, target, cfg, judge=judge, draft=draft, clock=clock, counter=counter)
+        row = fn(cm, instruction, target, cfg, judge=judge, draft=draft, clock=clock, counter=counter,
+                 direction=direction)
     row["tokens"] = dict(forward=counter.forward, backward=counter.backward, forward_total=counter.forward_tokens,
                          backward_total=counter.backward_tokens)
     if dcounter is not None:
@@ -338,7 +346,7 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
                   config: GCGConfig | None = None, progress: Callable[[str], None] | None = None,
                   engines: Sequence[str] = ("nanogcg", "native", "native_model_precision"),
                   rows_file: str | Path | None = None, resume: bool = False, target_words: int = 12,
-                  nanogcg_early_stop: bool = True, rerun: Sequence[str] = ()) -> dict:
+                  nanogcg_early_stop: bool = True, rerun: Sequence[str] = (), direction=None) -> dict:
     """Per prompt, each engine in turn with identical settings, seed and budgets (interleaved, so that each
     prompt's rows share a machine and its load), each stopping at its own first success. With `rows_file`
     every finished (prompt, engine) row is appended there at once, and `resume` runs only the rows that
@@ -347,8 +355,11 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
     runs its budget instead of stopping at its own target match, and its first step that succeeds by the
     bench's rule counts. Returns, under `engines`, each engine's summarize() figures (and per machine under
     `by_machine`), the speed-ups over nanoGCG (s/step, median time to success, time and tokens to its
-    success rate), and the per-prompt rows."""
+    success rate), and the per-prompt rows. `direction`: the loaded direction of the engines that read one."""
     config = replace(config or BENCH_CONFIG, steps=steps, seed=seed, early_stop=True)
+    if direction is None and set(engines) & set(NEEDS_DIRECTION):
+        raise RefusalLabError(f"the {sorted(set(engines) & set(NEEDS_DIRECTION))[0]} engine reads the refusal heads: "
+                              "give --direction DIR")
     judge = load_judge(config.judge)  # loaded once, before any engine runs
     # probe sampling: one draft model, loaded once, for every engine (nanoGCG's probe sampling too)
     draft = load_draft(cm, config.draft_model) if config.draft_model else None
@@ -381,7 +392,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
             r = have.get((i, name))
             if r is None:
                 cfg = config if name != "nanogcg" else replace(config, early_stop=nanogcg_early_stop)
-                r = run_engine(name, cm, instruction, target, cfg, judge=judge, draft=draft)
+                r = run_engine(name, cm, instruction, target, cfg, judge=judge, draft=draft,
+                               direction=direction if name in NEEDS_DIRECTION else None)
                 r.update(engine=name, prompt_index=i, prompt=instruction, target=target, seed=seed,
                          machine=machine, key=key)
                 if path is not None:
@@ -519,7 +531,9 @@ class BenchConfig:
     engines: str = option("nanogcg,native,native_model_precision",
                           "comma-separated, run in this order per prompt: nanogcg, native (screening in bfloat16 "
                           "where fast, the best candidates rescored), native_model_precision (no screening), "
-                          "native_cw (the margin loss)")
+                          "native_cw (the margin loss), native_attention (the top refusal heads' attention "
+                          "term beside the target's, weights 1 and 1; needs --direction)")
+    direction: str | None = option(None, "a direction folder of the model: the refusal heads of native_attention")
     universal: int = option(0, "universal attacks too: training prompts (6-16; 0: none), one suffix for them by the "
                                "native engine and by the GCG paper's algorithm, then scored on the test prompts", ge=0, le=60)
     universal_rate: float = option(1.0, "universal: the share of training prompts that must succeed", gt=0, le=1)
@@ -536,6 +550,9 @@ class BenchConfig:
             extra = set(engine_names(self.rerun)) - set(engine_names(self.engines))
             if extra:
                 raise RefusalLabError(f"--rerun {sorted(extra)[0]}: not one of the bench's --engines ({self.engines})")
+        if self.direction is None and set(engine_names(self.engines)) & set(NEEDS_DIRECTION):
+            raise RefusalLabError(f"the {sorted(set(engine_names(self.engines)) & set(NEEDS_DIRECTION))[0]} engine "
+                                  "reads the refusal heads: give --direction DIR")
         if self.universal == 1:
             raise RefusalLabError("--universal takes 2 to 60 training prompts (or 0: none), got 1")
         replace(self.attack, max_time_s=self.max_time_s).validate()  # the time limit checked where the attack's is
@@ -571,7 +588,8 @@ def run_bench(cm: ChatModel, config: BenchConfig, out: str | Path,
     res = bench_attacks(cm, prompts, steps=config.steps, seed=config.seed, config=attack, progress=progress,
                         engines=engines, rows_file=rows_path(out), resume=resume, target_words=config.target_words,
                         nanogcg_early_stop=config.nanogcg_early_stop,
-                        rerun=engine_names(config.rerun) if config.rerun else ())
+                        rerun=engine_names(config.rerun) if config.rerun else (),
+                        direction=load_direction(config.direction, cm) if config.direction else None)
     if config.universal:
         res["universal"] = bench_universal(cm, instructions(builtin_prompts("harmful", "train"))[: config.universal],
                                            prompts, config.universal_steps, config.universal_rate, config.seed,

@@ -402,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(b, default="organism")
     opt(b, BenchConfig, "nanogcg_early_stop", "--nanogcg-early-stop")
     for name in ("steps", "max_time_s", "target_words", "prompts", "prompts_from", "seed", "engines", "rerun", "universal",
-                 "universal_rate", "universal_steps"):
+                 "universal_rate", "universal_steps", "direction"):
         opt(b, BenchConfig, name, **({"type": int} if name in ("universal", "target_words") else {}))
     for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "judge_tokens",
                  "draft_model", "probe_r", "probe_sampling_factor"):
