@@ -41,7 +41,7 @@ run: setup
 	$(VENV)/bin/refusal run --model organism --resume --out runs/main
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) *.egg-info

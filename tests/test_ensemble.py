@@ -95,13 +95,18 @@ def test_a_named_model_of_another_seed(tmp_path):
         SEEDED.discard("fake")
 
 
-def test_the_attack_records_the_suffix_on_every_model(tiny_models, tmp_path):
-    from refusal.app.attack import run_attack
-    from refusal.judges import load_judge
+def test_the_cli_attack_records_the_suffix_on_every_model_and_resumes_a_finished_one(tiny_dirs, tmp_path, capsys):
+    import json
 
-    a, b = tiny_models["llama"], tiny_models["qwen2"]
-    cfg = GCGConfig(steps=2, ensemble=(b.name,), judge="substring", **CFG)
-    rec = run_attack(a, INSTR, TARGETS, cfg, tmp_path / "run", eval_tokens=3, progress=False,
-                     judge=load_judge("substring"))
-    assert list(rec["ensemble"]) == [b.name]
-    assert len(rec["ensemble"][b.name]["success_flags"]) == 2 and rec["config"]["ensemble"] == (b.name,)
+    from refusal.app.cli import main
+
+    a, b = str(tiny_dirs["llama"]), str(tiny_dirs["qwen2"])
+    args = ["attack", "--model", a, "--ensemble", b, "--prompt", INSTR[0], "--steps", "1", "--search-width", "8",
+            "--topk", "8", "--suffix-len", "4", "--judge", "substring", "--out", str(tmp_path / "run")]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "run" / "attack" / "suffix.json").read_text())
+    assert record["config"]["ensemble"] == [b] and len(record["ensemble"][b]["success_flags"]) == 1
+    assert f"on the ensemble's {b}" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0  # the finished attack is recognised (its ensemble read back from JSON)
+    assert main(args[:3] + args[5:] + ["--resume"]) == 2  # without the ensemble it is another attack
+    assert "other prompts or settings" in capsys.readouterr().err
