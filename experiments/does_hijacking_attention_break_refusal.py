@@ -1,9 +1,13 @@
 """Does pulling the top refusal heads' attention onto the suffix alone lower the projection on the refusal
 direction and break refusal, on the organism?
 
-Found: not yet measured (`report` prints the table once `run` has).
+Found: it lowers the projection, but does not break refusal. On 8 held-out prompts of the organism the
+attention objective draws 56.2% of the top 8 heads' attention to the suffix (random suffix 8.8%) and lowers
+the cosine at layer 23 from 0.261 to 0.127, but breaks 1/8 by the strict judge (a misjudged warning) and 2/8 by
+the substring judge; the direction objective breaks 6/8 (8/8) with 21.0% attention and a cosine of -0.034;
+target 3/8, mixed 2/8 (docs/results.md "Attention alone").
 
-    python experiments/does_hijacking_attention_break_refusal.py run --direction DIR [--prompts 8] [--minutes 35]
+    python experiments/does_hijacking_attention_break_refusal.py run --direction DIR [--prompts 8] [--minutes 60]
     python experiments/does_hijacking_attention_break_refusal.py report
 
 `run` attacks each of the first --prompts held-out harmful test prompts (spread over the split, a fixed
@@ -206,7 +210,7 @@ def main(argv=None) -> int:
     r.add_argument("--prompts", type=int, default=8, help="held-out harmful test prompts")
     r.add_argument("--steps", type=int, default=STEPS, help="steps at most per attack (a smaller one: a smoke run)")
     r.add_argument("--width", type=int, default=WIDTH, help="candidates per step")
-    r.add_argument("--minutes", type=float, default=35.0, help="start no attack after this many minutes")
+    r.add_argument("--minutes", type=float, default=60.0, help="start no attack after this many minutes")
     r.add_argument("--out", default=str(OUT))
     p = sub.add_parser("report", help="the table, the figure, OUT/report.md")
     p.add_argument("--out", default=str(OUT))
