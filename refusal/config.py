@@ -67,8 +67,15 @@ def config_rows(cls) -> list[tuple[str, Any, str, str]]:
 
 
 def as_dict(config) -> dict:
-    """A config as a JSON-able dict (the records written beside each artifact)."""
-    return dataclasses.asdict(config)
+    """A config as a JSON-able dict (the records written beside each artifact): tuples as lists, as JSON
+    reads them back, so that a record compares equal to its file."""
+    def plain(v):
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(config))
 
 
 def check_fields(config, where: str | None = None, prefix: str = "") -> None:

@@ -289,7 +289,7 @@ def test_gcg_config_names_its_judge():
     # their defaults, for attacks from before them)
     old = {k: v for k, v in config_dict(GCGConfig()).items()
            if k not in ("judge", "draft_model", "probe_r", "probe_sampling_factor", "max_time_s", "screen_prompts",
-                        "message", "system", "target_weight", "attention_weight", "attention_heads")}
+                        "message", "system", "target_weight", "attention_weight", "attention_heads", "ensemble")}
     assert comparable_config(config_dict(GCGConfig(judge="substring"))) == old
     assert comparable_config(config_dict(GCGConfig())) != old
     assert comparable_config(config_dict(GCGConfig(screen_prompts=2)))["screen_prompts"] == 2  # on: compared

@@ -36,7 +36,7 @@ from refusal.app.analyze import AnalysisConfig, analyze_jailbreaks, analyze_suff
 from refusal.app.attack import check_attack, run_attack
 from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
 from refusal.app.evaluation import EvalConfig, check_eval, run_eval
-from refusal.app.options import (SWEEP_OPTIONS, Parser, config_from, judge_arg, judge_config_from, model_args,
+from refusal.app.options import (SWEEP_OPTIONS, AppendTuple, Parser, config_from, judge_arg, judge_config_from, model_args,
                                  model_config, opt, positive, sweep_kw)
 from refusal.app.pipeline import JobConfig, check_job, main_job
 from refusal.app.reproduce import ReproduceConfig, reproduce_paper, to_markdown
@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         opt(a, GCGConfig, name)
     for name in ("draft_model", "probe_r", "probe_sampling_factor"):
         opt(a, GCGConfig, name)
-    opt(a, GCGConfig, "ensemble", action="append", type=str, default=[], metavar="MODEL",
+    opt(a, GCGConfig, "ensemble", action=AppendTuple, type=str, metavar="MODEL",
         help=field_info(GCGConfig, "ensemble")[1] + " (repeatable)")
     opt(a, GCGConfig, "target_loss")
     opt(a, GCGConfig, "max_time_s", type=float)

@@ -30,6 +30,13 @@ def positive(name: str):
     return parse
 
 
+class AppendTuple(argparse.Action):
+    """A repeatable option for a tuple field: each use adds its value to the field's default tuple."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(getattr(namespace, self.dest) or ()) + (values,))
+
+
 def opt(p: argparse.ArgumentParser, cls, name: str, *flags: str, **kw) -> None:
     """An option for config field `cls.name`: its default, help and choices come from the field
     (refusal.config); its bounds are checked where the config is (check_fields). A bool field is a switch
