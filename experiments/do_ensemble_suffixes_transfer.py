@@ -23,6 +23,7 @@ Everything lands under runs/ensemble-transfer/ (uncommitted).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -87,15 +88,13 @@ def attack(name: str, train: list[str], steps: int, out: Path, stop_at_tokens: i
         if stop_at_tokens is not None and info["step"] + 1 >= min_steps and tokens >= stop_at_tokens:
             raise StopIteration
 
-    for c in counters:
-        c.__enter__()
-    try:
-        g.run(checkpoint=folder / "checkpoint.json", resume=True, on_step=on_step, progress=False)
-    except StopIteration:
-        pass
-    finally:
+    with contextlib.ExitStack() as stack:
         for c in counters:
-            c.__exit__(None, None, None)
+            stack.enter_context(c)
+        try:
+            g.run(checkpoint=folder / "checkpoint.json", resume=True, on_step=on_step, progress=False)
+        except StopIteration:
+            pass
     (folder / "done").touch()
 
 

@@ -45,7 +45,8 @@ from refusal.app.sweep import RayRunner, SweepConfig, Task, failure_message
 log = logging.getLogger(__name__)
 
 STUDY = "abliterate"
-SETTINGS_VERSION = 2  # 2: the direction may be each layer's own (per_layer)
+SETTINGS_VERSION = 3  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
+# the direction's layer, 128 candidates per TPE draw
 
 
 @dataclass(frozen=True)
@@ -87,22 +88,24 @@ class AbliterateConfig:
 # ----------------------------------------------------------------------------- the search space
 
 def search_space(n_layers: int) -> dict:
-    """Optuna's distributions for a model of `n_layers` layers: per kernel (attention, MLP) the peak weight,
-    the peak layer, the floor as a share of the peak and the width; the embeddings' weight; where the
-    direction is taken (the selected one, a fractional layer, or each layer's own); the projection; norm
-    preservation."""
+    """Optuna's distributions for a model of `n_layers` layers: per kernel (attention, MLP) the peak weight
+    (0.8-1.5), the peak layer (60-100% of the depth), the floor as a share of the peak and the width (1 layer
+    to all); the embeddings' weight; where the direction is taken (the selected one, a fractional layer at
+    40-90% of the depth, or each layer's own); the projection; norm preservation. The peak's and the
+    direction's ranges are heretic's priors (refusal is mediated in the later middle of the network); the
+    paper's ablation (peak 1 at the last layer, floor 1, width all layers) lies inside the space."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     top = float(max(n_layers - 1, 1))
     space = {}
     for part in ("attn", "mlp"):
-        space[f"{part}.peak"] = FloatDistribution(0.5, 1.5)
-        space[f"{part}.peak_layer"] = FloatDistribution(0.0, top)
+        space[f"{part}.peak"] = FloatDistribution(0.8, 1.5)
+        space[f"{part}.peak_layer"] = FloatDistribution(0.6 * top, top)
         space[f"{part}.floor_share"] = FloatDistribution(0.0, 1.0)
         space[f"{part}.width"] = FloatDistribution(1.0, top)
     space["embed"] = FloatDistribution(0.0, 1.0)
     space["direction"] = CategoricalDistribution(["selected", "layer", "per_layer"])
-    space["direction_layer"] = FloatDistribution(0.2 * top, 0.9 * top)
+    space["direction_layer"] = FloatDistribution(0.4 * top, 0.9 * top)
     space["projection"] = CategoricalDistribution(["none", "harmless", "biprojected"])
     space["norm_preserving"] = CategoricalDistribution([False, True])
     return space
@@ -125,7 +128,7 @@ def paper_params(n_layers: int) -> dict:
     top = float(max(n_layers - 1, 1))
     p = {}
     for part in ("attn", "mlp"):
-        p.update({f"{part}.peak": 1.0, f"{part}.peak_layer": 0.0, f"{part}.floor_share": 1.0, f"{part}.width": top})
+        p.update({f"{part}.peak": 1.0, f"{part}.peak_layer": top, f"{part}.floor_share": 1.0, f"{part}.width": top})
     p.update(embed=1.0, direction="selected", direction_layer=0.5 * top, projection="none", norm_preserving=False)
     return p
 
@@ -150,7 +153,7 @@ def open_study(out: Path, config: AbliterateConfig, model_fingerprint: str, dire
         # seeded by how far the study is, so that a resumed study does not draw its first trials again
         study.sampler = optuna.samplers.TPESampler(seed=config.seed + len(study.trials),
                                                    n_startup_trials=config.startup_trials, multivariate=True,
-                                                   group=True)
+                                                   group=True, n_ei_candidates=128)
     made = study.user_attrs.get("settings")
     if made is None:
         study.set_user_attr("settings", settings)
