@@ -38,7 +38,7 @@ from attacks.targets import default_target
 from refusal import artifacts
 from refusal.data import builtin_prompts, instructions
 from refusal.errors import RefusalLabError
-from refusal.hardware import machine_info
+from refusal.hardware import machine_info, machine_line
 from refusal.hooks import TokenCounter
 from refusal.judges import load_judge
 from refusal.registry import load_model
@@ -195,7 +195,7 @@ def report(args) -> None:
                                tokens=cell[(n, models[0])].get("tokens_spent"),
                                **{f"{mo} {j}": cell[(n, mo)][j] for mo in models for j in ("strict", "substring")
                                   if (n, mo) in cell}) for n in names if (n, models[0]) in cell])
-    facts = {"machine": f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m['threads']} threads, {m['device']}",
+    facts = {"machine": machine_line(m),
              "attack": f"universal over {len(meta['train'])} harmful training prompts, target objective, width "
                        f"{meta['width']}, {meta['steps']} steps, {meta['suffix_len']}-token suffix",
              "held out": ", ".join(HELD_OUT), "command": "python experiments/do_ensemble_suffixes_transfer.py report"}

@@ -44,7 +44,7 @@ from refusal.capture import REGIONS, capture_last_position
 from refusal.data import builtin_prompts, instructions
 from refusal.directions import load_direction
 from refusal.errors import RefusalLabError
-from refusal.hardware import machine_info
+from refusal.hardware import machine_info, machine_line
 from refusal.heads import contributions, heads_table, top_heads
 from refusal.judges import load_judge
 from refusal.registry import load_model
@@ -191,7 +191,7 @@ def report(args) -> None:
     ax.legend(fontsize=8)
     fig_path = save_figure(fig, out / "attention.png")
     m = meta["machine"]
-    facts = {"machine": f"{m['cpu']} ({', '.join(m['cpu_flags'])}), {m['threads']} threads, {m['device']}","model": meta["model"],
+    facts = {"machine": machine_line(m), "model": meta["model"],
              "direction": f"{meta['direction']} (layer {meta['direction_layer']})",
              "attack": f"width {meta['width']}, at most {meta['steps']} steps, {meta['suffix_len']}-token suffix; "
                        f"mixed weights {meta['mixed']}", "heads": str(meta["heads"]),

@@ -147,3 +147,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict:
     return dict(cpu=_cpu_name(), cpu_flags=[x for x in MACHINE_FLAGS if x in flags], threads=torch.get_num_threads(),
                 device=torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
                 torch=torch.__version__)
+
+
+def machine_line(machine: dict) -> str:
+    """machine_info's record as one line for a report: the CPU, its flags, torch's threads, the device."""
+    flags = ", ".join(machine.get("cpu_flags") or []) or "none of the flags that matter here"
+    return f"{machine['cpu']} ({flags}), {machine['threads']} threads, {machine['device']}"
