@@ -1,7 +1,9 @@
 """Does a universal suffix optimised on two organisms (the GCG paper's transfer recipe) break held-out organisms
 more often than one optimised on one organism, at equal steps and at equal tokens?
 
-Found: not yet measured (`report` prints the matrix once `train` and `evaluate` have).
+Found: no, not at 30 steps on the organisms: on held-out organisms (seeds 2 and 3, 24 held-out prompts each)
+the seed-0 suffix broke 12/48 at equal steps and 9/48 at equal tokens, the seeds-0+1 suffix 6/48 (strict judge;
+random 0/48); within noise, but the ensemble did not help (docs/results.md).
 
     python experiments/do_ensemble_suffixes_transfer.py train      # both attacks, resumable
     python experiments/do_ensemble_suffixes_transfer.py evaluate   # the transfer matrix, resumable
@@ -186,8 +188,10 @@ def report(args) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 3.2))
     grid = np.array([[cell[(n, m)]["strict"] if (n, m) in cell else np.nan for m in models] for n in names])
     sns.heatmap(grid, annot=True, fmt=".2f", cmap="rocket_r", vmin=0, vmax=1, ax=ax,
-                xticklabels=[m + (" (held out)" if m in HELD_OUT else "") for m in models], yticklabels=names)
-    ax.set_title("universal suffix success on held-out test prompts (strict judge)", fontsize=9)
+                xticklabels=[f"seed {m.partition(':')[2] or 0}" + ("\n(held out)" if m in HELD_OUT else "\n(trained on)")
+                             for m in models], yticklabels=names)
+    ax.tick_params(axis="x", rotation=0)
+    ax.set_title("universal suffix success on held-out test prompts, by organism (strict judge)", fontsize=9)
     fig_path = save_figure(fig, out / "transfer.png")
     meta = artifacts.read_json(out / "meta.json")
     m = meta["machine"]
