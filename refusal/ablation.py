@@ -43,8 +43,8 @@ from .config import as_dict, check_fields, option
 from .data import builtin_prompts, instructions
 from .directions import Direction, check_direction, direction_dir
 from .errors import RefusalLabError
-from .hooks import (Hook, ablate_direction, check_ablation_sites, hooked, output_hook, remove_from_bias,
-                    remove_from_cols, remove_from_rows, untie_embeddings)
+from .hooks import (Hook, ablate_direction, check_ablation_sites, hooked, orthonormal_basis, output_hook,
+                    project_out, remove_from_bias, remove_from_cols, remove_from_rows, untie_embeddings)
 from .metrics import evaluate, kl_divergence
 from .models import ChatModel
 
@@ -134,8 +134,8 @@ class LayerDirections:
     """The unit directions an ablation removes: `per_layer[l]` [d] from layer l's writes and `embed` [d] from
     the embeddings' (all the same vector unless biprojected), with the weights of each."""
 
-    per_layer: torch.Tensor  # [n_layers, d] float64, unit rows
-    embed: torch.Tensor  # [d] float64, unit
+    per_layer: torch.Tensor  # [n_layers, d] float64 unit rows, or [n_layers, k, d] orthonormal bases (a subspace)
+    embed: torch.Tensor  # [d] float64 unit, or [k, d]
     attn_weights: list[float]
     mlp_weights: list[float]
     embed_weight: float
@@ -172,6 +172,14 @@ def layer_directions(cm: ChatModel, direction: Direction, config: AblationConfig
                               "it again with `refusal direction` to project the direction")
     if diffs is not None and diffs.shape[0] != n:
         raise RefusalLabError(f"the direction folder's candidates span {diffs.shape[0]} layers, the model {n}")
+    if direction.k > 1:  # a subspace: its span at every write, weighted per layer as for one direction
+        if config.direction_layer is not None or config.per_layer or config.projection != "none":
+            raise RefusalLabError(f"a {direction.k}-dimensional direction folder is ablated as its subspace: "
+                                  "direction_layer, per_layer and projection apply to one direction only")
+        basis = orthonormal_basis(direction.basis, "the direction folder's basis")
+        return LayerDirections(basis.expand(n, -1, -1).clone(), basis.clone(), config.attn.weights(n),
+                               config.mlp.weights(n), float(config.embed),
+                               {"layer": direction.layer, "position": pos, "k": direction.k, "projection": "none"})
 
     def unit_at(layer: int) -> torch.Tensor:  # the unit candidate at `layer`, projected if asked
         r = _unit(diffs[layer, pos], f"layer {layer}")
@@ -207,9 +215,9 @@ def layer_directions(cm: ChatModel, direction: Direction, config: AblationConfig
 
 
 def _remove(v: torch.Tensor, w: float):
+    """x <- x - w * x's component in span(v) (v [d] unit or [k, d] orthonormal)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
-        r = v.to(x.device, x.dtype)
-        return x - w * (x @ r).unsqueeze(-1) * r
+        return project_out(x, v.to(x.device, x.dtype), w)
 
     return fn
 
@@ -237,20 +245,23 @@ def ablate(cm: ChatModel, direction: Direction, config: AblationConfig | None = 
     otherwise."""
     config = config or AblationConfig()
     if config.is_paper:
-        return ablate_direction(cm, direction.vector)
+        return ablate_direction(cm, direction.ablated)
     return hooked(parametrised_hooks(cm, direction, config))
 
 
 def edit_direction(cm: ChatModel, layer: int, which: int, r: torch.Tensor) -> torch.Tensor:
     """The unit direction a weight edit removes from layer `layer`'s attention (which 0) or MLP (1) output
     projection so that its write loses r: r itself, or in a post-norm family g (*) r normalised, g the
-    post-norm's per-coordinate scale (RMSNorm(y) = g * y / rms(y), read off the norm of a vector of ones)."""
+    post-norm's per-coordinate scale (RMSNorm(y) = g * y / rms(y), read off the norm of a vector of ones).
+    A subspace's basis r [k, d] gives an orthonormal basis of span(g (*) r_i)."""
     if not cm.family.post_norms:
         return r
     norm = cm.residual_writers(layer)[which]
     like = cm.o_proj(layer).weight
     with torch.no_grad():
         g = norm(torch.ones(1, 1, cm.d_model, dtype=like.dtype, device=like.device)).reshape(-1).double()
+    if r.ndim == 2:
+        return orthonormal_basis(g * r.double(), f"the post-norm's scale at layer {layer} times the basis")
     return _unit(g * r, f"the post-norm's scale at layer {layer}")
 
 
@@ -262,7 +273,7 @@ def _preserving(weight: torch.Tensor, r: torch.Tensor, w: float, axis: int) -> N
     rr = r.to(t.device, torch.float64)
     lengths = wf.norm(dim=-1, keepdim=True)
     unit = wf / lengths.clamp_min(1e-30)
-    edited = unit - w * (unit @ rr)[..., None] * rr
+    edited = project_out(unit, rr, w)
     edited = edited / edited.norm(dim=-1, keepdim=True).clamp_min(1e-30) * lengths
     t.copy_(edited.movedim(-1, axis).to(t.dtype))
 
@@ -307,16 +318,17 @@ def abliterate(cm: ChatModel, direction: Direction, config: AblationConfig, inpl
 @torch.no_grad()
 def write_components(cm: ChatModel, dirs: LayerDirections, input_ids: torch.Tensor) -> torch.Tensor:
     """What a model writes along the ablated directions, on `input_ids` [batch, seq]: per layer, the largest
-    |x.r_l| / |x| over positions of its attention write and of its MLP write (after post-norms),
-    [n_layers, 2]. Near 0 where an edit removed r_l with weight 1."""
+    |x.r_l| / |x| (a subspace: |R_l x| / |x|) over positions of its attention write and of its MLP write
+    (after post-norms), [n_layers, 2]. Near 0 where an edit removed r_l with weight 1."""
     out = torch.zeros(cm.n_layers, 2, dtype=torch.float64)
 
     def measure(layer: int, which: int):
         def fn(module, args, output):
             x = (output[0] if isinstance(output, tuple) else output).double()
             r = dirs.per_layer[layer].to(x.device)
+            along = (x @ r).abs() if r.ndim == 1 else (x @ r.T).norm(dim=-1)
             out[layer, which] = max(float(out[layer, which]),
-                                    float(((x @ r).abs() / x.norm(dim=-1).clamp_min(1e-12)).max()))
+                                    float((along / x.norm(dim=-1).clamp_min(1e-12)).max()))
         return fn
 
     hooks = [Hook(module, measure(layer, which), "post") for layer in range(cm.n_layers)
@@ -419,7 +431,8 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     """The weight edit of `config` as a PEFT LoRA adapter for the unedited `cm`, saved atomically to `out`
     (adapter_config.json, adapter_model.safetensors) for `PeftModel.from_pretrained(base, out)`. A removal
     W <- W - w v v^T W is rank 1, so one rank-1 LoRA per edited matrix carries it exactly (B = -w v,
-    A = v^T W; for an embedding E, B A = -w v (E v)^T, its transpose). What an adapter cannot carry is
+    A = v^T W; for an embedding E, B A = -w v (E v)^T, its transpose); a subspace's W - w V^T V W is rank
+    k, one rank-k LoRA (B = -w V^T, A = V W). What an adapter cannot carry is
     named in the returned record (and in adapter.json beside the adapter): bias edits, stacked experts,
     GPT-2's Conv1D weights and norm-preserving edits (not low-rank); then the model folder
     (write_abliterated) is the exact form. `cm` is not changed."""
@@ -430,15 +443,15 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     model = copy.deepcopy(cm.model)
     names = {id(m): n for n, m in model.named_modules()}
     twin = ChatModel(model, cm.tokenizer, name=cm.name, source=cm.source, chat_template_kwargs=cm.chat.template_kwargs)
-    edits: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module name, B [out, 1], A [1, in])
+    edits: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module name, B [out, k], A [k, in])
     missing: list[str] = []
     if config.norm_preserving:
         missing.append("the norm-preserving edit (it rescales every write vector: not low-rank)")
     if dirs.embed_weight and not config.norm_preserving:
         for emb in twin.embeddings():
             e = emb.weight.double()  # [vocab, d]
-            v = dirs.embed.to(e.device)
-            edits.append((names[id(emb)], -dirs.embed_weight * v[:, None], (e @ v)[None, :]))
+            v = _rows(dirs.embed).to(e.device)  # [k, d]
+            edits.append((names[id(emb)], -dirs.embed_weight * v.T, v @ e.T))
     for layer in range(twin.n_layers):
         o_proj = twin.o_proj(layer)
         mlp_modules, stacked = _mlp_write_modules(twin, layer)
@@ -453,7 +466,8 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
                     missing.append(f"{names[id(module)]} ({type(module).__name__} weights)")
                     continue
                 wt = module.weight.double()  # [d, in]
-                edits.append((names[id(module)], -w * v.to(wt.device)[:, None], (v.to(wt.device) @ wt)[None, :]))
+                vv = _rows(v).to(wt.device)  # [k, d]
+                edits.append((names[id(module)], -w * vv.T, vv @ wt))
                 if module.bias is not None:
                     missing.append(f"{names[id(module)]}.bias")
     if not edits:
@@ -463,7 +477,8 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     if dirs.embed_weight and out_emb is not None and out_emb.weight is model.get_input_embeddings().weight:
         notes.append("the embedding is tied to the LM head: the adapter edits the embedding alone as loaded; "
                      "merging it into the shared weight would edit the LM head too (use the model folder)")
-    lora = LoraConfig(r=1, lora_alpha=1, target_modules=[n for n, _, _ in edits], init_lora_weights=False,
+    rank = _rows(dirs.embed).shape[0]  # 1, or a subspace's k
+    lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _, _ in edits], init_lora_weights=False,
                       lora_dropout=0.0, bias="none")
     with warnings.catch_warnings():  # peft's own notices: tied weights (noted above) and transformers deprecations
         warnings.simplefilter("ignore", UserWarning)
@@ -484,6 +499,12 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
         peft_model.save_pretrained(tmp, safe_serialization=True)
         artifacts.write_json(tmp / ADAPTER_NOTE, record)
     return record
+
+
+def _rows(r: torch.Tensor) -> torch.Tensor:
+    """A unit vector [d] or a basis [k, d] as rows [k, d] (float64)."""
+    r = r.double()
+    return r[None] if r.ndim == 1 else r
 
 
 def _mlp_write_modules(cm: ChatModel, layer: int) -> tuple[list[torch.nn.Module], list[str]]:

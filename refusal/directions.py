@@ -28,7 +28,7 @@ from .chat import Encoded, pad_left
 from .data import Prompt, direction_sets, instructions, prompt_hash
 from .engine import expand_cache, plan_batches, repeat_rows, run_prefix, shared_prefix_len, with_prefix
 from .errors import RefusalLabError
-from .hooks import ablate_direction, capture_block_inputs, start_at_layer
+from .hooks import ablate_direction, capture_block_inputs, orthonormal_basis, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel
 
@@ -74,10 +74,37 @@ class Direction:
     # (what an interpolated or projected ablation reads; None in folders made before they were saved)
     mean_diffs: torch.Tensor | None = None
     harmless_means: torch.Tensor | None = None
+    # a subspace: an orthonormal basis [k, d] whose first row is `vector` (None: the one direction, k = 1)
+    basis: torch.Tensor | None = None
 
     @property
     def d_model(self) -> int:
         return int(self.vector.shape[0])
+
+    @property
+    def k(self) -> int:
+        """The dimension of what is ablated: 1 for one direction, k for a subspace."""
+        return 1 if self.basis is None else int(self.basis.shape[0])
+
+    @property
+    def ablated(self) -> torch.Tensor:
+        """What an ablation removes: the unit direction [d], or the orthonormal basis [k, d] of a subspace."""
+        return self.vector if self.basis is None else self.basis
+
+
+def with_basis(direction: Direction, vectors: torch.Tensor, **meta) -> Direction:
+    """`direction` made a subspace: the span of `vectors` [k, d], stored as an orthonormal basis (QR) whose
+    first row, along the first vector, becomes the direction's `vector`; the candidates and layer stay
+    `direction`'s, and `meta` (the method, the layers the vectors come from, provenance) is recorded in
+    the folder. k = 1 leaves one direction."""
+    basis = orthonormal_basis(vectors.float(), "the subspace's vectors")
+    if basis.shape[1] != direction.d_model:
+        raise RefusalLabError(f"the subspace's vectors have dimension {basis.shape[1]}, the direction "
+                              f"{direction.d_model}")
+    vector = basis[0].float()
+    return Direction(vector, direction.mean_diff, direction.layer, direction.position,
+                     {**direction.meta, **meta, "k": int(basis.shape[0])}, direction.mean_diffs,
+                     direction.harmless_means, basis.float() if basis.shape[0] > 1 else None)
 
 
 def mean_diffs(harmful_acts: torch.Tensor, harmless_acts: torch.Tensor) -> torch.Tensor:
@@ -354,11 +381,14 @@ def save_direction(out_dir: str | Path, direction: Direction, diffs: torch.Tenso
     artifacts.save_tensors(
         out_dir / "direction.safetensors",
         {"direction": direction.vector.float(), "mean_diff": direction.mean_diff.float(), "mean_diffs": diffs.float(),
-         **({} if direction.harmless_means is None else {"harmless_means": direction.harmless_means.float()})},
-        metadata={"layer": str(direction.layer), "position": str(direction.position)},
+         **({} if direction.harmless_means is None else {"harmless_means": direction.harmless_means.float()}),
+         **({} if direction.basis is None else {"basis": direction.basis.float()})},
+        metadata={"layer": str(direction.layer), "position": str(direction.position), "k": str(direction.k)},
     )
     artifacts.write_csv(out_dir / "candidates.csv", candidates)
-    artifacts.write_json(out_dir / "direction.json", artifacts.run_record(**direction.meta, **record))
+    artifacts.write_json(out_dir / "direction.json",
+                         artifacts.run_record(**{**direction.meta, **record, "layer": direction.layer,
+                                                 "position": direction.position, "k": direction.k}))
     return out_dir
 
 
@@ -395,8 +425,19 @@ def load_direction(path: str | Path, cm: ChatModel | None = None) -> Direction:
                               or (harmless is not None and harmless.shape != diffs.shape)):
         raise RefusalLabError(f"{d}/direction.safetensors: mean_diffs {tuple(diffs.shape)} or harmless_means do not "
                               f"have the shape [layer, position, {vec.shape[0]}]; compute it again with `refusal direction`")
+    basis = tensors.get("basis")
+    if basis is not None:
+        if basis.ndim != 2 or basis.shape[1] != vec.shape[0]:
+            raise RefusalLabError(f"{d}/direction.safetensors: basis {tuple(basis.shape)} is not [k, {vec.shape[0]}]; "
+                                  "write the folder again with refusal.directions.save_direction")
+        basis = orthonormal_basis(basis.float(), f"{d}/direction.safetensors's basis").float()
+        if float(basis[0] @ (vec / vec.norm())) < 1 - 1e-4:
+            raise RefusalLabError(f"{d}/direction.safetensors: the basis's first vector is not the direction; "
+                                  "write the folder again with refusal.directions.save_direction")
+        basis = basis if basis.shape[0] > 1 else None
     direction = Direction(vec / vec.norm(), mean_diff, layer, position, meta,
-                          None if diffs is None else diffs.float(), None if harmless is None else harmless.float())
+                          None if diffs is None else diffs.float(), None if harmless is None else harmless.float(),
+                          basis)
     if cm is not None:
         check_direction(direction, cm)
     return direction

@@ -119,6 +119,40 @@ def _unit(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
     return r / norm
 
 
+def orthonormal_basis(vectors: torch.Tensor, what: str = "the basis") -> torch.Tensor:
+    """vectors [k, d] -> an orthonormal basis [k, d] (float64) of their span, its first row along the
+    first vector (QR, signs kept); a one-line error if they are not finite or not linearly independent."""
+    v = vectors.double()
+    if v.ndim != 2 or v.shape[0] == 0:
+        raise RefusalLabError(f"{what} must be a [k, d] tensor of k >= 1 vectors")
+    if not torch.isfinite(v).all():
+        raise RefusalLabError(f"{what} is not finite")
+    q, r = torch.linalg.qr(v.T)  # q [d, k], r [k, k]
+    diag = r.diagonal()
+    scale = v.norm(dim=-1).max()
+    if scale == 0 or (diag.abs() <= 1e-6 * scale).any():
+        raise RefusalLabError(f"{what}: its {v.shape[0]} vectors are not linearly independent")
+    return (q * diag.sign()).T.contiguous()
+
+
+def _directions(cm: ChatModel, direction: torch.Tensor) -> torch.Tensor:
+    """A direction [d] as its unit vector, or a subspace's vectors [k, d] as an orthonormal basis of it."""
+    if isinstance(direction, torch.Tensor) and direction.ndim == 2:
+        if direction.shape[1] != cm.d_model:
+            raise RefusalLabError(f"the basis has dimension {direction.shape[1]} but the model's residual stream "
+                                  f"has {cm.d_model}; use directions computed on this model")
+        return orthonormal_basis(direction)
+    return _unit(cm, direction)
+
+
+def project_out(x: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> torch.Tensor:
+    """x [..., d] with w times its component in span(r) removed: r a unit vector [d] (x - w (x.r) r) or an
+    orthonormal basis [k, d] (x - w R^T R x), in x's dtype."""
+    if r.ndim == 1:
+        return x - w * (x @ r).unsqueeze(-1) * r
+    return x - w * (x @ r.T) @ r
+
+
 def check_layer(cm: ChatModel, layer: int) -> int:
     """`layer` if the model has it; a one-line error otherwise."""
     if not isinstance(layer, int) or not 0 <= layer < cm.n_layers:
@@ -132,8 +166,8 @@ def _project_out(rv: _PerDevice, positions: torch.Tensor | None = None):
     def fn(x: torch.Tensor) -> torch.Tensor:
         r = rv.like(x)
         if mask is None:
-            return x - (x @ r).unsqueeze(-1) * r
-        return x - mask.like(x) * (x @ r).unsqueeze(-1) * r
+            return project_out(x, r)
+        return x - mask.like(x) * (x - project_out(x, r))
 
     return fn
 
@@ -150,13 +184,14 @@ def ablation_sites(cm: ChatModel, layers: Sequence[int] | None = None, fn=None) 
 
 def ablation_hooks(cm: ChatModel, direction: torch.Tensor, layers: Sequence[int] | None = None,
                    positions: torch.Tensor | None = None) -> list[Hook]:
-    """Directional ablation of the unit `direction` as hooks: removed from every residual input and every
-    write to the residual. The paper ablates at every layer and position (the default). For analysis,
-    `layers` restricts it to some blocks and `positions`, a 0/1 mask [batch, seq] shaped like the inputs the
-    model will be run on, to some positions."""
+    """Directional ablation of `direction` as hooks: removed from every residual input and every write to the
+    residual. `direction` [d] is one direction (normalised here), [k, d] a subspace (its span, made
+    orthonormal here: x <- x - R^T R x). The paper ablates at every layer and position (the default). For
+    analysis, `layers` restricts it to some blocks and `positions`, a 0/1 mask [batch, seq] shaped like the
+    inputs the model will be run on, to some positions."""
     if not cm.sites_checked:
         check_ablation_sites(cm)
-    rv = _PerDevice(_unit(cm, direction))
+    rv = _PerDevice(_directions(cm, direction))
     return ablation_sites(cm, layers, _project_out(rv, None if positions is None else positions.detach().float()))
 
 
@@ -272,30 +307,37 @@ def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
 # ----------------------------------------------------------------------------- weight orthogonalization
 
 
+def _as_rows(r: torch.Tensor, device) -> torch.Tensor:
+    """A unit vector [d] or an orthonormal basis [k, d] as rows [k, d], float64 on `device`."""
+    rr = r.to(device, torch.float64)
+    return rr[None] if rr.ndim == 1 else rr
+
+
 def remove_from_rows(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> None:
-    """W[..., d, in] <- W - w r r^T W: an nn.Linear's weight [d, in] (output = W x), or a mixture of experts'
-    stacked down projections [experts, d, in], each expert edited alike (w = 1: r removed)."""
+    """W[..., d, in] <- W - w R^T R W (R: the unit r [d] or an orthonormal basis [k, d]): an nn.Linear's
+    weight [d, in] (output = W x), or a mixture of experts' stacked down projections [experts, d, in], each
+    expert edited alike (w = 1: span(R) removed)."""
     t = weight.data
-    rr = r.to(t.device, torch.float64)
+    rr = _as_rows(r, t.device)
     wf = t.double()
-    t.copy_((wf - w * rr[:, None] * (rr @ wf)[..., None, :]).to(t.dtype))
+    t.copy_((wf - w * rr.T @ (rr @ wf)).to(t.dtype))
 
 
 def remove_from_cols(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> None:
-    """W[in, d] <- W - w W r r^T  (GPT-2 Conv1D: output = x W, and embeddings [vocab, d])."""
+    """W[in, d] <- W - w W R^T R  (GPT-2 Conv1D: output = x W, and embeddings [vocab, d])."""
     t = weight.data
-    rr = r.to(t.device, torch.float64)
+    rr = _as_rows(r, t.device)
     wf = t.double()
-    t.copy_((wf - w * torch.outer(wf @ rr, rr)).to(t.dtype))
+    t.copy_((wf - w * (wf @ rr.T) @ rr).to(t.dtype))
 
 
 def remove_from_bias(bias: torch.Tensor | None, r: torch.Tensor, w: float = 1.0) -> None:
-    """b[..., d] <- b - w (b.r) r."""
+    """b[..., d] <- b - w R^T R b."""
     if bias is not None:
         b = bias.data
-        rr = r.to(b.device, torch.float64)
+        rr = _as_rows(r, b.device)
         bf = b.double()
-        b.copy_((bf - w * (bf @ rr)[..., None] * rr).to(b.dtype))
+        b.copy_((bf - w * (bf @ rr.T) @ rr).to(b.dtype))
 
 
 def untie_embeddings(cm: ChatModel, in_memory: bool = False) -> Callable[[], None]:
@@ -330,7 +372,8 @@ def untie_embeddings(cm: ChatModel, in_memory: bool = False) -> Callable[[], Non
 def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False) -> ChatModel:
     """Return a model whose weights can no longer write the direction: W <- W - r r^T W for the
     embeddings, every attention output projection and every MLP output projection (every expert's, and
-    a shared expert's, in a mixture of experts; biases too).
+    a shared expert's, in a mixture of experts; biases too). `direction` [k, d] is a subspace: W <- W -
+    R^T R W with R an orthonormal basis of its span.
 
     Gives the same logits as `ablate_direction`. Families that normalise a sublayer's output
     before adding it to the residual (Gemma2, Gemma3, OLMo-2) cannot be edited exactly and are refused.
@@ -340,7 +383,7 @@ def orthogonalize(cm: ChatModel, direction: torch.Tensor, inplace: bool = False)
             f"weight orthogonalization is not exact for {cm.config.model_type} (a norm follows each sublayer "
             "before the residual add); use inference-time ablation (--ablate) instead"
         )
-    r = _unit(cm, direction)
+    r = _directions(cm, direction)
     if not inplace:
         cm = ChatModel(copy.deepcopy(cm.model), cm.tokenizer, name=cm.name, source=cm.source,
                        chat_template_kwargs=cm.chat.template_kwargs)

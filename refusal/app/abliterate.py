@@ -219,6 +219,9 @@ def check_abliterate(config: AbliterateConfig, out: str | Path, resume: bool, fo
     d = None
     if direction is not None:
         d = load_direction(direction)
+        if d.k > 1:
+            raise RefusalLabError(f"{direction}: a {d.k}-dimensional direction folder; the search varies one "
+                                  "direction's layer and projection, so give a one-direction folder")
         if d.mean_diffs is None or d.harmless_means is None:
             raise RefusalLabError(f"{direction}: the direction folder has no per-layer candidates or harmless means "
                                   "(made before they were saved); compute it again with `refusal direction`")

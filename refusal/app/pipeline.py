@@ -190,7 +190,7 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
         ("harmful", "none", harmful, None, null),
         ("harmful", "random_suffix", harmful, rand, null),
         ("harmful", "adversarial_suffix", harmful, adversarial, null),
-        ("harmful", "ablation", harmful, None, lambda: ablate_direction(cm, direction.vector)),
+        ("harmful", "ablation", harmful, None, lambda: ablate_direction(cm, direction.ablated)),
         ("harmless", "none", harmless, None, null),
         ("harmless", "addition", harmless, None, lambda: add_direction(cm, direction.mean_diff, direction.layer)),
     ]
