@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 from analysis.plots import pyplot, save_figure
-from analysis.projection import last_position_activations
 from analysis.report import write_report
 from attacks.gcg import GCG, GCGConfig
 from attacks.targets import default_target
@@ -71,24 +70,22 @@ def config(objective: str, steps: int = STEPS, width: int = WIDTH) -> GCGConfig:
                      attention_heads=HEADS, judge_tokens=JUDGE_TOKENS, judge="strict", **extra)
 
 
-def measure(cm, direction, prompt: str, suffix: list[int] | None, heads: list[tuple[int, int]], judges) -> dict:
-    """One prompt with one suffix (None: alone): both judges' verdicts on its greedy reply, the cosine at the
-    direction's layer and the heads' attention share to the suffix (mean over heads)."""
+def measure(cm, direction, prompt: str, suffix: list[int] | None, heads: list[tuple[int, int]], judge) -> dict:
+    """One prompt with one suffix (None: alone): the strict and the substring judge's verdicts on its greedy
+    reply, the cosine at the direction's layer and the heads' attention share to the suffix (mean over
+    heads), from one forward pass and one reply."""
     enc = cm.chat.encode_all([prompt], suffix)
-    act = last_position_activations(cm, enc)[0, direction.layer].float()
+    cap = capture_last_position(cm, enc, attention=suffix is not None)
+    act = cap.resid[0, direction.layer].float()
     r = direction.vector.float()
     cosine = float(act @ r / (act.norm() * r.norm()))
     share = None
     if suffix is not None:
-        regions = capture_last_position(cm, enc).regions[0]  # [layer, head, REGIONS]
+        regions = cap.regions[0]  # [layer, head, REGIONS]
         share = float(sum(regions[l, h, REGIONS.index("suffix")] for l, h in heads) / len(heads))
-    verdicts = {}
-    reply = None
-    for name, judge in judges.items():
-        df = suffix_success(cm, [prompt], suffix, REPLY_TOKENS, progress=False, judge=judge)
-        verdicts[name] = bool(df["success"][0])
-        reply = df["completion"][0]
-    return dict(cosine=cosine, attention_share=share, success=verdicts, reply=reply)
+    df = suffix_success(cm, [prompt], suffix, REPLY_TOKENS, progress=False, judge=judge)
+    verdicts = {"strict": bool(df["success"][0]), "substring": bool(df["substring_success"][0])}
+    return dict(cosine=cosine, attention_share=share, success=verdicts, reply=df["completion"][0])
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -106,7 +103,7 @@ def run(args) -> None:
     prompts = spread(instructions(builtin_prompts("harmful", "test")), args.prompts)
     cap = capture_last_position(cm, cm.chat.encode_all(prompts), attention=False)
     heads = top_heads(heads_table({"harmful": contributions(cm, cap.z, direction.vector)}, HEADS), HEADS)
-    judges = {name: load_judge(name) for name in ("strict", "substring")}
+    judge = load_judge("strict")  # the substring judge's verdict comes with every reply
     meta = dict(machine=machine_info(cm.device), model=cm.name, direction=str(args.direction),
                 direction_layer=direction.layer, heads=heads, width=args.width, steps=args.steps, suffix_len=SUFFIX_LEN,
                 mixed=MIXED)
@@ -129,14 +126,14 @@ def run(args) -> None:
                 checkpoint = out / "checkpoints" / f"p{i}-{cond}.json"
                 checkpoint.parent.mkdir(exist_ok=True)
                 target = default_target(prompt) if cond in ("target", "mixed") else None
-                res = GCG(cm, [prompt], [target], config(cond, args.steps, args.width), direction=direction, judge=judges["strict"]).run(
+                res = GCG(cm, [prompt], [target], config(cond, args.steps, args.width), direction=direction, judge=judge).run(
                     checkpoint=checkpoint, resume=True, progress=False)
                 suffix = res.token_ids
                 attack = dict(steps=res.steps_run, stopped_early=res.stopped_early, attack_s=round(res.elapsed_s, 1),
                               final_loss=res.losses[-1])
             row = dict(prompt=prompt, prompt_id=i, condition=cond, **attack,
                        suffix=cm.tokenizer.decode(suffix) if suffix is not None else None,
-                       **measure(cm, direction, prompt, suffix, heads, judges), wall_s=round(time.perf_counter() - t0, 1))
+                       **measure(cm, direction, prompt, suffix, heads, judge), wall_s=round(time.perf_counter() - t0, 1))
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(f"prompt {i} {cond}: strict {row['success']['strict']} substring {row['success']['substring']} "
