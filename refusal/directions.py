@@ -35,13 +35,18 @@ from .models import ChatModel
 log = logging.getLogger(__name__)
 
 KL_THRESHOLD = 0.1  # the paper's KL filter
+METHODS = ("diff-in-means", "harmfulness")
 PRUNE_LAYER_FRACTION = 0.8  # candidates with layer >= 0.8 * n_layers are dropped
 
 
 @dataclass(frozen=True)
 class DirectionConfig:
-    """The direction stage: difference-in-means candidates and the paper's selection."""
+    """The direction stage: difference-in-means candidates and the paper's selection (or another method)."""
 
+    method: str = option("diff-in-means", "diff-in-means: the paper's refusal direction (post-instruction "
+                                          "candidates, its selection); harmfulness: Zhao et al.'s difference in "
+                                          "means at the instruction's last token, at the layer where validation "
+                                          "prompts separate best (refusal.harmfulness)", choices=METHODS)
     n_train: int = option(128, "harmful and harmless training prompts each (the difference in means)", ge=1)
     n_val: int = option(16, "harmful and harmless validation prompts each (the selection's scores)", ge=1)
     harmful: str | None = option(None, "harmful prompt file (None: the built-in harmful train/val splits)")
@@ -57,7 +62,11 @@ class DirectionConfig:
         check_fields(self)  # the fields, then checks()
 
     def checks(self) -> None:
-        if (self.layer is None) != (self.position is None):
+        if self.method == "harmfulness":
+            if self.position is not None:
+                raise RefusalLabError("the harmfulness direction is taken at the instruction's last token: pin "
+                                      "--layer alone, without --position")
+        elif (self.layer is None) != (self.position is None):
             raise RefusalLabError("give both --layer and --position to pin the direction, or neither")
 
 
@@ -364,7 +373,11 @@ def find_direction(cm: ChatModel, config: DirectionConfig, out: str | Path) -> D
     with the config, candidates.csv). Returns the direction."""
     config.validate()
     ht, bt, hv, bv = direction_sets(config.harmful, config.harmless, config.n_train, config.n_val, config.seed)
-    direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, config)
+    if config.method == "harmfulness":
+        from .harmfulness import compute_harmfulness  # it builds on this module's Direction
+        direction, diffs, df = compute_harmfulness(cm, ht, bt, hv, bv, config.batch_size, config.layer)
+    else:
+        direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, config)
     record = {**as_dict(config), "harmful": config.harmful or "builtin", "harmless": config.harmless or "builtin"}
     with artifacts.atomic_dir(out) as tmp:  # a failed or killed run never leaves a half-written direction
         save_direction(tmp, direction, diffs, df, config=record)

@@ -61,9 +61,14 @@ def cmd_direction(args) -> int:
     cm = _load(args)
     direction = find_direction(cm, config, out)
     s = direction.meta["scores"]
-    print(f"direction: layer {direction.layer}, position {direction.position} "
-          f"(bypass {s['bypass']:.3f}, induce {s['induce']:.3f}, kl {s['kl']:.4f}); "
-          f"{sum(direction.meta['timings_s'].values()):.0f}s")
+    took = f"{sum(direction.meta['timings_s'].values()):.0f}s"
+    if config.method == "harmfulness":
+        print(f"harmfulness direction: layer {direction.layer}, the instruction's last token (position "
+              f"{direction.position}); validation accuracy {s['val_accuracy']:.3f}, d' {s['d_prime']:.2f}, "
+              f"cosine with the refusal candidate there {s['cos_with_refusal_candidate']:.3f}; {took}")
+    else:
+        print(f"direction: layer {direction.layer}, position {direction.position} "
+              f"(bypass {s['bypass']:.3f}, induce {s['induce']:.3f}, kl {s['kl']:.4f}); {took}")
     print(f"wrote {out}/direction.safetensors, direction.json, candidates.csv")
     return 0
 
@@ -303,9 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", parser_class=Parser, required=True)
 
-    d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection)")
+    d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection), or "
+                                          "--method harmfulness")
     model_args(d, batch_size=field_info(DirectionConfig, "batch_size")[0])
-    for name in ("harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
+    for name in ("method", "harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
         opt(d, DirectionConfig, name)
     opt(d, DirectionConfig, "layer", type=int)
     opt(d, DirectionConfig, "position", type=int)
