@@ -101,6 +101,25 @@ class Direction:
         return self.vector if self.basis is None else self.basis
 
 
+def folder_and_index(spec: str) -> tuple[str, int]:
+    """`DIR` or `DIR:i` (the i-th vector of a subspace folder's basis) -> (DIR, i)."""
+    head, sep, tail = str(spec).rpartition(":")
+    if sep and tail.isdigit() and head and not Path(spec).exists():
+        return head, int(tail)
+    return str(spec), 0
+
+
+def addition_vector(direction: Direction, i: int = 0) -> torch.Tensor:
+    """What activation addition adds at the direction's layer: the raw difference in means (the paper's) for
+    one direction; for a subspace, its basis vector i scaled to the difference in means' norm."""
+    if not 0 <= i < direction.k:
+        raise RefusalLabError(f"vector {i} of a direction folder with {direction.k} basis vector(s): choose 0"
+                              + (f" to {direction.k - 1}" if direction.k > 1 else ""))
+    if direction.k == 1:
+        return direction.mean_diff
+    return direction.basis[i].float() * direction.mean_diff.float().norm()
+
+
 def with_basis(direction: Direction, vectors: torch.Tensor, **meta) -> Direction:
     """`direction` made a subspace: the span of `vectors` [k, d], stored as an orthonormal basis (QR) whose
     first row, along the first vector, becomes the direction's `vector`; the candidates and layer stay

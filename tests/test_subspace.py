@@ -155,3 +155,25 @@ def test_a_basis_that_does_not_start_with_the_direction_is_a_one_line_error(tmp_
                            metadata={"layer": str(d.layer), "position": str(d.position), "k": "2"})
     with pytest.raises(RefusalLabError, match="first vector is not the direction"):
         load_direction(folder)
+
+
+def test_actadd_takes_a_basis_vector_scaled_to_the_difference_in_means(tmp_path, tiny_dirs, capsys):
+    import pandas as pd
+
+    from refusal.app.cli import main
+    from refusal.directions import addition_vector, folder_and_index
+    from refusal.registry import load_model
+
+    cm = load_model(str(tiny_dirs["llama"]))
+    d = _subspace(cm, k=2, seed=6)
+    folder = save_direction(tmp_path / "sub", d, d.mean_diffs, pd.DataFrame({"layer": [d.layer]}))
+    assert folder_and_index(f"{folder}:1") == (str(folder), 1) and folder_and_index(str(folder)) == (str(folder), 0)
+    v = addition_vector(load_direction(folder), 1)
+    assert torch.allclose(v.norm(), d.mean_diff.norm()) and abs(float(v @ d.basis[0])) < 1e-4
+    one = Direction(d.vector, d.mean_diff, d.layer, d.position)
+    assert torch.equal(addition_vector(one), d.mean_diff)  # the paper's: the raw difference in means
+    (tmp_path / "p.txt").write_text("hello there\nwhat is up")
+    common = ["eval", "--model", str(tiny_dirs["llama"]), "--prompts", str(tmp_path / "p.txt"), "--max-new-tokens", "2"]
+    assert main([*common, "--actadd", f"{folder}:1", "--out", str(tmp_path / "a.jsonl")]) == 0
+    assert main([*common, "--actadd", f"{folder}:2", "--out", str(tmp_path / "b.jsonl")]) == 2
+    assert "choose 0 to 1" in capsys.readouterr().err and not (tmp_path / "b.jsonl").exists()

@@ -10,7 +10,7 @@ from pathlib import Path
 from refusal import artifacts
 from refusal.config import check_fields, option
 from refusal.data import instructions, resolve_prompts
-from refusal.directions import Direction, check_direction, load_direction
+from refusal.directions import Direction, addition_vector, check_direction, folder_and_index, load_direction
 from refusal.engine import check_lengths
 from refusal.errors import RefusalLabError
 from refusal.ablation import AblationConfig, ablate, load_ablation
@@ -26,7 +26,8 @@ class EvalConfig:
     prompts: str = option("harmful:test", "prompt file, or a built-in set such as harmful:test")
     suffix: str | None = option(None, "suffix.json (or its run folder), a text file, or the suffix text itself")
     ablate: str | None = option(None, "ablate this direction (a direction folder)")
-    actadd: str | None = option(None, "add this direction at its layer (a direction folder)")
+    actadd: str | None = option(None, "add this direction at its layer (a direction folder; DIR:i adds a "
+                                      "subspace folder's basis vector i, scaled to the difference in means)")
     coeff: float = option(1.0, "activation addition coefficient")
     max_new_tokens: int = option(64, "greedy reply tokens", ge=1)
     batch_size: int = option(16, "prompts per forward pass", ge=1)
@@ -56,8 +57,10 @@ def check_eval(config: EvalConfig) -> EvalInputs:
     config.validate()
     prompts = resolve_prompts(config.prompts)
     text, ids = (None, None) if config.suffix is None else load_suffix(config.suffix)
-    where = config.ablate or config.actadd
+    where, index = folder_and_index(config.actadd) if config.actadd else (config.ablate, 0)
     direction = load_direction(where) if where else None
+    if config.actadd:
+        addition_vector(direction, index)  # an index the folder does not have fails here
     ablation = load_ablation(config.ablate) if config.ablate else None
     if ablation is not None:
         ablation.check_hookable()
@@ -86,7 +89,7 @@ def run_eval(cm: ChatModel, config: EvalConfig, out: str | Path) -> dict:
             intervention += f" ({inputs.ablation.summary()})"
     elif config.actadd:
         intervention = f"actadd {config.actadd} coeff {config.coeff}"
-        ctx = add_direction(cm, d.mean_diff, d.layer, config.coeff)
+        ctx = add_direction(cm, addition_vector(d, folder_and_index(config.actadd)[1]), d.layer, config.coeff)
     with ctx:
         df = evaluate(cm, instructions(prompts), suffix, config.max_new_tokens, config.batch_size,
                       placement=placement)
