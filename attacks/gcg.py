@@ -465,8 +465,10 @@ class GCG:
             raise RefusalLabError(f"--suffix-len {config.suffix_len} does not fit the model's context of {cm.max_context}")
         if direction is not None:
             check_direction(direction, cm)
-            self.r = direction.vector.to(cm.device, torch.float32)
-            self.r = self.r / self.r.norm()
+            # r [d] unit: the loss is the signed projection; a subspace's orthonormal basis [k, d]: the norm of
+            # the projection onto it
+            self.r = (direction.basis if direction.k > 1 else direction.vector / direction.vector.norm())
+            self.r = self.r.to(cm.device, torch.float32)
             self.dir_layers = list(range(direction.layer, cm.n_layers))
             scale = float(direction.mean_diff.float().norm())
             self.dir_scale = scale if scale > 0 else 1.0
@@ -714,7 +716,9 @@ class GCG:
         if self.needs_target:
             loss = loss * self.weights["target"]
         if self.needs_direction:
-            proj = torch.stack([store[l].float() @ self.r for l in self.dir_layers], 1).mean(1) / self.dir_scale
+            along = [store[l].float() @ self.r if self.r.ndim == 1 else (store[l].float() @ self.r.T).norm(dim=-1)
+                     for l in self.dir_layers]  # each [n]
+            proj = torch.stack(along, 1).mean(1) / self.dir_scale
             loss = loss + self.weights["direction"] * proj
         if self.needs_attention:  # keys are absolute positions (cached ones first): the string's are fixed
             s0 = len(slot.before)

@@ -154,6 +154,24 @@ def test_direction_objective_is_the_projection(tiny):
         assert abs(proj.item() - loss[i].item()) < 1e-4
 
 
+def test_direction_objective_with_a_subspace_is_the_norm_of_the_projection(tiny):
+    from refusal.directions import with_basis
+
+    g0 = torch.Generator().manual_seed(1)
+    d = with_basis(_direction(tiny), torch.randn(2, tiny.d_model, generator=g0))
+    g = GCG(tiny, INSTR[:1], None, GCGConfig(suffix_len=5, objective="direction"), direction=d)
+    cur = torch.tensor(g.init_ids)
+    cands = torch.stack([cur, cur.roll(1), cur.flip(0)])
+    loss, _ = g.candidate_losses(cur, cands, g.slots[0])
+    for i, c in enumerate(cands.tolist()):
+        enc = tiny.chat.encode(INSTR[0], c)
+        store = {}
+        with torch.no_grad(), capture_block_inputs(tiny, store, range(1, tiny.n_layers), [-1]):
+            tiny.model(input_ids=torch.tensor([enc.ids]))
+        norm = torch.stack([(d.basis @ store[l][0, 0]).norm() for l in range(1, tiny.n_layers)]).mean() / 3
+        assert abs(norm.item() - loss[i].item()) < 1e-4
+
+
 def test_objectives_need_what_they_need(tiny):
     with pytest.raises(RefusalLabError, match="direction"):
         GCG(tiny, INSTR[:1], ["Sure"], GCGConfig(objective="mixed"))
