@@ -55,7 +55,8 @@ def _legend_outside(ax, conds) -> None:
         sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), fontsize=8, title_fontsize=9)
 
 
-def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Path) -> Path:
+def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Path,
+                         title: str = "Cosine of the last position's residual stream with the refusal direction") -> Path:
     """Mean cosine with the direction at every layer, a band (one standard deviation) per condition."""
     plt, sns = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -64,7 +65,7 @@ def plot_cosine_by_layer(df: pd.DataFrame, direction_layer: int, path: str | Pat
     _legend_outside(ax, df.condition)
     ax.axvline(direction_layer, color="grey", ls="--", lw=1)
     ax.text(direction_layer, ax.get_ylim()[1], f" direction's layer {direction_layer}", va="top", fontsize=8, color="grey")
-    ax.set_title("Cosine of the last position's residual stream with the refusal direction")
+    ax.set_title(title)
     ax.set_ylabel("cosine similarity")
     return save_figure(fig, path)
 

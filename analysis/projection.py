@@ -59,3 +59,12 @@ def projection_metrics(cm: ChatModel, encodings: Mapping[str, Sequence[Encoded]]
     """The projection table for every condition, and the activations it was computed from."""
     acts = {c: last_position_activations(cm, e, batch_size) for c, e in encodings.items()}
     return projection_table(acts, direction), acts
+
+
+def gap_kept(df: pd.DataFrame, layer: int, condition: str = "adversarial_suffix") -> float | None:
+    """At `layer`, where `condition`'s mean cosine sits between harmless (0) and harmful (1): the share of the
+    harmful-minus-harmless gap it keeps (None where a condition is missing or the gap is 0)."""
+    at = df[df.layer == layer].groupby("condition").cosine.mean()
+    if not {"harmful", "harmless", condition} <= set(at.index) or at["harmful"] == at["harmless"]:
+        return None
+    return float((at[condition] - at["harmless"]) / (at["harmful"] - at["harmless"]))

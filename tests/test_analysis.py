@@ -140,3 +140,26 @@ def test_cli_analyze_reads_the_suffix_folder(tiny_dirs, tiny, tmp_path):
                  "--out", str(tmp_path / "run")]) == 0
     report = (tmp_path / "run" / "analysis" / "report.md").read_text()
     assert repr(tiny.tokenizer.decode(rand)) in report  # the attack's own random baseline, not a new one
+
+
+def test_the_harmfulness_direction_is_read_at_the_user_turns_last_token(tiny, tmp_path):
+    """With a harmfulness folder, every condition is projected onto it at its position (the user turn's last
+    token: after an adversarial string at the end of the message), equal to a pass by hand; its plot, csv
+    and sentence are written."""
+    n_post = tiny.chat.n_post
+    v = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(7))
+    harm = Direction(v / v.norm(), v, 2, -(n_post + 1), {})
+    res = analyze(tiny, _dir(tiny), HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, AnalysisConfig(top_k=2),
+                  harmfulness=harm)
+    df = pd.read_csv(tmp_path / "harmfulness.csv")
+    assert set(df.condition) == {"harmful", "random_suffix", "adversarial_suffix", "harmless"}
+    assert (tmp_path / "harmfulness_by_layer.png").is_file()
+    enc = tiny.chat.encode_all([HARMFUL[1]], "zz yy xx")[0]
+    with torch.no_grad():
+        hs = tiny.model(input_ids=torch.tensor([enc.ids]), output_hidden_states=True).hidden_states
+    x = hs[2][0, enc.post[0] - 1]  # the suffix's last token: the user turn's last
+    want = float(x @ harm.vector / x.norm())
+    got = df[(df.condition == "adversarial_suffix") & (df.prompt_id == 1) & (df.layer == 2)].cosine.item()
+    assert abs(got - want) < 1e-4
+    assert any("on the harmfulness direction (layer 2" in s for s in res["numbers"]["sentences"])
+    assert res["numbers"]["harmfulness_gap_kept"] is not None

@@ -25,8 +25,9 @@ from refusal.success import judge_replies, suffix_success
 from refusal.suffix import check_suffix_ids, load_suffix, suffix_placement, suffix_record
 
 from analysis.plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
-from analysis.projection import condition_encodings, projection_table
+from analysis.projection import condition_encodings, gap_kept, projection_table
 from analysis.report import headline_numbers, headline_sentences, success_frame, write_report
+from refusal.activations import cache_activations
 from refusal.capture import capture_last_position
 from refusal.heads import attention_table_from, contributions, heads_table, top_heads
 
@@ -71,13 +72,15 @@ def check_analysis(config: AnalysisConfig, suffix: str | Path) -> tuple[list[str
 
 
 def analyze_suffix(cm: ChatModel, direction: Direction, suffix: str | Path, config: AnalysisConfig,
-                   out_dir: str | Path) -> dict:
+                   out_dir: str | Path, harmfulness: Direction | None = None) -> dict:
     """The analysis stage from artifacts: a suffix (suffix.json or its run folder, a text file, or the text)
     against the random suffix of the same length (the one its attack record drew, else a new one), on the
     config's prompts, with attack success judged (config.eval_tokens > 0) by the substring judge and the
-    config's; then analyze(). Returns analyze()'s result."""
+    config's; then analyze() (with the harmfulness direction where given). Returns analyze()'s result."""
     harmful, harmless, (text, ids), judge = check_analysis(config, suffix)
     check_direction(direction, cm)
+    if harmfulness is not None:
+        check_direction(harmfulness, cm)
     if ids is not None:
         check_suffix_ids(suffix, ids, cm.tokenizer)
     adversarial = ids if ids is not None else cm.chat.suffix_ids(text)
@@ -95,17 +98,21 @@ def analyze_suffix(cm: ChatModel, direction: Direction, suffix: str | Path, conf
         success = {"substring": {k: float(df.substring_success.mean()) for k, df in judged.items()},
                    judge.name: {k: float(df.success.mean()) for k, df in judged.items()}}
     return analyze(cm, direction, harmful, harmless, adversarial, rand, out_dir, config, success=success,
-                   placement=placement)
+                   placement=placement, harmfulness=harmfulness)
 
 
 def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmless: Sequence[str],
             adversarial: Sequence[int] | str | None, random: Sequence[int] | str | None, out_dir: str | Path,
             config: AnalysisConfig = AnalysisConfig(), success: dict | None = None, facts: dict | None = None,
-            placement: Placement | None = None) -> dict:
+            placement: Placement | None = None, harmfulness: Direction | None = None) -> dict:
     """Write projection.csv, heads.csv, attention.csv, the plots, report.md and report.html into out_dir;
     return the headline numbers (and sentences). Of the config, top_k and batch_size are read. `success`:
     attack success rates by judge, {judge name: {condition: rate}} (e.g. {"substring": {...}, "strict":
-    {...}}), stated with their judges. `placement`: where both suffixes go (default: after the prompt)."""
+    {...}}), stated with their judges. `placement`: where both suffixes go (default: after the prompt).
+    `harmfulness`: a second direction folder (`refusal direction --method harmfulness`), read at its own
+    position counted from the end (the user turn's last token for the harmfulness direction, so after an
+    adversarial string at the end of the message): harmfulness.csv, its plot, and a sentence on how much
+    of the harmful-harmless gap the adversarial suffix keeps on each direction."""
     top_k, batch_size = config.top_k, config.batch_size
     if success is not None and (not isinstance(success, dict) or not all(isinstance(v, dict) for v in success.values())):
         raise RefusalLabError("success must map judge names to {condition: rate}, e.g. {'strict': {'no_suffix': 0.1}}")
@@ -119,6 +126,12 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
     heads = heads_table({c: contributions(cm, cap.z, direction.vector) for c, cap in caps.items()}, top_k)
     chosen = top_heads(heads, top_k)
     att = attention_table_from({c: cap.regions for c, cap in caps.items()}, chosen)
+    harm = None
+    if harmfulness is not None:
+        with timer("harmfulness"):
+            harm_acts = {c: cache_activations(cm, e, [harmfulness.position], batch_size,
+                                              desc=f"{c} (harmfulness)")[:, :, 0] for c, e in encs.items()}
+        harm = projection_table(harm_acts, harmfulness.vector)
     # written into a temporary folder that replaces out_dir at the end: never a half-written analysis
     with artifacts.atomic_dir(out_dir) as tmp:
         artifacts.write_csv(tmp / "projection.csv", proj)
@@ -133,6 +146,23 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
             }
         numbers = headline_numbers(proj, heads, att, direction.layer, top_k)
         sentences = headline_sentences(numbers, success)
+        if harm is not None:
+            artifacts.write_csv(tmp / "harmfulness.csv", harm)
+            plots["Cosine with the harmfulness direction by layer"] = plot_cosine_by_layer(
+                harm, harmfulness.layer, tmp / "harmfulness_by_layer.png",
+                title="Cosine of the user turn's last token with the harmfulness direction")
+            numbers["harmfulness_layer"] = harmfulness.layer
+            numbers["harmfulness_gap_kept"] = gap_kept(harm, harmfulness.layer)
+            numbers["refusal_gap_kept"] = gap_kept(proj, direction.layer)
+            at = harm[harm.layer == harmfulness.layer].groupby("condition").cosine.mean()
+            if numbers["harmfulness_gap_kept"] is not None and numbers["refusal_gap_kept"] is not None:
+                sentences.append(
+                    f"The adversarial suffix keeps {numbers['refusal_gap_kept']:.0%} of the harmful-harmless gap on the "
+                    f"refusal direction (layer {direction.layer}, last position) and "
+                    f"{numbers['harmfulness_gap_kept']:.0%} on the harmfulness direction (layer {harmfulness.layer}, the "
+                    f"user turn's last token: harmful {at['harmful']:.3f}, adversarial {at['adversarial_suffix']:.3f}, "
+                    + (f"random {at['random_suffix']:.3f}, " if "random_suffix" in at else "")
+                    + f"harmless {at['harmless']:.3f}).")
         summary = proj[proj.layer == direction.layer].groupby("condition")[["cosine", "projection"]].mean().reset_index()
         att_summary = att.groupby(["condition", "layer", "head"])[["instruction", "suffix", "other"]].mean().reset_index()
         top_rows = heads[heads["rank"] <= top_k]

@@ -168,11 +168,14 @@ def cmd_analyze(args) -> int:
     else:
         check_analysis(config, args.suffix)
     direction = load_direction(args.direction)
+    if args.harmfulness and args.jailbreaks is not None:
+        raise RefusalLabError("--harmfulness goes with --suffix (the four conditions), not with --jailbreaks")
     if args.jailbreaks is not None:
         res = analyze_jailbreaks(_load(args), direction, args.jailbreaks, config, out)
         sentences = res["sentences"]
     else:
-        res = analyze_suffix(_load(args), direction, args.suffix, config, out)
+        harmfulness = load_direction(args.harmfulness) if args.harmfulness else None
+        res = analyze_suffix(_load(args), direction, args.suffix, config, out, harmfulness=harmfulness)
         sentences = res["numbers"]["sentences"]
     for s in sentences:
         print("- " + s)
@@ -389,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(an, batch_size=field_info(AnalysisConfig, "batch_size")[0])
     an.add_argument("--direction", required=True, help="direction folder")
     an.add_argument("--suffix", help="suffix.json (or its run folder), a text file, or the suffix text")
+    an.add_argument("--harmfulness", metavar="DIR", help="with --suffix: also project every condition onto this "
+                                                         "direction folder (refusal direction --method harmfulness) "
+                                                         "at its position, by layer")
     an.add_argument("--jailbreaks", help="instead of --suffix: a JSON Lines file of jailbreaks, each row a name, a "
                                          "prompt, and an {optim_str} marker with adversarial, a span [start, end], or "
                                          "neither; goal optional (refusal.jailbreaks)")
