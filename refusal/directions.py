@@ -35,7 +35,7 @@ from .models import ChatModel
 log = logging.getLogger(__name__)
 
 KL_THRESHOLD = 0.1  # the paper's KL filter
-METHODS = ("diff-in-means", "harmfulness")
+METHODS = ("diff-in-means", "subspace", "harmfulness")
 PRUNE_LAYER_FRACTION = 0.8  # candidates with layer >= 0.8 * n_layers are dropped
 
 
@@ -44,7 +44,9 @@ class DirectionConfig:
     """The direction stage: difference-in-means candidates and the paper's selection (or another method)."""
 
     method: str = option("diff-in-means", "diff-in-means: the paper's refusal direction (post-instruction "
-                                          "candidates, its selection); harmfulness: Zhao et al.'s difference in "
+                                          "candidates, its selection); subspace: that direction widened to at most "
+                                          "k dimensions, chosen on validation prompts (refusal.subspace); "
+                                          "harmfulness: Zhao et al.'s difference in "
                                           "means at the instruction's last token, at the layer where validation "
                                           "prompts separate best (refusal.harmfulness)", choices=METHODS)
     n_train: int = option(128, "harmful and harmless training prompts each (the difference in means)", ge=1)
@@ -55,6 +57,8 @@ class DirectionConfig:
     batch_size: int = option(32, "prompts per forward pass", ge=1)
     kl_threshold: float = option(KL_THRESHOLD, "selection drops candidates whose KL score exceeds this (the paper's 0.1)", gt=0)
     score_all: bool = option(False, "compute every score of every candidate, also those the filters drop (slower)")
+    k: int = option(4, "subspace: the largest dimension considered (every k from 2 up, and the one direction, "
+                       "are scored on validation prompts)", ge=2, le=64)
     layer: int | None = option(None, "pin the direction to this layer (with position); None: the paper's selection")
     position: int | None = option(None, "pin the direction to this post-instruction position, -1 the last (with layer)")
 
@@ -392,14 +396,20 @@ def find_direction(cm: ChatModel, config: DirectionConfig, out: str | Path) -> D
     with the config, candidates.csv). Returns the direction."""
     config.validate()
     ht, bt, hv, bv = direction_sets(config.harmful, config.harmless, config.n_train, config.n_val, config.seed)
+    subspaces = None
     if config.method == "harmfulness":
         from .harmfulness import compute_harmfulness  # it builds on this module's Direction
         direction, diffs, df = compute_harmfulness(cm, ht, bt, hv, bv, config.batch_size, config.layer)
+    elif config.method == "subspace":
+        from .subspace import compute_subspace  # it builds on this module's selection
+        direction, diffs, df, subspaces = compute_subspace(cm, ht, bt, hv, bv, config)
     else:
         direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, config)
     record = {**as_dict(config), "harmful": config.harmful or "builtin", "harmless": config.harmless or "builtin"}
     with artifacts.atomic_dir(out) as tmp:  # a failed or killed run never leaves a half-written direction
         save_direction(tmp, direction, diffs, df, config=record)
+        if subspaces is not None:
+            artifacts.write_csv(tmp / "subspaces.csv", subspaces)
     return direction
 
 

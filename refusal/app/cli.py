@@ -69,6 +69,10 @@ def cmd_direction(args) -> int:
     else:
         print(f"direction: layer {direction.layer}, position {direction.position} "
               f"(bypass {s['bypass']:.3f}, induce {s['induce']:.3f}, kl {s['kl']:.4f}); {took}")
+    if config.method == "subspace":
+        sub = direction.meta["subspace_scores"]
+        print(f"subspace: k = {direction.k} ({direction.meta['construction']}), bypass {sub['bypass']:.3f}, "
+              f"kl {sub['kl']:.4f}; every construction in {out}/subspaces.csv")
     print(f"wrote {out}/direction.safetensors, direction.json, candidates.csv")
     return 0
 
@@ -314,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection), or "
                                           "--method harmfulness")
     model_args(d, batch_size=field_info(DirectionConfig, "batch_size")[0])
-    for name in ("method", "harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
+    for name in ("method", "k", "harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
         opt(d, DirectionConfig, name)
     opt(d, DirectionConfig, "layer", type=int)
     opt(d, DirectionConfig, "position", type=int)
