@@ -309,3 +309,32 @@ def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references
     again = pd.read_csv(out / "reproduce" / "table.csv")
     assert set(CAPABILITY_COLUMNS) <= set(again.columns)
     pd.testing.assert_frame_equal(again.drop(columns="reply_ce"), table.drop(columns="reply_ce"))
+
+
+def test_reproduce_with_a_method_puts_its_table_beside_the_papers_direction(tiny_dirs, tmp_path, monkeypatch, capsys):
+    """`refusal reproduce --method subspace`: the method's folder and its table, side by side with the one
+    direction's, recorded in reproduce.json."""
+    from refusal.directions import load_direction
+    from refusal.registry import load_model
+
+    mod = _Reproduce()
+    real_prompts, real_texts = mod.builtin_prompts, mod.builtin_texts
+    monkeypatch.setattr(mod.stage, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
+    monkeypatch.setattr(mod.stage, "builtin_texts", lambda name="general_text": real_texts(name)[:2])
+    model = str(tiny_dirs["llama"])
+    out = tmp_path / "run"
+    cm = load_model(model)
+    v = _unit(cm, 3)
+    save_direction(out / "direction", Direction(v, 2 * v, 1, -1, {"layer": 1, "position": -1}),
+                   torch.zeros(cm.n_layers, cm.chat.n_post, cm.d_model), pd.DataFrame())
+    argv = ["--model", model, "--out", str(out), "--max-new-tokens", "3", "--reference-tokens", "4",
+            "--method", "subspace", "--k", "2"]
+    assert mod.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "diff-in-means (the paper's)" in printed and "subspace (layer" in printed
+    method = pd.read_csv(out / "reproduce" / "table-subspace.csv")
+    assert list(method.intervention) == ["none", "ablation", "addition", "orthogonalized"]
+    md = load_direction(out / "direction-subspace")
+    rec = artifacts.read_json(out / "reproduce" / "reproduce.json")
+    assert rec["method"]["k"] == md.k and rec["method"]["method"] == "subspace"
+    assert (out / "reproduce" / "table-subspace.md").read_text().count("|") > 20

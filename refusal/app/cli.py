@@ -282,7 +282,8 @@ def cmd_abliterate(args) -> int:
 
 def cmd_reproduce(args) -> int:
     config = ReproduceConfig(max_new_tokens=args.max_new_tokens, reference_tokens=args.reference_tokens,
-                             direction=DirectionConfig(seed=args.seed, batch_size=args.batch_size), force=args.force)
+                             direction=DirectionConfig(seed=args.seed, batch_size=args.batch_size, method=args.method,
+                                                       k=args.k), force=args.force)
     config.validate()
     torch.manual_seed(args.seed)
     cm = _load(args)
@@ -472,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the model whose greedy replies to the harmless test prompts reply_ce is measured on "
                          "(default: smollm2 for --model organism, else the model itself, unmodified)")
     opt(rp, DirectionConfig, "seed")
+    opt(rp, DirectionConfig, "method")
+    opt(rp, DirectionConfig, "k")
     rp.add_argument("--out", default="runs/paper")
     opt(rp, ReproduceConfig, "force")
     rp.set_defaults(fn=cmd_reproduce)

@@ -155,7 +155,9 @@ def reproduce_paper(cm: ChatModel, config: ReproduceConfig, out: str | Path, ref
     no intervention, ablation, addition and orthogonalization), one completions file per (intervention,
     prompt set), pca.csv and pca.png, and reproduce.json. `reference`: the model whose greedy replies to the
     harmless test prompts reply_ce is measured on (default: cm itself, unmodified); its replies are made
-    once and cached in out/reference/replies.json. Returns the record, with the table and the PCA summary."""
+    once and cached in out/reference/replies.json. With config.direction.method other than the paper's, the
+    method's folder (out/direction-METHOD) and its table (table-METHOD.csv; table-METHOD.md side by side with
+    the paper's direction) too. Returns the record, with the table(s) and the PCA summary."""
     config.validate()
     out = Path(out)
     rdir = artifacts.prepare_stage_dir(out / "reproduce", force=config.force, resume=not config.force)
@@ -213,8 +215,33 @@ def reproduce_paper(cm: ChatModel, config: ReproduceConfig, out: str | Path, ref
         reference_model=ref.describe(), reference_tokens=config.reference_tokens,
         config=as_dict(config), pca_first_separating_layer=sep_from, ablation=as_dict(ablation),
         orthogonalized_exact=not cm.family.post_norms and not ablation.norm_preserving)
+    method = config.direction.method
+    method_table = None
+    if method != "diff-in-means":  # the method's own folder and table, beside the paper's direction's
+        mdir = out / f"direction-{method}"
+        md = load_direction(mdir, cm) if (mdir / "direction.safetensors").is_file() else \
+            find_direction(cm, config.direction, mdir)
+        mpath = rdir / f"table-{method}.csv"
+        if mpath.is_file() and not config.force:
+            method_table = pd.read_csv(mpath)
+        else:
+            replies = cached_reference_replies(ref_path, ref, harmless, config.reference_tokens)
+            method_table, details = intervention_table(cm, md, harmful, harmless, config.max_new_tokens,
+                                                       borderline=borderline, replies=(harmless, replies),
+                                                       texts=texts)
+            artifacts.write_csv(mpath, method_table)
+            for name, df in details.items():
+                artifacts.write_csv(rdir / f"{method}_{name}.csv", df)
+        both = pd.concat([table.assign(direction="diff-in-means (the paper's)"),
+                          method_table.assign(direction=f"{method} (layer {md.layer}, k {md.k})")], ignore_index=True)
+        both = both[["direction"] + [c for c in both.columns if c != "direction"]]
+        artifacts.write_text(rdir / f"table-{method}.md", to_markdown(both))
+        record["method"] = {"method": method, "folder": str(mdir), "layer": md.layer, "position": md.position,
+                            "k": md.k, "table": method_table.to_dict("records")}
     artifacts.write_json(rdir / "reproduce.json", record)
     pca_summary = (f"PCA: PC1 separates harmful from harmless (>= 95% accuracy) from layer {sep_from}; at layer "
                    f"{direction.layer} PC1 explains {at.ev1:.1%} of the variance, separates {at.pc1_separation:.1%}, "
                    f"|cos| with the difference in means {at.cos_pc1_diff_in_means:.2f}")
-    return {**record, "table": table, "table_md": to_markdown(table), "pca_summary": pca_summary, "out": str(rdir)}
+    shown = table if method_table is None else both
+    return {**record, "table": table, "method_table": method_table, "table_md": to_markdown(shown),
+            "pca_summary": pca_summary, "out": str(rdir)}
