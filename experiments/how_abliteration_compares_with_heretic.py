@@ -1,10 +1,11 @@
 """How does `refusal abliterate` compare with heretic 1.4.0 on the organism, re-scored alike?
 
-Found: heretic is ahead on two seeds of three. Re-scored by the strict judge, refusal-lab's front is better
-on seed 0 (hypervolume 0.251 against 0.203), heretic's on seeds 1 and 2 (0.228 against 0.217, 0.230
-against 0.170); by heretic's own markers, heretic's on all three. Every heretic winner took each layer's
-own direction, which refusal-lab's search (settings version 1) could not; it can now (per_layer),
-not yet measured (docs/results.md).
+Found: refusal-lab ahead on two seeds of three, not on all. With settings version 3 (heretic's priors on the
+kernels' peak and the direction's layer) refusal-lab's front, re-scored by the strict judge, has the larger
+hypervolume on seeds 0 and 1 (0.244 against 0.203, 0.254 against 0.228), heretic's on seed 2 (0.230 against
+0.211); on the held-out test prompts refusal-lab's chosen edit refuses 13.3% against 35.0% (seed 0, KL 0.2299
+against 0.2293), 23.3% against 24.2% (seed 1, KL 0.1632 against 0.1634), 23.3% against 22.5% (seed 2, KL 0.190
+against 0.159). Version 1 (`--ours 'runs/abl-s{seed}'`) was ahead on seed 0 only (docs/results.md).
 
     python experiments/how_abliteration_compares_with_heretic.py heretic --seed S   # heretic's study, resumable
     python experiments/how_abliteration_compares_with_heretic.py rescore --seed S   # both fronts, one judge, one KL
