@@ -2,7 +2,8 @@
 from .errors import RefusalLabError
 from .models import ChatModel
 from .data import Prompt, builtin_prompts, load_prompts
-from .directions import Direction, DirectionConfig, compute_direction, find_direction, load_direction, save_direction
+from .directions import Direction, DirectionConfig, compute_direction, load_direction, save_direction
+from .methods import find_direction
 from .hooks import Hook, ablate_direction, ablation_hooks, add_direction, addition_hooks, hooked, orthogonalize
 from .metrics import evaluate, generate, is_refusal, refusal_scores
 from .judges import JudgeConfig, load_judge

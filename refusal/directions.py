@@ -22,10 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import artifacts
-from .config import as_dict, check_fields, option
+from .config import check_fields, option
 from .activations import cache_activations, last_logits
 from .chat import Encoded, pad_left
-from .data import Prompt, direction_sets, instructions, prompt_hash
+from .data import Prompt, instructions, prompt_hash
 from .engine import expand_cache, plan_batches, repeat_rows, run_prefix, shared_prefix_len, with_prefix
 from .errors import RefusalLabError
 from .hooks import ablate_direction, capture_block_inputs, orthonormal_basis, start_at_layer
@@ -148,7 +148,7 @@ def mean_diffs(harmful_acts: torch.Tensor, harmless_acts: torch.Tensor) -> torch
     return harmful_acts.float().mean(0) - harmless_acts.float().mean(0)
 
 
-def _ablation_scores(cm, r, harmful_val, harmless_val, base_harmless, ref_ids, batch_size) -> tuple[float, float]:
+def ablation_scores(cm, r, harmful_val, harmless_val, base_harmless, ref_ids, batch_size) -> tuple[float, float]:
     """(bypass, kl) of candidate r: one ablated pass over harmful and harmless validation prompts."""
     with ablate_direction(cm, r):
         logits = last_logits(cm, list(harmful_val) + list(harmless_val), batch_size)
@@ -254,7 +254,7 @@ def score_candidates(
         row["induce_score"] = induce[layer, pi].item()
         if row["induce_score"] <= 0 and not score_all:
             continue
-        row["bypass_score"], row["kl_score"] = _ablation_scores(
+        row["bypass_score"], row["kl_score"] = ablation_scores(
             cm, r, harmful_val, harmless_val, base_harmless, ref_ids, batch_size)
     return pd.DataFrame(rows)
 
@@ -365,7 +365,7 @@ def compute_direction(
         r = diffs[layer, pos + diffs.shape[1]]
         if df.loc[best, ["bypass_score", "kl_score"]].isna().any():  # relaxed choice: complete its record
             hv, bv = enc(harmful_val), enc(harmless_val)
-            df.loc[best, ["bypass_score", "kl_score"]] = _ablation_scores(
+            df.loc[best, ["bypass_score", "kl_score"]] = ablation_scores(
                 cm, r, hv, bv, last_logits(cm, bv, batch_size), refusal_token_ids(cm.tokenizer), batch_size)
     row = df.loc[best]
     meta = {
@@ -388,29 +388,6 @@ def compute_direction(
         "timings_s": timer.seconds,
     }
     return Direction(r / r.norm(), r.clone(), layer, pos, meta, diffs, harmless_means), diffs, df
-
-
-def find_direction(cm: ChatModel, config: DirectionConfig, out: str | Path) -> Direction:
-    """The direction stage: the prompt sets config names (built-in splits, or files split by the seed), the
-    direction computed and selected, written atomically to `out` (direction.safetensors, direction.json
-    with the config, candidates.csv). Returns the direction."""
-    config.validate()
-    ht, bt, hv, bv = direction_sets(config.harmful, config.harmless, config.n_train, config.n_val, config.seed)
-    subspaces = None
-    if config.method == "harmfulness":
-        from .harmfulness import compute_harmfulness  # it builds on this module's Direction
-        direction, diffs, df = compute_harmfulness(cm, ht, bt, hv, bv, config.batch_size, config.layer)
-    elif config.method == "subspace":
-        from .subspace import compute_subspace  # it builds on this module's selection
-        direction, diffs, df, subspaces = compute_subspace(cm, ht, bt, hv, bv, config)
-    else:
-        direction, diffs, df = compute_direction(cm, ht, bt, hv, bv, config)
-    record = {**as_dict(config), "harmful": config.harmful or "builtin", "harmless": config.harmless or "builtin"}
-    with artifacts.atomic_dir(out) as tmp:  # a failed or killed run never leaves a half-written direction
-        save_direction(tmp, direction, diffs, df, config=record)
-        if subspaces is not None:
-            artifacts.write_csv(tmp / "subspaces.csv", subspaces)
-    return direction
 
 
 # ----------------------------------------------------------------------------- artifacts

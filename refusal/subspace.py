@@ -22,7 +22,7 @@ import torch
 
 from .activations import cache_activations, last_logits
 from .data import Prompt, instructions
-from .directions import DirectionConfig, _ablation_scores, compute_direction, with_basis
+from .directions import DirectionConfig, ablation_scores, compute_direction, with_basis
 from .errors import RefusalLabError
 from .metrics import refusal_token_ids
 from .models import ChatModel
@@ -77,7 +77,7 @@ def compute_subspace(cm: ChatModel, harmful_train: Sequence[Prompt], harmless_tr
         bases[("pca", k)] = pca_span(at[0], at[1], r, k)
     rows = []
     for (construction, k), vectors in bases.items():
-        bypass, kl = _ablation_scores(cm, vectors, hv, bv, base, ref_ids, bs)
+        bypass, kl = ablation_scores(cm, vectors, hv, bv, base, ref_ids, bs)
         rows.append(dict(construction=construction, k=k, bypass_score=bypass, kl_score=kl))
     table = pd.DataFrame(rows)
     bound = max(config.kl_threshold, float(table.kl_score[0]))

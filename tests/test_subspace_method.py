@@ -8,7 +8,7 @@ import torch
 
 from refusal.app.cli import main
 from refusal.data import Prompt
-from refusal.directions import DirectionConfig, _ablation_scores, load_direction
+from refusal.directions import DirectionConfig, ablation_scores, load_direction
 from refusal.activations import last_logits
 from refusal.metrics import refusal_token_ids
 from refusal.subspace import candidate_span, compute_subspace, pca_span
@@ -51,7 +51,7 @@ def test_the_chosen_subspace_follows_the_rule_and_its_scores_reproduce(tiny):
     paper = df[df.selected].iloc[0]
     assert (d.layer, d.position) == (int(paper.layer), int(paper.position))
     hv, bv = tiny.chat.encode_all([p.instruction for p in HARMFUL[6:]]), tiny.chat.encode_all([p.instruction for p in HARMLESS[6:]])
-    bypass, kl = _ablation_scores(tiny, d.ablated, hv, bv, last_logits(tiny, bv), refusal_token_ids(tiny.tokenizer), 8)
+    bypass, kl = ablation_scores(tiny, d.ablated, hv, bv, last_logits(tiny, bv), refusal_token_ids(tiny.tokenizer), 8)
     assert abs(bypass - pick.bypass_score) < 1e-4 and abs(kl - pick.kl_score) < 1e-4
 
 

@@ -33,7 +33,8 @@ from refusal.ablation import AblationConfig, AblationScorer, Kernel, save_ablati
 from refusal.capability import cached_reference_replies
 from refusal.config import as_dict, check_fields, option
 from refusal.data import builtin_prompts, builtin_texts, direction_sets, instructions
-from refusal.directions import Direction, DirectionConfig, find_direction, load_direction
+from refusal.directions import Direction, DirectionConfig, load_direction
+from refusal.methods import find_direction
 from refusal.errors import RefusalLabError
 from refusal.judges import Judge, JudgeConfig, load_judge
 from refusal.models import ChatModel

@@ -25,7 +25,8 @@ from refusal import artifacts
 from refusal.config import field_info
 from refusal.data import resolve_prompts
 from refusal.ablation import CHECK_PROMPTS, load_ablation, write_abliterated
-from refusal.directions import DirectionConfig, find_direction, load_direction
+from refusal.directions import DirectionConfig, load_direction
+from refusal.methods import find_direction
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig, judge_file
 from refusal.models import ChatModel, seed_everything

@@ -22,7 +22,8 @@ from refusal.app.attack import run_attack
 from refusal import artifacts
 from refusal.config import as_dict, check_fields, option
 from refusal.data import builtin_prompts, instructions
-from refusal.directions import DirectionConfig, find_direction, load_direction
+from refusal.directions import DirectionConfig, load_direction
+from refusal.methods import find_direction
 from refusal.errors import RefusalLabError
 from refusal.hooks import ablate_direction, add_direction
 from refusal.judges import Judge, JudgeConfig, add_verdicts, load_judge

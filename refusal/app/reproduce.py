@@ -17,7 +17,8 @@ from refusal.activations import cache_activations, last_logits
 from refusal.capability import capability_row, cached_reference_replies
 from refusal.config import as_dict, check_fields, option
 from refusal.data import builtin_prompts, builtin_texts, instructions, prompt_hash, text_hash
-from refusal.directions import Direction, DirectionConfig, find_direction, load_direction
+from refusal.directions import Direction, DirectionConfig, load_direction
+from refusal.methods import find_direction
 from refusal.errors import RefusalLabError
 from refusal.ablation import AblationConfig, ablate, abliterate, load_ablation
 from refusal.hooks import add_direction

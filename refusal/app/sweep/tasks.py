@@ -18,7 +18,8 @@ from attacks.gcg import GCGConfig
 from refusal import artifacts
 from refusal.ablation import AblationConfig, AblationScorer
 from refusal.data import direction_sets, instructions
-from refusal.directions import DirectionConfig, find_direction, load_direction
+from refusal.directions import DirectionConfig, load_direction
+from refusal.methods import find_direction
 from refusal.judges import JudgeConfig, load_judge
 from refusal.models import seed_everything
 from refusal.registry import ModelConfig, load_model
