@@ -43,7 +43,7 @@ from .config import as_dict, check_fields, option
 from .data import builtin_prompts, instructions
 from .directions import Direction, check_direction, direction_dir
 from .errors import RefusalLabError
-from .hooks import (Hook, ablate_direction, check_ablation_sites, hooked, orthonormal_basis, output_hook,
+from .hooks import (Hook, ablate_direction, as_rows, check_ablation_sites, hooked, orthonormal_basis, output_hook,
                     project_out, remove_from_bias, remove_from_cols, remove_from_rows, untie_embeddings)
 from .metrics import evaluate, kl_divergence
 from .models import ChatModel
@@ -450,7 +450,7 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     if dirs.embed_weight and not config.norm_preserving:
         for emb in twin.embeddings():
             e = emb.weight.double()  # [vocab, d]
-            v = _rows(dirs.embed).to(e.device)  # [k, d]
+            v = as_rows(dirs.embed).to(e.device)  # [k, d]
             edits.append((names[id(emb)], -dirs.embed_weight * v.T, v @ e.T))
     for layer in range(twin.n_layers):
         o_proj = twin.o_proj(layer)
@@ -466,7 +466,7 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
                     missing.append(f"{names[id(module)]} ({type(module).__name__} weights)")
                     continue
                 wt = module.weight.double()  # [d, in]
-                vv = _rows(v).to(wt.device)  # [k, d]
+                vv = as_rows(v).to(wt.device)  # [k, d]
                 edits.append((names[id(module)], -w * vv.T, vv @ wt))
                 if module.bias is not None:
                     missing.append(f"{names[id(module)]}.bias")
@@ -477,7 +477,7 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     if dirs.embed_weight and out_emb is not None and out_emb.weight is model.get_input_embeddings().weight:
         notes.append("the embedding is tied to the LM head: the adapter edits the embedding alone as loaded; "
                      "merging it into the shared weight would edit the LM head too (use the model folder)")
-    rank = _rows(dirs.embed).shape[0]  # 1, or a subspace's k
+    rank = as_rows(dirs.embed).shape[0]  # 1, or a subspace's k
     lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _, _ in edits], init_lora_weights=False,
                       lora_dropout=0.0, bias="none")
     with warnings.catch_warnings():  # peft's own notices: tied weights (noted above) and transformers deprecations
@@ -499,12 +499,6 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
         peft_model.save_pretrained(tmp, safe_serialization=True)
         artifacts.write_json(tmp / ADAPTER_NOTE, record)
     return record
-
-
-def _rows(r: torch.Tensor) -> torch.Tensor:
-    """A unit vector [d] or a basis [k, d] as rows [k, d] (float64)."""
-    r = r.double()
-    return r[None] if r.ndim == 1 else r
 
 
 def _mlp_write_modules(cm: ChatModel, layer: int) -> tuple[list[torch.nn.Module], list[str]]:

@@ -307,9 +307,9 @@ def start_at_layer(cm: ChatModel, layer: int, hidden_fn) -> Iterator[None]:
 # ----------------------------------------------------------------------------- weight orthogonalization
 
 
-def _as_rows(r: torch.Tensor, device) -> torch.Tensor:
-    """A unit vector [d] or an orthonormal basis [k, d] as rows [k, d], float64 on `device`."""
-    rr = r.to(device, torch.float64)
+def as_rows(r: torch.Tensor, device=None) -> torch.Tensor:
+    """A unit vector [d] or an orthonormal basis [k, d] as rows [k, d], float64 (on `device` if given)."""
+    rr = r.to(device or r.device, torch.float64)
     return rr[None] if rr.ndim == 1 else rr
 
 
@@ -318,7 +318,7 @@ def remove_from_rows(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> N
     weight [d, in] (output = W x), or a mixture of experts' stacked down projections [experts, d, in], each
     expert edited alike (w = 1: span(R) removed)."""
     t = weight.data
-    rr = _as_rows(r, t.device)
+    rr = as_rows(r, t.device)
     wf = t.double()
     t.copy_((wf - w * rr.T @ (rr @ wf)).to(t.dtype))
 
@@ -326,7 +326,7 @@ def remove_from_rows(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> N
 def remove_from_cols(weight: torch.Tensor, r: torch.Tensor, w: float = 1.0) -> None:
     """W[in, d] <- W - w W R^T R  (GPT-2 Conv1D: output = x W, and embeddings [vocab, d])."""
     t = weight.data
-    rr = _as_rows(r, t.device)
+    rr = as_rows(r, t.device)
     wf = t.double()
     t.copy_((wf - w * (wf @ rr.T) @ rr).to(t.dtype))
 
@@ -335,7 +335,7 @@ def remove_from_bias(bias: torch.Tensor | None, r: torch.Tensor, w: float = 1.0)
     """b[..., d] <- b - w R^T R b."""
     if bias is not None:
         b = bias.data
-        rr = _as_rows(r, b.device)
+        rr = as_rows(r, b.device)
         bf = b.double()
         b.copy_((bf - w * (bf @ rr.T) @ rr).to(b.dtype))
 

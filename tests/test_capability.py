@@ -251,11 +251,9 @@ class _Reproduce:
         return main(["reproduce", *argv])
 
 
-def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references(tiny_dirs, tmp_path, monkeypatch,
-                                                                                  capsys):
-    """`refusal reproduce` end to end on a tiny model with 3 prompts per set: the table's new
-    columns, the reference replies cached as JSON, a finished table reused (only with the settings it was
-    made with), an old one recomputed."""
+def _small_reproduce_run(tiny_dirs, tmp_path, monkeypatch):
+    """The tiny Llama with 3 prompts per set and 2 texts, and a run folder holding a direction: (the
+    patchable CLI, the model's path, the run folder, the loaded model)."""
     from refusal.registry import load_model
 
     mod = _Reproduce()
@@ -268,6 +266,16 @@ def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references
     v = _unit(cm, 3)
     save_direction(out / "direction", Direction(v, 2 * v, 1, -1, {"layer": 1, "position": -1}),
                    torch.zeros(cm.n_layers, cm.chat.n_post, cm.d_model), pd.DataFrame())
+    return mod, model, out, cm
+
+
+def test_reproduce_paper_writes_the_capability_columns_and_caches_the_references(tiny_dirs, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """`refusal reproduce` end to end on a tiny model with 3 prompts per set: the table's new
+    columns, the reference replies cached as JSON, a finished table reused (only with the settings it was
+    made with), an old one recomputed."""
+    mod, model, out, cm = _small_reproduce_run(tiny_dirs, tmp_path, monkeypatch)
+    real_prompts, real_texts = mod.builtin_prompts, mod.builtin_texts
     argv = ["--model", model, "--out", str(out), "--max-new-tokens", "3", "--reference-tokens", "4"]
     assert mod.main(argv) == 0
     table = pd.read_csv(out / "reproduce" / "table.csv")
@@ -315,18 +323,8 @@ def test_reproduce_with_a_method_puts_its_table_beside_the_papers_direction(tiny
     """`refusal reproduce --method subspace`: the method's folder and its table, side by side with the one
     direction's, recorded in reproduce.json."""
     from refusal.directions import load_direction
-    from refusal.registry import load_model
 
-    mod = _Reproduce()
-    real_prompts, real_texts = mod.builtin_prompts, mod.builtin_texts
-    monkeypatch.setattr(mod.stage, "builtin_prompts", lambda kind, split=None: real_prompts(kind, split)[:3])
-    monkeypatch.setattr(mod.stage, "builtin_texts", lambda name="general_text": real_texts(name)[:2])
-    model = str(tiny_dirs["llama"])
-    out = tmp_path / "run"
-    cm = load_model(model)
-    v = _unit(cm, 3)
-    save_direction(out / "direction", Direction(v, 2 * v, 1, -1, {"layer": 1, "position": -1}),
-                   torch.zeros(cm.n_layers, cm.chat.n_post, cm.d_model), pd.DataFrame())
+    mod, model, out, cm = _small_reproduce_run(tiny_dirs, tmp_path, monkeypatch)
     argv = ["--model", model, "--out", str(out), "--max-new-tokens", "3", "--reference-tokens", "4",
             "--method", "subspace", "--k", "2"]
     assert mod.main(argv) == 0
