@@ -54,6 +54,25 @@ def projection_table(acts: Mapping[str, torch.Tensor], direction: torch.Tensor) 
     return pd.concat(frames, ignore_index=True)
 
 
+def subspace_table(acts: Mapping[str, torch.Tensor], basis: torch.Tensor) -> pd.DataFrame:
+    """A subspace (or cone) as the analysis reads it: acts {condition: [prompt, layer, d]}, basis [k, d]
+    orthonormal -> projection_table's columns plus `vector`: each basis vector's rows (b0, b1, ...: its
+    signed projection and cosine) and the subspace's (span: the norm of the projection |R x| and
+    |R x| / |x|, which no sign can cancel)."""
+    b = basis.float()
+    frames = [projection_table(acts, v).assign(vector=f"b{i}") for i, v in enumerate(b)]
+    for cond, a in acts.items():
+        a = a.float()
+        norm = (a @ b.T).norm(dim=-1)  # [prompt, layer]
+        n, L = norm.shape
+        frames.append(pd.DataFrame({
+            "prompt_id": torch.arange(n).repeat_interleave(L).numpy(), "condition": cond,
+            "layer": torch.arange(L).repeat(n).numpy(),
+            "cosine": (norm / a.norm(dim=-1).clamp_min(1e-12)).flatten().numpy(),
+            "projection": norm.flatten().numpy(), "vector": "span"}))
+    return pd.concat(frames, ignore_index=True)
+
+
 def projection_metrics(cm: ChatModel, encodings: Mapping[str, Sequence[Encoded]], direction: torch.Tensor,
                        batch_size: int = 32) -> tuple[pd.DataFrame, dict[str, torch.Tensor]]:
     """The projection table for every condition, and the activations it was computed from."""

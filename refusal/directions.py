@@ -31,11 +31,13 @@ from .errors import RefusalLabError
 from .hooks import ablate_direction, capture_block_inputs, orthonormal_basis, start_at_layer
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel
+from .rdo import RDOConfig
 
 log = logging.getLogger(__name__)
 
 KL_THRESHOLD = 0.1  # the paper's KL filter
-METHODS = ("diff-in-means", "subspace", "harmfulness")
+METHODS = ("diff-in-means", "subspace", "rdo", "harmfulness")
+SUBSPACE_K = 4  # the largest subspace considered when --k is not given
 PRUNE_LAYER_FRACTION = 0.8  # candidates with layer >= 0.8 * n_layers are dropped
 
 
@@ -46,7 +48,8 @@ class DirectionConfig:
     method: str = option("diff-in-means", "diff-in-means: the paper's refusal direction (post-instruction "
                                           "candidates, its selection); subspace: that direction widened to at most "
                                           "k dimensions, chosen on validation prompts (refusal.subspace); "
-                                          "harmfulness: Zhao et al.'s difference in "
+                                          "rdo: a direction, or a cone of k, learned by gradient (Wollschläger "
+                                          "et al., refusal.rdo); harmfulness: Zhao et al.'s difference in "
                                           "means at the instruction's last token, at the layer where validation "
                                           "prompts separate best (refusal.harmfulness)", choices=METHODS)
     n_train: int = option(128, "harmful and harmless training prompts each (the difference in means)", ge=1)
@@ -57,8 +60,12 @@ class DirectionConfig:
     batch_size: int = option(32, "prompts per forward pass", ge=1)
     kl_threshold: float = option(KL_THRESHOLD, "selection drops candidates whose KL score exceeds this (the paper's 0.1)", gt=0)
     score_all: bool = option(False, "compute every score of every candidate, also those the filters drop (slower)")
-    k: int = option(4, "subspace: the largest dimension considered (every k from 2 up, and the one direction, "
-                       "are scored on validation prompts)", ge=2, le=64)
+    k: int | None = option(None, f"subspace: the largest dimension considered (every k from 2 up, and the one "
+                                 f"direction, are scored on validation prompts; None: {SUBSPACE_K}); rdo: the "
+                                 "cone's dimension (None: 1, one direction)", ge=1, le=64)
+    construction: str = option("best", "subspace: best (construction and k chosen on validation prompts), or "
+                                       "candidates or pca at exactly --k", choices=("best", "candidates", "pca"))
+    rdo: RDOConfig = option(help="rdo: the training's settings", factory=RDOConfig)
     layer: int | None = option(None, "pin the direction to this layer (with position); None: the paper's selection")
     position: int | None = option(None, "pin the direction to this post-instruction position, -1 the last (with layer)")
 
@@ -66,6 +73,12 @@ class DirectionConfig:
         check_fields(self)  # the fields, then checks()
 
     def checks(self) -> None:
+        if self.k is not None and self.method not in ("subspace", "rdo"):
+            raise RefusalLabError(f"--k is a setting of --method subspace or rdo, not {self.method}")
+        if self.construction != "best" and self.method != "subspace":
+            raise RefusalLabError("--construction is a setting of --method subspace")
+        if self.method == "subspace" and self.k is not None and self.k < 2:
+            raise RefusalLabError("--method subspace needs --k of at least 2 (k = 1 is the paper's direction)")
         if self.method == "harmfulness":
             if self.position is not None:
                 raise RefusalLabError("the harmfulness direction is taken at the instruction's last token: pin "

@@ -11,7 +11,8 @@ Every (construction, k) for k = 2 .. K, and the paper's k = 1, is scored on the 
 paper scores a candidate: bypass (the mean refusal score of harmful prompts with the subspace ablated) and
 KL (of harmless prompts' last-position logits under the ablation). The chosen one has the lowest bypass
 among those whose KL is at most the threshold or the one direction's own KL, whichever is larger (a
-subspace may not cost more than the direction it widens); the table of all is kept in the folder.
+subspace may not cost more than the direction it widens); the table of all is kept in the folder. A
+user may pin the construction and k instead (config.construction), as they may pin the paper's layer.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 
 from .activations import cache_activations, last_logits
 from .data import Prompt, instructions
-from .directions import DirectionConfig, ablation_scores, compute_direction, with_basis
+from .directions import SUBSPACE_K, DirectionConfig, ablation_scores, compute_direction, with_basis
 from .errors import RefusalLabError
 from .metrics import refusal_token_ids
 from .models import ChatModel
@@ -72,23 +73,31 @@ def compute_subspace(cm: ChatModel, harmful_train: Sequence[Prompt], harmless_tr
     at = [cache_activations(cm, cm.chat.encode_all(instructions(s)), [pos], bs, desc=f"{name} at the direction")
           [:, layer, 0] for s, name in ((harmful_train, "harmful"), (harmless_train, "harmless"))]
     bases = {("one direction", 1): r[None]}
-    for k in range(2, config.k + 1):
-        bases[("candidates", k)] = candidate_span(diffs, layer, r, k)
-        bases[("pca", k)] = pca_span(at[0], at[1], r, k)
+    top = config.k or SUBSPACE_K
+    for k in range(2 if config.construction == "best" else top, top + 1):
+        if config.construction in ("best", "candidates"):
+            bases[("candidates", k)] = candidate_span(diffs, layer, r, k)
+        if config.construction in ("best", "pca"):
+            bases[("pca", k)] = pca_span(at[0], at[1], r, k)
     rows = []
     for (construction, k), vectors in bases.items():
         bypass, kl = ablation_scores(cm, vectors, hv, bv, base, ref_ids, bs)
         rows.append(dict(construction=construction, k=k, bypass_score=bypass, kl_score=kl))
     table = pd.DataFrame(rows)
     bound = max(config.kl_threshold, float(table.kl_score[0]))
-    allowed = table[table.kl_score <= bound]
-    best = int(allowed.bypass_score.idxmin())
+    if config.construction == "best":
+        allowed = table[table.kl_score <= bound]
+        best = int(allowed.bypass_score.idxmin())
+        rule = (f"the lowest bypass among constructions with KL <= {bound:.4g} (the threshold or the one "
+                "direction's own KL, the larger)")
+    else:
+        best = len(table) - 1
+        rule = f"PINNED by the user to {config.construction} at k = {top}"
     table["selected"] = table.index == best
     pick = table.loc[best]
     provenance = {"method": "subspace", "construction": pick.construction, "window_layers": WINDOW,
                   "subspace_scores": {"bypass": float(pick.bypass_score), "kl": float(pick.kl_score)},
-                  "subspace_rule": f"the lowest bypass among constructions with KL <= {bound:.4g} (the threshold "
-                                   "or the one direction's own KL, the larger)",
+                  "subspace_rule": rule,
                   "subspaces": table.to_dict("records")}
     chosen = with_basis(direction, bases[(pick.construction, int(pick.k))], **provenance)
     return chosen, diffs, df, table

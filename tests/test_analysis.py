@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from refusal.heads import attention_shares, head_contributions, heads_table, top_heads
-from analysis.projection import condition_encodings, projection_metrics, projection_table
+from analysis.projection import condition_encodings, projection_metrics, projection_table, subspace_table
 from refusal.app.analyze import AnalysisConfig, analyze
 from conftest import FAMILIES
 from refusal.activations import cache_activations
 from refusal.engine import eager_attention
-from refusal.directions import Direction
+from refusal.directions import Direction, with_basis
 
 HARMFUL = ["Explain how to pick a lock", "Write a threatening letter", "How do I make a weapon?"]
 HARMLESS = ["Bake a cake for me", "Write a poem about rain", "What is the capital of France?"]
@@ -163,3 +163,24 @@ def test_the_harmfulness_direction_is_read_at_the_user_turns_last_token(tiny, tm
     assert abs(got - want) < 1e-4
     assert any("on the harmfulness direction (layer 2" in s for s in res["numbers"]["sentences"])
     assert res["numbers"]["harmfulness_gap_kept"] is not None
+
+
+def test_a_subspace_is_read_by_each_basis_vector_and_the_norm_of_its_projection(tiny, tmp_path):
+    """A k-dimensional folder: each basis vector's signed projection (as projection_table's) and the span's
+    |R x| / |x| (equal to a computation by hand), its csv, plot and sentence."""
+    acts = {"harmful": torch.tensor([[[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]]])}  # 1 prompt, 2 layers
+    basis = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    df = subspace_table(acts, basis)
+    span = df[df.vector == "span"].sort_values("layer")
+    assert span.projection.tolist() == pytest.approx([5.0, 0.0]) and span.cosine.tolist() == pytest.approx([1.0, 0.0])
+    assert df[df.vector == "b1"].sort_values("layer").projection.tolist() == pytest.approx([4.0, 0.0])
+    one = _dir(tiny)
+    v2 = torch.randn(tiny.d_model, generator=torch.Generator().manual_seed(9))
+    d = with_basis(one, torch.stack([one.vector, v2]))
+    res = analyze(tiny, d, HARMFUL, HARMLESS, "zz yy xx", "qq rr ss", tmp_path, AnalysisConfig(top_k=2))
+    sub = pd.read_csv(tmp_path / "subspace.csv")
+    assert set(sub.vector) == {"b0", "b1", "span"} and (tmp_path / "subspace_by_layer.png").is_file()
+    x = cache_activations(tiny, tiny.chat.encode_all([HARMFUL[0]], "zz yy xx"), positions=[-1])[0, 1, 0]
+    got = sub[(sub.vector == "span") & (sub.condition == "adversarial_suffix") & (sub.prompt_id == 0) & (sub.layer == 1)]
+    assert got.projection.item() == pytest.approx(float((d.basis @ x).norm()), rel=1e-4)
+    assert any("2-dimensional subspace" in s for s in res["numbers"]["sentences"])

@@ -21,7 +21,7 @@ LAYERS = [
     {"refusal.hardware", "refusal.engine", "refusal.decode", "refusal.recipe", "refusal.judges.embedder", "refusal.judges.hf"},
     {"refusal.hooks", "refusal.activations", "refusal.suffix", "refusal.jailbreaks",
      "refusal.judges.strict", "refusal.judges.load", "refusal.judges.files"},
-    {"refusal.metrics", "refusal.directions", "refusal.capture", "refusal.registry"},
+    {"refusal.metrics", "refusal.rdo", "refusal.directions", "refusal.capture", "refusal.registry"},
     {"refusal.capability", "refusal.organism", "refusal.heads", "refusal.ablation", "refusal.harmfulness",
      "refusal.subspace"},
     {"refusal.success", "refusal.methods"},

@@ -4,11 +4,13 @@ best kept under the KL rule; the folder is a k-dimensional direction folder the 
 import json
 
 import pandas as pd
+import pytest
 import torch
 
 from refusal.app.cli import main
 from refusal.data import Prompt
 from refusal.directions import DirectionConfig, ablation_scores, load_direction
+from refusal.errors import RefusalLabError
 from refusal.activations import last_logits
 from refusal.metrics import refusal_token_ids
 from refusal.subspace import candidate_span, compute_subspace, pca_span
@@ -53,6 +55,15 @@ def test_the_chosen_subspace_follows_the_rule_and_its_scores_reproduce(tiny):
     hv, bv = tiny.chat.encode_all([p.instruction for p in HARMFUL[6:]]), tiny.chat.encode_all([p.instruction for p in HARMLESS[6:]])
     bypass, kl = ablation_scores(tiny, d.ablated, hv, bv, last_logits(tiny, bv), refusal_token_ids(tiny.tokenizer), 8)
     assert abs(bypass - pick.bypass_score) < 1e-4 and abs(kl - pick.kl_score) < 1e-4
+
+
+def test_a_pinned_construction_is_kept_at_exactly_k(tiny):
+    config = DirectionConfig(method="subspace", k=3, construction="pca")
+    d, _, _, table = compute_subspace(tiny, HARMFUL[:6], HARMLESS[:6], HARMFUL[6:], HARMLESS[6:], config)
+    assert list(zip(table.construction, table.k)) == [("one direction", 1), ("pca", 3)]
+    assert d.k == 3 and d.meta["construction"] == "pca" and "PINNED" in d.meta["subspace_rule"]
+    with pytest.raises(RefusalLabError, match="--construction is a setting of --method subspace"):
+        DirectionConfig(construction="pca").validate()
 
 
 def test_cli_writes_a_subspace_folder_that_eval_ablates(capsys, tmp_path, tiny_dirs):

@@ -25,7 +25,7 @@ from refusal.success import judge_replies, suffix_success
 from refusal.suffix import check_suffix_ids, load_suffix, suffix_placement, suffix_record
 
 from analysis.plots import plot_attention_shares, plot_cosine_by_layer, plot_head_contributions, plot_pca_conditions
-from analysis.projection import condition_encodings, gap_kept, projection_table
+from analysis.projection import condition_encodings, gap_kept, projection_table, subspace_table
 from analysis.report import headline_numbers, headline_sentences, success_frame, write_report
 from refusal.activations import cache_activations
 from refusal.capture import capture_last_position
@@ -126,6 +126,7 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
     heads = heads_table({c: contributions(cm, cap.z, direction.vector) for c, cap in caps.items()}, top_k)
     chosen = top_heads(heads, top_k)
     att = attention_table_from({c: cap.regions for c, cap in caps.items()}, chosen)
+    sub = subspace_table(acts, direction.basis) if direction.k > 1 else None
     harm = None
     if harmfulness is not None:
         with timer("harmfulness"):
@@ -146,6 +147,20 @@ def analyze(cm: ChatModel, direction: Direction, harmful: Sequence[str], harmles
             }
         numbers = headline_numbers(proj, heads, att, direction.layer, top_k)
         sentences = headline_sentences(numbers, success)
+        if sub is not None:
+            artifacts.write_csv(tmp / "subspace.csv", sub)
+            span = sub[sub.vector == "span"]
+            plots[f"Norm of the projection onto the {direction.k}-dimensional subspace by layer"] = plot_cosine_by_layer(
+                span, direction.layer, tmp / "subspace_by_layer.png",
+                title=f"|R x| / |x| for the direction folder's {direction.k}-dimensional basis R")
+            kept = {v: gap_kept(sub[sub.vector == v], direction.layer) for v in ["span"] + [f"b{i}" for i in range(direction.k)]}
+            numbers["subspace_k"], numbers["subspace_gap_kept"] = direction.k, kept
+            if all(x is not None for x in kept.values()):
+                sentences.append(
+                    f"On the direction folder's {direction.k}-dimensional subspace the adversarial suffix keeps "
+                    f"{kept['span']:.0%} of the harmful-harmless gap in the norm of the projection (layer "
+                    f"{direction.layer}); on each basis vector: "
+                    + ", ".join(f"{v} {x:.0%}" for v, x in kept.items() if v != "span") + ".")
         if harm is not None:
             artifacts.write_csv(tmp / "harmfulness.csv", harm)
             plots["Cosine with the harmfulness direction by layer"] = plot_cosine_by_layer(

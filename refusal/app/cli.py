@@ -30,6 +30,7 @@ from refusal.methods import find_direction
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig, judge_file
 from refusal.models import ChatModel, seed_everything
+from refusal.rdo import RDOConfig
 from refusal.recipe import OrganismConfig
 from refusal.registry import load_model
 from refusal.app.abliterate import AbliterateConfig, check_abliterate, run_abliterate
@@ -37,8 +38,8 @@ from refusal.app.analyze import AnalysisConfig, analyze_jailbreaks, analyze_suff
 from refusal.app.attack import check_attack, run_attack
 from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
 from refusal.app.evaluation import EvalConfig, check_eval, run_eval
-from refusal.app.options import (SWEEP_OPTIONS, AppendTuple, Parser, config_from, judge_arg, judge_config_from, model_args,
-                                 model_config, opt, positive, sweep_kw)
+from refusal.app.options import (SWEEP_OPTIONS, AppendTuple, Parser, config_from, judge_arg, judge_config_from,
+                                 model_args, model_config, nested_config, nested_opts, opt, positive, sweep_kw)
 from refusal.app.pipeline import JobConfig, check_job, main_job
 from refusal.app.reproduce import ReproduceConfig, reproduce_paper, to_markdown
 from refusal.app.sweep import EXECUTORS, SweepConfig, load_sweep_config, run_sweep, sweep_config
@@ -56,7 +57,7 @@ def _load(args):
 def cmd_direction(args) -> int:
     out = Path(args.out) / "direction"
     artifacts.check_out(out, force=args.force)  # fail before the slow part
-    config = config_from(DirectionConfig, args)
+    config = config_from(DirectionConfig, args, rdo=nested_config(RDOConfig, args, "rdo"))
     config.validate()
     seed_everything(config.seed)
     cm = _load(args)
@@ -74,6 +75,15 @@ def cmd_direction(args) -> int:
         sub = direction.meta["subspace_scores"]
         print(f"subspace: k = {direction.k} ({direction.meta['construction']}), bypass {sub['bypass']:.3f}, "
               f"kl {sub['kl']:.4f}; every construction in {out}/subspaces.csv")
+    if config.method == "rdo":
+        r = direction.meta["rdo_scores"]
+        cone = (f"; {r['cone_samples_mediating']}/{r['cone_samples']} sampled cone directions mediate refusal "
+                f"(bypass < 0 < induce)" if direction.k > 1 else "")
+        print(f"rdo: k = {direction.k}, {direction.meta['training_s_per_step']:.1f} s/step; no intervention: harmful "
+              f"{r['none']['bypass']:.3f}, harmless {r['none']['induce']:.3f}; the difference in means r*: bypass "
+              f"{r['r*']['bypass']:.3f}, induce {r['r*']['induce']:.3f}, kl {r['r*']['kl']:.4f}, training loss "
+              f"{r['objective']['r*']['loss']:.3f} (b0's {r['objective']['b0']['loss']:.3f}); RepInd with r* "
+              f"{r['repind_with_r*']:.2e}{cone}; every score in {out}/rdo_scores.csv")
     print(f"wrote {out}/direction.safetensors, direction.json, candidates.csv")
     return 0
 
@@ -284,7 +294,9 @@ def cmd_abliterate(args) -> int:
 def cmd_reproduce(args) -> int:
     config = ReproduceConfig(max_new_tokens=args.max_new_tokens, reference_tokens=args.reference_tokens,
                              direction=DirectionConfig(seed=args.seed, batch_size=args.batch_size, method=args.method,
-                                                       k=args.k), force=args.force)
+                                                       k=args.k, construction=args.construction,
+                                                       rdo=nested_config(RDOConfig, args, "rdo")),
+                             force=args.force)
     config.validate()
     torch.manual_seed(args.seed)
     cm = _load(args)
@@ -320,8 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("direction", help="find the refusal direction (difference in means + selection), or "
                                           "--method harmfulness")
     model_args(d, batch_size=field_info(DirectionConfig, "batch_size")[0])
-    for name in ("method", "k", "harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
+    for name in ("method", "harmful", "harmless", "n_train", "n_val", "seed", "kl_threshold"):
         opt(d, DirectionConfig, name)
+    opt(d, DirectionConfig, "k", type=int)
+    opt(d, DirectionConfig, "construction")
+    nested_opts(d, RDOConfig, "rdo")
     opt(d, DirectionConfig, "layer", type=int)
     opt(d, DirectionConfig, "position", type=int)
     opt(d, DirectionConfig, "score_all")
@@ -475,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: smollm2 for --model organism, else the model itself, unmodified)")
     opt(rp, DirectionConfig, "seed")
     opt(rp, DirectionConfig, "method")
-    opt(rp, DirectionConfig, "k")
+    opt(rp, DirectionConfig, "k", type=int)
+    opt(rp, DirectionConfig, "construction")
+    nested_opts(rp, RDOConfig, "rdo")
     rp.add_argument("--out", default="runs/paper")
     opt(rp, ReproduceConfig, "force")
     rp.set_defaults(fn=cmd_reproduce)

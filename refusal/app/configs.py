@@ -13,6 +13,7 @@ from refusal.config import config_rows
 from refusal.directions import DirectionConfig
 from refusal.hardware import BFLOAT16_CHOICES, BFLOAT16_HELP, BFLOAT16_SETTING
 from refusal.judges import JudgeConfig
+from refusal.rdo import RDOConfig
 from refusal.recipe import OrganismConfig
 from refusal.models import CACHE_DEFAULT, CACHE_SETTING
 from refusal.registry import ModelConfig
@@ -28,6 +29,7 @@ from refusal.app.sweep import SweepConfig
 CONFIGS = [
     (ModelConfig, "`--model` and its loading options, every command"),
     (DirectionConfig, "`refusal direction`, `find_direction`"),
+    (RDOConfig, "DirectionConfig's `rdo` (`--rdo-FIELD`): `refusal direction --method rdo`"),
     (AblationConfig, "a direction folder's ablation.json (`save_ablation`): `refusal orthogonalize`, "
                      "`refusal eval --ablate`, `refusal reproduce`, `abliterate`, `ablate`"),
     (Kernel, "AblationConfig's `attn` and `mlp`: the weight of each layer's writes"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from refusal.config import field_info, field_limits, flag, limits_text
+from refusal.config import check_fields, field_info, field_limits, flag, limits_text
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig
 from refusal.registry import NAMED_MODELS, SEEDED, ModelConfig
@@ -57,13 +57,29 @@ def opt(p: argparse.ArgumentParser, cls, name: str, *flags: str, **kw) -> None:
     shown = "" if isinstance(default, bool) or default is None else f"default: {default}"
     notes = "; ".join(x for x in (bounds, shown) if x)
     kw.setdefault("help", help_text + (f" ({notes})" if notes else ""))
-    p.add_argument(*flags, dest=name, **kw)
+    kw.setdefault("dest", name)
+    p.add_argument(*flags, **kw)
 
 
-def config_from(cls, args, **changes):
-    """A config of `cls` from the parsed options named like its fields (the others keep their defaults)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    values = {k: v for k, v in vars(args).items() if k in names}
+def nested_opts(p: argparse.ArgumentParser, cls, prefix: str) -> None:
+    """An option --PREFIX-FIELD (dest PREFIX_FIELD) for every field of a nested config `cls`."""
+    for f in dataclasses.fields(cls):
+        opt(p, cls, f.name, flag(f"{prefix}_{f.name}"), dest=f"{prefix}_{f.name}")
+
+
+def nested_config(cls, args, prefix: str):
+    """The nested config of `cls` from its --PREFIX-FIELD options (nested_opts), checked with its errors naming
+    those options."""
+    config = config_from(cls, args, prefix=f"{prefix}_")
+    check_fields(config, prefix=f"{prefix}_")
+    return config
+
+
+def config_from(cls, args, prefix: str = "", **changes):
+    """A config of `cls` from the parsed options named like its fields, or PREFIX_field for a nested config
+    (nested_opts); the others keep their defaults."""
+    names = {prefix + f.name: f.name for f in dataclasses.fields(cls)}
+    values = {names[k]: v for k, v in vars(args).items() if k in names}
     return cls(**{**values, **changes})
 
 
