@@ -173,9 +173,11 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     assert code == 0, err
     for f in ("direction/direction.safetensors", "attack/suffix.json", "attack/steps.csv", "eval/summary.csv",
               "eval/harmful_adversarial_suffix.jsonl", "analysis/report.html", "analysis/projection.csv",
-              "analysis/heads.csv", "analysis/attention.csv", "run.json"):
+              "analysis/heads.csv", "analysis/attention.csv", "harmfulness/direction.safetensors",
+              "analysis/harmfulness.csv", "analysis/harmfulness_by_layer.png", "run.json"):
         assert (out / f).is_file(), f
     assert "report:" in stdout and "the adversarial suffix lowers the mean cosine" in stdout
+    assert "on the harmfulness direction (layer" in (out / "analysis" / "report.md").read_text()
     summary = pd.read_csv(out / "eval" / "summary.csv")
     assert set(summary.condition) == {"none", "random_suffix", "adversarial_suffix", "ablation", "addition"}
     assert set(summary.judge) == {"strict"} and {"attack_success", "attack_success_substring"} <= set(summary.columns)

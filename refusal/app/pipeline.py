@@ -1,7 +1,7 @@
-"""The main job (`refusal run`), end to end: the direction, a universal suffix and its random baseline,
-evaluation with and without the suffixes (and with the direction ablated / added), the analysis and the
-report. Each stage reads the previous stage's artifact and is reused when it is already in the run
-folder."""
+"""The main job (`refusal run`), end to end: the direction (and the harmfulness direction the analysis also
+reads), a universal suffix and its random baseline, evaluation with and without the suffixes (and with the
+direction ablated / added), the analysis and the report. Each stage reads the previous stage's artifact
+and is reused when it is already in the run folder."""
 from __future__ import annotations
 
 import contextlib
@@ -168,6 +168,17 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
             direction = find_direction(cm, replace(config.direction, seed=config.seed, batch_size=config.batch_size),
                                        ddir)
     say(f"[direction] layer {direction.layer}, position {direction.position}: {direction.meta.get('selection', '')}")
+    # the harmfulness direction (Zhao et al.) on the same prompts, for the analysis: does the suffix lower
+    # refusal while the user turn's last token still reads "harmful"?
+    hdir = out / "harmfulness"
+    with timer("harmfulness"):
+        if (hdir / "direction.safetensors").is_file():
+            harmfulness = load_direction(hdir, cm)
+        else:
+            harmfulness = find_direction(cm, replace(config.direction, method="harmfulness", k=None, construction="best",
+                                                     layer=None, position=None, seed=config.seed,
+                                                     batch_size=config.batch_size), hdir)
+    say(f"[harmfulness] layer {harmfulness.layer}, the instruction's last token")
 
     # 2. a universal suffix (and its random baseline) on harmful training prompts
     train = instructions(builtin_prompts("harmful", "train"))[: config.attack_prompts]
@@ -227,7 +238,7 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
         else:
             res = analyze(cm, direction, harmful, harmless, adversarial, rand, adir,
                           AnalysisConfig(top_k=config.top_k, batch_size=config.batch_size), success=success,
-                          placement=cfg.placement,
+                          placement=cfg.placement, harmfulness=harmfulness,
                           facts={"universal suffix": f"{len(train)} training prompts, {rec['steps_run']} steps"})
             numbers, report = res["numbers"], res["report_html"]
     record = artifacts.run_record(
