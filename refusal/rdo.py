@@ -232,13 +232,16 @@ def train_basis(cm: ChatModel, k: int, harmful: Sequence[Encoded], harmless: Seq
                 stop_after: int | None = None) -> tuple[torch.Tensor, pd.DataFrame]:
     """Train the basis [k, d] (module docstring). `checkpoint`: a file written every
     config.checkpoint_every steps and read back to resume (it must have been made with the same settings,
-    prompts and targets; a one-line error otherwise). `stop_after` stops after that many steps (as a kill
+    prompts and targets, the number of steps aside: a run resumed with more steps trains on; a one-line
+    error otherwise). `stop_after` stops after that many steps (as a kill
     would; the tests' resume). Returns (basis [k, d] float32, the losses per step)."""
     g = torch.Generator().manual_seed(config.seed)
     basis = torch.randn(k, cm.d_model, generator=g, dtype=torch.float32)
     basis = torch.nn.Parameter(_orthonormal(basis))
     opt = torch.optim.AdamW([basis], lr=config.lr, betas=(0.9, 0.98), weight_decay=0.0, amsgrad=True)
-    identity = {"config": as_dict(config), "k": k, "alpha": alpha, "layer": layer,
+    # what decides the trajectory (not the number of steps: a run may be resumed with more)
+    same = {k_: v for k_, v in as_dict(config).items() if k_ not in ("steps", "cone_samples", "checkpoint_every")}
+    identity = {"config": same, "k": k, "alpha": alpha, "layer": layer,
                 "data": _targets_key(cm, (harmful, harmless), torch.tensor([alpha]), layer, config.target_tokens),
                 "targets": hashlib.sha256(json.dumps(targets, sort_keys=True).encode()).hexdigest()}
     rows, start = [], 0
@@ -251,6 +254,9 @@ def train_basis(cm: ChatModel, k: int, harmful: Sequence[Encoded], harmless: Seq
             basis.copy_(state["basis"])
         opt.load_state_dict(state["optimizer"])
         rows, start = state["losses"], state["step"]
+        if start > config.steps:
+            raise RefusalLabError(f"{checkpoint} has already run {start} steps, more than the {config.steps} asked: "
+                                  f"ask for at least {start}, or remove it")
 
     def save(step: int) -> None:
         if checkpoint is None:

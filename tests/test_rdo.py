@@ -124,6 +124,12 @@ def test_training_keeps_an_orthonormal_basis_and_a_killed_run_resumes_to_the_sam
     assert resumed_losses.loss.tolist() == pytest.approx(losses.loss.tolist(), rel=1e-4)
     with pytest.raises(RefusalLabError, match="another RDO run"):
         train_basis(cm, 2, harmful, harmless, targets, 2.0, 1, RDOConfig(steps=4, batch=2, lr=0.5), ckpt)
+    with pytest.raises(RefusalLabError, match="already run 4 steps"):
+        train_basis(cm, 2, harmful, harmless, targets, 2.0, 1, RDOConfig(steps=3, batch=2, checkpoint_every=1), ckpt)
+    longer = tmp_path / "longer.pt"  # a finished run asked for more steps trains on from where it ended
+    train_basis(cm, 2, harmful, harmless, targets, 2.0, 1, RDOConfig(steps=2, batch=2), longer)
+    extended, _ = train_basis(cm, 2, harmful, harmless, targets, 2.0, 1, RDOConfig(steps=4, batch=2), longer)
+    assert torch.allclose(extended, whole, atol=1e-5)
 
 
 def test_repind_equals_a_computation_by_hand(tiny_models):
