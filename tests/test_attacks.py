@@ -9,7 +9,7 @@ from conftest import FAMILIES
 from attacks.gcg import GCG, GCGConfig, sample_candidates
 from refusal.suffix import disallowed_token_ids, random_suffix_ids, retokenizes
 from attacks.targets import default_target
-from refusal.directions import Direction
+from refusal.directions import Direction, with_basis
 from refusal.errors import RefusalLabError
 from refusal.hooks import capture_block_inputs
 
@@ -138,6 +138,15 @@ def _direction(cm, layer=1):
     return Direction(v / v.norm(), 3 * v / v.norm(), layer, -1, {})
 
 
+def _last_inputs(cm, suffix_ids) -> list[torch.Tensor]:
+    """By hand, one unpadded pass: the last position's input to blocks 1 .. L-1 with INSTR[0] + the suffix."""
+    enc = cm.chat.encode(INSTR[0], suffix_ids)
+    store = {}
+    with torch.no_grad(), capture_block_inputs(cm, store, range(1, cm.n_layers), [-1]):
+        cm.model(input_ids=torch.tensor([enc.ids]))
+    return [store[l][0, 0] for l in range(1, cm.n_layers)]
+
+
 def test_direction_objective_is_the_projection(tiny):
     d = _direction(tiny)
     g = GCG(tiny, INSTR[:1], None, GCGConfig(suffix_len=5, objective="direction"), direction=d)
@@ -146,17 +155,11 @@ def test_direction_objective_is_the_projection(tiny):
                               6, 8, 1, g.not_allowed, torch.Generator().manual_seed(0))
     loss, _ = g.candidate_losses(cur, cands, g.slots[0])
     for i, c in enumerate(cands.tolist()):
-        enc = tiny.chat.encode(INSTR[0], c)
-        store = {}
-        with torch.no_grad(), capture_block_inputs(tiny, store, range(1, tiny.n_layers), [-1]):
-            tiny.model(input_ids=torch.tensor([enc.ids]))
-        proj = torch.stack([store[l][0, 0] @ d.vector for l in range(1, tiny.n_layers)]).mean() / 3
+        proj = torch.stack([x @ d.vector for x in _last_inputs(tiny, c)]).mean() / 3
         assert abs(proj.item() - loss[i].item()) < 1e-4
 
 
 def test_direction_objective_with_a_subspace_is_the_norm_of_the_projection(tiny):
-    from refusal.directions import with_basis
-
     g0 = torch.Generator().manual_seed(1)
     d = with_basis(_direction(tiny), torch.randn(2, tiny.d_model, generator=g0))
     g = GCG(tiny, INSTR[:1], None, GCGConfig(suffix_len=5, objective="direction"), direction=d)
@@ -164,11 +167,7 @@ def test_direction_objective_with_a_subspace_is_the_norm_of_the_projection(tiny)
     cands = torch.stack([cur, cur.roll(1), cur.flip(0)])
     loss, _ = g.candidate_losses(cur, cands, g.slots[0])
     for i, c in enumerate(cands.tolist()):
-        enc = tiny.chat.encode(INSTR[0], c)
-        store = {}
-        with torch.no_grad(), capture_block_inputs(tiny, store, range(1, tiny.n_layers), [-1]):
-            tiny.model(input_ids=torch.tensor([enc.ids]))
-        norm = torch.stack([(d.basis @ store[l][0, 0]).norm() for l in range(1, tiny.n_layers)]).mean() / 3
+        norm = torch.stack([(d.basis @ x).norm() for x in _last_inputs(tiny, c)]).mean() / 3
         assert abs(norm.item() - loss[i].item()) < 1e-4
 
 
