@@ -1,7 +1,10 @@
 """What do refusal directions and cones learned by gradient (RDO, Wollschläger et al. 2025) find on the
 organism, beside the paper's difference in means r*?
 
-Found: (filled in from the report below once measured; docs/results.md)
+Found: with the paper's loss weights RDO beats r* at its own objective (training loss 0.97-1.12 against 4.57:
+half r*'s KL, 0.13-0.15 against 0.335) but mediates refusal on one seed of three (validation bypass -0.31 to
+2.48, r*'s -1.67; cosine with r* -0.11 to 0.40); a 3-dimensional cone mediates in 11 of 16 sampled directions
+and its span, ablated, bypasses more than r* (-3.63) at a lower KL (0.226) (docs/results.md).
 
     python experiments/what_rdo_learns_on_the_organism.py run      # resumable: finished arms are kept
     python experiments/what_rdo_learns_on_the_organism.py report   # OUT/report.md, the table in docs/results.md
@@ -25,10 +28,11 @@ import pandas as pd
 from refusal import artifacts
 from refusal.directions import DirectionConfig, load_direction
 from refusal.errors import RefusalLabError
-from refusal.hardware import machine_line
+from refusal.hardware import machine_info, machine_line
 from refusal.methods import find_direction
 from refusal.rdo import RDOConfig
 from refusal.registry import load_model
+from refusal.app.reproduce import to_markdown
 
 RUNS = Path("runs")
 OUT = RUNS / "rdo-report"
@@ -92,22 +96,30 @@ def arm_row(name: str, folder: Path) -> dict:
             "s/step": d.meta["training_s_per_step"], "training s": d.meta["timings_s"]["training"]}
 
 
+def small(df: pd.DataFrame) -> pd.DataFrame:
+    """RepInd columns in scientific notation (they are 1e-4 to 1e-2), the rest as to_markdown writes them."""
+    return df.assign(**{c: df[c].map(lambda v: f"{v:.2e}") for c in df.columns if "RepInd" in c or c == "repind"})
+
+
 def report() -> str:
     rows, ref = [], None
     for name, (folder, _) in arms().items():
         if not done(folder):
             raise RefusalLabError(f"{folder} is not finished: run `{sys.argv[0]} run` first")
         rows.append(arm_row(name, folder))
-        ref = ref or scores(folder).set_index("direction")
+        ref = scores(folder).set_index("direction") if ref is None else ref
     table = pd.DataFrame(rows)
     seeds = table[table.arm.str.startswith("paper weights")]
     spread = {c: f"{seeds[c].mean():.3f} ({seeds[c].min():.3f} to {seeds[c].max():.3f})"
               for c in ("bypass", "induce", "kl", "cos with r*")}
-    lines = [f"# RDO on the organism\n\n{machine_line()}\n",
+    made = load_direction(arms()["paper weights, seed 0"][0]).meta.get("machine")
+    machine = (f"Made on {machine_line(made)}" if made else
+               f"Made before folders recorded their machine; reported on {machine_line(machine_info())}")
+    lines = [f"# RDO on the organism\n\n{machine}\n",
              f"No intervention: harmful {ref.loc['none'].bypass:.3f}, harmless {ref.loc['none'].induce:.3f} (mean "
              f"refusal score on the validation prompts). r*: bypass {ref.loc['r*'].bypass:.3f}, induce "
              f"{ref.loc['r*'].induce:.3f}, KL {ref.loc['r*'].kl:.4f}.\n",
-             table.to_markdown(index=False, floatfmt=".4g"), "",
+             to_markdown(small(table)), "",
              "Paper weights over seeds 0-2, mean (range): " + "; ".join(f"{k} {v}" for k, v in spread.items()) + "\n"]
     cone = RUNS / f"rdo-cone{CONE_K}"
     if done(cone):
@@ -117,12 +129,15 @@ def report() -> str:
         samples = s[s.direction.str.startswith("sample")]
         name, _ = chosen_weights({n: f for n, (f, _) in arms().items() if "seed 0" in n})
         lines += [f"## Cone, k = {CONE_K} ({name}'s weights, by the rule)\n",
-                  s.to_markdown(index=False, floatfmt=".4g"), "",
+                  to_markdown(s), "",
                   f"{rec['cone_samples_mediating']}/{rec['cone_samples']} sampled cone directions mediate refusal "
                   f"(bypass < 0 < induce); sampled bypass {samples.bypass.min():.3f} to {samples.bypass.max():.3f}, "
                   f"induce {samples.induce.min():.3f} to {samples.induce.max():.3f}; every basis vector mediates: "
-                  f"{rec['every_basis_vector_mediates']}. RepInd:\n",
-                  pd.read_csv(cone / "direction" / "rdo_repind.csv").to_markdown(index=False, floatfmt=".3g"), ""]
+                  f"{rec['every_basis_vector_mediates']}. Training loss on the same 16 training rows: "
+                  + ", ".join(f"{n} {o['loss']:.3f}" for n, o in rec["objective"].items())
+                  + f". {d.meta['training_s_per_step']:.2f} s/step; seconds: "
+                  + ", ".join(f"{n} {v:.0f}" for n, v in d.meta["timings_s"].items()) + ". RepInd:\n",
+                  to_markdown(small(pd.read_csv(cone / "direction" / "rdo_repind.csv"))), ""]
     text = "\n".join(lines)
     artifacts.write_text(OUT / "report.md", text)
     return text

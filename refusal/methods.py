@@ -17,6 +17,7 @@ from .config import as_dict
 from .activations import last_logits
 from .data import Prompt, direction_sets, instructions
 from .directions import Direction, DirectionConfig, compute_direction, save_direction, with_basis
+from .hardware import machine_info
 from .harmfulness import compute_harmfulness
 from .models import ChatModel
 from .metrics import refusal_score_from_logits, refusal_token_ids
@@ -85,6 +86,7 @@ def compute_rdo(cm: ChatModel, harmful_train: Sequence[Prompt], harmless_train: 
                                               "induce": float(learned.induce.iloc[0]), "kl": float(learned.kl.iloc[0])},
             "timings_s": {**dim.meta["timings_s"], **timer.seconds},
             "training_s_per_step": float(losses.seconds.median()) if len(losses) else None,
+            "machine": machine_info(cm.device),
             "selection": f"learned by gradient from a random start (seed {rc.seed}), {rc.steps} steps; the "
                          f"difference in means r* at layer {dim.layer}, position {dim.position} gives the targets, "
                          "the addition's layer and norm"}
