@@ -4,7 +4,9 @@ organism, beside the paper's difference in means r*?
 Found: with the paper's loss weights RDO beats r* at its own objective (training loss 0.97-1.12 against 4.57:
 half r*'s KL, 0.13-0.15 against 0.335) but mediates refusal on one seed of three (validation bypass -0.31 to
 2.48, r*'s -1.67; cosine with r* -0.11 to 0.40); a 3-dimensional cone mediates in 11 of 16 sampled directions
-and its span, ablated, bypasses more than r* (-3.63) at a lower KL (0.226) (docs/results.md).
+and its span, ablated, bypasses more than r* (-3.63) at a lower KL (0.226); on 120 held-out harmful test prompts
+(`refusal reproduce --method rdo`) the cone's ablation leaves 1.7% refused at KL 0.239, r*'s 25.0% at 0.400
+(docs/results.md).
 
     python experiments/what_rdo_learns_on_the_organism.py run      # resumable: finished arms are kept
     python experiments/what_rdo_learns_on_the_organism.py report   # OUT/report.md, the table in docs/results.md
