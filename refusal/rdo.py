@@ -113,7 +113,7 @@ def row_coefficients(k: int, n: int, first: int, generator: torch.Generator) -> 
 def _row_ablation(u: torch.Tensor):
     """x [b, s, d] <- x - (x . u_b) u_b with one unit direction per row, u [b, d] (differentiable)."""
     def fn(x: torch.Tensor) -> torch.Tensor:
-        v = u.to(x.dtype)[:, None]
+        v = u.to(device=x.device, dtype=x.dtype)[:, None]  # the basis stays on the CPU, in float32
         return x - (x * v).sum(-1, keepdim=True) * v
     return fn
 
@@ -127,7 +127,7 @@ def row_ablation_hooks(cm: ChatModel, u: torch.Tensor):
 
 def row_addition_hooks(cm: ChatModel, v: torch.Tensor, layer: int):
     """x <- x + v_b at block `layer`'s input, one vector per batch row, v [b, d] (differentiable)."""
-    return [input_hook(cm.blocks[layer], lambda x: x + v.to(x.dtype)[:, None])]
+    return [input_hook(cm.blocks[layer], lambda x: x + v.to(device=x.device, dtype=x.dtype)[:, None])]
 
 
 # ----------------------------------------------------------------------------- targets
@@ -194,9 +194,9 @@ def _target_logits(cm: ChatModel, batch) -> torch.Tensor:
 def _per_row(values: torch.Tensor, tmask: torch.Tensor, mean: bool) -> torch.Tensor:
     """values [n_target_tokens] (in tmask's row-major order) -> the mean over rows of each row's mean (or
     sum) over its target tokens."""
-    counts = tmask.sum(-1)  # [b]
+    counts = tmask.sum(-1).to(values.device)  # [b]
     row = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
-    w = 1.0 / counts.clamp(min=1)[row] if mean else torch.ones_like(values)
+    w = 1.0 / counts.clamp(min=1)[row].to(values.dtype) if mean else torch.ones_like(values)
     return (values * w).sum() / len(counts)
 
 
@@ -210,7 +210,7 @@ def step_losses(cm: ChatModel, u_harmful: torch.Tensor, u_harmless: torch.Tensor
     target positions."""
     def ce(batch, logits):
         _, _, tmask, labels = batch
-        return _per_row(F.cross_entropy(logits, labels[tmask], reduction="none"), tmask, mean=True)
+        return _per_row(F.cross_entropy(logits, labels[tmask].to(logits.device), reduction="none"), tmask, mean=True)
 
     with hooked(row_ablation_hooks(cm, u_harmful)):
         ablation = ce(harmful_batch, _target_logits(cm, harmful_batch))
@@ -246,7 +246,7 @@ def train_basis(cm: ChatModel, k: int, harmful: Sequence[Encoded], harmless: Seq
                 "targets": hashlib.sha256(json.dumps(targets, sort_keys=True).encode()).hexdigest()}
     rows, start = [], 0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
         if state.get("identity") != identity:
             raise RefusalLabError(f"{checkpoint} is a checkpoint of another RDO run (other settings, prompts or "
                                   "targets): remove it, or run with the settings that made it")
