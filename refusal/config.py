@@ -78,6 +78,25 @@ def as_dict(config) -> dict:
     return plain(dataclasses.asdict(config))
 
 
+def from_dict(cls, values: dict, where: str = "the config", key: str = ""):
+    """A config of `cls` from a dict of its fields (as as_dict or a TOML table writes it): a nested config
+    from its own dict, the same way; an unknown key is a one-line error naming the keys. The values are
+    not checked here (check_fields does)."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = set(values) - known
+    if bad:
+        raise RefusalLabError(f"{where}: unknown {key + ' ' if key else ''}key {sorted(bad)[0]!r}; the keys are "
+                              f"{', '.join(sorted(known))}")
+    hints = typing.get_type_hints(cls, vars(sys.modules[cls.__module__]))
+    out = {}
+    for name, value in values.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = from_dict(hint, value, where, f"{key}.{name}" if key else name)
+        out[name] = value
+    return cls(**out)
+
+
 def check_fields(config, where: str | None = None, prefix: str = "") -> None:
     """A one-line error for the first field of `config` whose value does not have its declared type or breaks
     its bounds or choices, then for a combination its `checks()` method (where it has one) refuses; nested

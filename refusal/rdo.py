@@ -246,7 +246,7 @@ def train_basis(cm: ChatModel, k: int, harmful: Sequence[Encoded], harmless: Seq
                 "targets": hashlib.sha256(json.dumps(targets, sort_keys=True).encode()).hexdigest()}
     rows, start = [], 0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         if state.get("identity") != identity:
             raise RefusalLabError(f"{checkpoint} is a checkpoint of another RDO run (other settings, prompts or "
                                   "targets): remove it, or run with the settings that made it")

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from attacks.gcg import OBJECTIVES
-from refusal.config import check_fields, field_info, option
+from refusal.config import check_fields, field_info, from_dict, option
 from refusal.directions import DirectionConfig
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig
@@ -108,13 +108,6 @@ _TUPLES = {f.name for f in dataclasses.fields(SweepConfig) if isinstance(f.defau
 ALIASES = {"model": "models", "engine": "engines", "objective": "objectives", "seed": "seeds"}
 
 
-def _table(cls, key: str, value: dict, where: str):
-    """A nested config from a table of its fields; an unknown key is a one-line error naming the keys."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    bad = set(value) - known
-    if bad:
-        raise RefusalLabError(f"{where}: unknown {key} key {sorted(bad)[0]!r}; the keys are {', '.join(sorted(known))}")
-    return cls(**value)
 
 
 def sweep_config(values: dict[str, Any], where: str = "the sweep", options: bool = False) -> SweepConfig:
@@ -131,9 +124,9 @@ def sweep_config(values: dict[str, Any], where: str = "the sweep", options: bool
         if name == "direction_search":
             if not isinstance(value, dict):
                 raise RefusalLabError(f"{where}: direction_search must be a table of DirectionConfig's fields")
-            value = _table(DirectionConfig, name, value, where)
+            value = from_dict(DirectionConfig, value, where, name)
         elif name == "judge" and isinstance(value, dict):
-            value = _table(JudgeConfig, name, value, where)
+            value = from_dict(JudgeConfig, value, where, name)
         elif name in _TUPLES:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         out[name] = value

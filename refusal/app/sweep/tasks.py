@@ -16,6 +16,7 @@ import torch
 
 from attacks.gcg import GCGConfig
 from refusal import artifacts
+from refusal.config import from_dict
 from refusal.ablation import AblationConfig, AblationScorer
 from refusal.data import direction_sets, instructions
 from refusal.directions import DirectionConfig, load_direction
@@ -52,7 +53,7 @@ def _at(run_dir: Path, path: str | None) -> str | None:
 def _direction_task(cm, spec: dict, run_dir: Path, folder: Path) -> dict:
     ddir = folder / "direction"
     d = load_direction(ddir, cm) if (ddir / "direction.safetensors").is_file() else \
-        find_direction(cm, DirectionConfig(**spec["config"]), ddir)
+        find_direction(cm, from_dict(DirectionConfig, spec["config"]), ddir)
     return dict(layer=d.layer, position=d.position)
 
 
