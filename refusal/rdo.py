@@ -40,13 +40,12 @@ import torch
 import torch.nn.functional as F
 
 from . import artifacts
-from .activations import last_logits
+from .activations import cache_activations, last_logits
 from .chat import Encoded
 from .config import as_dict, check_fields, option
 from .decode import greedy_decode
-from .engine import forward_batches
 from .errors import RefusalLabError
-from .hooks import (ablate_direction, ablation_sites, add_direction, capture_block_inputs, check_ablation_sites,
+from .hooks import (ablate_direction, ablation_sites, add_direction, check_ablation_sites,
                     hooked, input_hook, orthonormal_basis)
 from .metrics import kl_divergence, refusal_score_from_logits, refusal_token_ids
 from .models import ChatModel, cache_dir
@@ -351,17 +350,6 @@ def direction_scores(cm: ChatModel, u: torch.Tensor, alpha: float, layer: int, h
     return {"bypass": bypass, "induce": induce, "kl": kl, "mediates": bool(bypass < 0 < induce)}
 
 
-def last_position_inputs(cm: ChatModel, encs: Sequence[Encoded], batch_size: int = 32) -> torch.Tensor:
-    """The residual stream at every block's input at the last prompt position, x [prompt, layer, d]."""
-    store: dict[int, torch.Tensor] = {}
-    out = torch.empty(len(encs), cm.n_layers, cm.d_model)
-    with capture_block_inputs(cm, store, positions=[-1]):
-        for idx, _ in forward_batches(cm, encs, batch_size):
-            for layer, x in store.items():
-                out[idx, layer] = x[:, 0].float()
-    return out
-
-
 def repind(cm: ChatModel, vectors: dict[str, torch.Tensor], harmful: Sequence[Encoded],
            batch_size: int = 32) -> pd.DataFrame:
     """RepInd between every ordered pair of named unit vectors [d] (module docstring): per pair (a, b), the
@@ -369,11 +357,11 @@ def repind(cm: ChatModel, vectors: dict[str, torch.Tensor], harmful: Sequence[En
     and the largest absolute change of its mean over prompts at any of those layers."""
     n = max(1, int(REPIND_LAYER_FRACTION * cm.n_layers))
     with torch.no_grad():
-        clean = last_position_inputs(cm, harmful, batch_size)[:, :n]  # [prompt, layer, d]
+        clean = cache_activations(cm, harmful, [-1], batch_size, desc=None)[:, :n, 0]  # [prompt, layer, d]
         ablated = {}
         for name, v in vectors.items():
             with ablate_direction(cm, v):
-                ablated[name] = last_position_inputs(cm, harmful, batch_size)[:, :n]
+                ablated[name] = cache_activations(cm, harmful, [-1], batch_size, desc=None)[:, :n, 0]
     rows = []
     for a in vectors:
         for b, vb in vectors.items():
