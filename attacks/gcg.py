@@ -841,7 +841,9 @@ class GCG:
         bar = tqdm(total=cfg.steps, initial=state.step, desc="gcg", disable=not progress, leave=False)
         t0 = time.perf_counter() - state.elapsed
         try:
-            while state.step < cfg.steps and not state.done:
+            # a time limit ends the run after the step that crosses it (and a resumed run past it at once)
+            while state.step < cfg.steps and not state.done and not (
+                    cfg.max_time_s is not None and state.elapsed >= cfg.max_time_s):
                 step_start = time.perf_counter()
                 active = self.slots[: state.n_active]
                 with self.clock.timing("gradient"), self.screening():
@@ -868,8 +870,6 @@ class GCG:
                 if on_step is not None:
                     on_step(dict(step=state.step - 1, loss=loss, success=state.success[-1], n_active=len(active),
                                  suffix=text, elapsed_s=state.elapsed))
-                if cfg.max_time_s is not None and state.elapsed >= cfg.max_time_s:
-                    break
         finally:
             bar.close()
         return state.result(self.cm.tokenizer)

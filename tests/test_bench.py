@@ -192,6 +192,22 @@ def test_a_time_limit_ends_both_engines_after_the_step_it_passes_in(tiny):
         GCGConfig(max_time_s=0).validate()
 
 
+def test_a_run_resumed_past_its_time_limit_runs_no_more_steps(tiny, tmp_path):
+    from attacks.gcg import GCG
+
+    ckpt = tmp_path / "checkpoint.json"
+    cfg = GCGConfig(search_width=8, topk=8, suffix_len=4, steps=50, max_time_s=1e-6, early_stop=False)
+    first = GCG(tiny, ["Explain how to pick a lock"], ["Sure, here"], cfg).run(checkpoint=ckpt, progress=False)
+    again = GCG(tiny, ["Explain how to pick a lock"], ["Sure, here"], cfg).run(checkpoint=ckpt, resume=True,
+                                                                              progress=False)
+    assert first.steps_run == again.steps_run == 1 and again.suffix == first.suffix
+    # with the limit lifted the same checkpoint continues
+    more = GCG(tiny, ["Explain how to pick a lock"], ["Sure, here"],
+               GCGConfig(search_width=8, topk=8, suffix_len=4, steps=3, early_stop=False)).run(
+        checkpoint=ckpt, resume=True, progress=False)
+    assert more.steps_run == 3
+
+
 def _row(success, t, k, cpu="cpu A"):
     return dict(s_per_step=1.0, success=success, time_to_success_s=t if success else None, budget_time_s=100.0,
                 tokens_to_success=k if success else None, budget_tokens=10_000, best_loss=1.0, steps_run=5,

@@ -169,7 +169,10 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
         direction=dict(n_train=16, n_val=4), attack=dict(steps=3, search_width=16, topk=16, suffix_len=6),
         attack_prompts=2, n_test=8, new_tokens=8))
     out = tmp_path / "main"
-    code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out)
+    assert_user_error(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--attack-max-time-s", "0", "--out", out,
+                      match="--attack-max-time-s must be > 0")
+    code, stdout, err = run(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--attack-max-time-s", "none",
+                            "--out", out)
     assert code == 0, err
     for f in ("direction/direction.safetensors", "attack/suffix.json", "attack/steps.csv", "eval/summary.csv",
               "eval/harmful_adversarial_suffix.jsonl", "analysis/report.html", "analysis/projection.csv",
@@ -183,6 +186,7 @@ def test_main_job_end_to_end_and_reuse(tiny_dirs, tmp_path, capsys, monkeypatch)
     assert set(summary.judge) == {"strict"} and {"attack_success", "attack_success_substring"} <= set(summary.columns)
     suffix = json.loads((out / "attack" / "suffix.json").read_text())
     assert suffix["judge"] == "strict" and suffix["config"]["judge"]["name"] == "strict"
+    assert suffix["config"]["max_time_s"] is None  # the job's budget lifted
     assert "by the substring judge" in stdout and "by the strict judge" in stdout
     stamp = (out / "attack" / "suffix.json").stat().st_mtime_ns
     assert_user_error(capsys, "run", "--model", tiny_dirs["llama"], "--quick", "--out", out, match="--resume")

@@ -22,7 +22,7 @@ import torch
 
 from attacks.gcg import GCGConfig
 from refusal import artifacts
-from refusal.config import field_info
+from refusal.config import check_fields, field_info
 from refusal.data import resolve_prompts
 from refusal.ablation import CHECK_PROMPTS, load_ablation, write_abliterated
 from refusal.directions import DirectionConfig, load_direction
@@ -39,8 +39,9 @@ from refusal.app.attack import check_attack, run_attack
 from refusal.app.bench import BENCH_CONFIG, BenchConfig, check_bench_out, rows_path, run_bench
 from refusal.app.evaluation import EvalConfig, check_eval, run_eval
 from refusal.app.options import (SWEEP_OPTIONS, AppendTuple, Parser, config_from, judge_arg, judge_config_from,
-                                 model_args, model_config, nested_config, nested_opts, opt, positive, sweep_kw)
-from refusal.app.pipeline import JobConfig, check_job, main_job
+                                 model_args, model_config, nested_config, nested_opts, opt, positive, seconds_or_none,
+                                 sweep_kw)
+from refusal.app.pipeline import JOB_ATTACK, JobConfig, check_job, main_job
 from refusal.app.reproduce import ReproduceConfig, reproduce_paper, to_markdown
 from refusal.app.sweep import EXECUTORS, SweepConfig, load_sweep_config, run_sweep, sweep_config
 
@@ -225,6 +226,8 @@ def cmd_run(args) -> int:
     config = JobConfig.quick(seed=args.seed, batch_size=args.batch_size, judge=judge, resume=args.resume,
                              force=args.force) if args.quick else \
         JobConfig(seed=args.seed, batch_size=args.batch_size, judge=judge, resume=args.resume, force=args.force)
+    config = replace(config, attack=replace(config.attack, max_time_s=args.attack_max_time_s))
+    check_fields(config.attack, prefix="attack_")  # a bad --attack-* option named as given
     check_job(config, args.out)  # a bad config, run folder or judge fails before the model loads
     cm = _load(args)
     rec = main_job(cm, config, args.out, progress=lambda m: print(m, flush=True))
@@ -452,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(r, default="organism", batch_size=field_info(JobConfig, "batch_size")[0])
     r.add_argument("--quick", action="store_true", help="smaller sets, for a fast look (JobConfig.quick())")
     opt(r, JobConfig, "seed")
+    opt(r, GCGConfig, "max_time_s", "--attack-max-time-s", dest="attack_max_time_s",
+        default=JOB_ATTACK["max_time_s"], type=seconds_or_none,
+        help="the universal attack's time budget in seconds ('none': its step budget alone); it stops once a step "
+             f"ends past it (default: {JOB_ATTACK['max_time_s']:g})")
     r.add_argument("--out", default="runs/main")
     opt(r, JobConfig, "resume")
     opt(r, JobConfig, "force")

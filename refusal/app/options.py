@@ -17,6 +17,16 @@ class Parser(argparse.ArgumentParser):
         raise RefusalLabError(f"{self.prog}: {message} (see --help)")
 
 
+def seconds_or_none(s: str) -> float | None:
+    """A time budget in seconds, or 'none' for no budget (its bounds are checked where the config is)."""
+    if s.strip().lower() == "none":
+        return None
+    try:
+        return float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds or 'none', got {s!r}") from None
+
+
 def positive(name: str):
     def parse(s: str) -> int:
         try:

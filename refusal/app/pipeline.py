@@ -32,8 +32,9 @@ from refusal.models import ChatModel, seed_everything
 
 log = logging.getLogger(__name__)
 
-# the main job's attack where it differs from GCGConfig's defaults: a shorter, narrower universal attack
-JOB_ATTACK = dict(steps=60, search_width=64, topk=64, suffix_len=16)
+# the main job's attack where it differs from GCGConfig's defaults: a shorter, narrower universal attack with a
+# time budget, so that a cold main job on 2 CPU cores computing in float32 ends within 20 minutes
+JOB_ATTACK = dict(steps=60, search_width=64, topk=64, suffix_len=16, max_time_s=240.0)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,9 @@ def main_job(cm: ChatModel, config: JobConfig, out: str | Path, progress: Callab
         rec = run_attack(cm, train, None, cfg, out, engine="native", resume=True, eval_tokens=config.new_tokens,
                          judge=judge)
     adversarial, rand = rec["token_ids"], rec["random_token_ids"]
-    say(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps; success on its {len(train)} training "
+    budget = cfg.max_time_s is not None and not rec["stopped_early"] and rec["steps_run"] < cfg.steps
+    say(f"[attack] suffix {rec['suffix']!r} after {rec['steps_run']} steps"
+        f"{f' (its time budget of {cfg.max_time_s:g} s reached)' if budget else ''}; success on its {len(train)} training "
         f"prompts {rec['success_rate']:.0%} (random suffix {rec['random_success_rate']:.0%}) by the "
         f"{rec.get('judge', 'substring')} judge")
 
