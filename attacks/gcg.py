@@ -123,6 +123,10 @@ class GCGConfig:
                                         "target: the judge", choices=SUCCESS_CHECKS)
     prefer_target_match: bool = option(True, "choose the lowest-loss candidate whose greedy reply begins with the "
                                              "target (on every active prompt) over a lower-loss one whose does not")
+    check_matched: int = option(1, "one prompt, target+judge: each step the judge reads the replies of up to this many "
+                                   "scored candidates whose greedy reply begins with the target (the chosen one, then "
+                                   "the others by loss) in one batched generation, and a complying one becomes the "
+                                   "suffix (1: the chosen candidate alone)", ge=1)
     judge_tokens: int = option(32, "reply tokens generated for the judge", ge=1)
     judge: JudgeConfig = option(help="the judge of success (early stopping, adding prompts, the success rates): a "
                                      "refusal.judges.JudgeConfig, or its name (substring, strict or hf:MODEL)",
@@ -485,6 +489,7 @@ class GCG:
             check = "target+judge" if len(instructions) == 1 else "judge"
         self.check = check if self.needs_target else "judge"
         self.judge = self.check != "target"  # whether the judge is consulted
+
         self._judge = None
         check_loaded_judge(judge, config.judge)
         if self.judge:
@@ -514,6 +519,9 @@ class GCG:
             self.config = config = dataclasses.replace(config, ensemble=tuple(m.name if isinstance(m, ChatModel)
                                                                                    else m for m in models))
         self.group = 1 + len(self.members)  # slots per prompt
+        # more than the chosen candidate judged: one prompt on one model, where its target matched
+        self.check_others = config.check_matched > 1 and self.check == "target+judge" and len(self.slots) == 1 \
+            and not self.members
         if self.members:
             self.slots = [s for i, own in enumerate(self.slots) for s in (own, *(m.slots[i] for m in self.members))]
 
@@ -637,9 +645,21 @@ class GCG:
                 top = torch.cat([top, matched[~torch.isin(matched, top)]])
             exact, exact_m = self.all_losses(ids, cands[top.to(cands.device)], slots)
             j = self.pick(exact, exact_m)
+            self.last_scored = (top.to(cands.device), exact, torch.stack(exact_m).all(0))
             return int(top[j]), float(exact[j]), [bool(m[j]) for m in exact_m], cands
         i = self.pick(total, matches)
+        self.last_scored = (torch.arange(len(cands), device=cands.device), total, torch.stack(matches).all(0))
         return i, float(total[i]), [bool(m[i]) for m in matches], cands
+
+    def matched_others(self, chosen: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last choose()'s candidates other than `chosen` whose greedy reply begins with the target on every
+        prompt, by the model's precision: at most k of them, lowest loss first, as indices into the candidates it
+        searched [<= k] and their losses [<= k]."""
+        index, losses, matched = self.last_scored
+        keep = matched & (index != chosen)
+        index, losses = index[keep], losses[keep]
+        order = losses.argsort()[:k]
+        return index[order], losses[order]
 
     def screen_slots(self, slots: Sequence[_Slot], gen: torch.Generator | None) -> list[_Slot]:
         """The prompts every candidate is scored on: all of `slots`, or config.screen_prompts of them drawn
@@ -855,7 +875,13 @@ class GCG:
                         best_i, loss, target_match, searched = self.choose(ids, cands, active, gen=gen)
                     ids = searched[best_i].clone()
                 with self.clock.timing("check"):
-                    flags = self.success_flags(ids, active, target_match)
+                    if self.check_others and all(target_match):
+                        others, other_losses = self.matched_others(best_i, cfg.check_matched - 1)
+                        flags, which = self.first_complying(ids, searched[others.to(searched.device)], active)
+                        if which > 0:  # the chosen candidate refused, another complied: it becomes the suffix
+                            ids, loss = searched[int(others[which - 1])].clone(), float(other_losses[which - 1])
+                    else:
+                        flags = self.success_flags(ids, active, target_match)
                 text = self.cm.tokenizer.decode(ids.tolist())
                 state.record(ids.tolist(), text, loss, flags, len(active), len(self.slots), cfg, self.group,
                              agreement=self.last_agreement if self.draft is not None else None)
@@ -917,6 +943,22 @@ class GCG:
         matched = [s for s, m in zip(active, target_match) if m]
         verdicts = iter(self.judge_success(ids.tolist(), matched, target_matched=True) if matched else [])
         return [bool(m) and next(verdicts) for m in target_match]
+
+    def first_complying(self, ids: torch.Tensor, others: torch.Tensor, active: Sequence[_Slot]) -> tuple[list[bool], int]:
+        """One prompt whose chosen suffix `ids` [L] and `others` [m, L] all begin their greedy replies with the
+        target: the judge's verdicts on all of them from one batched generation (what follows the target, from
+        the cache of the text before the suffix). Returns the success flags and which one to keep: 0 (the chosen
+        one) unless it refused and one of the others complied (1 + its index, the first in their order)."""
+        slot = active[0]
+        rows = [ids.tolist()] + others.tolist()
+        judge = self._judge or load_judge(self.config.judge)
+        encs = [self.cm.chat.encode(slot.instruction, r, self.placement) for r in rows]
+        reply_ids = greedy_replies(self.cm, encs, self.config.judge_tokens, [slot.target_ids] * len(rows),
+                                   prefix=(slot.before, slot.cache))
+        complies = [v == "complies" for v in judge.verdicts([slot.instruction] * len(rows),
+                                                             reply_texts(self.cm, reply_ids))]
+        which = 0 if complies[0] else next((i for i, c in enumerate(complies) if c), 0)
+        return [complies[which]], which
 
     def signature(self) -> str:
         """A hash of everything that decides the run's course except the number of steps: the judge only
@@ -1056,6 +1098,8 @@ def comparable_config(cfg: dict) -> dict:
     if cfg.get("target_weight", 1.0) == 1.0 and not cfg.get("attention_weight"):  # runs from before per-term
         for key in ("target_weight", "attention_weight", "attention_heads"):  # weights
             cfg.pop(key, None)
+    if cfg.get("check_matched", 1) == 1:  # the chosen candidate alone (and runs from before the setting)
+        cfg.pop("check_matched", None)
     if not cfg.get("ensemble"):  # one model (and runs from before ensembles)
         cfg.pop("ensemble", None)
     else:  # a tuple here, a list in JSON

@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     judge = load_judge(job.judge.name)
     rows = {}
     for n in [int(x) for x in args.screen.split(",")]:
-        cfg = replace(job.attack, seed=job.seed, judge=job.judge.name, screen_prompts=n,
+        cfg = replace(job.attack, seed=job.seed, judge=job.judge.name, screen_prompts=n, max_time_s=None,
                       patience=universal_patience(job.attack.steps, len(train)))
         t0 = time.perf_counter()
         with TokenCounter(cm.base) as counter:

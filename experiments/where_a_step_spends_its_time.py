@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cm = load_model(args.model)
     job = JobConfig()
-    base = replace(job.attack, steps=args.steps, early_stop=False, progressive=False, judge=job.judge.name)
+    base = replace(job.attack, steps=args.steps, early_stop=False, progressive=False, judge=job.judge.name,
+                   max_time_s=None)
     prompts = instructions(builtin_prompts("harmful", "val"))[:6]
     rows = {}
     one = prompts[0]

@@ -1,0 +1,108 @@
+"""Does judging more of a step's candidates whose greedy reply begins with the target (GCGConfig.check_matched:
+the chosen one and the next by loss, in one batched generation; a complying one becomes the suffix) shorten the
+native engine's time to a jailbreak at the model's precision?
+
+Found: (not yet measured)
+
+    python experiments/does_judging_matched_candidates_pay.py run [--prompts 4] [--check-matched 1,8] [--out-dir D]
+    python experiments/does_judging_matched_candidates_pay.py report [--out-dir D]
+
+The bench's per-prompt rows (`refusal bench`'s defaults: the bare "Sure, here is" target, width 64, 100 steps and
+600 s per row, the strict judge on 32 greedy tokens), the native engine at the model's precision
+(native_model_precision) alone, once per --check-matched value, on the first --prompts harmful *validation*
+prompts in the order of the validation split shuffled with seed 0 (the held-out test prompts stay for the
+bench's figures). Each arm is a bench of its own under --out-dir (`checked-K.json`), run with --resume: a killed
+run continues, and a larger --prompts adds prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from refusal.data import builtin_prompts, instructions
+from refusal.errors import RefusalLabError
+from refusal.judges import JudgeConfig
+from refusal.registry import load_model
+from refusal.app.bench import BENCH_CONFIG, BenchConfig, rows_path, run_bench
+
+ENGINE = "native_model_precision"
+
+
+def validation_order(path: Path) -> Path:
+    """The harmful validation split, shuffled once with seed 0, as a prompt file (one prompt per line)."""
+    texts = instructions(builtin_prompts("harmful", "val"))
+    random.Random(0).shuffle(texts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
+def arm(out_dir: Path, k: int) -> Path:
+    return out_dir / f"checked-{k}.json"
+
+
+def run(args) -> None:
+    cm = load_model(args.model)
+    prompts_file = validation_order(Path(args.out_dir) / "val.txt")
+    for k in args.check_matched:
+        attack = replace(BENCH_CONFIG, check_matched=k, judge=JudgeConfig.of("strict"))
+        config = BenchConfig(prompts=args.prompts, prompts_from=str(prompts_file), engines=ENGINE, attack=attack)
+        out = arm(Path(args.out_dir), k)
+        print(f"check_matched {k}: {out}", flush=True)
+        run_bench(cm, config, out, progress=lambda m: print(m, flush=True), resume=True)
+
+
+def report(args) -> None:
+    table = {}
+    for k in args.check_matched:
+        path = rows_path(arm(Path(args.out_dir), k))
+        if not path.is_file():
+            raise RefusalLabError(f"{path}: no rows; run `... run --check-matched {k}` first")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        table[k] = {r["prompt_index"]: r for r in rows if r["engine"] == ENGINE}
+    common = sorted(set.intersection(*(set(t) for t in table.values())))
+    print(f"{len(common)} validation prompts with a row in every arm; machine: "
+          f"{next(iter(table[args.check_matched[0]].values()))['machine'].get('cpu')}")
+    print("| prompt | " + " | ".join(f"check_matched {k}" for k in args.check_matched) + " |")
+    print("|---|" + "---|" * len(args.check_matched))
+    for i in common:
+        cells = []
+        for k in args.check_matched:
+            r = table[k][i]
+            cells.append(f"step {r['first_success_step']}, {r['time_to_success_s']:.0f} s, {r['tokens_to_success']:,} tokens"
+                         if r["success"] else f"none in {r['steps_run']} steps ({r['budget_time_s']:.0f} s, best loss "
+                                              f"{r['best_loss']:.3f})")
+        print(f"| {table[args.check_matched[0]][i]['prompt'][:48]} | " + " | ".join(cells) + " |")
+    for k in args.check_matched:
+        rows = [table[k][i] for i in common]
+        broken = [r for r in rows if r["success"]]
+        cost = [r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]
+        tokens = [r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows]
+        print(f"check_matched {k}: broken {len(broken)}/{len(rows)}, s/step {statistics.median(r['s_per_step'] for r in rows):.2f}"
+              f" (median), time to success or budget: sum {sum(cost):.0f} s, median {statistics.median(cost):.0f} s; "
+              f"tokens: sum {sum(tokens):,}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("--model", default="organism")
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--check-matched", default="1,8", type=lambda s: [int(x) for x in s.split(",")])
+    ap.add_argument("--out-dir", default="runs/check-matched")
+    args = ap.parse_args(argv)
+    try:
+        run(args) if args.what == "run" else report(args)
+    except RefusalLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
