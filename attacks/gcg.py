@@ -123,7 +123,7 @@ class GCGConfig:
                                         "target: the judge", choices=SUCCESS_CHECKS)
     prefer_target_match: bool = option(True, "choose the lowest-loss candidate whose greedy reply begins with the "
                                              "target (on every active prompt) over a lower-loss one whose does not")
-    check_matched: int = option(1, "one prompt, target+judge: each step the judge reads the replies of up to this many "
+    check_matched: int = option(8, "one prompt, target+judge: each step the judge reads the replies of up to this many "
                                    "scored candidates whose greedy reply begins with the target (the chosen one, then "
                                    "the others by loss) in one batched generation, and a complying one becomes the "
                                    "suffix (1: the chosen candidate alone)", ge=1)

@@ -2,7 +2,10 @@
 the chosen one and the next by loss, in one batched generation; a complying one becomes the suffix) shorten the
 native engine's time to a jailbreak at the model's precision?
 
-Found: (not yet measured)
+Found: yes, so it is on by default (check_matched 8): on 4 validation prompts, at the model's precision (float32),
+both arms broke 4/4; the time to success summed 852 s with the chosen candidate alone and 406 s with 8 judged
+(tokens 291,624 and 137,166); the two slowest prompts fell from 344 s to 33 s and from 432 s to 306 s, the two
+fastest stayed (AMD EPYC with AVX-512 BF16, 2 cores; docs/results.md#judging-matched-candidates).
 
     python experiments/does_judging_matched_candidates_pay.py run [--prompts 4] [--check-matched 1,8] [--out-dir D]
     python experiments/does_judging_matched_candidates_pay.py report [--out-dir D]

@@ -637,7 +637,7 @@ def test_judging_matched_candidates_keeps_the_first_that_complies(tiny):
             return ["complies" if r in self.yes else "refuses" for r in replies]
 
     cfg = GCGConfig(steps=1, search_width=16, topk=16, suffix_len=4, judge_tokens=6, judge="substring",
-                    screen_dtype="model", multi_coordinate=1, early_stop=False)
+                    screen_dtype="model", multi_coordinate=1, early_stop=False, check_matched=1)
     alone = Listed()
     chosen = GCG(tiny, [instruction], [target], cfg, judge=alone).run(progress=False)
     assert [len(c) for c in alone.calls] == [1] and chosen.success == [0.0]

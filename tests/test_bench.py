@@ -1,4 +1,5 @@
 """The benchmark runs the engines on the same settings and reports comparable numbers (tiny model)."""
+import dataclasses
 import json
 
 import pytest
@@ -294,6 +295,17 @@ def test_a_bench_resumes_row_by_row_and_grows_by_prompts(tiny, tmp_path, monkeyp
     assert sorted(after) == sorted(before) and after[0, "nanogcg"] == before[0, "nanogcg"]
     order = [(r["prompt_index"], r["engine"]) for r in map(json.loads, rows.read_text().splitlines())]
     assert order == [(0, "nanogcg"), (1, "nanogcg"), (0, "native"), (1, "native")]  # run again, appended
+    # a setting only the native engine reads: its rows must run again, nanoGCG's stay valid
+    checked = dataclasses.replace(cfg, check_matched=4)
+    with pytest.raises(RefusalLabError, match="other native settings \\(check_matched 8 there, 4 here\\); pass --rerun"):
+        bench.bench_attacks(tiny, prompts[:2], steps=2, config=checked, engines=("nanogcg", "native"),
+                            rows_file=rows, resume=True)
+    ran.clear()
+    bench.bench_attacks(tiny, prompts[:2], steps=2, config=checked, engines=("nanogcg", "native"), rows_file=rows,
+                        resume=True, rerun=("native",))
+    assert ran == ["native", "native"]
+    final = {(r["prompt_index"], r["engine"]): r for r in map(json.loads, rows.read_text().splitlines())}
+    assert final[1, "nanogcg"] == after[1, "nanogcg"] and final[1, "native"]["native_settings"] == {"check_matched": 4}
 
 
 def test_bench_cli_resumes_and_refuses_to_overwrite(tiny_dirs, tmp_path, capsys):

@@ -286,10 +286,18 @@ def rows_path(out: str | Path) -> Path:
     return out.with_name(out.stem + "_rows.jsonl")
 
 
+# attack settings only the native engine reads, with their value in rows from before the setting: left out of the
+# rows' shared key (so that nanoGCG's rows stay valid when they change) and kept in each native row instead, where
+# a resumed bench checks them
+NATIVE_ONLY = {"check_matched": 1}
+
+
 def settings_key(cm: ChatModel, config: GCGConfig, target_words: int = 12) -> str:
-    """What makes rows comparable: the model, every attack setting and the targets' length (the prompts and
-    engines are per row)."""
+    """What makes rows comparable: the model, every attack setting but NATIVE_ONLY's and the targets' length
+    (the prompts and engines are per row)."""
     cfg = comparable_config(as_dict(config))  # settings added later, at their "off" value, leave the key as it was
+    for name in NATIVE_ONLY:
+        cfg.pop(name, None)
     return hash_strings([repr(sorted(cfg.items())), cm.fingerprint] + ([f"target_words {target_words}"]
                                                                       if target_words != 12 else []))
 
@@ -373,6 +381,14 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, path)  # the other rows are kept whole even if this is killed
         done = kept
+    native = {k: getattr(config, k) for k in NATIVE_ONLY}
+    for r in done:
+        recorded = {**NATIVE_ONLY, **r.get("native_settings", {})}
+        if r["engine"] != "nanogcg" and recorded != native:
+            changed = ", ".join(f"{k} {recorded[k]} there, {v} here" for k, v in native.items() if recorded[k] != v)
+            raise RefusalLabError(f"{path}: its {r['engine']} rows were run with other native settings ({changed}); "
+                                  f"pass --rerun {r['engine']} to run them again (other engines' rows are kept), "
+                                  "or --force to start over")
     have = {(r["prompt_index"], r["engine"]): r for r in done}
     for (i, _), r in have.items():
         if i < len(instructions) and r["prompt"] != instructions[i]:
@@ -396,6 +412,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
                                direction=direction if name in NEEDS_DIRECTION else None)
                 r.update(engine=name, prompt_index=i, prompt=instruction, target=target, seed=seed,
                          machine=machine, key=key)
+                if name != "nanogcg":
+                    r["native_settings"] = native
                 if path is not None:
                     append_row(path, r)
                 if progress:
