@@ -46,7 +46,8 @@ class JobConfig:
     direction: DirectionConfig = option(help="the direction (its seed and batch size are the job's)",
                                         factory=DirectionConfig)
     attack: GCGConfig = option(help="the universal suffix (its seed and judge are the job's; its patience, where 0, "
-                                    "the steps shared among the prompts: attacks.gcg.universal_patience)",
+                                    "the steps shared among the prompts: attacks.gcg.universal_patience; it stops at "
+                                    "60 steps or once a step ends past 240 s, --attack-max-time-s)",
                                factory=lambda: replace(GCGConfig(), **JOB_ATTACK))
     attack_prompts: int = option(6, "universal suffix: harmful training prompts it is optimized on", ge=1)
     n_test: int = option(100, "evaluation and analysis: held-out test prompts of each kind", ge=1)
