@@ -489,7 +489,6 @@ class GCG:
             check = "target+judge" if len(instructions) == 1 else "judge"
         self.check = check if self.needs_target else "judge"
         self.judge = self.check != "target"  # whether the judge is consulted
-
         self._judge = None
         check_loaded_judge(judge, config.judge)
         if self.judge:
