@@ -839,9 +839,16 @@ class GCG:
                 if mine:
                     verdicts.update(zip(map(id, mine), engine.judge_success(ids, mine, target_matched)))
             return [verdicts[id(s)] for s in slots]
+        return self._verdicts(slots, [list(ids)] * len(slots), target_matched)
+
+    def _verdicts(self, slots: Sequence[_Slot], suffixes: Sequence[Sequence[int]], target_matched: bool) -> list[bool]:
+        """Whether the judge says the greedy reply of each (prompt, suffix) pair complies, from one batched
+        generation (only what follows the target where target_matched); pairs that all share one prompt reuse its
+        cache of the text before the suffix."""
         judge = self._judge or load_judge(self.config.judge)
-        encs = [self.cm.chat.encode(s.instruction, list(ids), self.placement) for s in slots]
-        prefix = (slots[0].before, slots[0].cache) if len(slots) == 1 else None
+        encs = [self.cm.chat.encode(s.instruction, list(ids), self.placement) for s, ids in zip(slots, suffixes)]
+        one = len({id(s) for s in slots}) == 1
+        prefix = (slots[0].before, slots[0].cache) if one else None
         known = [s.target_ids for s in slots] if target_matched else None
         reply_ids = greedy_replies(self.cm, encs, self.config.judge_tokens, known, prefix=prefix)
         replies = reply_texts(self.cm, reply_ids)
@@ -948,14 +955,8 @@ class GCG:
         target: the judge's verdicts on all of them from one batched generation (what follows the target, from
         the cache of the text before the suffix). Returns the success flags and which one to keep: 0 (the chosen
         one) unless it refused and one of the others complied (1 + its index, the first in their order)."""
-        slot = active[0]
         rows = [ids.tolist()] + others.tolist()
-        judge = self._judge or load_judge(self.config.judge)
-        encs = [self.cm.chat.encode(slot.instruction, r, self.placement) for r in rows]
-        reply_ids = greedy_replies(self.cm, encs, self.config.judge_tokens, [slot.target_ids] * len(rows),
-                                   prefix=(slot.before, slot.cache))
-        complies = [v == "complies" for v in judge.verdicts([slot.instruction] * len(rows),
-                                                             reply_texts(self.cm, reply_ids))]
+        complies = self._verdicts([active[0]] * len(rows), rows, target_matched=True)
         which = 0 if complies[0] else next((i for i, c in enumerate(complies) if c), 0)
         return [complies[which]], which
 
