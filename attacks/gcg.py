@@ -737,7 +737,11 @@ class GCG:
                 step_start = time.perf_counter()
                 active = self.slots[: state.n_active]
                 with self.clock.timing("gradient"), self.screening():
-                    grad = self.token_gradient(ids, active).float()
+                    grad = self.token_gradient(ids, active).float()  # [L, vocab]
+                    if cfg.momentum:  # MAC: the sampling gradient carries the previous steps' with weight mu
+                        if state.momentum:
+                            grad = cfg.momentum * state.momentum_tensor(grad) + (1 - cfg.momentum) * grad
+                        state.keep_momentum(grad)
                 with torch.no_grad():
                     cands = self.filtered(sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
                                                             self.not_allowed, gen), state.step)
@@ -884,6 +888,7 @@ class LoopState:
     profile: list[list[float]] = field(default_factory=list)  # per step: seconds per part (STEP_PARTS, other)
     agreement: list[float] = field(default_factory=list)  # probe sampling, per step
     rng: str = ""  # the candidate generator's state (base64)
+    momentum: str = ""  # MAC: the last step's sampling gradient [L, vocab], float32 bytes (base64; "" without)
     version: int = CHECKPOINT_VERSION
 
     def record(self, ids: list[int], text: str, loss: float, flags: list[bool], n_active: int, n_prompts: int,
@@ -912,6 +917,18 @@ class LoopState:
                                  or (config.patience and step + 1 - self.last_add >= config.patience)):
             self.n_active += group
             self.last_add = step + 1
+
+    def keep_momentum(self, grad: torch.Tensor) -> None:
+        """Keep this step's sampling gradient [L, vocab] for the next (exactly, so a resumed run matches)."""
+        self.momentum = base64.b64encode(grad.detach().float().cpu().contiguous().numpy().tobytes()).decode()
+
+    def momentum_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        """The kept sampling gradient, shaped and placed as `like` [L, vocab]."""
+        flat = torch.frombuffer(bytearray(base64.b64decode(self.momentum)), dtype=torch.float32)
+        if flat.numel() != like.numel():
+            raise RefusalLabError(f"the checkpoint's momentum has {flat.numel()} values, this run's gradient "
+                                  f"{like.numel()}; resume with the same model and settings")
+        return flat.view(like.shape).to(like.device)
 
     def result(self, tokenizer) -> AttackResult:
         best = self.best

@@ -80,6 +80,9 @@ class GCGConfig:
     screen_prompts: int = option(0, "universal: every candidate is scored on this many of the active prompts, drawn "
                                     "at random each step, and the best `rescore` of them again on every active "
                                     "prompt (0: every candidate on every active prompt)", ge=0)
+    momentum: float = option(0.4, "MAC (Zhang & Wei 2024): candidates are sampled from mu * the previous step's "
+                                   "sampling gradient + (1 - mu) * this step's token gradient (0: this step's alone; "
+                                   "0.4 is MAC's value for one prompt)", ge=0, lt=1)
     multi_coordinate: int = option(8, "multi-coordinate update (I-GCG): also score the current suffix with the "
                                       "changes of the best 2..m candidates combined (1: off)", ge=1)
     draft_model: str | None = option(None, "probe sampling (Zhao et al. 2024): a smaller model with the same "
@@ -174,6 +177,8 @@ def comparable_config(cfg: dict) -> dict:
     if cfg.get("target_weight", 1.0) == 1.0 and not cfg.get("attention_weight"):  # runs from before per-term
         for key in ("target_weight", "attention_weight", "attention_heads"):  # weights
             cfg.pop(key, None)
+    if not cfg.get("momentum"):  # no momentum (and runs from before the setting)
+        cfg.pop("momentum", None)
     if cfg.get("check_matched", 1) == 1:  # the chosen candidate alone (and runs from before the setting)
         cfg.pop("check_matched", None)
     if not cfg.get("ensemble"):  # one model (and runs from before ensembles)

@@ -21,28 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-from refusal.data import builtin_prompts, instructions
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig
 from refusal.registry import load_model
-from refusal.app.bench import BENCH_CONFIG, BenchConfig, rows_path, run_bench
+from refusal.app.bench import BENCH_CONFIG, BenchConfig, rows_path, run_bench, validation_prompts_file
 
 ENGINE = "native_model_precision"
-
-
-def validation_order(path: Path) -> Path:
-    """The harmful validation split, shuffled once with seed 0, as a prompt file (one prompt per line)."""
-    texts = instructions(builtin_prompts("harmful", "val"))
-    random.Random(0).shuffle(texts)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
-    return path
 
 
 def arm(out_dir: Path, k: int) -> Path:
@@ -51,7 +40,7 @@ def arm(out_dir: Path, k: int) -> Path:
 
 def run(args) -> None:
     cm = load_model(args.model)
-    prompts_file = validation_order(Path(args.out_dir) / "val.txt")
+    prompts_file = validation_prompts_file(Path(args.out_dir) / "val.txt")
     for k in args.check_matched:
         attack = replace(BENCH_CONFIG, check_matched=k, judge=JudgeConfig.of("strict"))
         config = BenchConfig(prompts=args.prompts, prompts_from=str(prompts_file), engines=ENGINE, attack=attack)

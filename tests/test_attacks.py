@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES
-from attacks.gcg import GCG, GCGConfig, sample_candidates
+from attacks.gcg import GCG, GCGConfig, comparable_config, config_dict, sample_candidates
 from refusal.suffix import disallowed_token_ids, random_suffix_ids, retokenizes
 from attacks.targets import default_target
 from refusal.directions import Direction, with_basis
@@ -659,3 +659,29 @@ def test_judging_matched_candidates_keeps_the_first_that_complies(tiny):
     # the chosen candidate complying is kept, whatever the others say
     both = GCG(tiny, [instruction], [target], batch_cfg, judge=Listed(yes=replies)).run(progress=False)
     assert both.suffix == chosen.suffix and both.success == [1.0]
+
+
+def test_momentum_changes_the_search_and_a_killed_run_resumes_to_the_same_suffix(tiny, tmp_path):
+    """MAC's momentum: the sampling gradient carries the previous step's; it is checkpointed exactly, so a run
+    killed mid-way resumes to the uninterrupted run's suffixes; 0 is the plain engine, and mu must be below 1."""
+    cfg = GCGConfig(steps=6, search_width=24, topk=8, suffix_len=5, early_stop=False, momentum=0.6,
+                    screen_dtype="model", multi_coordinate=1)
+    full = GCG(tiny, INSTR[:1], ["Sure, here is"], cfg).run(progress=False)
+    plain = GCG(tiny, INSTR[:1], ["Sure, here is"], dataclasses.replace(cfg, momentum=0.0)).run(progress=False)
+    assert full.suffixes[0] == plain.suffixes[0]  # the first step has no earlier gradient to carry
+    assert full.suffixes != plain.suffixes
+    ck = tmp_path / "checkpoint.json"
+
+    def kill(info):
+        if info["step"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        GCG(tiny, INSTR[:1], ["Sure, here is"], cfg).run(checkpoint=ck, on_step=kill, progress=False)
+    assert json.loads(ck.read_text())["momentum"]
+    resumed = GCG(tiny, INSTR[:1], ["Sure, here is"], cfg).run(checkpoint=ck, resume=True, progress=False)
+    assert resumed.suffixes == full.suffixes and resumed.losses == full.losses
+    with pytest.raises(RefusalLabError, match="momentum"):
+        GCGConfig(momentum=1.0).validate()
+    assert "momentum" not in comparable_config(config_dict(dataclasses.replace(cfg, momentum=0.0)))
+    assert comparable_config(config_dict(cfg))["momentum"] == 0.6

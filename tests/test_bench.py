@@ -305,7 +305,7 @@ def test_a_bench_resumes_row_by_row_and_grows_by_prompts(tiny, tmp_path, monkeyp
                         resume=True, rerun=("native",))
     assert ran == ["native", "native"]
     final = {(r["prompt_index"], r["engine"]): r for r in map(json.loads, rows.read_text().splitlines())}
-    assert final[1, "nanogcg"] == after[1, "nanogcg"] and final[1, "native"]["native_settings"] == {"check_matched": 4}
+    assert final[1, "nanogcg"] == after[1, "nanogcg"] and final[1, "native"]["native_settings"] == {"check_matched": 4, "momentum": cfg.momentum}
 
 
 def test_bench_cli_resumes_and_refuses_to_overwrite(tiny_dirs, tmp_path, capsys):

@@ -286,10 +286,21 @@ def rows_path(out: str | Path) -> Path:
     return out.with_name(out.stem + "_rows.jsonl")
 
 
+def validation_prompts_file(path: str | Path, seed: int = 0) -> Path:
+    """The harmful validation split, shuffled once with `seed`, written as a prompt file (one prompt per line) for
+    `--prompts-from`: where engine settings are screened, so that the held-out test prompts stay for the bench."""
+    texts = instructions(builtin_prompts("harmful", "val"))
+    random.Random(seed).shuffle(texts)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(t.replace("\n", " ") + "\n" for t in texts), encoding="utf-8")
+    return path
+
+
 # attack settings only the native engine reads, with their value in rows from before the setting: left out of the
 # rows' shared key (so that nanoGCG's rows stay valid when they change) and kept in each native row instead, where
 # a resumed bench checks them
-NATIVE_ONLY = {"check_matched": 1}
+NATIVE_ONLY = {"check_matched": 1, "momentum": 0.0}
 
 
 def settings_key(cm: ChatModel, config: GCGConfig, target_words: int = 12) -> str:
@@ -429,6 +440,7 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
     out["settings"] = dict(steps=steps, seed=seed, search_width=config.search_width, topk=config.topk,
                            suffix_len=config.suffix_len, n_replace=config.n_replace, rescore=config.rescore,
                            multi_coordinate=config.multi_coordinate, check_matched=config.check_matched,
+                           momentum=config.momentum,
                            target_loss=config.target_loss,
                            prefer_target_match=config.prefer_target_match, draft_model=config.draft_model,
                            probe_r=config.probe_r, probe_sampling_factor=config.probe_sampling_factor,

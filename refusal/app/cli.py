@@ -404,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
          help="always choose the lowest-loss candidate, also over one whose reply begins with the target")
     opt(a, GCGConfig, "success_check")
     opt(a, GCGConfig, "check_matched")
+    opt(a, GCGConfig, "momentum")
     opt(a, GCGConfig, "message")
     opt(a, GCGConfig, "system")
     a.add_argument("--resume", action="store_true", help="continue a run from its checkpoint")
@@ -442,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                  "universal_rate", "universal_steps", "direction"):
         opt(b, BenchConfig, name, **({"type": int} if name in ("universal", "target_words") else {}))
     for name in ("search_width", "topk", "suffix_len", "n_replace", "rescore", "multi_coordinate", "check_matched",
-                 "judge_tokens", "draft_model", "probe_r", "probe_sampling_factor"):
+                 "momentum", "judge_tokens", "draft_model", "probe_r", "probe_sampling_factor"):
         opt(b, GCGConfig, name, default=getattr(BENCH_CONFIG, name))
     opt(b, GCGConfig, "target_loss", default=BENCH_CONFIG.target_loss)
     judge_arg(b, "success (the native engine's target+judge check, nanoGCG's steps checked alike)")

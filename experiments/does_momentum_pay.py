@@ -1,0 +1,99 @@
+"""Does momentum on the token gradient (MAC, Zhang & Wei 2024: candidates sampled from mu * the previous step's
+sampling gradient + (1 - mu) * this step's, `GCGConfig.momentum`) shorten the native engine's time to a jailbreak
+at the model's precision?
+
+Found: (filled in from the report)
+
+    python experiments/does_momentum_pay.py run [--prompts 8] [--momentum 0,0.4] [--out-dir D]
+    python experiments/does_momentum_pay.py report [--out-dir D]
+
+The bench's per-prompt rows (`refusal bench`'s defaults: the bare "Sure, here is" target, width 64, 100 steps and
+600 s per row, the strict judge on 32 greedy tokens, check_matched 8) of the native engine at the model's
+precision (native_model_precision) alone, once per --momentum value, on the first --prompts harmful *validation*
+prompts in the order of the validation split shuffled with seed 0 (the held-out test prompts stay for the bench's
+figures). mu = 0.4 is MAC's own value for single-prompt attacks, chosen before any run here. The arms are run
+prompt by prompt, interleaved, each a bench of its own under --out-dir (`momentum-MU.json`) run with --resume: a
+killed run continues, and a larger --prompts adds prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from refusal.errors import RefusalLabError
+from refusal.judges import JudgeConfig
+from refusal.registry import load_model
+from refusal.app.bench import BENCH_CONFIG, BenchConfig, rows_path, run_bench, validation_prompts_file
+
+ENGINE = "native_model_precision"
+
+
+def arm(out_dir: Path, mu: float) -> Path:
+    return out_dir / f"momentum-{mu:g}.json"
+
+
+def run(args) -> None:
+    cm = load_model(args.model)
+    prompts_file = validation_prompts_file(Path(args.out_dir) / "val.txt")
+    for n in range(1, args.prompts + 1):  # interleaved: both arms' rows of a prompt on the same machine state
+        for mu in args.momentum:
+            attack = replace(BENCH_CONFIG, momentum=mu, judge=JudgeConfig.of("strict"))
+            config = BenchConfig(prompts=n, prompts_from=str(prompts_file), engines=ENGINE, attack=attack)
+            out = arm(Path(args.out_dir), mu)
+            print(f"momentum {mu:g}, prompt {n}: {out}", flush=True)
+            run_bench(cm, config, out, progress=lambda m: print(m, flush=True), resume=True)
+
+
+def report(args) -> None:
+    table = {}
+    for mu in args.momentum:
+        path = rows_path(arm(Path(args.out_dir), mu))
+        if not path.is_file():
+            raise RefusalLabError(f"{path}: no rows; run `... run --momentum {mu:g}` first")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        table[mu] = {r["prompt_index"]: r for r in rows if r["engine"] == ENGINE}
+    common = sorted(set.intersection(*(set(t) for t in table.values())))
+    first = next(iter(table[args.momentum[0]].values()))
+    print(f"{len(common)} validation prompts with a row in every arm; machine: {first['machine'].get('cpu')}")
+    print("| prompt | " + " | ".join(f"momentum {mu:g}" for mu in args.momentum) + " |")
+    print("|---|" + "---|" * len(args.momentum))
+    for i in common:
+        cells = []
+        for mu in args.momentum:
+            r = table[mu][i]
+            cells.append(f"step {r['first_success_step']}, {r['time_to_success_s']:.0f} s, {r['tokens_to_success']:,} tokens"
+                         if r["success"] else f"none in {r['steps_run']} steps ({r['budget_time_s']:.0f} s, best loss "
+                                              f"{r['best_loss']:.3f})")
+        print(f"| {table[args.momentum[0]][i]['prompt'][:48]} | " + " | ".join(cells) + " |")
+    for mu in args.momentum:
+        rows = [table[mu][i] for i in common]
+        broken = [r for r in rows if r["success"]]
+        cost = [r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]
+        tokens = [r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows]
+        print(f"momentum {mu:g}: broken {len(broken)}/{len(rows)}, s/step {statistics.median(r['s_per_step'] for r in rows):.2f}"
+              f" (median), time to success or budget: sum {sum(cost):.0f} s, median {statistics.median(cost):.0f} s; "
+              f"tokens: sum {sum(tokens):,}, median {statistics.median(tokens):,.0f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("what", choices=("run", "report"))
+    ap.add_argument("--model", default="organism")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--momentum", default="0,0.4", type=lambda s: [float(x) for x in s.split(",")])
+    ap.add_argument("--out-dir", default="runs/momentum")
+    args = ap.parse_args(argv)
+    try:
+        run(args) if args.what == "run" else report(args)
+    except RefusalLabError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
