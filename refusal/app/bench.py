@@ -410,6 +410,8 @@ def bench_attacks(cm: ChatModel, instructions: Sequence[str], steps: int = 100, 
             drop_cut_line(path)
         else:
             path.unlink()
+    if path is not None:  # before the first row runs, not when it is written
+        path.parent.mkdir(parents=True, exist_ok=True)
     machine = machine_info(cm.device)
     per_prompt = []
     for i, instruction in enumerate(instructions):
