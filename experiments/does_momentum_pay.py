@@ -2,7 +2,11 @@
 sampling gradient + (1 - mu) * this step's, `GCGConfig.momentum`) shorten the native engine's time to a jailbreak
 at the model's precision?
 
-Found: (filled in from the report)
+Found: yes on validation prompts, so it is on by default (0.4) for the engine, off in the main job's universal
+attack: on 8 validation prompts at the model's precision (float32) both arms broke 8/8; the time to success summed
+392 s without momentum and 327 s with 0.4 (median 50 s and 36 s; tokens 146,097 and 126,892); 0.4 was faster on 5
+prompts, slower on 2, equal on 1 (Intel Xeon, family 6 model 106, AVX-512 without BF16 or AMX, 2 cores;
+docs/results.md#momentum-on-the-token-gradient).
 
     python experiments/does_momentum_pay.py run [--prompts 8] [--momentum 0,0.4] [--out-dir D]
     python experiments/does_momentum_pay.py report [--out-dir D]
