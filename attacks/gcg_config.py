@@ -80,9 +80,9 @@ class GCGConfig:
     screen_prompts: int = option(0, "universal: every candidate is scored on this many of the active prompts, drawn "
                                     "at random each step, and the best `rescore` of them again on every active "
                                     "prompt (0: every candidate on every active prompt)", ge=0)
-    momentum: float = option(0.4, "MAC (Zhang & Wei 2024): candidates are sampled from mu * the previous step's "
+    momentum: float = option(0.0, "MAC (Zhang & Wei 2024): candidates are sampled from mu * the previous step's "
                                    "sampling gradient + (1 - mu) * this step's token gradient (0: this step's alone; "
-                                   "0.4 is MAC's value for one prompt)", ge=0, lt=1)
+                                   "MAC's value for one prompt is 0.4)", ge=0, lt=1)
     multi_coordinate: int = option(8, "multi-coordinate update (I-GCG): also score the current suffix with the "
                                       "changes of the best 2..m candidates combined (1: off)", ge=1)
     draft_model: str | None = option(None, "probe sampling (Zhao et al. 2024): a smaller model with the same "

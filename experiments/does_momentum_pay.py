@@ -2,11 +2,11 @@
 sampling gradient + (1 - mu) * this step's, `GCGConfig.momentum`) shorten the native engine's time to a jailbreak
 at the model's precision?
 
-Found: yes on validation prompts, so it is on by default (0.4) for the engine, off in the main job's universal
-attack: on 8 validation prompts at the model's precision (float32) both arms broke 8/8; the time to success summed
-392 s without momentum and 327 s with 0.4 (median 50 s and 36 s; tokens 146,097 and 126,892); 0.4 was faster on 5
-prompts, slower on 2, equal on 1 (Intel Xeon, family 6 model 106, AVX-512 without BF16 or AMX, 2 cores;
-docs/results.md#momentum-on-the-token-gradient).
+Found: no. On 8 validation prompts at the model's precision (float32) MAC's 0.4 looked faster (8/8 both; time to
+success summed 392 s against 327 s without and with it, faster on 5 prompts, slower on 2), but on the bench's 12
+held-out test prompts, same machine and settings, it was slower (12/12 both; 616 s against 954 s summed, the
+slowest prompt 145 s against 406 s, tokens 258,212 against 332,114; slower on 9 of 12), so it stays off by default
+(Intel Xeon, family 6 model 106, AVX-512 without BF16 or AMX, 2 cores; docs/results.md#momentum-on-the-token-gradient).
 
     python experiments/does_momentum_pay.py run [--prompts 8] [--momentum 0,0.4] [--out-dir D]
     python experiments/does_momentum_pay.py report [--out-dir D]

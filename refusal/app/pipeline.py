@@ -33,9 +33,8 @@ from refusal.models import ChatModel, seed_everything
 log = logging.getLogger(__name__)
 
 # the main job's attack where it differs from GCGConfig's defaults: a shorter, narrower universal attack with a
-# time budget, so that a cold main job on 2 CPU cores computing in float32 ends within 20 minutes; no momentum (it
-# was screened on single-prompt attacks, not on the universal one)
-JOB_ATTACK = dict(steps=60, search_width=64, topk=64, suffix_len=16, max_time_s=240.0, momentum=0.0)
+# time budget, so that a cold main job on 2 CPU cores computing in float32 ends within 20 minutes
+JOB_ATTACK = dict(steps=60, search_width=64, topk=64, suffix_len=16, max_time_s=240.0)
 
 
 @dataclass(frozen=True)
