@@ -285,11 +285,12 @@ def test_gcg_config_names_its_judge():
     assert GCGConfig(judge={"name": "strict", "device": "cpu"}).judge == JudgeConfig("strict", device="cpu")
     # attacks made before the judge was a setting (substring) stay comparable with judge="substring"
     # (and those made before probe sampling, without a draft, with them; a time limit and screening on some
-    # prompts, at their "off" values, are left out too; so are the placement and the per-term weights at
-    # their defaults, for attacks from before them)
+    # prompts, at their "off" values, are left out too; so are the placement, the per-term weights and momentum
+    # at their defaults, for attacks from before them)
     old = {k: v for k, v in config_dict(GCGConfig()).items()
            if k not in ("judge", "draft_model", "probe_r", "probe_sampling_factor", "max_time_s", "screen_prompts",
-                        "message", "system", "target_weight", "attention_weight", "attention_heads", "ensemble")}
+                        "message", "system", "target_weight", "attention_weight", "attention_heads", "ensemble",
+                        "momentum")}
     assert comparable_config(config_dict(GCGConfig(judge="substring"))) == old
     assert comparable_config(config_dict(GCGConfig())) != old
     assert comparable_config(config_dict(GCGConfig(screen_prompts=2)))["screen_prompts"] == 2  # on: compared
