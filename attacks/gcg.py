@@ -728,6 +728,7 @@ class GCG:
         cfg = self.config
         state, gen = self.start(checkpoint if resume else None)
         ids = torch.tensor(state.ids, dtype=torch.long)
+        momentum = state.momentum_tensor() if state.momentum else None  # [L, vocab] float32, MAC's running gradient
         bar = tqdm(total=cfg.steps, initial=state.step, desc="gcg", disable=not progress, leave=False)
         t0 = time.perf_counter() - state.elapsed
         try:
@@ -739,9 +740,13 @@ class GCG:
                 with self.clock.timing("gradient"), self.screening():
                     grad = self.token_gradient(ids, active).float()  # [L, vocab]
                     if cfg.momentum:  # MAC: the sampling gradient carries the previous steps' with weight mu
-                        if state.momentum:
-                            grad = cfg.momentum * state.momentum_tensor(grad) + (1 - cfg.momentum) * grad
-                        state.keep_momentum(grad)
+                        if momentum is not None:
+                            if momentum.shape != grad.shape:
+                                raise RefusalLabError(
+                                    f"the checkpoint's momentum is {list(momentum.shape)}, this run's gradient "
+                                    f"{list(grad.shape)}; resume with the same model and settings")
+                            grad = cfg.momentum * momentum.to(grad.device) + (1 - cfg.momentum) * grad
+                        momentum = grad
                 with torch.no_grad():
                     cands = self.filtered(sample_candidates(ids, grad, cfg.search_width, cfg.topk, cfg.n_replace,
                                                             self.not_allowed, gen), state.step)
@@ -764,6 +769,8 @@ class GCG:
                 state.profile.append(self.clock.take(time.perf_counter() - step_start))
                 state.rng = base64.b64encode(gen.get_state().numpy().tobytes()).decode()
                 if checkpoint is not None:
+                    if momentum is not None:
+                        state.keep_momentum(momentum)
                     artifacts.write_json(checkpoint, state.to_json())
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.3f}", ok=f"{sum(flags)}/{len(flags)}", suffix=text[:40])
@@ -919,16 +926,16 @@ class LoopState:
             self.last_add = step + 1
 
     def keep_momentum(self, grad: torch.Tensor) -> None:
-        """Keep this step's sampling gradient [L, vocab] for the next (exactly, so a resumed run matches)."""
+        """Keep the sampling gradient [L, vocab] in the checkpoint (exactly, so a resumed run matches)."""
         self.momentum = base64.b64encode(grad.detach().float().cpu().contiguous().numpy().tobytes()).decode()
 
-    def momentum_tensor(self, like: torch.Tensor) -> torch.Tensor:
-        """The kept sampling gradient, shaped and placed as `like` [L, vocab]."""
+    def momentum_tensor(self) -> torch.Tensor:
+        """The kept sampling gradient [L, vocab] (float32, on the CPU)."""
         flat = torch.frombuffer(bytearray(base64.b64decode(self.momentum)), dtype=torch.float32)
-        if flat.numel() != like.numel():
-            raise RefusalLabError(f"the checkpoint's momentum has {flat.numel()} values, this run's gradient "
-                                  f"{like.numel()}; resume with the same model and settings")
-        return flat.view(like.shape).to(like.device)
+        if flat.numel() % len(self.ids):
+            raise RefusalLabError(f"the checkpoint's momentum has {flat.numel()} values, not a multiple of its "
+                                  f"suffix's {len(self.ids)} tokens; remove it or start without --resume")
+        return flat.view(len(self.ids), -1)
 
     def result(self, tokenizer) -> AttackResult:
         best = self.best
