@@ -20,8 +20,6 @@ run continues, and a larger --prompts adds prompts.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +27,7 @@ from pathlib import Path
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig
 from refusal.registry import load_model
-from refusal.app.bench import BENCH_CONFIG, BenchConfig, rows_path, run_bench, validation_prompts_file
+from refusal.app.bench import BENCH_CONFIG, BenchConfig, compare_arms, run_bench, validation_prompts_file
 
 ENGINE = "native_model_precision"
 
@@ -50,34 +48,8 @@ def run(args) -> None:
 
 
 def report(args) -> None:
-    table = {}
-    for k in args.check_matched:
-        path = rows_path(arm(Path(args.out_dir), k))
-        if not path.is_file():
-            raise RefusalLabError(f"{path}: no rows; run `... run --check-matched {k}` first")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        table[k] = {r["prompt_index"]: r for r in rows if r["engine"] == ENGINE}
-    common = sorted(set.intersection(*(set(t) for t in table.values())))
-    print(f"{len(common)} validation prompts with a row in every arm; machine: "
-          f"{next(iter(table[args.check_matched[0]].values()))['machine'].get('cpu')}")
-    print("| prompt | " + " | ".join(f"check_matched {k}" for k in args.check_matched) + " |")
-    print("|---|" + "---|" * len(args.check_matched))
-    for i in common:
-        cells = []
-        for k in args.check_matched:
-            r = table[k][i]
-            cells.append(f"step {r['first_success_step']}, {r['time_to_success_s']:.0f} s, {r['tokens_to_success']:,} tokens"
-                         if r["success"] else f"none in {r['steps_run']} steps ({r['budget_time_s']:.0f} s, best loss "
-                                              f"{r['best_loss']:.3f})")
-        print(f"| {table[args.check_matched[0]][i]['prompt'][:48]} | " + " | ".join(cells) + " |")
-    for k in args.check_matched:
-        rows = [table[k][i] for i in common]
-        broken = [r for r in rows if r["success"]]
-        cost = [r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]
-        tokens = [r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows]
-        print(f"check_matched {k}: broken {len(broken)}/{len(rows)}, s/step {statistics.median(r['s_per_step'] for r in rows):.2f}"
-              f" (median), time to success or budget: sum {sum(cost):.0f} s, median {statistics.median(cost):.0f} s; "
-              f"tokens: sum {sum(tokens):,}")
+    arms = [(f"check_matched {k}", arm(Path(args.out_dir), k)) for k in args.check_matched]
+    print("\n".join(compare_arms(arms, ENGINE)))
 
 
 def main(argv=None) -> int:

@@ -22,8 +22,6 @@ killed run continues, and a larger --prompts adds prompts.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,7 +29,7 @@ from pathlib import Path
 from refusal.errors import RefusalLabError
 from refusal.judges import JudgeConfig
 from refusal.registry import load_model
-from refusal.app.bench import BENCH_CONFIG, BenchConfig, rows_path, run_bench, validation_prompts_file
+from refusal.app.bench import BENCH_CONFIG, BenchConfig, compare_arms, run_bench, validation_prompts_file
 
 ENGINE = "native_model_precision"
 
@@ -53,34 +51,8 @@ def run(args) -> None:
 
 
 def report(args) -> None:
-    table = {}
-    for mu in args.momentum:
-        path = rows_path(arm(Path(args.out_dir), mu))
-        if not path.is_file():
-            raise RefusalLabError(f"{path}: no rows; run `... run --momentum {mu:g}` first")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        table[mu] = {r["prompt_index"]: r for r in rows if r["engine"] == ENGINE}
-    common = sorted(set.intersection(*(set(t) for t in table.values())))
-    first = next(iter(table[args.momentum[0]].values()))
-    print(f"{len(common)} validation prompts with a row in every arm; machine: {first['machine'].get('cpu')}")
-    print("| prompt | " + " | ".join(f"momentum {mu:g}" for mu in args.momentum) + " |")
-    print("|---|" + "---|" * len(args.momentum))
-    for i in common:
-        cells = []
-        for mu in args.momentum:
-            r = table[mu][i]
-            cells.append(f"step {r['first_success_step']}, {r['time_to_success_s']:.0f} s, {r['tokens_to_success']:,} tokens"
-                         if r["success"] else f"none in {r['steps_run']} steps ({r['budget_time_s']:.0f} s, best loss "
-                                              f"{r['best_loss']:.3f})")
-        print(f"| {table[args.momentum[0]][i]['prompt'][:48]} | " + " | ".join(cells) + " |")
-    for mu in args.momentum:
-        rows = [table[mu][i] for i in common]
-        broken = [r for r in rows if r["success"]]
-        cost = [r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]
-        tokens = [r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows]
-        print(f"momentum {mu:g}: broken {len(broken)}/{len(rows)}, s/step {statistics.median(r['s_per_step'] for r in rows):.2f}"
-              f" (median), time to success or budget: sum {sum(cost):.0f} s, median {statistics.median(cost):.0f} s; "
-              f"tokens: sum {sum(tokens):,}, median {statistics.median(tokens):,.0f}")
+    arms = [(f"momentum {mu:g}", arm(Path(args.out_dir), mu)) for mu in args.momentum]
+    print("\n".join(compare_arms(arms, ENGINE)))
 
 
 def main(argv=None) -> int:

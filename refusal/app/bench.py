@@ -286,6 +286,43 @@ def rows_path(out: str | Path) -> Path:
     return out.with_name(out.stem + "_rows.jsonl")
 
 
+def compare_arms(arms: Sequence[tuple[str, str | Path]], engine: str) -> list[str]:
+    """A markdown table of one engine's rows in several benches (arms: (label, bench.json) pairs, as an
+    experiment runs them), one line per prompt that every arm has, then one summary line per arm: prompts
+    broken, median s/step, time and tokens to success (a prompt not broken counts its whole budget)."""
+    table: dict[str, dict[int, dict]] = {}
+    for label, out in arms:
+        path = rows_path(out)
+        if not path.is_file():
+            raise RefusalLabError(f"{path}: no rows for the arm {label!r}; run it first")
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        table[label] = {r["prompt_index"]: r for r in rows if r["engine"] == engine}
+    labels = [label for label, _ in arms]
+    common = sorted(set.intersection(*(set(t) for t in table.values())))
+    if not common:
+        raise RefusalLabError(f"no prompt has a {engine} row in every arm ({', '.join(labels)})")
+    first = table[labels[0]][common[0]]
+    lines = [f"{len(common)} prompts with a row in every arm; machine: {first['machine'].get('cpu')}",
+             "| prompt | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+    for i in common:
+        cells = []
+        for label in labels:
+            r = table[label][i]
+            cells.append(f"step {r['first_success_step']}, {r['time_to_success_s']:.0f} s, "
+                          f"{r['tokens_to_success']:,} tokens" if r["success"] else
+                          f"none in {r['steps_run']} steps ({r['budget_time_s']:.0f} s, best loss {r['best_loss']:.3f})")
+        lines.append(f"| {table[labels[0]][i]['prompt'][:48]} | " + " | ".join(cells) + " |")
+    for label in labels:
+        rows = [table[label][i] for i in common]
+        cost = [r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]
+        tokens = [r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows]
+        lines.append(f"{label}: broken {sum(r['success'] for r in rows)}/{len(rows)}, s/step "
+                     f"{statistics.median(r['s_per_step'] for r in rows):.2f} (median), time to success or budget: "
+                     f"sum {sum(cost):.0f} s, median {statistics.median(cost):.0f} s; tokens: sum {sum(tokens):,}, "
+                     f"median {statistics.median(tokens):,.0f}")
+    return lines
+
+
 def validation_prompts_file(path: str | Path, seed: int = 0) -> Path:
     """The harmful validation split, shuffled once with `seed`, written as a prompt file (one prompt per line) for
     `--prompts-from`: where engine settings are screened, so that the held-out test prompts stay for the bench."""
