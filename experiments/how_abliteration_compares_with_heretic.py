@@ -277,7 +277,7 @@ def test(seeds: list[int], tokens: int) -> None:
                     point["weights"] = str(OUT / f"heretic-s{seed}" / "front" / f"trial-{pick['trial']}.safetensors")
                 if cm is None:
                     cm = load_model("organism")
-                    direction = load_direction("runs/abl-s0/direction", cm)
+                    direction = load_direction(f"{ours(seeds[0])}/direction", cm)
                     scorer = AblationScorer(cm, direction, instructions(builtin_prompts("harmful", "test")),
                                             instructions(builtin_prompts("harmless", "test")),
                                             load_judge("strict"), tokens, BATCH)
