@@ -419,12 +419,15 @@ def test_compare_arms_tables_the_prompts_every_arm_has_and_counts_a_failure_as_i
     from refusal.app.bench import compare_arms, rows_path
 
     def write(out, rows):
-        rows_path(out).write_text("".join(json.dumps(dict(r, engine="e", prompt_index=i, prompt=f"prompt {i}",
-                                                          first_success_step=3)) + "\n" for i, r in rows))
+        rows_path(out).write_text("".join(json.dumps(dict(r, key=str(out), engine="e", prompt_index=i,
+                                                          prompt=f"prompt {i}", first_success_step=3)) + "\n"
+                                          for i, r in rows))
 
     a, b = tmp_path / "a.json", tmp_path / "b.json"
     write(a, [(0, _row(True, 10, 500)), (1, _row(False, 0, 0)), (2, _row(True, 7, 70))])
     write(b, [(0, _row(True, 4, 200)), (1, _row(True, 30, 900))])
+    with rows_path(b).open("a") as f:  # a row cut off by a kill is dropped, as when a bench resumes
+        f.write('{"key": "b", "engine": "e", "prompt_index": 2, "pro')
     lines = compare_arms([("A", a), ("B", b)], "e")
     assert lines[0].startswith("2 prompts") and lines[1] == "| prompt | A | B |"
     assert lines[3] == "| prompt 0 | step 3, 10 s, 500 tokens | step 3, 4 s, 200 tokens |"

@@ -34,7 +34,7 @@ from refusal.judges import load_judge
 from refusal.metrics import generate, reply_texts
 from refusal.hardware import machine_info
 from refusal.models import ChatModel, seed_everything
-from refusal.app.bench_figures import bench_figures
+from refusal.app.bench_figures import bench_figures, summarize
 from refusal.app.plots import plot_loss_vs_time, plot_success_curves
 
 log = logging.getLogger(__name__)
@@ -295,8 +295,7 @@ def compare_arms(arms: Sequence[tuple[str, str | Path]], engine: str) -> list[st
         path = rows_path(out)
         if not path.is_file():
             raise RefusalLabError(f"{path}: no rows for the arm {label!r}; run it first")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        table[label] = {r["prompt_index"]: r for r in rows if r["engine"] == engine}
+        table[label] = {r["prompt_index"]: r for r in read_rows(path, None) if r["engine"] == engine}
     labels = [label for label, _ in arms]
     common = sorted(set.intersection(*(set(t) for t in table.values())))
     if not common:
@@ -314,12 +313,12 @@ def compare_arms(arms: Sequence[tuple[str, str | Path]], engine: str) -> list[st
         lines.append(f"| {table[labels[0]][i]['prompt'][:48]} | " + " | ".join(cells) + " |")
     for label in labels:
         rows = [table[label][i] for i in common]
-        cost = [r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows]
-        tokens = [r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows]
-        lines.append(f"{label}: broken {sum(r['success'] for r in rows)}/{len(rows)}, s/step "
-                     f"{statistics.median(r['s_per_step'] for r in rows):.2f} (median), time to success or budget: "
-                     f"sum {sum(cost):.0f} s, median {statistics.median(cost):.0f} s; tokens: sum {sum(tokens):,}, "
-                     f"median {statistics.median(tokens):,.0f}")
+        fig = summarize(rows)
+        cost = sum(r["time_to_success_s"] if r["success"] else r["budget_time_s"] for r in rows)
+        tokens = sum(r["tokens_to_success"] if r["success"] else r["budget_tokens"] for r in rows)
+        lines.append(f"{label}: broken {fig['successes']}/{fig['prompts']}, s/step {fig['s_per_step']:.2f} (median), "
+                     f"time to success or budget: sum {cost:.0f} s, median {fig['time_to_success_s']:.0f} s; "
+                     f"tokens: sum {tokens:,}, median {fig['tokens_to_success']:,.0f}")
     return lines
 
 
@@ -350,9 +349,9 @@ def settings_key(cm: ChatModel, config: GCGConfig, target_words: int = 12) -> st
                                                                       if target_words != 12 else []))
 
 
-def read_rows(path: Path, key: str) -> list[dict]:
+def read_rows(path: Path, key: str | None) -> list[dict]:
     """The finished rows of a bench (a truncated last line, a row cut off by a kill, is dropped); a row of
-    other settings, or a line that is not a row, is a one-line error."""
+    other settings than `key` (None: any settings), or a line that is not a row, is a one-line error."""
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -369,7 +368,7 @@ def read_rows(path: Path, key: str) -> list[dict]:
             raise RefusalLabError(f"{path}: line {i} is not JSON; the rows file is damaged (remove it, or --force)") from None
         if not isinstance(row, dict) or not {"key", "engine", "prompt_index", "prompt"} <= set(row):
             raise RefusalLabError(f"{path}: line {i} is not a bench row; remove the file, or --force")
-        if row["key"] != key:
+        if key is not None and row["key"] != key:
             raise RefusalLabError(f"{path}: its rows were run with another model or other attack settings; resume "
                                   "with the same settings, or --force to start over")
         rows.append(row)
