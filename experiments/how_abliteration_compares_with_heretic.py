@@ -59,9 +59,9 @@ def ours(seed: int) -> str:
 
 
 def is_ours(row: dict) -> bool:
-    """A re-scored row of heretic, or of the refusal-lab study --ours names (rows before --ours existed
-    carry no study: they are runs/abl-sS's)."""
-    return row["tool"] == "heretic" or row.get("study", f"runs/abl-s{row['seed']}") == ours(row["seed"])
+    """A re-scored row of heretic or of the unedited model, or of the refusal-lab study --ours names (rows
+    before --ours existed carry no study: they are runs/abl-sS's)."""
+    return row["tool"] in ("heretic", "unedited") or row.get("study", f"runs/abl-s{row['seed']}") == ours(row["seed"])
 
 
 def venv() -> Path:
@@ -160,7 +160,8 @@ def marker_refusal(reply: str, markers: list[str]) -> bool:
 
 
 def front_points(seed: int) -> list[dict]:
-    """Both tools' Pareto fronts of one seed, as their searches scored them."""
+    """Both tools' Pareto fronts of one seed, as their searches scored them, and the unedited model (KL 0:
+    the point any edit that refuses as often must beat; neither tool's)."""
     import pandas as pd
     front = pd.read_csv(f"{ours(seed)}/front.csv")
     points = [{"tool": "refusal-lab", "study": ours(seed), "trial": int(r["trial"]),
@@ -172,7 +173,7 @@ def front_points(seed: int) -> list[dict]:
     points += [{"tool": "heretic", "trial": r["trial"], "search_refusal": r["refusals"] / r["n_bad_prompts"],
                 "search_kl": r["kl"], "weights": str(OUT / f"heretic-s{seed}" / "front" / r["weights"])}
                for r in hfront["front"]]
-    return points
+    return points + [{"tool": "unedited", "trial": -1, "search_refusal": None, "search_kl": 0.0}]
 
 
 def heretic_markers(seed: int) -> list[str]:
@@ -185,6 +186,8 @@ def apply_point(cm, direction, point: dict) -> None:
     from safetensors.torch import load_file
     from refusal.ablation import abliterate
     from refusal.app.abliterate import ablation_from
+    if point["tool"] == "unedited":
+        return
     if point["tool"] == "refusal-lab":
         abliterate(cm, direction, ablation_from(point["params"]), inplace=True)
         return
@@ -318,17 +321,22 @@ def report(seeds: list[int]) -> None:
     colors = dict(zip(("refusal-lab", "heretic"), sns.color_palette("deep", 2)))
     for judge, key in (("strict judge", "strict_refusal"), ("heretic's refusal markers", "marker_refusal")):
         print(f"\nBy {judge} (100-token replies, validation prompts):\n")
-        print("| seed | tool | front (refusal / KL) | its points no point of the other beats | hypervolume |")
-        print("|---|---|---|---|---|")
+        print("| seed | tool | front (refusal / KL) | its points no point of the other beats | ... nor the "
+              "unedited model | hypervolume |")
+        print("|---|---|---|---|---|---|")
         for seed in seeds:
             rows = [r for r in read_jsonl(OUT / f"rescore-s{seed}.jsonl") if is_ours(r)]
+            unedited = [r for r in rows if r["tool"] == "unedited"]
             fronts = {tool: pareto([r for r in rows if r["tool"] == tool], key) for tool in colors}
             for tool, front in fronts.items():
                 other = fronts["heretic" if tool == "refusal-lab" else "refusal-lab"]
                 beaten = [r for r in front if any(o[key] <= r[key] and o["kl"] <= r["kl"] for o in other)]
+                beaten_too = [r for r in front if any(o[key] <= r[key] and o["kl"] <= r["kl"] for o in other + unedited)]
                 pts = ", ".join(f"{r[key]:.3f}/{r['kl']:.3f}" for r in sorted(front, key=lambda r: r["kl"]))
                 print(f"| {seed} | {tool} | {pts} | {len(front) - len(beaten)}/{len(front)} | "
-                      f"{hypervolume(front, key):.4f} |")
+                      f"{len(front) - len(beaten_too)}/{len(front)} | {hypervolume(front, key):.4f} |")
+            for r in unedited:
+                print(f"| {seed} | unedited model | {r[key]:.3f}/{r['kl']:.3f} | | | |")
     for ax, seed in zip(axes[0], seeds):
         rows = [r for r in read_jsonl(OUT / f"rescore-s{seed}.jsonl") if is_ours(r)]
         for tool, color in colors.items():
