@@ -1,11 +1,12 @@
 """How does `refusal abliterate` compare with heretic 1.4.0 on the organism, re-scored alike?
 
-Found: refusal-lab ahead on two seeds of three, not on all. With settings version 3 (heretic's priors on the
-kernels' peak and the direction's layer) refusal-lab's front, re-scored by the strict judge, has the larger
-hypervolume on seeds 0 and 1 (0.244 against 0.203, 0.254 against 0.228), heretic's on seed 2 (0.230 against
-0.211); on the held-out test prompts refusal-lab's chosen edit refuses 13.3% against 35.0% (seed 0, KL 0.2299
-against 0.2293), 23.3% against 24.2% (seed 1, KL 0.1632 against 0.1634), 23.3% against 22.5% (seed 2, KL 0.190
-against 0.159). Version 1 (`--ours 'runs/abl-s{seed}'`) was ahead on seed 0 only (docs/results.md).
+Found: not yet ahead on every seed. With settings version 4 (the embeddings edited as the attention
+kernel edits layer 0), on one Intel Xeon, refusal-lab's front, re-scored by the strict judge, has the
+larger hypervolume on seed 0 (0.262 against 0.237), heretic's on seed 1 (0.227 against 0.195) and by a
+hair on seed 2 (0.242 against 0.239); on the held-out test prompts refusal-lab's chosen edit refuses
+20.8% against 30.0% (seed 0, KL 0.168 against 0.177), 24.2% against 24.2% (seed 1, KL 0.213 against
+0.165), 19.2% against 22.5% (seed 2, KL 0.212 against 0.126). Versions 1 and 3 (`--ours
+'runs/abl-s{seed}'`, `'runs/abl3-s{seed}'`, on an AMD EPYC) were ahead on one and two seeds (docs/results.md).
 
     python experiments/how_abliteration_compares_with_heretic.py heretic --seed S   # heretic's study, resumable
     python experiments/how_abliteration_compares_with_heretic.py rescore --seed S   # both fronts, one judge, one KL
@@ -25,8 +26,8 @@ folder with:
 Everything else is heretic's default (its kernels and ranges, projected directions, row-norm-preserving
 edits, its 33 refusal markers, TPE).
 
-Re-scoring: every point of both tools' Pareto fronts, on that seed's validation prompts (48 + 48), by one
-scorer: greedy replies of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge
+Re-scoring: every point of both tools' Pareto fronts, and the unedited model (the point an edit that
+refuses as often must beat), on that seed's validation prompts (48 + 48), by one scorer: greedy replies of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge
 and by heretic's refusal markers, and the mean KL(base || edited) of the first reply token on the harmless
 prompts. heretic's points are heretic's edited weights (heretic_driver.py export), loaded into the
 organism; refusal-lab's are its edit. Then each tool's chosen point (the fewest strict refusals among its
