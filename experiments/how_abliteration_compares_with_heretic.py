@@ -1,12 +1,12 @@
 """How does `refusal abliterate` compare with heretic 1.4.0 on the organism, re-scored alike?
 
-Found: not yet ahead on every seed. With settings version 4 (the embeddings edited as the attention
-kernel edits layer 0), on one Intel Xeon, refusal-lab's front, re-scored by the strict judge, has the
-larger hypervolume on seed 0 (0.262 against 0.237), heretic's on seed 1 (0.227 against 0.195) and by a
-hair on seed 2 (0.242 against 0.239); on the held-out test prompts refusal-lab's chosen edit refuses
-20.8% against 30.0% (seed 0, KL 0.168 against 0.177), 24.2% against 24.2% (seed 1, KL 0.213 against
-0.165), 19.2% against 22.5% (seed 2, KL 0.212 against 0.126). Versions 1 and 3 (`--ours
-'runs/abl-s{seed}'`, `'runs/abl3-s{seed}'`, on an AMD EPYC) were ahead on one and two seeds (docs/results.md).
+Found: level with heretic, not ahead. On one Intel Xeon, re-scored by the strict judge, refusal-lab's
+front (settings version 3) has a hypervolume of 0.235, 0.226, 0.236 on seeds 0-2 against heretic's
+0.237, 0.227, 0.242; no front dominates heretic's. On the held-out test prompts its chosen edit refuses
+22.5% against 30.0% (seed 0, KL 0.178 against 0.177), 14.2% against 24.2% (seed 1, KL 0.161 against
+0.165), 19.2% against 22.5% (seed 2, KL 0.231 against 0.126). Version 4 (the embeddings tied to the
+attention kernel, `--ours 'runs/abl5-s{seed}'`) was level too (mean 0.2320 against version 3's 0.2322)
+and was not adopted (docs/results.md).
 
     python experiments/how_abliteration_compares_with_heretic.py heretic --seed S   # heretic's study, resumable
     python experiments/how_abliteration_compares_with_heretic.py rescore --seed S   # both fronts, one judge, one KL

@@ -28,16 +28,6 @@ def test_the_papers_parameters_are_the_papers_ablation_and_the_space_covers_them
         assert space[k]._contains(space[k].to_internal_repr(v)), k
 
 
-def test_the_embeddings_are_edited_as_the_attention_kernel_edits_layer_0():
-    paper = paper_params(6)  # width 5 from the last layer: layer 0 at the floor, 1
-    assert ablation_from(paper).embed == 1.0
-    late = paper | {"attn.peak_layer": 4.0, "attn.width": 2.0}  # stops at layer 2
-    assert ablation_from(late).embed == 0.0
-    reach = paper | {"attn.peak": 1.2, "attn.peak_layer": 4.0, "attn.width": 5.0, "attn.floor_share": 0.5}
-    assert ablation_from(reach).embed == pytest.approx(1.2 + (0.6 - 1.2) * 4 / 5)
-    assert ablation_from(late | {"embed": 0.3}).embed == 0.3  # a study before settings version 4 drew it
-
-
 def test_the_front_keeps_only_undominated_trials():
     trials = pd.DataFrame({"trial": [0, 1, 2, 3], "refusal": [0.5, 0.2, 0.2, 0.0], "kl": [0.1, 0.3, 0.2, 0.9]})
     assert list(pareto_front(trials).trial) == [3, 2, 0]

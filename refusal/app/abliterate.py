@@ -46,8 +46,8 @@ from refusal.app.sweep import RayRunner, SweepConfig, Task, failure_message
 log = logging.getLogger(__name__)
 
 STUDY = "abliterate"
-SETTINGS_VERSION = 4  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
-# the direction's layer, 128 candidates per TPE draw; 4: the embeddings take the attention kernel's layer-0 weight
+SETTINGS_VERSION = 3  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
+# the direction's layer, 128 candidates per TPE draw
 
 
 @dataclass(frozen=True)
@@ -91,11 +91,10 @@ class AbliterateConfig:
 def search_space(n_layers: int) -> dict:
     """Optuna's distributions for a model of `n_layers` layers: per kernel (attention, MLP) the peak weight
     (0.8-1.5), the peak layer (60-100% of the depth), the floor as a share of the peak and the width (1 layer
-    to all); where the direction is taken (the selected one, a fractional layer at
+    to all); the embeddings' weight; where the direction is taken (the selected one, a fractional layer at
     40-90% of the depth, or each layer's own); the projection; norm preservation. The peak's and the
     direction's ranges are heretic's priors (refusal is mediated in the later middle of the network); the
-    paper's ablation (peak 1 at the last layer, floor 1, width all layers) lies inside the space. The
-    embeddings' weight is not searched: see `embed_weight`."""
+    paper's ablation (peak 1 at the last layer, floor 1, width all layers) lies inside the space."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
     top = float(max(n_layers - 1, 1))
@@ -105,6 +104,7 @@ def search_space(n_layers: int) -> dict:
         space[f"{part}.peak_layer"] = FloatDistribution(0.6 * top, top)
         space[f"{part}.floor_share"] = FloatDistribution(0.0, 1.0)
         space[f"{part}.width"] = FloatDistribution(1.0, top)
+    space["embed"] = FloatDistribution(0.0, 1.0)
     space["direction"] = CategoricalDistribution(["selected", "layer", "per_layer"])
     space["direction_layer"] = FloatDistribution(0.4 * top, 0.9 * top)
     space["projection"] = CategoricalDistribution(["none", "harmless", "biprojected"])
@@ -112,24 +112,13 @@ def search_space(n_layers: int) -> dict:
     return space
 
 
-def embed_weight(attn: Kernel) -> float:
-    """The embeddings' weight a searched ablation gives: the attention kernel's weight at layer 0. The
-    embeddings are the residual stream's first writer, so they are edited as the first layer's writes are:
-    at the paper's weight 1 when the kernel spans the depth at floor 1, not at all when it stops short of
-    layer 0 (as heretic, which never edits them). An embedding edit reaches every token, so it puts a floor
-    under the KL of the whole edit; tied to the kernel, the narrow late kernels keep clear of it."""
-    return attn.weights(1)[0]  # layer 0 is peak_layer layers from the peak
-
-
 def ablation_from(params: dict) -> AblationConfig:
-    """The AblationConfig a trial's parameters describe (`embed` given by studies before settings version 4,
-    else `embed_weight`)."""
+    """The AblationConfig a trial's parameters describe."""
     p = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in params.items()}
     kernels = {part: Kernel(peak=p[f"{part}.peak"], peak_layer=p[f"{part}.peak_layer"],
                             floor=p[f"{part}.floor_share"] * p[f"{part}.peak"], width=p[f"{part}.width"])
                for part in ("attn", "mlp")}
-    embed = p["embed"] if "embed" in p else embed_weight(kernels["attn"])
-    return AblationConfig(attn=kernels["attn"], mlp=kernels["mlp"], embed=embed,
+    return AblationConfig(attn=kernels["attn"], mlp=kernels["mlp"], embed=p["embed"],
                           direction_layer=p["direction_layer"] if p["direction"] == "layer" else None,
                           per_layer=p["direction"] == "per_layer",
                           projection=str(p["projection"]), norm_preserving=bool(p["norm_preserving"]))
@@ -141,7 +130,7 @@ def paper_params(n_layers: int) -> dict:
     p = {}
     for part in ("attn", "mlp"):
         p.update({f"{part}.peak": 1.0, f"{part}.peak_layer": top, f"{part}.floor_share": 1.0, f"{part}.width": top})
-    p.update(direction="selected", direction_layer=0.5 * top, projection="none", norm_preserving=False)
+    p.update(embed=1.0, direction="selected", direction_layer=0.5 * top, projection="none", norm_preserving=False)
     return p
 
 
