@@ -27,8 +27,8 @@ Everything else is heretic's default (its kernels and ranges, projected directio
 edits, its 33 refusal markers, TPE).
 
 Re-scoring: every point of both tools' Pareto fronts, and the unedited model (the point an edit that
-refuses as often must beat), on that seed's validation prompts (48 + 48), by one scorer: greedy replies of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge
-and by heretic's refusal markers, and the mean KL(base || edited) of the first reply token on the harmless
+refuses as often must beat), on that seed's validation prompts (48 + 48), by one scorer: greedy replies
+of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge and by heretic's refusal markers, and the mean KL(base || edited) of the first reply token on the harmless
 prompts. heretic's points are heretic's edited weights (heretic_driver.py export), loaded into the
 organism; refusal-lab's are its edit. Then each tool's chosen point (the fewest strict refusals among its
 re-scored points with KL <= 0.2, ties to the lower KL) on the held-out test prompts.
@@ -62,7 +62,8 @@ def ours(seed: int) -> str:
 def is_ours(row: dict) -> bool:
     """A re-scored row of heretic or of the unedited model, or of the refusal-lab study --ours names (rows
     before --ours existed carry no study: they are runs/abl-sS's)."""
-    return row["tool"] in ("heretic", "unedited") or row.get("study", f"runs/abl-s{row['seed']}") == ours(row["seed"])
+    study = row.get("study", f"runs/abl-s{row['seed']}")
+    return row["tool"] in ("heretic", "unedited") or study == ours(row["seed"])
 
 
 def venv() -> Path:
@@ -254,6 +255,11 @@ def pareto(rows: list[dict], refusal: str) -> list[dict]:
                                        (o[refusal] < r[refusal] or o["kl"] < r["kl"]) for o in rows)]
 
 
+def unbeaten(front: list[dict], others: list[dict], refusal: str) -> int:
+    """How many points of `front` no point of `others` has both `refusal` and KL no worse than."""
+    return sum(not any(o[refusal] <= r[refusal] and o["kl"] <= r["kl"] for o in others) for r in front)
+
+
 def chosen(rows: list[dict]) -> dict | None:
     """The fewest strict refusals among points with KL <= MAX_KL, ties to the lower KL (refusal-lab's rule)."""
     ok = [r for r in rows if r["kl"] <= MAX_KL]
@@ -331,11 +337,9 @@ def report(seeds: list[int]) -> None:
             fronts = {tool: pareto([r for r in rows if r["tool"] == tool], key) for tool in colors}
             for tool, front in fronts.items():
                 other = fronts["heretic" if tool == "refusal-lab" else "refusal-lab"]
-                beaten = [r for r in front if any(o[key] <= r[key] and o["kl"] <= r["kl"] for o in other)]
-                beaten_too = [r for r in front if any(o[key] <= r[key] and o["kl"] <= r["kl"] for o in other + unedited)]
                 pts = ", ".join(f"{r[key]:.3f}/{r['kl']:.3f}" for r in sorted(front, key=lambda r: r["kl"]))
-                print(f"| {seed} | {tool} | {pts} | {len(front) - len(beaten)}/{len(front)} | "
-                      f"{len(front) - len(beaten_too)}/{len(front)} | {hypervolume(front, key):.4f} |")
+                print(f"| {seed} | {tool} | {pts} | {unbeaten(front, other, key)}/{len(front)} | "
+                      f"{unbeaten(front, other + unedited, key)}/{len(front)} | {hypervolume(front, key):.4f} |")
             for r in unedited:
                 print(f"| {seed} | unedited model | {r[key]:.3f}/{r['kl']:.3f} | | | |")
     for ax, seed in zip(axes[0], seeds):
