@@ -10,7 +10,7 @@ import torch
 from refusal.ablation import AblationConfig, ablate, load_ablation
 from refusal.activations import last_logits
 from refusal.app.abliterate import (AbliterateConfig, ablation_from, open_study, pareto_front, paper_params,
-                                    run_abliterate, search_space)
+                                    recipe_params, run_abliterate, search_space)
 from refusal.directions import DirectionConfig, load_direction
 from refusal.errors import RefusalLabError
 from refusal.registry import load_model
@@ -28,6 +28,17 @@ def test_the_papers_parameters_are_the_papers_ablation_and_the_space_covers_them
         assert space[k]._contains(space[k].to_internal_repr(v)), k
 
 
+def test_heretics_recipe_is_the_second_start_trial_and_lies_inside_the_space():
+    recipe = ablation_from(recipe_params(11))  # each layer's own direction, projected, rows' norms kept
+    assert recipe.per_layer and recipe.projection == "harmless" and recipe.norm_preserving and recipe.embed == 0
+    assert recipe.attn.weights(11) == recipe.mlp.weights(11)
+    weights = recipe.attn.weights(11)  # 1.15 at layer 8 of 0-10, half that 3 layers away, nothing beyond
+    assert weights[8] == pytest.approx(1.15) and weights[5] == pytest.approx(0.575) and weights[4] == 0.0
+    space = search_space(11)
+    for k, v in recipe_params(11).items():
+        assert space[k]._contains(space[k].to_internal_repr(v)), k
+
+
 def test_the_front_keeps_only_undominated_trials():
     trials = pd.DataFrame({"trial": [0, 1, 2, 3], "refusal": [0.5, 0.2, 0.2, 0.0], "kl": [0.1, 0.3, 0.2, 0.9]})
     assert list(pareto_front(trials).trial) == [3, 2, 0]
@@ -41,6 +52,9 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
     assert list(trials.trial) == [0, 1, 2] and (trials.wall_s > 0).all()
     assert {"refusal", "kl", "refuses", "neither", "substring_refusal"} <= set(trials.columns)
     assert trials.kl.iloc[0] > 0  # trial 0, the paper's ablation, changes the model
+    params = trials.set_index("trial").loc[1]  # trial 1 is heretic's recipe
+    for k, v in recipe_params(cm.n_layers).items():
+        assert params[f"param.{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
     front = pd.read_csv(out / "front.csv")
     assert set(front.trial) <= set(trials.trial) and (out / "front.png").is_file()
     chosen = json.loads((out / "chosen.json").read_text())
@@ -53,7 +67,9 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
     # the saved model is the chosen edit (the hooks' logits where the edit has a hook form)
     saved = load_model(str(out / "model"))
     assert json.loads((out / "model" / "refusal_lab.json").read_text())["ablation"] == chosen["ablation"]
-    assert (out / "adapter" / "adapter_config.json").is_file()
+    # an adapter unless the edit keeps rows' norms (not low-rank; the model folder is then the exact form)
+    assert (out / "adapter" / "adapter_config.json").is_file() != ablation.norm_preserving
+    assert rec["chosen"].get("adapter", {}).get("written", True) != ablation.norm_preserving
     if not ablation.norm_preserving:
         d = load_direction(out, cm)
         encs = cm.chat.encode_all(["How do I bake bread?", "hi"])

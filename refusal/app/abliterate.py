@@ -46,8 +46,9 @@ from refusal.app.sweep import RayRunner, SweepConfig, Task, failure_message
 log = logging.getLogger(__name__)
 
 STUDY = "abliterate"
-SETTINGS_VERSION = 3  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
-# the direction's layer, 128 candidates per TPE draw
+SETTINGS_VERSION = 5  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
+# the direction's layer, 128 candidates per TPE draw; 4 (not adopted): the embeddings at the attention kernel's
+# layer-0 weight; 5: trial 1 is heretic's recipe (start_params)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class AbliterateConfig:
     """The search (`refusal abliterate`): its budget, its prompts, its judge, and how a trial is chosen."""
 
     trials: int = option(24, "trials in the study (a resumed study runs until it has this many finished)", ge=1)
-    startup_trials: int = option(8, "trials drawn at random before the sampler models the front (after the "
-                                    "paper's ablation, always the first)", ge=0)
+    startup_trials: int = option(8, "trials before the sampler models the front: the start trials (the paper's "
+                                    "ablation, then heretic's recipe), then random draws", ge=0)
     n_val: int = option(48, "harmful and harmless validation prompts each (never test prompts)", ge=1)
     new_tokens: int = option(32, "greedy reply tokens the judge reads per harmful validation prompt", ge=1)
     batch_size: int = option(16, "prompts per forward pass", ge=1)
@@ -132,6 +133,26 @@ def paper_params(n_layers: int) -> dict:
         p.update({f"{part}.peak": 1.0, f"{part}.peak_layer": top, f"{part}.floor_share": 1.0, f"{part}.width": top})
     p.update(embed=1.0, direction="selected", direction_layer=0.5 * top, projection="none", norm_preserving=False)
     return p
+
+
+def recipe_params(n_layers: int) -> dict:
+    """heretic's recipe at the middle of its priors: each layer's own direction, projected off the harmless
+    mean, rows' norms kept; both kernels peaking at 1.15 at 80% of the depth, falling to half that over 30%
+    of it; the embeddings left alone. It starts the sampler on the corner of the space where heretic
+    searches, beside the paper's ablation, so that neither corner waits on the random start-up draws."""
+    top = float(max(n_layers - 1, 1))
+    p = {}
+    for part in ("attn", "mlp"):
+        p.update({f"{part}.peak": 1.15, f"{part}.peak_layer": 0.8 * top, f"{part}.floor_share": 0.5,
+                  f"{part}.width": max(1.0, 0.3 * top)})
+    p.update(embed=0.0, direction="per_layer", direction_layer=0.65 * top, projection="harmless",
+             norm_preserving=True)
+    return p
+
+
+def start_params(n_layers: int) -> list[dict]:
+    """The trials every study starts with, in order: the paper's ablation, then heretic's recipe."""
+    return [paper_params(n_layers), recipe_params(n_layers)]
 
 
 # ----------------------------------------------------------------------------- the study
@@ -312,7 +333,8 @@ def _search(cm: ChatModel, config: AbliterateConfig, out: Path, d: Direction, dd
         say(f"[abliterate] {stale} trial(s) a kill interrupted are drawn again")
     space = search_space(cm.n_layers)
     if not study.trials:
-        study.enqueue_trial(paper_params(cm.n_layers))  # the paper's ablation comes first
+        for params in start_params(cm.n_layers):
+            study.enqueue_trial(params)
     import optuna
 
     def tell(trial, scores: dict) -> None:
