@@ -1,12 +1,11 @@
 """How does `refusal abliterate` compare with heretic 1.4.0 on the organism, re-scored alike?
 
-Found: level with heretic, not ahead. On one Intel Xeon, re-scored by the strict judge, refusal-lab's
-front (settings version 3) has a hypervolume of 0.235, 0.226, 0.236 on seeds 0-2 against heretic's
-0.237, 0.227, 0.242; no front dominates heretic's. On the held-out test prompts its chosen edit refuses
-22.5% against 30.0% (seed 0, KL 0.178 against 0.177), 14.2% against 24.2% (seed 1, KL 0.161 against
-0.165), 19.2% against 22.5% (seed 2, KL 0.231 against 0.126). Version 4 (the embeddings tied to the
-attention kernel, `--ours 'runs/abl5-s{seed}'`) was level too (mean 0.2320 against version 3's 0.2322)
-and was not adopted (docs/results.md).
+Found: ahead on the area, not dominating. On one AMD EPYC, re-scored by the strict judge, refusal-lab's
+front (settings version 5) has a hypervolume of 0.244, 0.218, 0.233 on seeds 0-2 against heretic's
+0.203, 0.228, 0.230; no front dominates heretic's (heretic keeps its gentlest edits). On the held-out
+test prompts its chosen edit refuses fewer on every seed (13.3% against 35.0%, 13.3% against 24.2%,
+20.8% against 22.5%) but at a higher KL (0.230 against 0.229, 0.231 against 0.163, 0.224 against 0.159).
+Versions 3 and 4 were level with heretic on a Xeon (docs/results.md).
 
     python experiments/how_abliteration_compares_with_heretic.py heretic --seed S   # heretic's study, resumable
     python experiments/how_abliteration_compares_with_heretic.py rescore --seed S   # both fronts, one judge, one KL
