@@ -9,8 +9,8 @@ import torch
 
 from refusal.ablation import AblationConfig, ablate, load_ablation
 from refusal.activations import last_logits
-from refusal.app.abliterate import (AbliterateConfig, ablation_from, open_study, pareto_front, paper_params,
-                                    recipe_params, run_abliterate, search_space)
+from refusal.app.abliterate import (FOCUSED, AbliterateConfig, ablation_from, finish_stale, open_study, pareto_front,
+                                    paper_params, recipe_params, run_abliterate, search_space, start_params)
 from refusal.directions import DirectionConfig, load_direction
 from refusal.errors import RefusalLabError
 from refusal.registry import load_model
@@ -19,24 +19,42 @@ SMALL = dict(trials=3, startup_trials=1, n_val=4, new_tokens=3, batch_size=8, ju
              direction=DirectionConfig(n_train=8, n_val=4), test_table=False)
 
 
-def test_the_papers_parameters_are_the_papers_ablation_and_the_space_covers_them():
+def test_the_start_trials_are_the_papers_ablation_then_heretics_recipe_inside_the_full_space():
     paper = ablation_from(paper_params(6))  # every write at weight 1, the selected direction, unprojected
     assert paper.attn.weights(6) == paper.mlp.weights(6) == [1.0] * 6
     assert paper == AblationConfig(attn=paper.attn, mlp=paper.mlp)
-    space = search_space(6)
-    for k, v in paper_params(6).items():
-        assert space[k]._contains(space[k].to_internal_repr(v)), k
-
-
-def test_heretics_recipe_is_the_second_start_trial_and_lies_inside_the_space():
     recipe = ablation_from(recipe_params(11))  # each layer's own direction, projected, rows' norms kept
     assert recipe.per_layer and recipe.projection == "harmless" and recipe.norm_preserving and recipe.embed == 0
     assert recipe.attn.weights(11) == recipe.mlp.weights(11)
     weights = recipe.attn.weights(11)  # 1.15 at layer 8 of 0-10, half that 3 layers away, nothing beyond
     assert weights[8] == pytest.approx(1.15) and weights[5] == pytest.approx(0.575) and weights[4] == 0.0
-    space = search_space(11)
-    for k, v in recipe_params(11).items():
-        assert space[k]._contains(space[k].to_internal_repr(v)), k
+    for n_layers in (6, 11):
+        space = search_space(n_layers, "full")
+        assert start_params(n_layers) == [paper_params(n_layers), recipe_params(n_layers)]
+        for params in start_params(n_layers):
+            for k, v in params.items():
+                assert space[k]._contains(space[k].to_internal_repr(v)), k
+
+
+def test_the_focused_space_leaves_the_projection_and_norm_preservation_to_heretics_choices():
+    full, focused = search_space(11, "full"), search_space(11, "focused")
+    assert set(full) - set(focused) == set(FOCUSED) == {"projection", "norm_preserving"}
+    assert all(focused[k] == full[k] for k in focused)
+    drawn = {k: v for k, v in recipe_params(11).items() if k in focused}  # a trial of the focused space
+    assert ablation_from(drawn) == ablation_from(recipe_params(11))
+    assert ablation_from({**drawn, "projection": float("nan"), "norm_preserving": None}) == ablation_from(drawn)
+    with pytest.raises(RefusalLabError, match="search space"):
+        search_space(11, "wide")
+
+
+def test_a_start_trial_a_kill_interrupted_is_drawn_again_with_its_parameters():
+    import optuna
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.25})
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})  # in flight when the run was killed
+    assert finish_stale(study) == 1
+    assert study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params == {"x": 0.25}
 
 
 def test_the_front_keeps_only_undominated_trials():
@@ -52,9 +70,12 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
     assert list(trials.trial) == [0, 1, 2] and (trials.wall_s > 0).all()
     assert {"refusal", "kl", "refuses", "neither", "substring_refusal"} <= set(trials.columns)
     assert trials.kl.iloc[0] > 0  # trial 0, the paper's ablation, changes the model
-    params = trials.set_index("trial").loc[1]  # trial 1 is heretic's recipe
-    for k, v in recipe_params(cm.n_layers).items():
-        assert params[f"param.{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
+    for number, start in enumerate(start_params(cm.n_layers)):  # the paper's ablation, then heretic's recipe
+        params = trials.set_index("trial").loc[number]
+        for k, v in start.items():
+            assert params[f"param.{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
+    later = trials.set_index("trial").loc[2]  # drawn on the focused space: FOCUSED's choices, recorded
+    assert {k: later[f"param.{k}"] for k in FOCUSED} == FOCUSED
     front = pd.read_csv(out / "front.csv")
     assert set(front.trial) <= set(trials.trial) and (out / "front.png").is_file()
     chosen = json.loads((out / "chosen.json").read_text())
@@ -121,6 +142,8 @@ def test_the_cli_runs_a_search(capsys, tmp_path, tiny_dirs):
     assert len(err) == 1 and "--resume" in err[0]
     assert main(argv + ["--resume", "--max-kl", "1e-12"]) == 2
     assert "raise --max-kl" in capsys.readouterr().err
+    assert main(argv + ["--resume", "--space", "full"]) == 2  # the study was made on the focused space
+    assert "other settings (space)" in capsys.readouterr().err
     assert torch.is_tensor(load_direction(out).vector)
 
 

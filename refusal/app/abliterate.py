@@ -46,9 +46,14 @@ from refusal.app.sweep import RayRunner, SweepConfig, Task, failure_message
 log = logging.getLogger(__name__)
 
 STUDY = "abliterate"
-SETTINGS_VERSION = 5  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
+SETTINGS_VERSION = 6  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
 # the direction's layer, 128 candidates per TPE draw; 4 (not adopted): the embeddings at the attention kernel's
-# layer-0 weight; 5: trial 1 is heretic's recipe (start_params)
+# layer-0 weight; 5: trial 1 is heretic's recipe (start_params); 6: the focused space (SPACES)
+
+# "focused": after the start trials the projection and norm preservation are heretic's fixed choices
+# (FOCUSED), so the sampler's one categorical choice is the direction's scope; "full" searches them too.
+SPACES = ("focused", "full")
+FOCUSED = {"projection": "harmless", "norm_preserving": True}
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,10 @@ class AbliterateConfig:
                                     "reply cross-entropy, false refusal on borderline prompts)")
     save_model: bool = option(True, "save the chosen edit as a model folder (OUT/model)")
     save_adapter: bool = option(True, "save the chosen edit as a LoRA adapter (OUT/adapter)")
+    space: str = option("focused", "the search space: focused (the direction projected off the harmless mean and "
+                                   "rows' norms kept, as heretic does; the direction's scope, the kernels and the "
+                                   "embeddings searched) or full (the projection and norm preservation searched "
+                                   "too); the start trials are the same in both", choices=SPACES)
     workers: int = option(0, "trials scored at once on Ray workers, the driver asking and telling the study "
                              "(0: one after another in this process)", ge=0)
 
@@ -84,38 +93,55 @@ class AbliterateConfig:
     def settings(self) -> dict:
         """What decides the study's trials (recorded in it; a study made otherwise is not resumed)."""
         return {"version": SETTINGS_VERSION, "n_val": self.n_val, "new_tokens": self.new_tokens, "seed": self.seed,
-                "judge": self.judge.key, "startup_trials": self.startup_trials}
+                "judge": self.judge.key, "startup_trials": self.startup_trials, "space": self.space}
 
 
 # ----------------------------------------------------------------------------- the search space
 
-def search_space(n_layers: int) -> dict:
+def top_layer(n_layers: int) -> float:
+    """The last layer's index, the scale of the space's layer parameters (1 for a one-layer model)."""
+    return float(max(n_layers - 1, 1))
+
+
+def search_space(n_layers: int, space: str = "full") -> dict:
     """Optuna's distributions for a model of `n_layers` layers: per kernel (attention, MLP) the peak weight
     (0.8-1.5), the peak layer (60-100% of the depth), the floor as a share of the peak and the width (1 layer
     to all); the embeddings' weight; where the direction is taken (the selected one, a fractional layer at
-    40-90% of the depth, or each layer's own); the projection; norm preservation. The peak's and the
-    direction's ranges are heretic's priors (refusal is mediated in the later middle of the network); the
-    paper's ablation (peak 1 at the last layer, floor 1, width all layers) lies inside the space."""
+    40-90% of the depth, or each layer's own); in the full space also the projection and norm preservation
+    (the focused space leaves them to FOCUSED). The peak's and the direction's ranges are heretic's priors
+    (refusal is mediated in the later middle of the network); the paper's ablation (peak 1 at the last
+    layer, floor 1, width all layers) lies inside the full space."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution
 
-    top = float(max(n_layers - 1, 1))
-    space = {}
+    if space not in SPACES:
+        raise RefusalLabError(f"unknown search space {space!r}; choose one of {', '.join(SPACES)}")
+    top = top_layer(n_layers)
+    dists = {}
     for part in ("attn", "mlp"):
-        space[f"{part}.peak"] = FloatDistribution(0.8, 1.5)
-        space[f"{part}.peak_layer"] = FloatDistribution(0.6 * top, top)
-        space[f"{part}.floor_share"] = FloatDistribution(0.0, 1.0)
-        space[f"{part}.width"] = FloatDistribution(1.0, top)
-    space["embed"] = FloatDistribution(0.0, 1.0)
-    space["direction"] = CategoricalDistribution(["selected", "layer", "per_layer"])
-    space["direction_layer"] = FloatDistribution(0.4 * top, 0.9 * top)
-    space["projection"] = CategoricalDistribution(["none", "harmless", "biprojected"])
-    space["norm_preserving"] = CategoricalDistribution([False, True])
-    return space
+        dists[f"{part}.peak"] = FloatDistribution(0.8, 1.5)
+        dists[f"{part}.peak_layer"] = FloatDistribution(0.6 * top, top)
+        dists[f"{part}.floor_share"] = FloatDistribution(0.0, 1.0)
+        dists[f"{part}.width"] = FloatDistribution(1.0, top)
+    dists["embed"] = FloatDistribution(0.0, 1.0)
+    dists["direction"] = CategoricalDistribution(["selected", "layer", "per_layer"])
+    dists["direction_layer"] = FloatDistribution(0.4 * top, 0.9 * top)
+    if space == "full":
+        dists["projection"] = CategoricalDistribution(["none", "harmless", "biprojected"])
+        dists["norm_preserving"] = CategoricalDistribution([False, True])
+    return dists
+
+
+def complete_params(params: dict) -> dict:
+    """A trial's parameters with those the focused space leaves out filled in as FOCUSED (a missing value may
+    come as None or NaN from a table)."""
+    given = {k: v for k, v in params.items() if v is not None and not (isinstance(v, float) and v != v)}
+    return {**FOCUSED, **given}
 
 
 def ablation_from(params: dict) -> AblationConfig:
-    """The AblationConfig a trial's parameters describe."""
-    p = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v for k, v in params.items()}
+    """The AblationConfig a trial's parameters describe (complete_params)."""
+    p = {k: float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+         for k, v in complete_params(params).items()}
     kernels = {part: Kernel(peak=p[f"{part}.peak"], peak_layer=p[f"{part}.peak_layer"],
                             floor=p[f"{part}.floor_share"] * p[f"{part}.peak"], width=p[f"{part}.width"])
                for part in ("attn", "mlp")}
@@ -127,7 +153,7 @@ def ablation_from(params: dict) -> AblationConfig:
 
 def paper_params(n_layers: int) -> dict:
     """The parameters of the paper's ablation (every write at weight 1, the selected direction)."""
-    top = float(max(n_layers - 1, 1))
+    top = top_layer(n_layers)
     p = {}
     for part in ("attn", "mlp"):
         p.update({f"{part}.peak": 1.0, f"{part}.peak_layer": top, f"{part}.floor_share": 1.0, f"{part}.width": top})
@@ -140,7 +166,7 @@ def recipe_params(n_layers: int) -> dict:
     mean, rows' norms kept; both kernels peaking at 1.15 at 80% of the depth, falling to half that over 30%
     of it; the embeddings left alone. It starts the sampler on the corner of the space where heretic
     searches, beside the paper's ablation, so that neither corner waits on the random start-up draws."""
-    top = float(max(n_layers - 1, 1))
+    top = top_layer(n_layers)
     p = {}
     for part in ("attn", "mlp"):
         p.update({f"{part}.peak": 1.15, f"{part}.peak_layer": 0.8 * top, f"{part}.floor_share": 0.5,
@@ -187,23 +213,36 @@ def open_study(out: Path, config: AbliterateConfig, model_fingerprint: str, dire
 
 
 def finish_stale(study) -> int:
-    """Trials a kill left running are marked failed (their parameters are drawn again); how many."""
+    """Trials a kill left running are marked failed and drawn again: a start trial with its parameters, the
+    others by the sampler. How many there were."""
     import optuna
 
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for t in stale:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        if "fixed_params" in t.system_attrs:  # enqueued: a start trial
+            study.enqueue_trial(t.system_attrs["fixed_params"])
     return len(stale)
 
 
+def ask(study, space: dict, n_layers: int):
+    """The study's next trial: a start trial still waiting, drawn on the full space (the paper's ablation lies
+    outside the focused one), else one the sampler draws on `space`."""
+    import optuna
+
+    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        return study.ask(search_space(n_layers, "full"))
+    return study.ask(space)
+
+
 def trials_frame(study) -> pd.DataFrame:
-    """Every finished trial: its number, objectives, wall time and parameters."""
+    """Every finished trial: its number, objectives, wall time and parameters (complete_params)."""
     import optuna
 
     rows = []
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         rows.append({"trial": t.number, "refusal": t.values[0], "kl": t.values[1], **t.user_attrs,
-                     **{f"param.{k}": v for k, v in t.params.items()}})
+                     **{f"param.{k}": v for k, v in complete_params(t.params).items()}})
     return pd.DataFrame(rows)
 
 
@@ -250,8 +289,8 @@ def check_abliterate(config: AbliterateConfig, out: str | Path, resume: bool, fo
     return load_judge(config.judge), d
 
 
-def run_on_ray(study, space: dict, config: AbliterateConfig, model: ModelConfig | None, ddir: Path, out: Path,
-               tell: Callable, done: Callable[[], int], say: Callable[[str], None]) -> None:
+def run_on_ray(study, space: dict, n_layers: int, config: AbliterateConfig, model: ModelConfig | None, ddir: Path,
+               out: Path, tell: Callable, done: Callable[[], int], say: Callable[[str], None]) -> None:
     """The study's remaining trials on config.workers Ray workers (the sweep's RayRunner, each worker one
     CPU core or one GPU, its model loaded once): the driver alone asks the study for trials, one per idle
     worker, and tells it each trial's scores as they arrive; a trial whose worker fails is marked failed
@@ -268,7 +307,7 @@ def run_on_ray(study, space: dict, config: AbliterateConfig, model: ModelConfig 
     try:
         while done() < config.trials or running:
             while len(running) < len(runner.workers) and done() + len(running) < config.trials:
-                trial = study.ask(space)
+                trial = ask(study, space, n_layers)
                 tid = f"trial-{trial.number}"
                 running[tid] = trial
                 runner.submit(Task(tid, "ablation_trial", (), {**spec, "id": tid, "kind": "ablation_trial",
@@ -331,7 +370,7 @@ def _search(cm: ChatModel, config: AbliterateConfig, out: Path, d: Direction, dd
     stale = finish_stale(study)
     if stale:
         say(f"[abliterate] {stale} trial(s) a kill interrupted are drawn again")
-    space = search_space(cm.n_layers)
+    space = search_space(cm.n_layers, config.space)
     if not study.trials:
         for params in start_params(cm.n_layers):
             study.enqueue_trial(params)
@@ -347,10 +386,10 @@ def _search(cm: ChatModel, config: AbliterateConfig, out: Path, d: Direction, dd
     done = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
     if config.workers == 0:  # one trial after another, in this process
         while done() < config.trials:
-            trial = study.ask(space)
+            trial = ask(study, space, cm.n_layers)
             tell(trial, scorer(ablation_from(trial.params)))
     else:
-        run_on_ray(study, space, config, model, ddir, out, tell, done, say)
+        run_on_ray(study, space, cm.n_layers, config, model, ddir, out, tell, done, say)
 
     trials = trials_frame(study)
     front = pareto_front(trials)
