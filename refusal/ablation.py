@@ -427,15 +427,18 @@ ADAPTER_NOTE = "adapter.json"
 
 
 @torch.no_grad()
-def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConfig | None = None) -> dict:
+def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConfig | None = None,
+                  rank: int = 3) -> dict:
     """The weight edit of `config` as a PEFT LoRA adapter for the unedited `cm`, saved atomically to `out`
     (adapter_config.json, adapter_model.safetensors) for `PeftModel.from_pretrained(base, out)`. A removal
     W <- W - w v v^T W is rank 1, so one rank-1 LoRA per edited matrix carries it exactly (B = -w v,
     A = v^T W; for an embedding E, B A = -w v (E v)^T, its transpose); a subspace's W - w V^T V W is rank
     k, one rank-k LoRA (B = -w V^T, A = V W). What an adapter cannot carry is
-    named in the returned record (and in adapter.json beside the adapter): bias edits, stacked experts,
-    GPT-2's Conv1D weights and norm-preserving edits (not low-rank); then the model folder
-    (write_abliterated) is the exact form. `cm` is not changed."""
+    named in the returned record (and in adapter.json beside the adapter): bias edits, stacked experts and
+    GPT-2's Conv1D weights; then the model folder (write_abliterated) is the exact form. A norm-preserving
+    edit rescales every write vector, which no low rank carries: its adapter holds each matrix's edit cut
+    to its `rank` leading singular directions, the relative (Frobenius) error of each recorded under
+    "approximation". `cm` is not changed."""
     from peft import LoraConfig, get_peft_model  # the adapter's format; loaded only to write one
 
     config = config or AblationConfig()
@@ -445,8 +448,9 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     twin = ChatModel(model, cm.tokenizer, name=cm.name, source=cm.source, chat_template_kwargs=cm.chat.template_kwargs)
     edits: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module name, B [out, k], A [k, in])
     missing: list[str] = []
+    approximation = None
     if config.norm_preserving:
-        missing.append("the norm-preserving edit (it rescales every write vector: not low-rank)")
+        edits, missing, approximation = _norm_preserving_edits(cm, direction, config, twin, names, rank)
     if dirs.embed_weight and not config.norm_preserving:
         for emb in twin.embeddings():
             e = emb.weight.double()  # [vocab, d]
@@ -455,10 +459,12 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     for layer in range(twin.n_layers):
         o_proj = twin.o_proj(layer)
         mlp_modules, stacked = _mlp_write_modules(twin, layer)
-        if stacked and dirs.mlp_weights[layer] and not config.norm_preserving:
+        if config.norm_preserving:
+            continue
+        if stacked and dirs.mlp_weights[layer]:
             missing += [f"layer {layer}'s {p} (stacked expert weights)" for p in stacked]
         for modules, w, which in (([o_proj], dirs.attn_weights[layer], 0), (mlp_modules, dirs.mlp_weights[layer], 1)):
-            if not w or config.norm_preserving:
+            if not w:
                 continue
             v = edit_direction(twin, layer, which, dirs.per_layer[layer])
             for module in modules:
@@ -477,7 +483,7 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     if dirs.embed_weight and out_emb is not None and out_emb.weight is model.get_input_embeddings().weight:
         notes.append("the embedding is tied to the LM head: the adapter edits the embedding alone as loaded; "
                      "merging it into the shared weight would edit the LM head too (use the model folder)")
-    rank = as_rows(dirs.embed).shape[0]  # 1, or a subspace's k
+    rank = rank if config.norm_preserving else as_rows(dirs.embed).shape[0]  # 1, or a subspace's k
     lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=[n for n, _, _ in edits], init_lora_weights=False,
                       lora_dropout=0.0, bias="none")
     with warnings.catch_warnings():  # peft's own notices: tied weights (noted above) and transformers deprecations
@@ -493,12 +499,69 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
             layer.lora_A["default"].weight.data.copy_(a.to(layer.lora_A["default"].weight.dtype))
             layer.lora_B["default"].weight.data.copy_(b.to(layer.lora_B["default"].weight.dtype))
     record = artifacts.run_record(ablation=as_dict(config), base_model=cm.describe(), n_matrices=len(edits),
-                                  exact=not missing, not_carried=missing, notes=notes)
+                                  exact=not missing and approximation is None, not_carried=missing, notes=notes,
+                                  approximation=approximation)
     with artifacts.atomic_dir(out) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         peft_model.save_pretrained(tmp, safe_serialization=True)
         artifacts.write_json(tmp / ADAPTER_NOTE, record)
     return record
+
+
+def _norm_preserving_edits(cm: ChatModel, direction: Direction, config: AblationConfig, twin: ChatModel,
+                           names: dict, rank: int) -> tuple[list, list[str], dict]:
+    """write_adapter's factors for a norm-preserving edit: each edited matrix's exact change (abliterate's,
+    made on a copy of that matrix alone) cut to its `rank` leading singular directions, split evenly
+    between B and A; what no adapter carries; and the cut's relative errors."""
+    dirs = layer_directions(cm, direction, config)
+    edits, missing, errors = [], [], {}
+
+    def change(module: torch.nn.Module, r: torch.Tensor, w: float, axis: int) -> torch.Tensor:
+        weight = module.weight.detach().clone()
+        _preserving(weight, r, w, axis)
+        return weight.double() - module.weight.double()
+
+    if dirs.embed_weight:
+        for emb in twin.embeddings():  # rows [vocab, d]; the adapter's B A is the change's transpose [d, vocab]
+            edits.append((names[id(emb)], *_cut(change(emb, dirs.embed, dirs.embed_weight, -1).T, rank, errors,
+                                                names[id(emb)])))
+    for layer in range(twin.n_layers):
+        mlp_modules, stacked = _mlp_write_modules(twin, layer)
+        if stacked and dirs.mlp_weights[layer]:
+            missing += [f"layer {layer}'s {p} (stacked expert weights)" for p in stacked]
+        for modules, w, which in (([twin.o_proj(layer)], dirs.attn_weights[layer], 0),
+                                  (mlp_modules, dirs.mlp_weights[layer], 1)):
+            if not w:
+                continue
+            v = edit_direction(twin, layer, which, dirs.per_layer[layer])
+            for module in modules:
+                name = names[id(module)]
+                if not isinstance(module, torch.nn.Linear):
+                    missing.append(f"{name} ({type(module).__name__} weights)")
+                    continue
+                edits.append((name, *_cut(change(module, v, w, -2), rank, errors, name)))  # columns [d, in]
+                if module.bias is not None:
+                    missing.append(f"{name}.bias")
+    worst = max(errors, key=errors.get) if errors else None
+    return edits, missing, {"rank": rank, "what": "the norm-preserving edit of each matrix cut to its leading "
+                                                  "singular directions; the model folder is the exact form",
+                            "max_relative_error": errors[worst] if worst else 0.0, "worst_matrix": worst,
+                            "mean_relative_error": sum(errors.values()) / max(len(errors), 1)}
+
+
+def _cut(delta: torch.Tensor, rank: int, errors: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """B [out, rank], A [rank, in] with B A the best rank-`rank` approximation of `delta` [out, in] (its
+    relative error into errors[name])."""
+    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, sv.numel())
+    root = sv[:k].sqrt()
+    b, a = u[:, :k] * root, root[:, None] * vh[:k]
+    if k < rank:  # a matrix smaller than the rank: zero directions fill the adapter's shape
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - k)], 1)
+        a = torch.cat([a, a.new_zeros(rank - k, a.shape[1])], 0)
+    norm = float(delta.norm())
+    errors[name] = float((delta - b @ a).norm()) / norm if norm > 0 else 0.0
+    return b, a
 
 
 def _mlp_write_modules(cm: ChatModel, layer: int) -> tuple[list[torch.nn.Module], list[str]]:

@@ -241,8 +241,6 @@ def test_orthogonalize_edits_a_post_norm_family_and_reports_what_is_left(capsys,
 
 
 def test_eval_and_orthogonalize_apply_the_folders_ablation(capsys, tmp_path, tiny_dirs):
-    import json
-
     from refusal.ablation import save_ablation
     from refusal.app.cli import main
     from refusal.registry import load_model
@@ -266,6 +264,34 @@ def test_eval_and_orthogonalize_apply_the_folders_ablation(capsys, tmp_path, tin
                  str(tmp_path / "r2.jsonl")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "weight edit only" in err[0]
+
+
+def test_a_norm_preserving_edits_adapter_is_its_cut_to_the_rank_with_the_error_recorded(tmp_path, tiny_models):
+    """Not low-rank: at full rank the adapter is the edit (the model folder's logits); at rank 1 it is not,
+    and adapter.json says by how much."""
+    from peft import PeftModel
+
+    from refusal.ablation import write_adapter
+
+    cm = tiny_models["llama"]
+    d = _direction(cm, 8)
+    config = AblationConfig(attn=Kernel(peak=1.2, peak_layer=1.0, width=1.0), embed=0.7, norm_preserving=True)
+    encs = cm.chat.encode_all(PROMPTS)
+    edited = last_logits(abliterate(cm, d, config), encs)
+    gaps, errors = {}, {}
+    for rank in (1, cm.model.config.hidden_size):  # every edited matrix has d rows or columns
+        rec = write_adapter(cm, d, tmp_path / f"adapter-{rank}", config, rank=rank)
+        assert not rec["exact"] and rec["approximation"]["rank"] == rank
+        errors[rank] = rec["approximation"]["max_relative_error"]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            peft_model = PeftModel.from_pretrained(copy.deepcopy(cm.model), str(tmp_path / f"adapter-{rank}"))
+        adapted = ChatModel(peft_model.base_model.model, cm.tokenizer, name=cm.name, source=cm.source)
+        gaps[rank] = float((last_logits(adapted, encs) - edited).abs().max())
+    full = max(errors)
+    assert errors[1] > 1e-3 and gaps[1] > 1e-4  # rank 1 misses the rescaling
+    assert errors[full] < 1e-9 and gaps[full] < 1e-4  # full rank is the edit itself
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])

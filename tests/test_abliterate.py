@@ -88,9 +88,10 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
     # the saved model is the chosen edit (the hooks' logits where the edit has a hook form)
     saved = load_model(str(out / "model"))
     assert json.loads((out / "model" / "refusal_lab.json").read_text())["ablation"] == chosen["ablation"]
-    # an adapter unless the edit keeps rows' norms (not low-rank; the model folder is then the exact form)
-    assert (out / "adapter" / "adapter_config.json").is_file() != ablation.norm_preserving
-    assert rec["chosen"].get("adapter", {}).get("written", True) != ablation.norm_preserving
+    # an adapter, exact unless the edit keeps write vectors' norms (not low-rank: then approximated at its rank)
+    adapter = json.loads((out / "adapter" / "adapter.json").read_text())
+    assert (out / "adapter" / "adapter_config.json").is_file() and adapter["exact"] != ablation.norm_preserving
+    assert (adapter["approximation"] is not None) == ablation.norm_preserving
     if not ablation.norm_preserving:
         d = load_direction(out, cm)
         encs = cm.chat.encode_all(["How do I bake bread?", "hi"])

@@ -76,6 +76,9 @@ class AbliterateConfig:
                                     "reply cross-entropy, false refusal on borderline prompts)")
     save_model: bool = option(True, "save the chosen edit as a model folder (OUT/model)")
     save_adapter: bool = option(True, "save the chosen edit as a LoRA adapter (OUT/adapter)")
+    adapter_rank: int = option(3, "the adapter's rank for a norm-preserving edit, which is not low-rank: the "
+                                  "adapter approximates it (each matrix's error in adapter.json) and the model "
+                                  "folder is the exact form; other edits are carried exactly, one rank per direction", ge=1)
     space: str = option("focused", "the search space: focused (the direction projected off the harmless mean and "
                                    "rows' norms kept, as heretic does; the direction's scope, the kernels and the "
                                    "embeddings searched) or full (the projection and norm preservation searched "
@@ -419,11 +422,8 @@ def _search(cm: ChatModel, config: AbliterateConfig, out: Path, d: Direction, dd
                                             ablation=ablation, addition=False)
         artifacts.write_csv(out / "table.csv", table)
         artifacts.write_text(out / "table.md", to_markdown(table))
-    if config.save_adapter and ablation.norm_preserving:
-        record["adapter"] = {"written": False, "why": "a norm-preserving edit is not low-rank; the model folder is "
-                                                      "the exact form"}
-    elif config.save_adapter:  # from the unedited model
-        record["adapter"] = write_adapter(cm, d, out / "adapter", ablation)
+    if config.save_adapter:  # from the unedited model
+        record["adapter"] = write_adapter(cm, d, out / "adapter", ablation, rank=config.adapter_rank)
     if config.save_model:
         _, record["model"] = write_abliterated(cm, d, out / "model", ablation, str(ddir))  # in place: closed after
     rec = artifacts.run_record(model=cm.describe(), config=as_dict(config), n_trials=len(trials),

@@ -520,6 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "smollm2 for --model organism, else the model itself, unedited)")
     for name in ("test_table", "save_model", "save_adapter"):
         opt(ab, AbliterateConfig, name, "--no-" + name.replace("_", "-"))
+    opt(ab, AbliterateConfig, "adapter_rank")
     ab.add_argument("--out", required=True, help="the study's folder: study.db, trials.csv, front.csv, front.png, "
                                                  "direction/, table.csv, model/, adapter/")
     ab.add_argument("--resume", action="store_true", help="continue the study in OUT")
