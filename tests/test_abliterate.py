@@ -2,6 +2,7 @@
 edit saved as hooks' parameters, a model folder and an adapter; a search killed mid-trial resumes; bad
 settings are one-line errors that lose nothing."""
 import json
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -74,8 +75,7 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
         params = trials.set_index("trial").loc[number]
         for k, v in start.items():
             assert params[f"param.{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
-    later = trials.set_index("trial").loc[2]  # drawn on the focused space: FOCUSED's choices, recorded
-    assert {k: later[f"param.{k}"] for k in FOCUSED} == FOCUSED
+    assert set(FOCUSED) <= {k.removeprefix("param.") for k in trials.columns}
     front = pd.read_csv(out / "front.csv")
     assert set(front.trial) <= set(trials.trial) and (out / "front.png").is_file()
     chosen = json.loads((out / "chosen.json").read_text())
@@ -109,20 +109,21 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
 def test_a_search_killed_mid_trial_resumes_and_bad_settings_lose_nothing(tmp_path, tiny_dirs):
     cm = load_model(str(tiny_dirs["llama"]))
     out = tmp_path / "ab"
-    config = AbliterateConfig(**{**SMALL, "trials": 2, "save_model": False, "save_adapter": False})
+    config = AbliterateConfig(**{**SMALL, "trials": 2, "save_model": False, "save_adapter": False, "space": "focused"})
     run_abliterate(cm, config, out)
     d = load_direction(out, cm)
     study = open_study(out, config, cm.fingerprint, d, resume=True)
     study.ask(search_space(cm.n_layers))  # a trial in flight when the run was killed
     before = pd.read_csv(out / "trials.csv")
-    run_abliterate(cm, AbliterateConfig(**{**SMALL, "trials": 3, "save_model": False, "save_adapter": False}), out,
-                   resume=True)
+    run_abliterate(cm, replace(config, trials=3), out, resume=True)
     after = pd.read_csv(out / "trials.csv")
     assert len(after) == 3 and after.iloc[:2].equals(before)  # the finished trials kept as they were
+    drawn = after.iloc[2]  # by the sampler on the focused space: FOCUSED's choices, recorded
+    assert {k: drawn[f"param.{k}"] for k in FOCUSED} == FOCUSED
     with pytest.raises(RefusalLabError, match="other settings"):
         run_abliterate(cm, AbliterateConfig(**{**SMALL, "n_val": 5}), out, resume=True)
     with pytest.raises(RefusalLabError, match="--max-kl"):
-        run_abliterate(cm, AbliterateConfig(**{**SMALL, "max_kl": 1e-9, "save_model": False}), out, resume=True)
+        run_abliterate(cm, replace(config, trials=3, max_kl=1e-9), out, resume=True)
     assert pd.read_csv(out / "trials.csv").equals(after)  # nothing lost
     with pytest.raises(RefusalLabError, match="--force"):
         run_abliterate(cm, config, out)  # neither --resume nor --force
@@ -143,7 +144,7 @@ def test_the_cli_runs_a_search(capsys, tmp_path, tiny_dirs):
     assert len(err) == 1 and "--resume" in err[0]
     assert main(argv + ["--resume", "--max-kl", "1e-12"]) == 2
     assert "raise --max-kl" in capsys.readouterr().err
-    assert main(argv + ["--resume", "--space", "full"]) == 2  # the study was made on the focused space
+    assert main(argv + ["--resume", "--space", "focused"]) == 2  # the study was made on the full space
     assert "other settings (space)" in capsys.readouterr().err
     assert torch.is_tensor(load_direction(out).vector)
 

@@ -48,11 +48,12 @@ log = logging.getLogger(__name__)
 STUDY = "abliterate"
 SETTINGS_VERSION = 6  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
 # the direction's layer, 128 candidates per TPE draw; 4 (not adopted): the embeddings at the attention kernel's
-# layer-0 weight; 5: trial 1 is heretic's recipe (start_params); 6: the focused space (SPACES)
+# layer-0 weight; 5: trial 1 is heretic's recipe (start_params); 6: the space a choice (SPACES; focused
+# measured and not adopted, so full, version 5's, stays the default)
 
-# "focused": after the start trials the projection and norm preservation are heretic's fixed choices
-# (FOCUSED), so the sampler's one categorical choice is the direction's scope; "full" searches them too.
-SPACES = ("focused", "full")
+# "full" searches the projection and norm preservation; "focused": after the start trials they are
+# heretic's fixed choices (FOCUSED), so the sampler's one categorical choice is the direction's scope.
+SPACES = ("full", "focused")
 FOCUSED = {"projection": "harmless", "norm_preserving": True}
 
 
@@ -79,10 +80,10 @@ class AbliterateConfig:
     adapter_rank: int = option(3, "the adapter's rank for a norm-preserving edit, which is not low-rank: the "
                                   "adapter approximates it (each matrix's error in adapter.json) and the model "
                                   "folder is the exact form; other edits are carried exactly, one rank per direction", ge=1)
-    space: str = option("focused", "the search space: focused (the direction projected off the harmless mean and "
-                                   "rows' norms kept, as heretic does; the direction's scope, the kernels and the "
-                                   "embeddings searched) or full (the projection and norm preservation searched "
-                                   "too); the start trials are the same in both", choices=SPACES)
+    space: str = option("full", "the search space: full (the direction's scope, projection and norm preservation, "
+                                "the kernels and the embeddings searched) or focused (the projection and norm "
+                                "preservation fixed at heretic's choices: projected off the harmless mean, write "
+                                "vectors' norms kept); the start trials are the same in both", choices=SPACES)
     workers: int = option(0, "trials scored at once on Ray workers, the driver asking and telling the study "
                              "(0: one after another in this process)", ge=0)
 
