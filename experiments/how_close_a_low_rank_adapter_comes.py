@@ -1,6 +1,10 @@
 """How close a LoRA adapter of each rank comes to a norm-preserving edit (which is not low-rank).
 
-Found: (filled in when measured; docs/results.md)
+Found: close. On the organism's chosen norm-preserving edit of runs/abl7-s0 (AMD EPYC, 2026-12-07), the
+default rank 3 cuts each matrix's change with a relative error of 0.053 on average (0.096 at worst), and
+the first reply token's KL(exact edit || adapter) on 32 harmless test prompts is 0.00005, against the
+edit's own 0.078 from the unedited model; rank 1: 0.059 / 0.00018, rank 32: 0.036 / 0.00001
+(docs/results.md).
 
 
     python experiments/how_close_a_low_rank_adapter_comes.py [--model organism] [--study runs/abl7-s0]
