@@ -79,7 +79,8 @@ class AbliterateConfig:
     save_adapter: bool = option(True, "save the chosen edit as a LoRA adapter (OUT/adapter)")
     adapter_rank: int = option(3, "the adapter's rank for a norm-preserving edit, which is not low-rank: the "
                                   "adapter approximates it (each matrix's error in adapter.json) and the model "
-                                  "folder is the exact form; other edits are carried exactly, one rank per direction", ge=1)
+                                  "folder is the exact form; other edits are carried exactly, one rank per "
+                                  "direction", ge=1)
     space: str = option("full", "the search space: full (the direction's scope, projection and norm preservation, "
                                 "the kernels and the embeddings searched) or focused (the projection and norm "
                                 "preservation fixed at heretic's choices: projected off the harmless mean, write "
