@@ -517,9 +517,10 @@ def _norm_preserving_edits(cm: ChatModel, direction: Direction, config: Ablation
     edits, missing, errors = [], [], {}
 
     def change(module: torch.nn.Module, r: torch.Tensor, w: float, axis: int) -> torch.Tensor:
-        weight = module.weight.detach().clone()
-        _preserving(weight, r, w, axis)
-        return weight.double() - module.weight.double()
+        original = module.weight.detach().double()  # in float64: no rounding of a low-precision dtype in the change
+        edited = original.clone()
+        _preserving(edited, r, w, axis)
+        return edited - original
 
     if dirs.embed_weight:
         for emb in twin.embeddings():  # rows [vocab, d]; the adapter's B A is the change's transpose [d, vocab]
@@ -551,8 +552,15 @@ def _norm_preserving_edits(cm: ChatModel, direction: Direction, config: Ablation
 
 def _cut(delta: torch.Tensor, rank: int, errors: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """B [out, rank], A [rank, in] with B A the best rank-`rank` approximation of `delta` [out, in] (its
-    relative error into errors[name])."""
-    u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
+    relative error into errors[name]). A randomised SVD (seeded, the global generator untouched) where the
+    rank is well below the matrix's size: an embedding's [d, vocab] is large."""
+    if rank + 10 < min(delta.shape):
+        with torch.random.fork_rng(devices=[delta.device] if delta.is_cuda else []):
+            torch.manual_seed(0)
+            u, sv, v = torch.svd_lowrank(delta, q=rank + 10, niter=4)
+        vh = v.T
+    else:
+        u, sv, vh = torch.linalg.svd(delta, full_matrices=False)
     k = min(rank, sv.numel())
     root = sv[:k].sqrt()
     b, a = u[:, :k] * root, root[:, None] * vh[:k]

@@ -75,7 +75,6 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
         params = trials.set_index("trial").loc[number]
         for k, v in start.items():
             assert params[f"param.{k}"] == (pytest.approx(v) if isinstance(v, float) else v), k
-    assert set(FOCUSED) <= {k.removeprefix("param.") for k in trials.columns}
     front = pd.read_csv(out / "front.csv")
     assert set(front.trial) <= set(trials.trial) and (out / "front.png").is_file()
     chosen = json.loads((out / "chosen.json").read_text())
@@ -120,6 +119,8 @@ def test_a_search_killed_mid_trial_resumes_and_bad_settings_lose_nothing(tmp_pat
     assert len(after) == 3 and after.iloc[:2].equals(before)  # the finished trials kept as they were
     drawn = after.iloc[2]  # by the sampler on the focused space: FOCUSED's choices, recorded
     assert {k: drawn[f"param.{k}"] for k in FOCUSED} == FOCUSED
+    study = open_study(out, replace(config, trials=3), cm.fingerprint, d, resume=True)
+    assert not set(FOCUSED) & set(study.trials[-1].params)  # not drawn: fixed
     with pytest.raises(RefusalLabError, match="other settings"):
         run_abliterate(cm, AbliterateConfig(**{**SMALL, "n_val": 5}), out, resume=True)
     with pytest.raises(RefusalLabError, match="--max-kl"):

@@ -83,8 +83,9 @@ class AbliterateConfig:
                                   "direction", ge=1)
     space: str = option("full", "the search space: full (the direction's scope, projection and norm preservation, "
                                 "the kernels and the embeddings searched) or focused (the projection and norm "
-                                "preservation fixed at heretic's choices: projected off the harmless mean, write "
-                                "vectors' norms kept); the start trials are the same in both", choices=SPACES)
+                                "preservation fixed as heretic's defaults fix its own: projected off the harmless "
+                                "mean, write vectors' norms kept); the start trials are the same in both",
+                        choices=SPACES)
     workers: int = option(0, "trials scored at once on Ray workers, the driver asking and telling the study "
                              "(0: one after another in this process)", ge=0)
 
@@ -168,7 +169,7 @@ def paper_params(n_layers: int) -> dict:
 
 def recipe_params(n_layers: int) -> dict:
     """heretic's recipe at the middle of its priors: each layer's own direction, projected off the harmless
-    mean, rows' norms kept; both kernels peaking at 1.15 at 80% of the depth, falling to half that over 30%
+    mean, write vectors' norms kept; both kernels peaking at 1.15 at 80% of the depth, falling to half that over 30%
     of it; the embeddings left alone. It starts the sampler on the corner of the space where heretic
     searches, beside the paper's ablation, so that neither corner waits on the random start-up draws."""
     top = top_layer(n_layers)
@@ -321,6 +322,8 @@ def run_on_ray(study, space: dict, n_layers: int, config: AbliterateConfig, mode
                 trial = running.pop(tid)
                 if error is not None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    if "fixed_params" in trial.system_attrs:  # a start trial: drawn again as it was
+                        study.enqueue_trial(trial.system_attrs["fixed_params"])
                     failed_in_a_row += 1
                     say(f"[abliterate] trial {trial.number} failed: {failure_message(error)}")
                     if failed_in_a_row >= 2 * len(runner.workers):  # not one unlucky worker: every trial fails
@@ -425,7 +428,11 @@ def _search(cm: ChatModel, config: AbliterateConfig, out: Path, d: Direction, dd
         artifacts.write_csv(out / "table.csv", table)
         artifacts.write_text(out / "table.md", to_markdown(table))
     if config.save_adapter:  # from the unedited model
-        record["adapter"] = write_adapter(cm, d, out / "adapter", ablation, rank=config.adapter_rank)
+        try:
+            record["adapter"] = write_adapter(cm, d, out / "adapter", ablation, rank=config.adapter_rank)
+        except RefusalLabError as e:  # e.g. every edited matrix a Conv1D: the model folder is the form
+            record["adapter"] = {"written": False, "why": str(e)}
+            say(f"[abliterate] no adapter: {e}")
     if config.save_model:
         _, record["model"] = write_abliterated(cm, d, out / "model", ablation, str(ddir))  # in place: closed after
     rec = artifacts.run_record(model=cm.describe(), config=as_dict(config), n_trials=len(trials),
