@@ -322,8 +322,9 @@ def run_on_ray(study, space: dict, n_layers: int, config: AbliterateConfig, mode
                 trial = running.pop(tid)
                 if error is not None:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    if "fixed_params" in trial.system_attrs:  # a start trial: drawn again as it was
-                        study.enqueue_trial(trial.system_attrs["fixed_params"])
+                    attrs = study.get_trials(deepcopy=False)[trial.number].system_attrs  # trials are in order
+                    if "fixed_params" in attrs:  # a start trial: drawn again as it was
+                        study.enqueue_trial(attrs["fixed_params"])
                     failed_in_a_row += 1
                     say(f"[abliterate] trial {trial.number} failed: {failure_message(error)}")
                     if failed_in_a_row >= 2 * len(runner.workers):  # not one unlucky worker: every trial fails
