@@ -448,19 +448,24 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     twin = ChatModel(model, cm.tokenizer, name=cm.name, source=cm.source, chat_template_kwargs=cm.chat.template_kwargs)
     edits: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (module name, B [out, k], A [k, in])
     missing: list[str] = []
-    approximation = None
-    if config.norm_preserving:
-        edits, missing, approximation = _norm_preserving_edits(cm, direction, config, twin, names, rank)
-    if dirs.embed_weight and not config.norm_preserving:
-        for emb in twin.embeddings():
-            e = emb.weight.double()  # [vocab, d]
-            v = as_rows(dirs.embed).to(e.device)  # [k, d]
-            edits.append((names[id(emb)], -dirs.embed_weight * v.T, v @ e.T))
+    errors: dict[str, float] = {}  # a norm-preserving edit's cuts: relative error per matrix
+
+    def factors(weight: torch.Tensor, r: torch.Tensor, w: float, axis: int, name: str):
+        """B, A for one matrix whose write vectors lie along `axis` (an embedding's rows: B A is the change's
+        transpose): the exact removal, or a norm-preserving edit's change cut to `rank`."""
+        if config.norm_preserving:
+            change = _preserved_change(weight, r, w, axis)
+            return _cut(change.T if axis == -1 else change, rank, errors, name)
+        wt = weight.double() if axis == -2 else weight.double().T  # [d, in]
+        rr = as_rows(r).to(wt.device)  # [k, d]
+        return -w * rr.T, rr @ wt
+
+    if dirs.embed_weight:
+        for emb in twin.embeddings():  # [vocab, d]
+            edits.append((names[id(emb)], *factors(emb.weight, dirs.embed, dirs.embed_weight, -1, names[id(emb)])))
     for layer in range(twin.n_layers):
         o_proj = twin.o_proj(layer)
         mlp_modules, stacked = _mlp_write_modules(twin, layer)
-        if config.norm_preserving:
-            continue
         if stacked and dirs.mlp_weights[layer]:
             missing += [f"layer {layer}'s {p} (stacked expert weights)" for p in stacked]
         for modules, w, which in (([o_proj], dirs.attn_weights[layer], 0), (mlp_modules, dirs.mlp_weights[layer], 1)):
@@ -471,11 +476,16 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
                 if not isinstance(module, torch.nn.Linear):
                     missing.append(f"{names[id(module)]} ({type(module).__name__} weights)")
                     continue
-                wt = module.weight.double()  # [d, in]
-                vv = as_rows(v).to(wt.device)  # [k, d]
-                edits.append((names[id(module)], -w * vv.T, vv @ wt))
+                edits.append((names[id(module)], *factors(module.weight, v, w, -2, names[id(module)])))  # [d, in]
                 if module.bias is not None:
                     missing.append(f"{names[id(module)]}.bias")
+    approximation = None
+    if config.norm_preserving:
+        worst = max(errors, key=errors.get) if errors else None
+        approximation = {"rank": rank, "what": "the norm-preserving edit of each matrix cut to its leading "
+                                               "singular directions; the model folder is the exact form",
+                         "max_relative_error": errors[worst] if worst else 0.0, "worst_matrix": worst,
+                         "mean_relative_error": sum(errors.values()) / max(len(errors), 1)}
     if not edits:
         raise RefusalLabError("this ablation edits no matrix an adapter can carry; save the model folder instead")
     notes = []
@@ -508,46 +518,12 @@ def write_adapter(cm: ChatModel, direction: Direction, out, config: AblationConf
     return record
 
 
-def _norm_preserving_edits(cm: ChatModel, direction: Direction, config: AblationConfig, twin: ChatModel,
-                           names: dict, rank: int) -> tuple[list, list[str], dict]:
-    """write_adapter's factors for a norm-preserving edit: each edited matrix's exact change (abliterate's,
-    made on a copy of that matrix alone) cut to its `rank` leading singular directions, split evenly
-    between B and A; what no adapter carries; and the cut's relative errors."""
-    dirs = layer_directions(cm, direction, config)
-    edits, missing, errors = [], [], {}
-
-    def change(module: torch.nn.Module, r: torch.Tensor, w: float, axis: int) -> torch.Tensor:
-        original = module.weight.detach().double()  # in float64: no rounding of a low-precision dtype in the change
-        edited = original.clone()
-        _preserving(edited, r, w, axis)
-        return edited - original
-
-    if dirs.embed_weight:
-        for emb in twin.embeddings():  # rows [vocab, d]; the adapter's B A is the change's transpose [d, vocab]
-            edits.append((names[id(emb)], *_cut(change(emb, dirs.embed, dirs.embed_weight, -1).T, rank, errors,
-                                                names[id(emb)])))
-    for layer in range(twin.n_layers):
-        mlp_modules, stacked = _mlp_write_modules(twin, layer)
-        if stacked and dirs.mlp_weights[layer]:
-            missing += [f"layer {layer}'s {p} (stacked expert weights)" for p in stacked]
-        for modules, w, which in (([twin.o_proj(layer)], dirs.attn_weights[layer], 0),
-                                  (mlp_modules, dirs.mlp_weights[layer], 1)):
-            if not w:
-                continue
-            v = edit_direction(twin, layer, which, dirs.per_layer[layer])
-            for module in modules:
-                name = names[id(module)]
-                if not isinstance(module, torch.nn.Linear):
-                    missing.append(f"{name} ({type(module).__name__} weights)")
-                    continue
-                edits.append((name, *_cut(change(module, v, w, -2), rank, errors, name)))  # columns [d, in]
-                if module.bias is not None:
-                    missing.append(f"{name}.bias")
-    worst = max(errors, key=errors.get) if errors else None
-    return edits, missing, {"rank": rank, "what": "the norm-preserving edit of each matrix cut to its leading "
-                                                  "singular directions; the model folder is the exact form",
-                            "max_relative_error": errors[worst] if worst else 0.0, "worst_matrix": worst,
-                            "mean_relative_error": sum(errors.values()) / max(len(errors), 1)}
+def _preserved_change(weight: torch.Tensor, r: torch.Tensor, w: float, axis: int) -> torch.Tensor:
+    """What _preserving changes in `weight`, in float64 (no rounding of a low-precision dtype in it)."""
+    original = weight.detach().double()
+    edited = original.clone()
+    _preserving(edited, r, w, axis)
+    return edited - original
 
 
 def _cut(delta: torch.Tensor, rank: int, errors: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
