@@ -223,12 +223,20 @@ def finish_stale(study) -> int:
     others by the sampler. How many there were."""
     import optuna
 
-    stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
-    for t in stale:
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        if "fixed_params" in t.system_attrs:  # enqueued: a start trial
-            study.enqueue_trial(t.system_attrs["fixed_params"])
+    stale = [t.number for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
+    for number in stale:
+        fail(study, number)
     return len(stale)
+
+
+def fail(study, number: int) -> None:
+    """Trial `number` is marked failed; a start trial (enqueued) waits to be drawn again as it was."""
+    import optuna
+
+    study.tell(number, state=optuna.trial.TrialState.FAIL)
+    attrs = study.get_trials(deepcopy=False)[number].system_attrs  # trials are in order of their numbers
+    if "fixed_params" in attrs:
+        study.enqueue_trial(attrs["fixed_params"])
 
 
 def ask(study, space: dict, n_layers: int):
@@ -321,10 +329,7 @@ def run_on_ray(study, space: dict, n_layers: int, config: AbliterateConfig, mode
             for tid, result, error in runner.wait():
                 trial = running.pop(tid)
                 if error is not None:
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                    attrs = study.get_trials(deepcopy=False)[trial.number].system_attrs  # trials are in order
-                    if "fixed_params" in attrs:  # a start trial: drawn again as it was
-                        study.enqueue_trial(attrs["fixed_params"])
+                    fail(study, trial.number)
                     failed_in_a_row += 1
                     say(f"[abliterate] trial {trial.number} failed: {failure_message(error)}")
                     if failed_in_a_row >= 2 * len(runner.workers):  # not one unlucky worker: every trial fails
