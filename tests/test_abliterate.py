@@ -10,14 +10,15 @@ import torch
 
 from refusal.ablation import AblationConfig, ablate, load_ablation
 from refusal.activations import last_logits
-from refusal.app.abliterate import (FOCUSED, AbliterateConfig, ablation_from, finish_stale, open_study, pareto_front,
-                                    paper_params, recipe_params, run_abliterate, search_space, start_params)
+from refusal.app.abliterate import (FOCUSED, AbliterateConfig, ablation_from, fill_plan, finish_stale, open_study,
+                                    pareto_front, paper_params, recipe_params, run_abliterate, scaled, search_space,
+                                    start_params)
 from refusal.directions import DirectionConfig, load_direction
 from refusal.errors import RefusalLabError
 from refusal.registry import load_model
 
-SMALL = dict(trials=3, startup_trials=1, n_val=4, new_tokens=3, batch_size=8, judge="substring", max_kl=50.0,
-             direction=DirectionConfig(n_train=8, n_val=4), test_table=False)
+SMALL = dict(trials=3, startup_trials=1, fill_trials=0, n_val=4, new_tokens=3, batch_size=8, judge="substring",
+             max_kl=50.0, direction=DirectionConfig(n_train=8, n_val=4), test_table=False)
 
 
 def test_the_start_trials_are_the_papers_ablation_then_heretics_recipe_inside_the_full_space():
@@ -58,6 +59,33 @@ def test_a_start_trial_a_kill_interrupted_is_drawn_again_with_its_parameters():
     assert study.ask({"x": optuna.distributions.FloatDistribution(0, 1)}).params == {"x": 0.25}
 
 
+def test_a_filling_trial_scales_the_edit_above_the_fronts_widest_gap_towards_its_middle():
+    trials = pd.DataFrame({"trial": [0, 1, 2, 3, 4], "refusal": [0.9, 0.5, 0.1, 0.6, 0.0],
+                           "kl": [0.02, 0.08, 0.18, 0.1, 0.5]})  # front under KL 0.2: 0, 1, 2 (3 dominated)
+    # gaps from the unedited corner (KL 0, refusal 1): 0.02 x 0.1, 0.06 x 0.4, 0.10 x 0.4 (the widest)
+    assert fill_plan(trials, set(), 0.2) == {"source": 2, "below": 1, "scale": pytest.approx((0.13 / 0.18) ** 0.5)}
+    assert fill_plan(trials, {(2, 1)}, 0.2)["source"] == 1  # tried: the next widest
+    assert fill_plan(trials, {(2, 1), (1, 0)}, 0.2)["below"] == -1  # from the unedited model's corner
+    assert fill_plan(trials, {(2, 1), (1, 0), (0, -1)}, 0.2) is None
+    assert fill_plan(trials.iloc[:0], set(), 0.2) is None  # nothing to fill yet
+    half = ablation_from(scaled(recipe_params(11), 0.5))  # every weight halved, the rest as it was
+    recipe = ablation_from(recipe_params(11))
+    assert half.attn.weights(11) == pytest.approx([w / 2 for w in recipe.attn.weights(11)])
+    assert half.mlp.weights(11) == pytest.approx([w / 2 for w in recipe.mlp.weights(11)])
+    assert replace(half, attn=recipe.attn, mlp=recipe.mlp) == recipe
+
+
+def test_a_filling_trial_a_kill_interrupted_is_drawn_again_as_it_was():
+    import optuna
+
+    study = optuna.create_study()
+    study.enqueue_trial({"x": 0.25}, user_attrs={"fill_source": 3, "fill_below": -1, "fill_scale": 0.5})
+    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert finish_stale(study) == 1
+    again = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert again.params == {"x": 0.25} and again.user_attrs["fill_source"] == 3
+
+
 def test_the_front_keeps_only_undominated_trials():
     trials = pd.DataFrame({"trial": [0, 1, 2, 3], "refusal": [0.5, 0.2, 0.2, 0.0], "kl": [0.1, 0.3, 0.2, 0.9]})
     assert list(pareto_front(trials).trial) == [3, 2, 0]
@@ -66,9 +94,16 @@ def test_the_front_keeps_only_undominated_trials():
 def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, caplog):
     cm = load_model(str(tiny_dirs["llama"]))
     out = tmp_path / "ab"
-    rec = run_abliterate(cm, AbliterateConfig(**{**SMALL, "test_table": True}), out)
+    rec = run_abliterate(cm, AbliterateConfig(**{**SMALL, "trials": 4, "fill_trials": 1, "test_table": True}), out)
     trials = pd.read_csv(out / "trials.csv")
-    assert list(trials.trial) == [0, 1, 2] and (trials.wall_s > 0).all()
+    assert list(trials.trial) == [0, 1, 2, 3] and (trials.wall_s > 0).all()
+    # the last trial fills the front: a front trial's edit scaled down, with a lower KL
+    fill = trials.iloc[3]
+    source = trials.set_index("trial").loc[int(fill.fill_source)]
+    assert int(fill.fill_source) in set(pareto_front(trials.iloc[:3]).trial) and 0 < fill.fill_scale < 1
+    params = lambda row: {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}  # noqa: E731
+    assert ablation_from(params(fill)) == ablation_from(scaled(params(source), fill.fill_scale))
+    assert fill.kl < source.kl
     assert {"refusal", "kl", "refuses", "neither", "substring_refusal"} <= set(trials.columns)
     assert trials.kl.iloc[0] > 0  # trial 0, the paper's ablation, changes the model
     for number, start in enumerate(start_params(cm.n_layers)):  # the paper's ablation, then heretic's recipe

@@ -9,7 +9,9 @@ model's weights with it in place, and scores two objectives, both minimised:
   prompts (how much the edit changes the model where it should not).
 The weights are put back after every trial. The study lives in OUT/study.db (SQLite), so a killed search
 continues with --resume and loses at most the trial in flight; the first trial is always the paper's
-ablation (every write at weight 1), so the front starts where the paper stands.
+ablation (every write at weight 1), so the front starts where the paper stands. The last `fill_trials`
+trials fill the front's widest gap: an edit of the front scaled down towards the unedited model
+(fill_plan), where the sampler, with few trials, leaves the gentle edits unexplored.
 
 Afterwards: every trial (trials.csv), the Pareto front (front.csv, front.png), the chosen trial (the
 fewest refusals among trials with KL at most max_kl, ties to the lower KL; chosen.json), the direction
@@ -46,10 +48,11 @@ from refusal.app.sweep import RayRunner, SweepConfig, Task, failure_message
 log = logging.getLogger(__name__)
 
 STUDY = "abliterate"
-SETTINGS_VERSION = 6  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
+SETTINGS_VERSION = 7  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
 # the direction's layer, 128 candidates per TPE draw; 4 (not adopted): the embeddings at the attention kernel's
 # layer-0 weight; 5: trial 1 is heretic's recipe (start_params); 6: the space a choice (SPACES; focused
-# measured and not adopted, so full, version 5's, stays the default)
+# measured and not adopted, so full, version 5's, stays the default); 7: the last trials may fill the front
+# (fill_trials)
 
 # "full" searches the projection and norm preservation; "focused": after the start trials they are
 # heretic's fixed choices (FOCUSED), so the sampler's one categorical choice is the direction's scope.
@@ -67,6 +70,9 @@ class AbliterateConfig:
     n_val: int = option(48, "harmful and harmless validation prompts each (never test prompts)", ge=1)
     new_tokens: int = option(32, "greedy reply tokens the judge reads per harmful validation prompt", ge=1)
     batch_size: int = option(16, "prompts per forward pass", ge=1)
+    fill_trials: int = option(0, "the study's last trials fill the front's widest gap below --max-kl, each an edit "
+                                 "of the front scaled down towards the unedited model (0: every trial the "
+                                 "sampler's)", ge=0)
     max_kl: float = option(0.2, "the chosen trial: the fewest refusals among trials with KL at most this", gt=0)
     seed: int = option(0, "seed of the sampler and of the validation prompts' draw", ge=0)
     judge: JudgeConfig = option(help="the judge of the harmful replies (refusal.judges.JudgeConfig)",
@@ -99,7 +105,8 @@ class AbliterateConfig:
     def settings(self) -> dict:
         """What decides the study's trials (recorded in it; a study made otherwise is not resumed)."""
         return {"version": SETTINGS_VERSION, "n_val": self.n_val, "new_tokens": self.new_tokens, "seed": self.seed,
-                "judge": self.judge.key, "startup_trials": self.startup_trials, "space": self.space}
+                "judge": self.judge.key, "startup_trials": self.startup_trials, "space": self.space,
+                "fill_trials": self.fill_trials}
 
 
 # ----------------------------------------------------------------------------- the search space
@@ -219,8 +226,8 @@ def open_study(out: Path, config: AbliterateConfig, model_fingerprint: str, dire
 
 
 def finish_stale(study) -> int:
-    """Trials a kill left running are marked failed and drawn again: a start trial with its parameters, the
-    others by the sampler. How many there were."""
+    """Trials a kill left running are marked failed and drawn again: a start or filling trial with its
+    parameters, the others by the sampler. How many there were."""
     import optuna
 
     stale = [t.number for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
@@ -230,22 +237,79 @@ def finish_stale(study) -> int:
 
 
 def fail(study, number: int) -> None:
-    """Trial `number` is marked failed; a start trial (enqueued) waits to be drawn again as it was."""
+    """Trial `number` is marked failed; an enqueued one (a start or filling trial) waits to be drawn again as
+    it was."""
     import optuna
 
     study.tell(number, state=optuna.trial.TrialState.FAIL)
-    attrs = study.get_trials(deepcopy=False)[number].system_attrs  # trials are in order of their numbers
-    if "fixed_params" in attrs:
-        study.enqueue_trial(attrs["fixed_params"])
+    trial = study.get_trials(deepcopy=False)[number]  # trials are in order of their numbers
+    if "fixed_params" in trial.system_attrs:
+        study.enqueue_trial(trial.system_attrs["fixed_params"],
+                            user_attrs={k: v for k, v in trial.user_attrs.items() if k.startswith("fill_")})
 
 
-def ask(study, space: dict, n_layers: int):
-    """The study's next trial: a start trial still waiting, drawn on the full space (the paper's ablation lies
-    outside the focused one), else one the sampler draws on `space`."""
+def fill_space(n_layers: int) -> dict:
+    """The full space with the kernels' peaks open down to 0, where a filling trial's scaled-down edit
+    (fill_plan) lies."""
+    from optuna.distributions import FloatDistribution
+
+    dists = search_space(n_layers, "full")
+    for part in ("attn", "mlp"):
+        dists[f"{part}.peak"] = FloatDistribution(0.0, 1.5)
+    return dists
+
+
+FILL_SCALES = (0.2, 0.95)  # the scale of a filling trial's edit, clipped to this range
+
+
+def fill_plan(trials: pd.DataFrame, tried: set[tuple[int, int]], max_kl: float) -> dict | None:
+    """The next filling trial, or None when no gap is left untried. The front's points with KL at most
+    max_kl, sorted by KL and led by the unedited model's corner (trial -1: KL 0, every prompt refused), make
+    gaps between neighbours a (lower KL) and b; the gap whose rectangle (KL_b - KL_a) x (refusal_a -
+    refusal_b) is largest and whose (b, a) is not in `tried` is filled with b's edit scaled by
+    sqrt(((KL_a + KL_b) / 2) / KL_b): a small edit's KL grows as its scale squared, so the scaled edit aims at
+    the gap's middle. Returns {"source": b, "below": a, "scale": s}."""
+    front = pareto_front(trials) if len(trials) else trials
+    front = front[front.kl <= max_kl].sort_values("kl") if len(front) else front
+    points = [(-1, 0.0, 1.0)] + [(int(t), float(k), float(r)) for t, k, r in
+                                 zip(front.get("trial", []), front.get("kl", []), front.get("refusal", []))]
+    best = None
+    for (a, kl_a, ref_a), (b, kl_b, ref_b) in zip(points, points[1:]):
+        area = (kl_b - kl_a) * (ref_a - ref_b)
+        if (b, a) not in tried and area > 0 and kl_b > 0 and (best is None or area > best[0]):
+            scale = min(max(((kl_a + kl_b) / 2 / kl_b) ** 0.5, FILL_SCALES[0]), FILL_SCALES[1])
+            best = (area, {"source": b, "below": a, "scale": scale})
+    return None if best is None else best[1]
+
+
+def scaled(params: dict, scale: float) -> dict:
+    """A trial's parameters with every weight (both kernels' peaks, hence their floors, and the embeddings')
+    multiplied by `scale`."""
+    p = complete_params(params)
+    return {**p, "attn.peak": p["attn.peak"] * scale, "mlp.peak": p["mlp.peak"] * scale,
+            "embed": p["embed"] * scale}
+
+
+def ask(study, space: dict, n_layers: int, config: AbliterateConfig):
+    """The study's next trial: an enqueued trial still waiting (a start trial, on the full space, since the
+    paper's ablation lies outside the focused one; or a filling trial a kill interrupted), then, once all but
+    config.fill_trials trials are finished or running, a filling trial (fill_plan) while a gap is left, else
+    one the sampler draws on `space`."""
     import optuna
 
-    if study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
-        return study.ask(search_space(n_layers, "full"))
+    S = optuna.trial.TrialState
+    waiting = study.get_trials(deepcopy=False, states=(S.WAITING,))
+    if waiting:  # the oldest is drawn next; the sampler's ranges are those of the first trials, the start trials
+        return study.ask(fill_space(n_layers) if "fill_source" in waiting[0].user_attrs
+                         else search_space(n_layers, "full"))
+    if len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.RUNNING))) >= config.trials - config.fill_trials:
+        tried = {(t.user_attrs["fill_source"], t.user_attrs["fill_below"])
+                 for t in study.get_trials(deepcopy=False) if "fill_source" in t.user_attrs}
+        plan = fill_plan(trials_frame(study), tried, config.max_kl)
+        if plan is not None:
+            study.enqueue_trial(scaled(study.trials[plan["source"]].params, plan["scale"]),
+                                user_attrs={f"fill_{k}": v for k, v in plan.items()})
+            return study.ask(fill_space(n_layers))
     return study.ask(space)
 
 
@@ -321,7 +385,7 @@ def run_on_ray(study, space: dict, n_layers: int, config: AbliterateConfig, mode
     try:
         while done() < config.trials or running:
             while len(running) < len(runner.workers) and done() + len(running) < config.trials:
-                trial = ask(study, space, n_layers)
+                trial = ask(study, space, n_layers, config)
                 tid = f"trial-{trial.number}"
                 running[tid] = trial
                 runner.submit(Task(tid, "ablation_trial", (), {**spec, "id": tid, "kind": "ablation_trial",
@@ -400,7 +464,7 @@ def _search(cm: ChatModel, config: AbliterateConfig, out: Path, d: Direction, dd
     done = lambda: len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # noqa: E731
     if config.workers == 0:  # one trial after another, in this process
         while done() < config.trials:
-            trial = ask(study, space, cm.n_layers)
+            trial = ask(study, space, cm.n_layers, config)
             tell(trial, scorer(ablation_from(trial.params)))
     else:
         run_on_ray(study, space, cm.n_layers, config, model, ddir, out, tell, done, say)

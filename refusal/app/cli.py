@@ -510,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
                                           "projection with Optuna for few refusals at low KL; save the chosen "
                                           "edit as hooks' parameters, a model folder and a LoRA adapter")
     model_args(ab, default="organism", batch_size=field_info(AbliterateConfig, "batch_size")[0])
-    for name in ("trials", "startup_trials", "n_val", "new_tokens", "max_kl", "seed", "space", "workers"):
+    for name in ("trials", "startup_trials", "fill_trials", "n_val", "new_tokens", "max_kl", "seed", "space",
+                 "workers"):
         opt(ab, AbliterateConfig, name)
     judge_arg(ab, "the harmful validation replies")
     ab.add_argument("--direction", default=None, help="a direction folder (default: OUT/direction, found first "
