@@ -31,7 +31,9 @@ Re-scoring: every point of both tools' Pareto fronts, and the unedited model (th
 refuses as often must beat), on that seed's validation prompts (48 + 48), by one scorer: greedy replies
 of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge and by heretic's refusal markers, and the mean KL(base || edited) of the first reply token on the harmless
 prompts. heretic's points are heretic's edited weights (heretic_driver.py export), loaded into the
-organism; refusal-lab's are its edit. Then each tool's chosen point (the fewest strict refusals among its
+organism; refusal-lab's are its edit (a point with the parameters of one another study of the seed already
+scored, as studies that share their first trials do, is that row again: the scoring is deterministic).
+Then each tool's chosen point (the fewest strict refusals among its
 re-scored points with KL <= 0.2, ties to the lower KL) on the held-out test prompts.
 Everything lands under runs/heretic-vs/ (uncommitted); the report writes the figures to print.
 """
@@ -239,9 +241,18 @@ def rescore(seed: int, tokens: int) -> None:
     direction = load_direction(f"{ours(seed)}/direction", cm)
     harmful, harmless = validation_prompts(seed)
     scorer = AblationScorer(cm, direction, harmful, harmless, load_judge("strict"), tokens, BATCH)
+    # a refusal-lab point with the parameters of one already scored (another study of the seed: studies that
+    # share their first trials) is that row again, since scoring is deterministic
+    key = lambda r: json.dumps(r.get("params"), sort_keys=True)  # noqa: E731
+    scored_before = {key(r): r for r in read_jsonl(path) if r["tool"] == "refusal-lab" and r["tokens"] == tokens}
     try:
         for point in todo:
-            row = scored(scorer, point, heretic_markers(seed)) | {"seed": seed, "tokens": tokens}
+            before = scored_before.get(key(point)) if point["tool"] == "refusal-lab" else None
+            if before is not None:
+                row = before | {k: v for k, v in point.items() if k not in ("params", "weights")} | {
+                    "reused_from": before.get("study", f"runs/abl-s{seed}")}
+            else:
+                row = scored(scorer, point, heretic_markers(seed)) | {"seed": seed, "tokens": tokens}
             print(f"seed {seed} {row['tool']} trial {row['trial']}: strict {row['strict_refusal']:.3f} "
                   f"markers {row['marker_refusal']:.3f} KL {row['kl']:.3f} ({row['wall_s']}s)", flush=True)
             with path.open("a") as f:

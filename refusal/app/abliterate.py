@@ -51,8 +51,8 @@ STUDY = "abliterate"
 SETTINGS_VERSION = 7  # 2: the direction may be each layer's own (per_layer); 3: heretic's priors on the peak and
 # the direction's layer, 128 candidates per TPE draw; 4 (not adopted): the embeddings at the attention kernel's
 # layer-0 weight; 5: trial 1 is heretic's recipe (start_params); 6: the space a choice (SPACES; focused
-# measured and not adopted, so full, version 5's, stays the default); 7: the last trials may fill the front
-# (fill_trials)
+# measured and not adopted, so full, version 5's, stays the default); 7: the last 4 trials fill the front
+# (fill_trials; measured on seeds 0-2 and adopted)
 
 # "full" searches the projection and norm preservation; "focused": after the start trials they are
 # heretic's fixed choices (FOCUSED), so the sampler's one categorical choice is the direction's scope.
@@ -70,7 +70,7 @@ class AbliterateConfig:
     n_val: int = option(48, "harmful and harmless validation prompts each (never test prompts)", ge=1)
     new_tokens: int = option(32, "greedy reply tokens the judge reads per harmful validation prompt", ge=1)
     batch_size: int = option(16, "prompts per forward pass", ge=1)
-    fill_trials: int = option(0, "the study's last trials fill the front's widest gap below --max-kl, each an edit "
+    fill_trials: int = option(4, "the study's last trials fill the front's widest gap below --max-kl, each an edit "
                                  "of the front scaled down towards the unedited model (0: every trial the "
                                  "sampler's)", ge=0)
     max_kl: float = option(0.2, "the chosen trial: the fewest refusals among trials with KL at most this", gt=0)
