@@ -29,10 +29,11 @@ edits, its 33 refusal markers, TPE).
 
 Re-scoring: every point of both tools' Pareto fronts, and the unedited model (the point an edit that
 refuses as often must beat), on that seed's validation prompts (48 + 48), by one scorer: greedy replies
-of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge and by heretic's refusal markers, and the mean KL(base || edited) of the first reply token on the harmless
-prompts. heretic's points are heretic's edited weights (heretic_driver.py export), loaded into the
-organism; refusal-lab's are its edit (a point with the parameters of one another study of the seed already
-scored, as studies that share their first trials do, is that row again: the scoring is deterministic).
+of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge and by heretic's refusal
+markers, and the mean KL(base || edited) of the first reply token on the harmless prompts. heretic's points are heretic's edited weights (heretic_driver.py export), loaded into the
+organism; refusal-lab's are its edit (a point whose parameters another study of the seed, with the same
+direction file, already had scored, as studies that share their first trials do, is that row again: the
+scoring is deterministic).
 Then each tool's chosen point (the fewest strict refusals among its
 re-scored points with KL <= 0.2, ties to the lower KL) on the held-out test prompts.
 Everything lands under runs/heretic-vs/ (uncommitted); the report writes the figures to print.
@@ -40,6 +41,8 @@ Everything lands under runs/heretic-vs/ (uncommitted); the report writes the fig
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import os
 import subprocess
@@ -226,6 +229,13 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+@functools.cache
+def direction_hash(study: str) -> str | None:
+    """The hash of a refusal-lab study's direction file (None when it is gone)."""
+    path = Path(study) / "direction" / "direction.safetensors"
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 def rescore(seed: int, tokens: int) -> None:
     """Every front point of one seed, scored alike on that seed's validation prompts; resumable per point."""
     from refusal.ablation import AblationScorer
@@ -241,20 +251,23 @@ def rescore(seed: int, tokens: int) -> None:
     direction = load_direction(f"{ours(seed)}/direction", cm)
     harmful, harmless = validation_prompts(seed)
     scorer = AblationScorer(cm, direction, harmful, harmless, load_judge("strict"), tokens, BATCH)
-    # a refusal-lab point with the parameters of one already scored (another study of the seed: studies that
-    # share their first trials) is that row again, since scoring is deterministic
+    # a refusal-lab point with the parameters of one already scored with the same direction (another study of
+    # the seed: studies that share their first trials) is that row again, since scoring is deterministic
     key = lambda r: json.dumps(r.get("params"), sort_keys=True)  # noqa: E731
-    scored_before = {key(r): r for r in read_jsonl(path) if r["tool"] == "refusal-lab" and r["tokens"] == tokens}
+    mine = direction_hash(ours(seed))
+    scored_before = {key(r): r for r in read_jsonl(path) if r["tool"] == "refusal-lab" and r["tokens"] == tokens
+                     and direction_hash(r.get("study", f"runs/abl-s{seed}")) == mine}
     try:
         for point in todo:
             before = scored_before.get(key(point)) if point["tool"] == "refusal-lab" else None
             if before is not None:
                 row = before | {k: v for k, v in point.items() if k not in ("params", "weights")} | {
-                    "reused_from": before.get("study", f"runs/abl-s{seed}")}
+                    "reused_from": before.get("reused_from", before.get("study", f"runs/abl-s{seed}"))}
             else:
                 row = scored(scorer, point, heretic_markers(seed)) | {"seed": seed, "tokens": tokens}
+            how = f"as in {row['reused_from']}" if before is not None else f"{row['wall_s']}s"
             print(f"seed {seed} {row['tool']} trial {row['trial']}: strict {row['strict_refusal']:.3f} "
-                  f"markers {row['marker_refusal']:.3f} KL {row['kl']:.3f} ({row['wall_s']}s)", flush=True)
+                  f"markers {row['marker_refusal']:.3f} KL {row['kl']:.3f} ({how})", flush=True)
             with path.open("a") as f:
                 f.write(json.dumps(row) + "\n")
     finally:

@@ -10,7 +10,7 @@ import torch
 
 from refusal.ablation import AblationConfig, ablate, load_ablation
 from refusal.activations import last_logits
-from refusal.app.abliterate import (FOCUSED, AbliterateConfig, ablation_from, fill_plan, finish_stale, open_study,
+from refusal.app.abliterate import (FOCUSED, AbliterateConfig, ablation_from, ask, fill_plan, finish_stale, open_study,
                                     pareto_front, paper_params, recipe_params, run_abliterate, scaled, search_space,
                                     start_params)
 from refusal.directions import DirectionConfig, load_direction
@@ -68,22 +68,32 @@ def test_a_filling_trial_scales_the_edit_above_the_fronts_widest_gap_towards_its
     assert fill_plan(trials, {(2, 1), (1, 0)}, 0.2)["below"] == -1  # from the unedited model's corner
     assert fill_plan(trials, {(2, 1), (1, 0), (0, -1)}, 0.2) is None
     assert fill_plan(trials.iloc[:0], set(), 0.2) is None  # nothing to fill yet
-    half = ablation_from(scaled(recipe_params(11), 0.5))  # every weight halved, the rest as it was
-    recipe = ablation_from(recipe_params(11))
-    assert half.attn.weights(11) == pytest.approx([w / 2 for w in recipe.attn.weights(11)])
-    assert half.mlp.weights(11) == pytest.approx([w / 2 for w in recipe.mlp.weights(11)])
-    assert replace(half, attn=recipe.attn, mlp=recipe.mlp) == recipe
+    for params in (paper_params(11), recipe_params(11)):  # every weight halved, the rest as it was
+        half, whole = ablation_from(scaled(params, 0.5)), ablation_from(params)
+        assert half.attn.weights(11) == pytest.approx([w / 2 for w in whole.attn.weights(11)])
+        assert half.mlp.weights(11) == pytest.approx([w / 2 for w in whole.mlp.weights(11)])
+        assert half.embed == whole.embed / 2
+        assert replace(half, attn=whole.attn, mlp=whole.mlp, embed=whole.embed) == whole
 
 
-def test_a_filling_trial_a_kill_interrupted_is_drawn_again_as_it_was():
+def test_filling_trials_come_last_and_one_a_kill_interrupted_is_drawn_again_as_it_was():
     import optuna
 
-    study = optuna.create_study()
-    study.enqueue_trial({"x": 0.25}, user_attrs={"fill_source": 3, "fill_below": -1, "fill_scale": 0.5})
-    study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    assert finish_stale(study) == 1
-    again = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
-    assert again.params == {"x": 0.25} and again.user_attrs["fill_source"] == 3
+    config = AbliterateConfig(trials=4, fill_trials=2, max_kl=0.2)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for refusal, kl in ((0.9, 0.02), (0.2, 0.18)):  # two trials the sampler drew
+        study.tell(study.ask(search_space(11)), [refusal, kl])
+    trial = ask(study, search_space(11), 11, config)  # fills the widest gap: 0.16 x 0.7 above trial 0
+    assert trial.user_attrs == {"fill_source": 1, "fill_below": 0, "fill_scale": pytest.approx((0.1 / 0.18) ** 0.5)}
+    assert trial.params == pytest.approx(scaled(study.trials[1].params, trial.user_attrs["fill_scale"]))
+    assert trial.distributions["attn.peak"].low == 0.0  # scaled peaks may lie below the sampler's range
+    assert finish_stale(study) == 1  # killed in flight: failed, and drawn again as it was
+    again = ask(study, search_space(11), 11, config)
+    assert (again.params, again.user_attrs) == (trial.params, trial.user_attrs) and again.number == 3
+    assert study.trials[2].state == optuna.trial.TrialState.FAIL
+    study.tell(again, [0.5, 0.1])  # the gap split: 0.08 x 0.4 below the filled trial is now the widest
+    assert ask(study, search_space(11), 11, config).user_attrs == {"fill_source": 3, "fill_below": 0,
+                                                                   "fill_scale": pytest.approx(0.6 ** 0.5)}
 
 
 def test_the_front_keeps_only_undominated_trials():
@@ -100,9 +110,11 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
     # the last trial fills the front: a front trial's edit scaled down, with a lower KL
     fill = trials.iloc[3]
     source = trials.set_index("trial").loc[int(fill.fill_source)]
-    assert int(fill.fill_source) in set(pareto_front(trials.iloc[:3]).trial) and 0 < fill.fill_scale < 1
+    front = pareto_front(trials.iloc[:3])
+    assert int(fill.fill_source) in set(front.trial) and fill.fill_below in {-1, *front.trial}
+    assert 0.5 ** 0.5 <= fill.fill_scale <= 0.95
     params = lambda row: {k.removeprefix("param."): v for k, v in row.items() if k.startswith("param.")}  # noqa: E731
-    assert ablation_from(params(fill)) == ablation_from(scaled(params(source), fill.fill_scale))
+    assert params(fill) == pytest.approx(scaled(params(source), fill.fill_scale))
     assert fill.kl < source.kl
     assert {"refusal", "kl", "refuses", "neither", "substring_refusal"} <= set(trials.columns)
     assert trials.kl.iloc[0] > 0  # trial 0, the paper's ablation, changes the model
@@ -136,7 +148,8 @@ def test_a_search_writes_its_front_and_the_chosen_edit(tmp_path, tiny_dirs, capl
     fresh = load_model(str(tiny_dirs["llama"]))
     encs = cm.chat.encode_all(["hi"])
     assert (last_logits(cm, encs) - last_logits(fresh, encs)).abs().max() < 1e-6
-    assert cm.fingerprint == fresh.fingerprint and cm.model.config.tie_word_embeddings == fresh.model.config.tie_word_embeddings
+    assert cm.fingerprint == fresh.fingerprint
+    assert cm.model.config.tie_word_embeddings == fresh.model.config.tie_word_embeddings
     assert not [r for r in caplog.records if "another model" in r.getMessage()]
 
 

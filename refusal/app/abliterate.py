@@ -103,7 +103,9 @@ class AbliterateConfig:
         check_fields(self)
 
     def settings(self) -> dict:
-        """What decides the study's trials (recorded in it; a study made otherwise is not resumed)."""
+        """What decides the study's trials (recorded in it; a study made otherwise is not resumed). Not
+        max_kl, so that a study can be resumed to choose under another bound; the filling trials read the
+        bound they run with."""
         return {"version": SETTINGS_VERSION, "n_val": self.n_val, "new_tokens": self.new_tokens, "seed": self.seed,
                 "judge": self.judge.key, "startup_trials": self.startup_trials, "space": self.space,
                 "fill_trials": self.fill_trials}
@@ -259,7 +261,7 @@ def fill_space(n_layers: int) -> dict:
     return dists
 
 
-FILL_SCALES = (0.2, 0.95)  # the scale of a filling trial's edit, clipped to this range
+MAX_FILL_SCALE = 0.95  # a filling trial's edit at most this share of its source (at least sqrt(1/2) by the rule)
 
 
 def fill_plan(trials: pd.DataFrame, tried: set[tuple[int, int]], max_kl: float) -> dict | None:
@@ -268,7 +270,7 @@ def fill_plan(trials: pd.DataFrame, tried: set[tuple[int, int]], max_kl: float) 
     gaps between neighbours a (lower KL) and b; the gap whose rectangle (KL_b - KL_a) x (refusal_a -
     refusal_b) is largest and whose (b, a) is not in `tried` is filled with b's edit scaled by
     sqrt(((KL_a + KL_b) / 2) / KL_b): a small edit's KL grows as its scale squared, so the scaled edit aims at
-    the gap's middle. Returns {"source": b, "below": a, "scale": s}."""
+    the gap's middle (at most MAX_FILL_SCALE). Returns {"source": b, "below": a, "scale": s}."""
     front = pareto_front(trials) if len(trials) else trials
     front = front[front.kl <= max_kl].sort_values("kl") if len(front) else front
     points = [(-1, 0.0, 1.0)] + [(int(t), float(k), float(r)) for t, k, r in
@@ -277,7 +279,7 @@ def fill_plan(trials: pd.DataFrame, tried: set[tuple[int, int]], max_kl: float) 
     for (a, kl_a, ref_a), (b, kl_b, ref_b) in zip(points, points[1:]):
         area = (kl_b - kl_a) * (ref_a - ref_b)
         if (b, a) not in tried and area > 0 and kl_b > 0 and (best is None or area > best[0]):
-            scale = min(max(((kl_a + kl_b) / 2 / kl_b) ** 0.5, FILL_SCALES[0]), FILL_SCALES[1])
+            scale = min(((kl_a + kl_b) / 2 / kl_b) ** 0.5, MAX_FILL_SCALE)
             best = (area, {"source": b, "below": a, "scale": scale})
     return None if best is None else best[1]
 
@@ -292,9 +294,9 @@ def scaled(params: dict, scale: float) -> dict:
 
 def ask(study, space: dict, n_layers: int, config: AbliterateConfig):
     """The study's next trial: an enqueued trial still waiting (a start trial, on the full space, since the
-    paper's ablation lies outside the focused one; or a filling trial a kill interrupted), then, once all but
-    config.fill_trials trials are finished or running, a filling trial (fill_plan) while a gap is left, else
-    one the sampler draws on `space`."""
+    paper's ablation lies outside the focused one; or a filling trial a kill interrupted), then, once
+    config.trials - config.fill_trials other trials are finished or running, a filling trial (fill_plan)
+    while a gap is left, else one the sampler draws on `space`."""
     import optuna
 
     S = optuna.trial.TrialState
@@ -302,7 +304,9 @@ def ask(study, space: dict, n_layers: int, config: AbliterateConfig):
     if waiting:  # the oldest is drawn next; the sampler's ranges are those of the first trials, the start trials
         return study.ask(fill_space(n_layers) if "fill_source" in waiting[0].user_attrs
                          else search_space(n_layers, "full"))
-    if len(study.get_trials(deepcopy=False, states=(S.COMPLETE, S.RUNNING))) >= config.trials - config.fill_trials:
+    others = [t for t in study.get_trials(deepcopy=False, states=(S.COMPLETE, S.RUNNING))
+              if "fill_source" not in t.user_attrs]
+    if len(others) >= config.trials - config.fill_trials:
         tried = {(t.user_attrs["fill_source"], t.user_attrs["fill_below"])
                  for t in study.get_trials(deepcopy=False) if "fill_source" in t.user_attrs}
         plan = fill_plan(trials_frame(study), tried, config.max_kl)
