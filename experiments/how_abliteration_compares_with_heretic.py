@@ -30,11 +30,11 @@ edits, its 33 refusal markers, TPE).
 Re-scoring: every point of both tools' Pareto fronts, and the unedited model (the point an edit that
 refuses as often must beat), on that seed's validation prompts (48 + 48), by one scorer: greedy replies
 of --tokens (100, heretic's own reply length) judged by refusal-lab's strict judge and by heretic's refusal
-markers, and the mean KL(base || edited) of the first reply token on the harmless prompts. heretic's points are heretic's edited weights (heretic_driver.py export), loaded into the
-organism; refusal-lab's are its edit (a point whose parameters another study of the seed, with the same
-direction file, already had scored, as studies that share their first trials do, is that row again: the
-scoring is deterministic).
-Then each tool's chosen point (the fewest strict refusals among its
+markers, and the mean KL(base || edited) of the first reply token on the harmless prompts. heretic's
+points are heretic's edited weights (heretic_driver.py export), loaded into the organism; refusal-lab's
+are its edit (a point whose parameters another study of the seed, with the same direction file, already
+had scored, as studies that share their first trials do, is that row again: the scoring is
+deterministic). Then each tool's chosen point (the fewest strict refusals among its
 re-scored points with KL <= 0.2, ties to the lower KL) on the held-out test prompts.
 Everything lands under runs/heretic-vs/ (uncommitted); the report writes the figures to print.
 """
