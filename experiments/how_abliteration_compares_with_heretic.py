@@ -4,10 +4,11 @@ Found: level, not dominating. On one AMD EPYC, re-scored by the strict judge, re
 (settings version 7, filling its last 4 trials) has a hypervolume of 0.250, 0.230, 0.232 on seeds 0-2
 against heretic's 0.203, 0.228, 0.230 (version 5: 0.244, 0.218, 0.233). On held-out seeds, each run once
 after its version was chosen: seed 3 (version 5) 0.239 against 0.216, seed 4 (version 7) 0.225 against
-0.247, seed 5 (version 7) 0.230 against 0.187. No front dominates heretic's on any seed. On the held-out test prompts the chosen edit refuses fewer
-on every seed (version 7: 13.3% against 35.0%, 10.8% against 24.2%, 20.8% against 22.5%; seed 4 11.7%
-against 18.3%; seed 5 19.2% against 30.8%), but at a higher KL (0.230 against 0.229, 0.219 against 0.163,
-0.224 against 0.159; seed 4 0.251 against 0.141; seed 5 0.219 against 0.205). Version 6's focused space lost and is not the default (docs/results.md).
+0.247, seed 5 (version 7) 0.230 against 0.187. No front dominates heretic's on any seed. On the held-out
+test prompts the chosen edit refuses fewer on every seed (version 7: 13.3% against 35.0%, 10.8% against
+24.2%, 20.8% against 22.5%; seed 4 11.7% against 18.3%; seed 5 19.2% against 30.8%), but at a higher KL
+(0.230 against 0.229, 0.219 against 0.163, 0.224 against 0.159; seed 4 0.251 against 0.141; seed 5 0.219
+against 0.205). Version 6's focused space lost and is not the default (docs/results.md).
 
     python experiments/how_abliteration_compares_with_heretic.py heretic --seed S   # heretic's study, resumable
     python experiments/how_abliteration_compares_with_heretic.py rescore --seed S   # both fronts, one judge, one KL
