@@ -271,10 +271,11 @@ def fill_plan(trials: pd.DataFrame, tried: set[tuple[int, int]], max_kl: float) 
     refusal_b) is largest and whose (b, a) is not in `tried` is filled with b's edit scaled by
     sqrt(((KL_a + KL_b) / 2) / KL_b): a small edit's KL grows as its scale squared, so the scaled edit aims at
     the gap's middle (at most MAX_FILL_SCALE). Returns {"source": b, "below": a, "scale": s}."""
-    front = pareto_front(trials) if len(trials) else trials
-    front = front[front.kl <= max_kl].sort_values("kl") if len(front) else front
-    points = [(-1, 0.0, 1.0)] + [(int(t), float(k), float(r)) for t, k, r in
-                                 zip(front.get("trial", []), front.get("kl", []), front.get("refusal", []))]
+    if trials.empty:  # no finished trial yet (no columns either)
+        return None
+    front = pareto_front(trials)
+    front = front[front.kl <= max_kl].sort_values("kl")
+    points = [(-1, 0.0, 1.0)] + [(int(t), float(k), float(r)) for t, k, r in zip(front.trial, front.kl, front.refusal)]
     best = None
     for (a, kl_a, ref_a), (b, kl_b, ref_b) in zip(points, points[1:]):
         area = (kl_b - kl_a) * (ref_a - ref_b)
